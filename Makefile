@@ -1,0 +1,30 @@
+# WireKube developer entry points.  A newcomer needs two: `make lab` and `make test`.
+SHELL := /bin/bash
+CACHE ?= $(HOME)/.cache/wirekube
+export PATH := $(CURDIR)/.venv/bin:$(CACHE)/bin:$(CACHE)/tools:$(PATH)
+PYTEST_ARGS ?=
+
+.PHONY: setup test unit lab lab-down bench bench-relay clean
+
+setup:  ## install Debian packages, build kube-apiserver/etcd, helm/kubectl, Python venv
+	@bash ci/setup.sh
+
+test: setup  ## everything: unit, real API server, network namespaces, chart
+	@bash ci/test.sh $(PYTEST_ARGS)
+
+unit: setup  ## the fast pure tests only
+	@.venv/bin/python -m pytest -q tests/unit $(PYTEST_ARGS)
+
+lab: setup  ## bring up the local control plane (and, as the lab grows, the whole mesh)
+	@.venv/bin/wirekube-lab up
+
+lab-down:
+	@.venv/bin/wirekube-lab down
+
+bench: setup bench-relay  ## every benchmark; results in bench/results/*.json
+
+bench-relay: setup
+	@.venv/bin/python bench/relay_bench.py --out bench/results/relay.json
+
+clean:
+	rm -rf .venv .pytest_cache .hypothesis

