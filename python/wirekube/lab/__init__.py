@@ -1,0 +1,1 @@
+"""The WireKube lab: real control plane, real NATs, real agents on one Linux machine."""

@@ -1,0 +1,708 @@
+"""Typed models of WireKube's custom resources, and CR dict <-> model conversion.
+
+The CRDs in ``charts/wirekube/crds`` are the source of truth for the API server; these models
+are what the rest of the code works on.  The API server already rejects most bad input, but an
+agent can still meet malformed objects (written by an older version before a schema tightened,
+restored from a backup, or applied with validation off), so every ``*_from_cr`` function checks
+each field again and raises :class:`wirekube.errors.InvalidObject` naming the exact field.
+
+Pure module: no I/O, no clock, no ``kubernetes`` import.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from wirekube import API_VERSION, ipam
+from wirekube.errors import InvalidObject
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+LABEL_NODE = "wirekube.io/node"
+ANNOTATION_ENDPOINT = "wirekube.io/endpoint"
+ANNOTATION_INTERNAL_IP = "wirekube.io/internal-ip"
+ANNOTATION_BIRTHDAY = "wirekube.io/birthday-attack"
+
+FWMARK = 0x574B
+ROUTE_TABLE = 22347
+MESH_SINGLETON = "default"
+
+_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_HOSTPORT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})$")
+
+
+class _StrEnum(str, enum.Enum):
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class NatType(_StrEnum):
+    UNKNOWN = ""
+    OPEN = "open"
+    CONE = "cone"
+    PORT_RESTRICTED_CONE = "port-restricted-cone"
+    SYMMETRIC = "symmetric"
+
+
+class Transport(_StrEnum):
+    DIRECT = "direct"
+    RELAY = "relay"
+
+
+class TransportMode(_StrEnum):
+    DIRECT = "direct"
+    RELAY = "relay"
+    MIXED = "mixed"
+
+
+class RelayMode(_StrEnum):
+    AUTO = "auto"
+    ALWAYS = "always"
+    NEVER = "never"
+
+
+class RelayProvider(_StrEnum):
+    MANAGED = "managed"
+    EXTERNAL = "external"
+
+
+class Toggle(_StrEnum):
+    ENABLED = "enabled"
+    DISABLED = "disabled"
+
+
+class Engine(_StrEnum):
+    AUTO = "auto"
+    KERNEL = "kernel"
+    USERSPACE = "userspace"
+
+
+class PodCIDRSync(_StrEnum):
+    NONE = "none"
+    NODE = "node"
+    CILIUM = "cilium"
+
+
+class LocalSubnetPolicy(_StrEnum):
+    """What to do with a peer AllowedIPs entry that covers one of this node's own subnets.
+
+    ``skip`` (default): do not route it through the mesh (the LAN is reachable directly);
+    ``route``: route it through the mesh anyway (more specific routes than the LAN's win).
+    """
+
+    SKIP = "skip"
+    ROUTE = "route"
+
+
+class EndpointDiscovery(_StrEnum):
+    ANNOTATION = "annotation"
+    STUN = "stun"
+    IMDS = "imds"
+    EXTERNAL_IP = "external-ip"
+    INTERNAL_IP = "internal-ip"
+
+
+# --------------------------------------------------------------------------------------------
+# Field parsing helpers.  Each takes the field path so errors name it.
+# --------------------------------------------------------------------------------------------
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    kind: str
+    name: str
+
+    def fail(self, path: str, reason: str) -> InvalidObject:
+        return InvalidObject(self.kind, self.name, path, reason)
+
+    def mapping(self, value: Any, path: str) -> Mapping[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise self.fail(path, f"must be an object, got {type(value).__name__}")
+        return value
+
+    def list(self, value: Any, path: str) -> list[Any]:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.fail(path, f"must be a list, got {type(value).__name__}")
+        return value
+
+    def string(self, value: Any, path: str, default: str = "") -> str:
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise self.fail(path, f"must be a string, got {type(value).__name__}")
+        return value
+
+    def boolean(self, value: Any, path: str, default: bool) -> bool:
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.fail(path, f"must be true or false, got {value!r}")
+        return value
+
+    def integer(self, value: Any, path: str, default: int, lo: int, hi: int) -> int:
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(path, f"must be an integer, got {value!r}")
+        if not lo <= value <= hi:
+            raise self.fail(path, f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    def enum(self, cls: type[E], value: Any, path: str, default: E) -> E:
+        if value is None:
+            return default
+        try:
+            return cls(value)
+        except ValueError:
+            allowed = ", ".join(repr(m.value) for m in cls)  # type: ignore[attr-defined]
+            raise self.fail(path, f"must be one of {allowed}, got {value!r}") from None
+
+    def cidr(self, value: Any, path: str) -> IPNetwork:
+        text = self.string(value, path)
+        try:
+            net = ipaddress.ip_network(text, strict=True)
+        except ValueError as e:
+            raise self.fail(path, f"not a canonical CIDR ({e}): {text!r}") from None
+        return net
+
+    def ipv4(self, value: Any, path: str) -> ipaddress.IPv4Address:
+        text = self.string(value, path)
+        try:
+            return ipaddress.IPv4Address(text)
+        except ValueError:
+            raise self.fail(path, f"not an IPv4 address: {text!r}") from None
+
+    def endpoint(self, value: Any, path: str) -> Endpoint | None:
+        text = self.string(value, path)
+        if not text:
+            return None
+        try:
+            return Endpoint.parse(text)
+        except ValueError as e:
+            raise self.fail(path, str(e)) from None
+
+    def hostport(self, value: Any, path: str) -> HostPort:
+        text = self.string(value, path)
+        try:
+            return HostPort.parse(text)
+        except ValueError as e:
+            raise self.fail(path, str(e)) from None
+
+    def key(self, value: Any, path: str) -> str:
+        text = self.string(value, path)
+        try:
+            parse_key(text)
+        except ValueError as e:
+            raise self.fail(path, str(e)) from None
+        return text
+
+
+def parse_key(text: str) -> bytes:
+    """Decode a WireGuard key: standard base64 of exactly 32 bytes (44 characters)."""
+    if len(text) != 44 or not text.endswith("="):
+        raise ValueError(f"must be a 44-character base64 WireGuard key, got {len(text)} characters")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("must be a 44-character base64 WireGuard key (not valid base64)") from None
+    if len(raw) != 32 or base64.b64encode(raw).decode() != text:
+        raise ValueError("must be a 44-character base64 WireGuard key (not canonical base64)")
+    return raw
+
+
+def key_fingerprint(key: str) -> str:
+    """A short, log-safe name for a public key (never log whole keys)."""
+    return key[:8]
+
+
+@dataclass(frozen=True, order=True)
+class Endpoint:
+    """A UDP endpoint ``ip:port`` (IPv6 as ``[addr]:port``)."""
+
+    ip: IPAddress
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        m = _HOSTPORT.match(text)
+        if not m:
+            raise ValueError(f"must be ip:port (IPv6 as [addr]:port), got {text!r}")
+        host = m["host"].strip("[]")
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"must be ip:port with a literal IP address, got {text!r}") from None
+        port = int(m["port"])
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port must be between 1 and 65535, got {port}")
+        return cls(ip, port)
+
+    def __str__(self) -> str:
+        return f"[{self.ip}]:{self.port}" if self.ip.version == 6 else f"{self.ip}:{self.port}"
+
+
+@dataclass(frozen=True)
+class HostPort:
+    """A ``host:port`` where host may be a DNS name (relay and STUN servers)."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> HostPort:
+        m = _HOSTPORT.match(text)
+        if not m:
+            raise ValueError(f"must be host:port, got {text!r}")
+        port = int(m["port"])
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port must be between 1 and 65535, got {port}")
+        return cls(m["host"].strip("[]"), port)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+# --------------------------------------------------------------------------------------------
+# WireKubeMesh
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RelaySpec:
+    mode: RelayMode = RelayMode.AUTO
+    provider: RelayProvider = RelayProvider.MANAGED
+    handshake_timeout_seconds: int = 30
+    direct_retry_interval_seconds: int = 120
+    external_endpoint: HostPort | None = None
+    managed_port: int = 3478
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    exclude_cidrs: tuple[IPNetwork, ...] = ()
+    local_subnet_policy: LocalSubnetPolicy = LocalSubnetPolicy.SKIP
+    allow_default_route: bool = False
+
+
+@dataclass(frozen=True)
+class MeshSpec:
+    mesh_cidr: ipaddress.IPv4Network = ipaddress.IPv4Network("10.255.0.0/16")
+    listen_port: int = 51820
+    interface_name: str = "wire_kube"
+    mtu: int = 1420
+    engine: Engine = Engine.AUTO
+    include_node_internal_ip: bool = False
+    stun_servers: tuple[HostPort, ...] = ()
+    birthday_attack: Toggle = Toggle.DISABLED
+    relay: RelaySpec = RelaySpec()
+    routing: RoutingSpec = RoutingSpec()
+    pod_cidr_sync: PodCIDRSync = PodCIDRSync.NONE
+    service_cidrs: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True)
+class MeshStatus:
+    relay_endpoints: tuple[HostPort, ...] = ()
+    total_peers: int = 0
+    ready_peers: int = 0
+
+
+@dataclass(frozen=True)
+class Mesh:
+    name: str
+    spec: MeshSpec
+    status: MeshStatus = MeshStatus()
+
+
+def mesh_from_cr(obj: Mapping[str, Any]) -> Mesh:
+    name = _name(obj)
+    c = _Ctx("WireKubeMesh", name)
+    spec = c.mapping(obj.get("spec"), "spec")
+    relay = c.mapping(spec.get("relay"), "spec.relay")
+    external = c.mapping(relay.get("external"), "spec.relay.external")
+    managed = c.mapping(relay.get("managed"), "spec.relay.managed")
+    routing = c.mapping(spec.get("routing"), "spec.routing")
+    auto = c.mapping(spec.get("autoAllowedIPs"), "spec.autoAllowedIPs")
+    nat = c.mapping(spec.get("natTraversal"), "spec.natTraversal")
+
+    mesh_cidr_text = c.string(spec.get("meshCIDR"), "spec.meshCIDR", str(MeshSpec.mesh_cidr))
+    try:
+        mesh_cidr = ipam.parse_mesh_cidr(mesh_cidr_text)
+    except ValueError as e:
+        raise c.fail("spec.meshCIDR", str(e)) from None
+
+    provider = c.enum(RelayProvider, relay.get("provider"), "spec.relay.provider", RelayProvider.MANAGED)
+    external_endpoint = (
+        c.hostport(external["endpoint"], "spec.relay.external.endpoint")
+        if external.get("endpoint")
+        else None
+    )
+    if provider is RelayProvider.EXTERNAL and external_endpoint is None:
+        raise c.fail("spec.relay.external.endpoint", "required when spec.relay.provider is 'external'")
+
+    iface = c.string(spec.get("interfaceName"), "spec.interfaceName", "wire_kube")
+    if not _IFNAME.match(iface):
+        raise c.fail("spec.interfaceName", f"must be 1-15 characters of [A-Za-z0-9_.-], got {iface!r}")
+
+    stun = tuple(
+        c.hostport(s, f"spec.stunServers[{i}]")
+        for i, s in enumerate(c.list(spec.get("stunServers"), "spec.stunServers"))
+    )
+    if len(stun) == 1:
+        raise c.fail("spec.stunServers", "needs at least 2 servers to tell cone from symmetric NAT")
+
+    return Mesh(
+        name=name,
+        spec=MeshSpec(
+            mesh_cidr=mesh_cidr,
+            listen_port=c.integer(spec.get("listenPort"), "spec.listenPort", 51820, 1, 65535),
+            interface_name=iface,
+            mtu=c.integer(spec.get("mtu"), "spec.mtu", 1420, 1280, 9000),
+            engine=c.enum(Engine, spec.get("engine"), "spec.engine", Engine.AUTO),
+            include_node_internal_ip=c.boolean(
+                auto.get("includeNodeInternalIP"), "spec.autoAllowedIPs.includeNodeInternalIP", False
+            ),
+            stun_servers=stun,
+            birthday_attack=c.enum(
+                Toggle, nat.get("birthdayAttack"), "spec.natTraversal.birthdayAttack", Toggle.DISABLED
+            ),
+            relay=RelaySpec(
+                mode=c.enum(RelayMode, relay.get("mode"), "spec.relay.mode", RelayMode.AUTO),
+                provider=provider,
+                handshake_timeout_seconds=c.integer(
+                    relay.get("handshakeTimeoutSeconds"), "spec.relay.handshakeTimeoutSeconds", 30, 1, 600
+                ),
+                direct_retry_interval_seconds=c.integer(
+                    relay.get("directRetryIntervalSeconds"),
+                    "spec.relay.directRetryIntervalSeconds",
+                    120,
+                    5,
+                    86400,
+                ),
+                external_endpoint=external_endpoint,
+                managed_port=c.integer(managed.get("port"), "spec.relay.managed.port", 3478, 1, 65535),
+            ),
+            routing=RoutingSpec(
+                exclude_cidrs=tuple(
+                    c.cidr(x, f"spec.routing.excludeCIDRs[{i}]")
+                    for i, x in enumerate(c.list(routing.get("excludeCIDRs"), "spec.routing.excludeCIDRs"))
+                ),
+                local_subnet_policy=c.enum(
+                    LocalSubnetPolicy,
+                    routing.get("localSubnetPolicy"),
+                    "spec.routing.localSubnetPolicy",
+                    LocalSubnetPolicy.SKIP,
+                ),
+                allow_default_route=c.boolean(
+                    routing.get("allowDefaultRoute"), "spec.routing.allowDefaultRoute", False
+                ),
+            ),
+            pod_cidr_sync=c.enum(PodCIDRSync, spec.get("podCIDRSync"), "spec.podCIDRSync", PodCIDRSync.NONE),
+            service_cidrs=tuple(
+                c.cidr(x, f"spec.serviceCIDRs[{i}]")
+                for i, x in enumerate(c.list(spec.get("serviceCIDRs"), "spec.serviceCIDRs"))
+            ),
+        ),
+        status=_mesh_status(c, c.mapping(obj.get("status"), "status")),
+    )
+
+
+def _mesh_status(c: _Ctx, status: Mapping[str, Any]) -> MeshStatus:
+    relay = c.mapping(status.get("relay"), "status.relay")
+    return MeshStatus(
+        relay_endpoints=tuple(
+            c.hostport(x, f"status.relay.endpoints[{i}]")
+            for i, x in enumerate(c.list(relay.get("endpoints"), "status.relay.endpoints"))
+        ),
+        total_peers=c.integer(status.get("totalPeers"), "status.totalPeers", 0, 0, 2**31 - 1),
+        ready_peers=c.integer(status.get("readyPeers"), "status.readyPeers", 0, 0, 2**31 - 1),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# WireKubePeer
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerSpec:
+    public_key: str
+    endpoint: Endpoint | None = None
+    allowed_ips: tuple[IPNetwork, ...] = ()
+    persistent_keepalive: int = 25
+
+
+@dataclass(frozen=True)
+class PeerStatus:
+    connected: bool = False
+    nat_type: NatType = NatType.UNKNOWN
+    transport_mode: TransportMode | None = None
+    peer_transports: Mapping[str, Transport] = field(default_factory=dict)
+    endpoint_discovery_method: str = ""
+    last_handshake: str = ""
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    spec: PeerSpec
+    status: PeerStatus = PeerStatus()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    resource_version: str = ""
+    creation_timestamp: str = ""
+
+    @property
+    def mesh_ip(self) -> ipaddress.IPv4Address | None:
+        """The peer's overlay address: its first AllowedIPs entry when that is an IPv4 /32."""
+        if self.spec.allowed_ips:
+            first = self.spec.allowed_ips[0]
+            if isinstance(first, ipaddress.IPv4Network) and first.prefixlen == 32:
+                return first.network_address
+        return None
+
+
+def peer_from_cr(obj: Mapping[str, Any]) -> Peer:
+    name = _name(obj)
+    c = _Ctx("WireKubePeer", name)
+    meta = c.mapping(obj.get("metadata"), "metadata")
+    spec = c.mapping(obj.get("spec"), "spec")
+    if not spec.get("publicKey"):
+        raise c.fail("spec.publicKey", "required")
+    allowed: list[IPNetwork] = []
+    for i, x in enumerate(c.list(spec.get("allowedIPs"), "spec.allowedIPs")):
+        net = c.cidr(x, f"spec.allowedIPs[{i}]")
+        if net.prefixlen == 0:
+            raise c.fail(
+                f"spec.allowedIPs[{i}]",
+                "a default route may not be claimed by a peer (use a WireKubeGateway route and "
+                "WireKubeMesh spec.routing.allowDefaultRoute)",
+            )
+        allowed.append(net)
+    return Peer(
+        name=name,
+        spec=PeerSpec(
+            public_key=c.key(spec.get("publicKey"), "spec.publicKey"),
+            endpoint=c.endpoint(spec.get("endpoint"), "spec.endpoint"),
+            allowed_ips=tuple(allowed),
+            persistent_keepalive=c.integer(
+                spec.get("persistentKeepalive"), "spec.persistentKeepalive", 25, 0, 65535
+            ),
+        ),
+        status=_peer_status(c, c.mapping(obj.get("status"), "status")),
+        labels=dict(c.mapping(meta.get("labels"), "metadata.labels")),
+        annotations=dict(c.mapping(meta.get("annotations"), "metadata.annotations")),
+        resource_version=c.string(meta.get("resourceVersion"), "metadata.resourceVersion"),
+        creation_timestamp=c.string(meta.get("creationTimestamp"), "metadata.creationTimestamp"),
+    )
+
+
+def _peer_status(c: _Ctx, status: Mapping[str, Any]) -> PeerStatus:
+    mode = status.get("transportMode")
+    transports = c.mapping(status.get("peerTransports"), "status.peerTransports")
+    return PeerStatus(
+        connected=c.boolean(status.get("connected"), "status.connected", False),
+        nat_type=c.enum(NatType, status.get("natType"), "status.natType", NatType.UNKNOWN),
+        transport_mode=(
+            c.enum(TransportMode, mode, "status.transportMode", TransportMode.DIRECT) if mode else None
+        ),
+        peer_transports={
+            str(k): c.enum(Transport, v, f"status.peerTransports.{k}", Transport.DIRECT)
+            for k, v in transports.items()
+        },
+        endpoint_discovery_method=c.string(
+            status.get("endpointDiscoveryMethod"), "status.endpointDiscoveryMethod"
+        ),
+        last_handshake=c.string(status.get("lastHandshake"), "status.lastHandshake"),
+    )
+
+
+def peer_spec_to_cr(spec: PeerSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "publicKey": spec.public_key,
+        "allowedIPs": [str(n) for n in spec.allowed_ips],
+        "persistentKeepalive": spec.persistent_keepalive,
+    }
+    if spec.endpoint is not None:
+        out["endpoint"] = str(spec.endpoint)
+    return out
+
+
+def peer_to_cr(peer: Peer) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": peer.name}
+    if peer.labels:
+        meta["labels"] = dict(peer.labels)
+    if peer.annotations:
+        meta["annotations"] = dict(peer.annotations)
+    if peer.resource_version:
+        meta["resourceVersion"] = peer.resource_version
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "WireKubePeer",
+        "metadata": meta,
+        "spec": peer_spec_to_cr(peer.spec),
+        "status": peer_status_to_cr(peer.status),
+    }
+
+
+def peer_status_to_cr(status: PeerStatus) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "connected": status.connected,
+        "natType": status.nat_type.value,
+        "peerTransports": {k: v.value for k, v in sorted(status.peer_transports.items())},
+    }
+    if status.transport_mode is not None:
+        out["transportMode"] = status.transport_mode.value
+    if status.endpoint_discovery_method:
+        out["endpointDiscoveryMethod"] = status.endpoint_discovery_method
+    if status.last_handshake:
+        out["lastHandshake"] = status.last_handshake
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# WireKubeGateway
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GatewayRoute:
+    cidr: IPNetwork
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Snat:
+    enabled: bool = True
+    source_ip: ipaddress.IPv4Address | None = None
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    enabled: bool = False
+    target: str = ""
+    interval_seconds: int = 30
+    timeout_seconds: int = 5
+    failure_threshold: int = 3
+
+    @property
+    def target_host(self) -> str:
+        return self.target.rsplit(":", 1)[0] if self.target_port else self.target
+
+    @property
+    def target_port(self) -> int | None:
+        host, sep, port = self.target.rpartition(":")
+        return int(port) if sep and port.isdigit() and not host.endswith(":") else None
+
+
+@dataclass(frozen=True)
+class GatewaySpec:
+    peer_refs: tuple[str, ...]
+    routes: tuple[GatewayRoute, ...]
+    client_refs: tuple[str, ...] = ()
+    snat: Snat = Snat()
+    health_check: HealthCheck = HealthCheck()
+
+
+@dataclass(frozen=True)
+class GatewayStatus:
+    active_peer: str = ""
+    ready: bool = False
+    routes_injected: int = 0
+    peer_health: Mapping[str, str] = field(default_factory=dict)
+    last_health_check: str = ""
+
+
+@dataclass(frozen=True)
+class Gateway:
+    name: str
+    spec: GatewaySpec
+    status: GatewayStatus = GatewayStatus()
+    generation: int = 0
+
+
+def gateway_from_cr(obj: Mapping[str, Any]) -> Gateway:
+    name = _name(obj)
+    c = _Ctx("WireKubeGateway", name)
+    meta = c.mapping(obj.get("metadata"), "metadata")
+    spec = c.mapping(obj.get("spec"), "spec")
+    peer_refs = tuple(
+        c.string(x, f"spec.peerRefs[{i}]") for i, x in enumerate(c.list(spec.get("peerRefs"), "spec.peerRefs"))
+    )
+    if not peer_refs:
+        raise c.fail("spec.peerRefs", "needs at least one gateway peer")
+    routes: list[GatewayRoute] = []
+    for i, r in enumerate(c.list(spec.get("routes"), "spec.routes")):
+        r = c.mapping(r, f"spec.routes[{i}]")
+        routes.append(
+            GatewayRoute(
+                cidr=c.cidr(r.get("cidr"), f"spec.routes[{i}].cidr"),
+                description=c.string(r.get("description"), f"spec.routes[{i}].description"),
+            )
+        )
+    snat = c.mapping(spec.get("snat"), "spec.snat")
+    hc = c.mapping(spec.get("healthCheck"), "spec.healthCheck")
+    health = HealthCheck(
+        enabled=c.boolean(hc.get("enabled"), "spec.healthCheck.enabled", False),
+        target=c.string(hc.get("target"), "spec.healthCheck.target"),
+        interval_seconds=c.integer(hc.get("intervalSeconds"), "spec.healthCheck.intervalSeconds", 30, 1, 3600),
+        timeout_seconds=c.integer(hc.get("timeoutSeconds"), "spec.healthCheck.timeoutSeconds", 5, 1, 3600),
+        failure_threshold=c.integer(
+            hc.get("failureThreshold"), "spec.healthCheck.failureThreshold", 3, 1, 100
+        ),
+    )
+    if health.enabled and not health.target:
+        raise c.fail("spec.healthCheck.target", "required when spec.healthCheck.enabled is true")
+    if health.timeout_seconds > health.interval_seconds:
+        raise c.fail("spec.healthCheck.timeoutSeconds", "must not exceed intervalSeconds")
+    status = c.mapping(obj.get("status"), "status")
+    return Gateway(
+        name=name,
+        spec=GatewaySpec(
+            peer_refs=peer_refs,
+            routes=tuple(routes),
+            client_refs=tuple(
+                c.string(x, f"spec.clientRefs[{i}]")
+                for i, x in enumerate(c.list(spec.get("clientRefs"), "spec.clientRefs"))
+            ),
+            snat=Snat(
+                enabled=c.boolean(snat.get("enabled"), "spec.snat.enabled", True),
+                source_ip=c.ipv4(snat["sourceIP"], "spec.snat.sourceIP") if snat.get("sourceIP") else None,
+            ),
+            health_check=health,
+        ),
+        status=GatewayStatus(
+            active_peer=c.string(status.get("activePeer"), "status.activePeer"),
+            ready=c.boolean(status.get("ready"), "status.ready", False),
+            routes_injected=c.integer(status.get("routesInjected"), "status.routesInjected", 0, 0, 2**31 - 1),
+            peer_health={
+                str(k): c.string(v, f"status.peerHealth.{k}")
+                for k, v in c.mapping(status.get("peerHealth"), "status.peerHealth").items()
+            },
+            last_health_check=c.string(status.get("lastHealthCheck"), "status.lastHealthCheck"),
+        ),
+        generation=c.integer(meta.get("generation"), "metadata.generation", 0, 0, 2**63 - 1),
+    )
+
+
+def _name(obj: Mapping[str, Any]) -> str:
+    meta = obj.get("metadata")
+    name = meta.get("name") if isinstance(meta, Mapping) else None
+    if not isinstance(name, str) or not name:
+        kind = obj.get("kind", "object")
+        raise InvalidObject(str(kind), "", "metadata.name", "required")
+    return name
