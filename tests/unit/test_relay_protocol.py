@@ -1,0 +1,282 @@
+"""The relay's sans-I/O framing: round trips, arbitrary splits, runs, errors and a fuzz run."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from wirekube.relay.protocol import (
+    FIXED_BODY_LEN,
+    HEADER_LEN,
+    KEY_LEN,
+    MAX_BODY_LEN,
+    MAX_FRAME_LENGTH,
+    NEED_DATA,
+    PROBE_FROM_ALTERNATE_PORT,
+    PROBE_FROM_STUN_PORT,
+    DataRun,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    LocalProtocolError,
+    RemoteProtocolError,
+    encode_data,
+    encode_error,
+    encode_frame,
+    encode_nat_probe,
+    nat_probe_datagram,
+    parse_nat_probe,
+    parse_nat_probe_datagram,
+    rewrite_source,
+    run_datagrams,
+    truncate_run,
+)
+
+KEYS = st.sampled_from([bytes([i]) * KEY_LEN for i in range(3)])
+
+
+@st.composite
+def frames(draw: st.DrawFn) -> Frame:
+    ftype = draw(st.sampled_from(list(FrameType)))
+    if ftype is FrameType.DATA:
+        body = draw(KEYS) + draw(st.binary(min_size=1, max_size=300))
+    elif ftype is FrameType.ERROR:
+        body = draw(st.binary(max_size=100))
+    else:
+        body = draw(st.binary(min_size=FIXED_BODY_LEN[ftype], max_size=FIXED_BODY_LEN[ftype]))
+    return Frame(int(ftype), body)
+
+
+def wire(fs: list[Frame]) -> bytes:
+    return b"".join(encode_frame(FrameType(f.type), f.body) for f in fs)
+
+
+def drain_frames(decoder: FrameDecoder) -> list[Frame]:
+    out = []
+    while (f := decoder.next_frame()) is not NEED_DATA:
+        assert isinstance(f, Frame)
+        out.append(f)
+    return out
+
+
+def drain_runs(decoder: FrameDecoder) -> list[Frame | DataRun]:
+    out = []
+    while (item := decoder.next_run()) is not NEED_DATA:
+        out.append(item)  # type: ignore[arg-type]
+    return out
+
+
+def expand(items: list[Frame | DataRun]) -> list[Frame]:
+    out: list[Frame] = []
+    for item in items:
+        if isinstance(item, DataRun):
+            out.extend(Frame(FrameType.DATA, item.key + d) for d in run_datagrams(item))
+        else:
+            out.append(item)
+    return out
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    bounds = [0, *points, len(data)]
+    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+@given(st.lists(frames(), max_size=20))
+def test_round_trip(fs: list[Frame]) -> None:
+    decoder = FrameDecoder()
+    decoder.feed(wire(fs))
+    assert drain_frames(decoder) == fs
+    assert decoder.buffered == 0
+
+
+@given(st.lists(frames(), min_size=1, max_size=20), st.lists(st.integers(min_value=0), max_size=30))
+def test_split_anywhere(fs: list[Frame], cuts: list[int]) -> None:
+    decoder = FrameDecoder()
+    got: list[Frame] = []
+    for piece in split(wire(fs), cuts):
+        decoder.feed(piece)
+        got.extend(drain_frames(decoder))
+    assert got == fs
+
+
+@given(st.lists(frames(), min_size=1, max_size=30), st.lists(st.integers(min_value=0), max_size=30))
+def test_runs_carry_the_same_frames_as_single_frames(fs: list[Frame], cuts: list[int]) -> None:
+    decoder = FrameDecoder()
+    items: list[Frame | DataRun] = []
+    for piece in split(wire(fs), cuts):
+        decoder.feed(piece)
+        items.extend(drain_runs(decoder))
+    assert expand(items) == fs
+    for item in items:
+        if isinstance(item, DataRun):
+            # every frame of a run carries the run's key
+            assert all(item.frames[o + HEADER_LEN : o + HEADER_LEN + KEY_LEN] == item.key for o in item.offsets)
+
+
+def test_consecutive_data_for_one_key_is_one_run() -> None:
+    a, b = b"a" * KEY_LEN, b"b" * KEY_LEN
+    decoder = FrameDecoder()
+    decoder.feed(encode_data(a, b"1") + encode_data(a, b"22") + encode_data(b, b"3") + encode_data(a, b"4"))
+    items = drain_runs(decoder)
+    assert [(i.key, run_datagrams(i)) for i in items if isinstance(i, DataRun)] == [
+        (a, [b"1", b"22"]),
+        (b, [b"3"]),
+        (a, [b"4"]),
+    ]
+
+
+def test_rewrite_source_swaps_the_key_and_keeps_length() -> None:
+    dest, src = b"d" * KEY_LEN, b"s" * KEY_LEN
+    decoder = FrameDecoder()
+    inbound = encode_data(dest, b"x" * 10) + encode_data(dest, b"y" * 3)
+    decoder.feed(inbound)
+    run = decoder.next_run()
+    assert isinstance(run, DataRun)
+    out = rewrite_source(run, src)
+    assert bytes(out) == encode_data(src, b"x" * 10) + encode_data(src, b"y" * 3)
+    assert len(out) == len(inbound)
+
+
+@given(st.lists(st.binary(min_size=1, max_size=50), min_size=1, max_size=10), st.integers(0, 800))
+def test_truncate_run_keeps_whole_frames_within_the_limit(datagrams: list[bytes], limit: int) -> None:
+    key = b"k" * KEY_LEN
+    decoder = FrameDecoder()
+    decoder.feed(b"".join(encode_data(key, d) for d in datagrams))
+    run = decoder.next_run()
+    assert isinstance(run, DataRun)
+    kept, cut = truncate_run(run, limit)
+    assert len(kept.frames) <= max(limit, 0) or cut == 0
+    assert run_datagrams(kept) == datagrams[: len(datagrams) - cut]
+    # it kept as many frames as fit
+    sizes = [HEADER_LEN + KEY_LEN + len(d) for d in datagrams]
+    assert sum(sizes[: len(kept.offsets)]) <= limit or cut == 0
+    if cut:
+        assert sum(sizes[: len(kept.offsets) + 1]) > limit
+
+
+def test_largest_frame_is_accepted() -> None:
+    body = b"k" * KEY_LEN + b"x" * (MAX_BODY_LEN - KEY_LEN)
+    decoder = FrameDecoder()
+    decoder.feed(encode_frame(FrameType.DATA, body))
+    assert decoder.next_frame() == Frame(FrameType.DATA, body)
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        (struct.pack(">IB", 0, 2), "zero_length"),
+        (struct.pack(">IB", MAX_FRAME_LENGTH + 1, 2), "oversized"),
+        (struct.pack(">IB", 0xFFFFFFFF, 2), "oversized"),
+        (struct.pack(">IB", 5, 0x42), "unknown_type"),
+        (struct.pack(">IB", 5, 0x05), "unknown_type"),
+        (struct.pack(">IB", 32, FrameType.REGISTER), "bad_length"),
+        (struct.pack(">IB", 33, FrameType.DATA), "bad_length"),
+        (struct.pack(">IB", 2, FrameType.KEEPALIVE), "bad_length"),
+    ],
+)
+def test_bad_headers_are_refused_before_the_body_arrives(header: bytes, reason: str) -> None:
+    decoder = FrameDecoder()
+    decoder.feed(header)  # only the header: a cap on an incomplete frame is enforced up front
+    with pytest.raises(RemoteProtocolError) as e:
+        decoder.next_frame()
+    assert e.value.reason == reason
+    decoder.feed(encode_frame(FrameType.KEEPALIVE))
+    with pytest.raises(RemoteProtocolError):  # the stream position is lost: it stays broken
+        decoder.next_frame()
+
+
+def test_bad_frame_after_a_run_is_reported_on_the_next_call() -> None:
+    key = b"k" * KEY_LEN
+    decoder = FrameDecoder()
+    decoder.feed(encode_data(key, b"ok") + struct.pack(">IB", 0, 2))
+    run = decoder.next_run()
+    assert isinstance(run, DataRun) and run_datagrams(run) == [b"ok"]
+    with pytest.raises(RemoteProtocolError):
+        decoder.next_run()
+
+
+def test_partial_header_needs_data() -> None:
+    decoder = FrameDecoder()
+    decoder.feed(b"\x00\x00")
+    assert decoder.next_frame() is NEED_DATA
+    assert decoder.next_run() is NEED_DATA
+
+
+@pytest.mark.parametrize(
+    ("ftype", "body", "reason"),
+    [
+        (FrameType.DATA, b"k" * (MAX_BODY_LEN + 1), "oversized"),
+        (FrameType.DATA, b"k" * KEY_LEN, "bad_length"),
+        (FrameType.REGISTER, b"k" * 31, "bad_length"),
+        (FrameType.AUTH, b"", "bad_length"),
+        (0x42, b"", "unknown_type"),
+    ],
+)
+def test_encoding_invalid_frames_is_our_error(ftype: int, body: bytes, reason: str) -> None:
+    with pytest.raises(LocalProtocolError) as e:
+        encode_frame(ftype, body)  # type: ignore[arg-type]
+    assert e.value.reason == reason
+
+
+def test_data_key_must_be_32_bytes() -> None:
+    with pytest.raises(LocalProtocolError):
+        encode_data(b"short", b"x")
+
+
+def test_error_reason_is_truncated_to_one_frame() -> None:
+    frame = encode_error("é" * 70000)
+    assert len(frame) == HEADER_LEN + MAX_BODY_LEN
+
+
+def test_nat_probe_body_round_trip() -> None:
+    frame = encode_nat_probe("203.0.113.9", 51820)
+    address, port = parse_nat_probe(frame[HEADER_LEN:])
+    assert (str(address), port) == ("203.0.113.9", 51820)
+    with pytest.raises(LocalProtocolError):
+        encode_nat_probe("::1", 1)
+    with pytest.raises(LocalProtocolError):
+        encode_nat_probe("192.0.2.1", 0)
+
+
+def test_nat_probe_datagrams_say_which_port_sent_them() -> None:
+    assert parse_nat_probe_datagram(nat_probe_datagram(PROBE_FROM_STUN_PORT)) == PROBE_FROM_STUN_PORT
+    assert parse_nat_probe_datagram(nat_probe_datagram(PROBE_FROM_ALTERNATE_PORT)) == PROBE_FROM_ALTERNATE_PORT
+    assert parse_nat_probe_datagram(b"WKNP\x01\x07") is None
+    assert parse_nat_probe_datagram(b"\x01\x00\x00\x00" * 8) is None
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.binary(max_size=200), max_size=12), st.booleans())
+def test_fuzz_decoder_only_returns_frames_or_raises_remote_error(chunks: list[bytes], runs: bool) -> None:
+    """Arbitrary bytes: the decoder never raises anything but RemoteProtocolError, never returns a
+    frame it did not receive, and never holds more than what was fed."""
+    decoder = FrameDecoder()
+    fed = consumed = 0
+    try:
+        for chunk in chunks:
+            decoder.feed(chunk)
+            fed += len(chunk)
+            for item in drain_runs(decoder) if runs else drain_frames(decoder):
+                consumed += len(item.frames) if isinstance(item, DataRun) else HEADER_LEN + len(item.body)
+            assert consumed + decoder.buffered == fed
+    except RemoteProtocolError as e:
+        assert e.reason in {"zero_length", "oversized", "unknown_type", "bad_length"}
+
+
+@settings(max_examples=200)
+@given(st.lists(frames(), max_size=5), st.binary(min_size=1, max_size=64))
+def test_fuzz_valid_prefix_then_garbage(fs: list[Frame], garbage: bytes) -> None:
+    """Frames before garbage are all delivered intact whatever the garbage is."""
+    decoder = FrameDecoder()
+    decoder.feed(wire(fs) + garbage)
+    got: list[Frame] = []
+    try:
+        while (f := decoder.next_frame()) is not NEED_DATA:
+            got.append(f)  # type: ignore[arg-type]
+    except RemoteProtocolError:
+        pass
+    assert got[: len(fs)] == fs
