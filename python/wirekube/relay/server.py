@@ -1,0 +1,551 @@
+"""The relay server: asyncio protocols around the sans-I/O codec.
+
+Per connection: AWAIT_REGISTER -> (Register; Challenge sent) AWAIT_AUTH -> (valid Auth;
+Registered sent) REGISTERED -> CLOSED.  Only a REGISTERED connection is in the routing table, so
+only a client that proved it holds a key can receive Data addressed to that key.
+
+Forwarding is done where the bytes arrive: ``data_received`` asks the decoder for runs of Data
+frames, rewrites each run's key in place and queues it on the destination; at the end of the call
+every destination touched gets one ``writelines``.  Each destination has a byte budget
+(``queue_limit_bytes`` minus what its transport already holds): frames beyond it are dropped and
+counted, so a reader that stalls loses its own packets and costs the relay no more than the
+limit.  Counters are plain integers read by the metrics collector at scrape time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import ipaddress
+import socket
+from collections import Counter
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from loguru import logger
+
+from wirekube.relay.auth import Challenge, fingerprint
+from wirekube.relay.authz import PeerAuthorizer
+from wirekube.relay.policy import ProbeTargetPolicy, TokenBucket, refuse_special_targets
+from wirekube.relay.protocol import (
+    NEED_DATA,
+    PROBE_FROM_ALTERNATE_PORT,
+    PROBE_FROM_STUN_PORT,
+    DataRun,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    RemoteProtocolError,
+    encode_challenge,
+    encode_error,
+    encode_frame,
+    encode_registered,
+    nat_probe_datagram,
+    parse_nat_probe,
+    rewrite_source,
+    truncate_run,
+)
+from wirekube.relay.stun import StunResponder
+
+_log = logger.bind(component="relay")
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    """Everything the relay server needs; built once in ``main``."""
+
+    listen_host: str = "0.0.0.0"
+    """TCP address for relay clients."""
+    listen_port: int = 3478
+    stun_host: str | None = "0.0.0.0"
+    """UDP address of the STUN responder (and of the first NAT probe); ``None`` disables both."""
+    stun_port: int = 3478
+    nat_probe_host: str | None = None
+    """UDP address the second NAT probe is sent from; ``None`` means ``stun_host``."""
+    nat_probe_port: int = 0
+    """0 picks a free port; it only has to differ from the STUN port."""
+    handshake_timeout: float = 5.0
+    """Seconds from accept to Registered before the connection is dropped."""
+    idle_timeout: float = 90.0
+    """Seconds without any frame from a registered client before it is dropped."""
+    queue_limit_bytes: int = 512 * 1024
+    """Hard cap on bytes waiting to be written to one connection."""
+    max_connections: int = 10_000
+    nat_probe_rate: float = 1.0
+    """NAT probes per second per connection, on average."""
+    nat_probe_burst: float = 4.0
+    probe_target_policy: ProbeTargetPolicy = field(default=refuse_special_targets)
+    """Which NAT probe targets are refused; tests may inject a looser one, production never."""
+    close_grace: float = 2.0
+    """How long a connection closed with an Error may take to drain before it is aborted."""
+
+
+@dataclass
+class RelayStats:
+    """Plain counters, updated on the hot path and read at scrape time."""
+
+    connections_accepted: int = 0
+    registrations: Counter[str] = field(default_factory=Counter)  # "ok" or a failure reason
+    frames_forwarded: int = 0
+    bytes_forwarded: int = 0
+    frames_dropped: Counter[str] = field(default_factory=Counter)
+    bytes_dropped: Counter[str] = field(default_factory=Counter)
+    protocol_errors: Counter[str] = field(default_factory=Counter)
+    disconnects: Counter[str] = field(default_factory=Counter)
+    nat_probes: Counter[str] = field(default_factory=Counter)
+    relay_probes: int = 0
+    keepalives: int = 0
+    stun: Counter[str] = field(default_factory=Counter)
+
+    def drop(self, reason: str, frames: int, nbytes: int) -> None:
+        self.frames_dropped[reason] += frames
+        self.bytes_dropped[reason] += nbytes
+
+
+class ConnState(enum.Enum):
+    AWAIT_REGISTER = "await_register"
+    AWAIT_AUTH = "await_auth"
+    REGISTERED = "registered"
+    CLOSED = "closed"
+
+
+class RelayConnection(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, relay: RelayServer) -> None:
+        self._relay = relay
+        self._settings = relay.settings
+        self._stats = relay.stats
+        self._loop = asyncio.get_running_loop()
+        self._decoder = FrameDecoder()
+        self.transport: asyncio.Transport | None = None
+        self.state = ConnState.AWAIT_REGISTER
+        self.key: bytes | None = None
+        self.peer = "?"
+        self.last_rx = self._loop.time()
+        self._challenge: Challenge | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._lost = False
+        self._nat_bucket = TokenBucket(self._settings.nat_probe_rate, self._settings.nat_probe_burst)
+        # As a destination: runs waiting for this call's writelines, and the bytes still allowed.
+        self._pending: list[bytearray] = []
+        self._budget = 0
+        self._log = _log
+
+    # -- asyncio callbacks ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        peername = transport.get_extra_info("peername")
+        self.peer = f"{peername[0]}:{peername[1]}" if peername else "?"
+        self._log = _log.bind(conn=self.peer)
+        _set_nodelay(transport)
+        self._stats.connections_accepted += 1
+        if not self._relay._admit(self):
+            self.close_with_error("relay is at its connection limit", "connection_limit")
+            return
+        self._timer = self._loop.call_later(self._settings.handshake_timeout, self._handshake_expired)
+
+    def data_received(self, data: bytes) -> None:
+        if self.state is ConnState.CLOSED:
+            return
+        self.last_rx = self._loop.time()
+        self._decoder.feed(data)
+        try:
+            if self.state is not ConnState.REGISTERED:
+                self._handshake_frames()
+            if self.state is ConnState.REGISTERED:
+                self._forward_frames()
+        except RemoteProtocolError as e:
+            self._protocol_error(e)
+
+    def eof_received(self) -> bool:
+        self._disconnected("eof")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._disconnected("reset" if exc else "eof")
+        self._relay._forget(self)
+
+    # -- handshake --------------------------------------------------------------------------
+
+    def _handshake_frames(self) -> None:
+        while self.state in (ConnState.AWAIT_REGISTER, ConnState.AWAIT_AUTH):
+            frame = self._decoder.next_frame()
+            if frame is NEED_DATA:
+                return
+            assert isinstance(frame, Frame)
+            if self.state is ConnState.AWAIT_REGISTER and frame.type == FrameType.REGISTER:
+                self._on_register(frame.body)
+            elif self.state is ConnState.AWAIT_AUTH and frame.type == FrameType.AUTH:
+                self._on_auth(frame.body)
+            else:
+                self._reject("unexpected_frame", f"{_type_name(frame.type)} before Registered")
+
+    def _on_register(self, claimed_key: bytes) -> None:
+        self._challenge = Challenge.issue(claimed_key)
+        self.state = ConnState.AWAIT_AUTH
+        self._write(encode_challenge(self._challenge.ephemeral_public, self._challenge.nonce))
+
+    def _on_auth(self, mac: bytes) -> None:
+        challenge = self._challenge
+        assert challenge is not None
+        self._challenge = None
+        if not challenge.verify(mac):
+            self._reject("bad_proof", "proof of key ownership failed")
+            return
+        key = challenge.client_public
+        refusal = self._relay._authorization_refusal(key)
+        if refusal is not None:
+            self._reject(refusal, "key is not authorized on this relay")
+            return
+        self._cancel_timer()
+        self.key = key
+        self.state = ConnState.REGISTERED
+        self._log = self._log.bind(peer=fingerprint(key))
+        self._relay._bind(self)
+        self._write(encode_registered())
+        self._stats.registrations["ok"] += 1
+        self._log.info("registered")
+
+    def _handshake_expired(self) -> None:
+        self._timer = None
+        if self.state in (ConnState.AWAIT_REGISTER, ConnState.AWAIT_AUTH):
+            self._reject("timeout", "registration timed out")
+
+    def _reject(self, reason: str, message: str) -> None:
+        self._stats.registrations[reason] += 1
+        self._log.debug("registration refused: {}", reason)
+        self.close_with_error(message, f"registration_{reason}")
+
+    # -- registered -------------------------------------------------------------------------
+
+    def _forward_frames(self) -> None:
+        decoder = self._decoder
+        routes = self._relay.routes
+        source = self.key
+        stats = self._stats
+        limit = self._settings.queue_limit_bytes
+        touched: list[RelayConnection] = []
+        try:
+            while True:
+                item = decoder.next_run()
+                if item is NEED_DATA:
+                    break
+                if type(item) is DataRun:
+                    dest = routes.get(item.key)
+                    if dest is None:
+                        stats.drop("unknown_destination", len(item.offsets), len(item.frames))
+                        continue
+                    if not dest._pending:
+                        touched.append(dest)
+                        dest._budget = limit - dest._queued_bytes()
+                    dest._accept(item, source)  # type: ignore[arg-type]
+                else:
+                    self._control(item)  # type: ignore[arg-type]
+                    if self.state is not ConnState.REGISTERED:
+                        break
+        finally:
+            for dest in touched:
+                dest._flush()
+
+    def _accept(self, run: DataRun, source: bytes) -> None:
+        """Take a run addressed to this connection, within its byte budget."""
+        if len(run.frames) > self._budget:
+            offered = len(run.frames)
+            run, cut = truncate_run(run, max(self._budget, 0))
+            self._stats.drop("queue_full", cut, offered - len(run.frames))
+            if not run.offsets:
+                return
+        size = len(run.frames)
+        self._budget -= size
+        self._pending.append(rewrite_source(run, source))
+        self._stats.frames_forwarded += len(run.offsets)
+        self._stats.bytes_forwarded += size
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if self.state is ConnState.CLOSED or self.transport is None:
+            return
+        self.transport.writelines(pending)
+
+    def _queued_bytes(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
+    def _control(self, frame: Frame) -> None:
+        ftype = frame.type
+        if ftype == FrameType.KEEPALIVE:
+            self._stats.keepalives += 1
+            self._write(_KEEPALIVE)
+        elif ftype == FrameType.RELAY_PROBE:
+            self._stats.relay_probes += 1
+            self._write(encode_frame(FrameType.RELAY_PROBE, frame.body))
+        elif ftype == FrameType.NAT_PROBE:
+            self._nat_probe(frame.body)
+        elif ftype == FrameType.ERROR:
+            self._log.debug("client closed with an Error frame")
+            self._close("client_error")
+        else:
+            self._stats.protocol_errors["unexpected_frame"] += 1
+            self.close_with_error(f"{_type_name(ftype)} after Registered", "unexpected_frame")
+
+    def _nat_probe(self, body: bytes) -> None:
+        address, port = parse_nat_probe(body)
+        result = self._relay._send_nat_probes(address, port, self._nat_bucket)
+        self._stats.nat_probes[result] += 1
+        if result == "sent":
+            self._write(encode_frame(FrameType.NAT_PROBE, body))
+        else:
+            self._log.debug("NAT probe not sent: {}", result)
+
+    # -- closing ----------------------------------------------------------------------------
+
+    def _protocol_error(self, error: RemoteProtocolError) -> None:
+        self._stats.protocol_errors[error.reason] += 1
+        if self.state is not ConnState.REGISTERED:
+            self._stats.registrations["protocol_error"] += 1
+        self._log.debug("protocol error: {}", error)
+        self.close_with_error(str(error), f"protocol_{error.reason}")
+
+    def close_with_error(self, message: str, reason: str) -> None:
+        """Send an Error frame, then close (aborting if it does not drain in time)."""
+        if self.state is ConnState.CLOSED or self.transport is None:
+            return
+        self._write(encode_error(message))
+        self._close(reason)
+
+    def _close(self, reason: str) -> None:
+        """Half-close: our FIN follows anything already written (the Error frame), and input is
+        read and discarded until the peer closes or ``close_grace`` passes.  Closing outright with
+        unread input would make the kernel send a reset, and the peer could lose the Error."""
+        if self.state is ConnState.CLOSED:
+            return
+        self._disconnected(reason)
+        assert self.transport is not None
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        else:
+            self.transport.close()
+        if not self._lost:
+            self._loop.call_later(self._settings.close_grace, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if not self._lost and self.transport is not None:
+            self.transport.abort()
+
+    def _disconnected(self, reason: str) -> None:
+        if self.state is ConnState.CLOSED:
+            return
+        was_registered = self.state is ConnState.REGISTERED
+        self.state = ConnState.CLOSED
+        self._pending = []
+        self._cancel_timer()
+        self._stats.disconnects[reason] += 1
+        self._relay._unbind(self)
+        if was_registered:
+            self._log.info("disconnected: {}", reason)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+
+_KEEPALIVE = encode_frame(FrameType.KEEPALIVE)
+
+
+def _type_name(ftype: int) -> str:
+    try:
+        return FrameType(ftype).name
+    except ValueError:
+        return f"0x{ftype:02x}"
+
+
+def _set_nodelay(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _ProbeSocket(asyncio.DatagramProtocol):
+    """The second NAT-probe port: send only; anything received is ignored."""
+
+    def error_received(self, exc: Exception) -> None:
+        pass
+
+
+class RelayServer:
+    """The relay: TCP framing service, STUN responder and NAT prober, sharing one set of stats."""
+
+    def __init__(self, settings: RelaySettings, *, authorizer: PeerAuthorizer | None = None) -> None:
+        self.settings = settings
+        self.stats = RelayStats()
+        self.authorizer = authorizer
+        self.routes: dict[bytes, RelayConnection] = {}
+        self.connections: set[RelayConnection] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._stun: asyncio.DatagramTransport | None = None
+        self._alternate: asyncio.DatagramTransport | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._all_gone = asyncio.Event()
+        self._all_gone.set()
+        if authorizer is not None:
+            authorizer.on_revoked(self._revoke)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        self._server = await loop.create_server(
+            lambda: RelayConnection(self), s.listen_host, s.listen_port, reuse_address=True, backlog=1024
+        )
+        if s.stun_host is not None:
+            self._stun, _ = await loop.create_datagram_endpoint(
+                lambda: StunResponder(self.stats.stun), local_addr=(s.stun_host, s.stun_port)
+            )
+            self._alternate, _ = await loop.create_datagram_endpoint(
+                _ProbeSocket, local_addr=(s.nat_probe_host or s.stun_host, s.nat_probe_port)
+            )
+        self._tasks.append(_guarded(self._sweep_idle(), "relay-idle-sweep"))
+        _log.info(
+            "relay listening on tcp {} stun {} nat-probe {}",
+            _fmt(self.address),
+            _fmt(self.stun_address),
+            _fmt(self.nat_probe_address),
+        )
+
+    async def close(self, reason: str = "relay shutting down", timeout: float = 5.0) -> None:
+        """Stop accepting, tell every client why, and wait (bounded) for them to go."""
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.close_with_error(reason, "shutdown")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._all_gone.wait(), timeout)
+        for conn in list(self.connections):
+            conn._abort_if_open()
+        for task in self._tasks:
+            task.cancel()
+        for transport in (self._stun, self._alternate):
+            if transport is not None:
+                transport.close()
+        if self._server is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), timeout)
+        _log.info("relay stopped")
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        if self._server is None or not self._server.sockets:
+            return None
+        return _sockaddr(self._server.sockets[0].getsockname())
+
+    @property
+    def stun_address(self) -> tuple[str, int] | None:
+        return _sockaddr(self._stun.get_extra_info("sockname")) if self._stun else None
+
+    @property
+    def nat_probe_address(self) -> tuple[str, int] | None:
+        return _sockaddr(self._alternate.get_extra_info("sockname")) if self._alternate else None
+
+    def queued_bytes(self) -> int:
+        """Bytes waiting in user space to be written, over all connections."""
+        return sum(conn._queued_bytes() for conn in self.connections)
+
+    def connection_counts(self) -> Counter[str]:
+        return Counter(conn.state.value for conn in self.connections)
+
+    # -- called by connections --------------------------------------------------------------
+
+    def _admit(self, conn: RelayConnection) -> bool:
+        if len(self.connections) >= self.settings.max_connections:
+            return False
+        self.connections.add(conn)
+        self._all_gone.clear()
+        return True
+
+    def _forget(self, conn: RelayConnection) -> None:
+        self.connections.discard(conn)
+        if not self.connections:
+            self._all_gone.set()
+
+    def _authorization_refusal(self, key: bytes) -> str | None:
+        if self.authorizer is None:
+            return None
+        if not self.authorizer.ready:
+            return "authorizer_not_ready"
+        return None if self.authorizer.allows(key) else "unauthorized"
+
+    def _bind(self, conn: RelayConnection) -> None:
+        assert conn.key is not None
+        previous = self.routes.get(conn.key)
+        self.routes[conn.key] = conn
+        if previous is not None and previous is not conn:
+            previous.close_with_error("replaced by a newer connection for this key", "replaced")
+
+    def _unbind(self, conn: RelayConnection) -> None:
+        if conn.key is not None and self.routes.get(conn.key) is conn:
+            del self.routes[conn.key]
+
+    def _revoke(self, keys: frozenset[bytes]) -> None:
+        for key in keys:
+            conn = self.routes.get(key)
+            if conn is not None:
+                conn.close_with_error("key is no longer authorized on this relay", "revoked")
+
+    def _send_nat_probes(
+        self, address: ipaddress.IPv4Address, port: int, bucket: TokenBucket
+    ) -> str:
+        refusal = self.settings.probe_target_policy(address, port)
+        if refusal is not None:
+            return f"refused_{refusal}"
+        if self._stun is None or self._alternate is None:
+            return "unavailable"
+        if not bucket.take(asyncio.get_running_loop().time()):
+            return "rate_limited"
+        target = (str(address), port)
+        self._stun.sendto(nat_probe_datagram(PROBE_FROM_STUN_PORT), target)
+        self._alternate.sendto(nat_probe_datagram(PROBE_FROM_ALTERNATE_PORT), target)
+        return "sent"
+
+    # -- housekeeping -----------------------------------------------------------------------
+
+    async def _sweep_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = self.settings.idle_timeout
+        interval = max(0.05, min(timeout / 4, 5.0))
+        while True:
+            await asyncio.sleep(interval)
+            deadline = loop.time() - timeout
+            for conn in list(self.routes.values()):
+                if conn.last_rx < deadline:
+                    conn.close_with_error("idle timeout: no keepalive", "idle")
+
+
+def _guarded(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    """Start a long-lived task that logs its own death."""
+    task = asyncio.get_running_loop().create_task(coro, name=name)
+
+    def _done(t: asyncio.Task[None]) -> None:
+        if not t.cancelled() and t.exception() is not None:
+            _log.opt(exception=t.exception()).error("task {} died", name)
+
+    task.add_done_callback(_done)
+    return task
+
+
+def _sockaddr(name: Any) -> tuple[str, int] | None:
+    return (str(name[0]), int(name[1])) if name else None
+
+
+def _fmt(addr: tuple[str, int] | None) -> str:
+    return f"{addr[0]}:{addr[1]}" if addr else "off"

@@ -1,0 +1,155 @@
+"""Shared helpers for the relay's integration tests (real sockets on 127.0.0.1 only).
+
+:class:`SpecClient` is written from the protocol text in issue 3 alone: it imports nothing from
+``wirekube.relay``, so it checks that the relay speaks what the text says, not what our codec
+happens to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import ipaddress
+import struct
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import replace
+from typing import Any, TypeVar
+
+import uvloop
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from wirekube.relay.authz import PeerAuthorizer
+from wirekube.relay.server import RelayServer, RelaySettings
+
+T = TypeVar("T")
+LOCALHOST = "127.0.0.1"
+
+REGISTER, DATA, KEEPALIVE, NATPROBE, RELAYPROBE = 0x01, 0x02, 0x03, 0x04, 0x06
+CHALLENGE, AUTH, REGISTERED, ERROR = 0x07, 0x08, 0x09, 0xFF
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+    """Run a test coroutine on uvloop with an overall deadline."""
+    return uvloop.run(asyncio.wait_for(coro, timeout))
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Wait for ``predicate()`` to hold, failing the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def relay_settings(**overrides: Any) -> RelaySettings:
+    base = RelaySettings(
+        listen_host=LOCALHOST, listen_port=0, stun_host=LOCALHOST, stun_port=0, close_grace=0.2
+    )
+    return replace(base, **overrides)
+
+
+@contextlib.asynccontextmanager
+async def running_relay(
+    settings: RelaySettings | None = None, authorizer: PeerAuthorizer | None = None
+) -> AsyncIterator[RelayServer]:
+    """A relay on 127.0.0.1 in this event loop; any exception escaping a callback fails the test."""
+    loop = asyncio.get_running_loop()
+    escaped: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: escaped.append(context))
+    relay = RelayServer(settings or relay_settings(), authorizer=authorizer)
+    await relay.start()
+    try:
+        yield relay
+    finally:
+        await relay.close(timeout=2.0)
+        loop.set_exception_handler(None)
+    assert not escaped, f"exceptions escaped into the event loop: {escaped}"
+
+
+def raw_public(key: X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def frame(ftype: int, body: bytes = b"") -> bytes:
+    """u32 big-endian L (= 1 + body length) + u8 type + body."""
+    return struct.pack(">IB", len(body) + 1, ftype) + body
+
+
+class SpecClient:
+    """A relay client built from the protocol text only (no wirekube imports)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, address: tuple[str, int]) -> SpecClient:
+        reader, writer = await asyncio.open_connection(*address)
+        return cls(reader, writer)
+
+    def send(self, ftype: int, body: bytes = b"") -> None:
+        self.writer.write(frame(ftype, body))
+
+    def send_raw(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def read(self, timeout: float = 5.0) -> tuple[int, bytes] | None:
+        """The next frame, or ``None`` once the relay closed the connection."""
+        try:
+            header = await asyncio.wait_for(self.reader.readexactly(5), timeout)
+            length, ftype = struct.unpack(">IB", header)
+            body = await asyncio.wait_for(self.reader.readexactly(length - 1), timeout)
+        except (asyncio.IncompleteReadError, ConnectionResetError):
+            return None
+        return ftype, body
+
+    async def read_until_closed(self, timeout: float = 5.0) -> list[tuple[int, bytes]]:
+        frames = []
+        while (f := await self.read(timeout)) is not None:
+            frames.append(f)
+        return frames
+
+    async def register(self, private_key: X25519PrivateKey, claimed: bytes | None = None) -> tuple[int, bytes] | None:
+        """Register ``claimed`` (default: our own key), proving with ``private_key``.
+
+        Returns the relay's answer to Auth: (REGISTERED, b"") on success."""
+        p = claimed if claimed is not None else raw_public(private_key)
+        self.send(REGISTER, p)
+        challenge = await self.read()
+        if challenge is None or challenge[0] != CHALLENGE:
+            return challenge
+        self.send(AUTH, self.proof(private_key, challenge[1], p))
+        return await self.read()
+
+    @staticmethod
+    def proof(private_key: X25519PrivateKey, challenge: bytes, p: bytes) -> bytes:
+        e, nonce = challenge[:32], challenge[32:]
+        shared = private_key.exchange(X25519PublicKey.from_public_bytes(e))
+        return hmac.new(shared, b"wirekube-relay-auth-v1" + nonce + p + e, hashlib.sha256).digest()
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
+
+
+async def registered_spec_client(address: tuple[str, int]) -> tuple[SpecClient, bytes]:
+    key = X25519PrivateKey.generate()
+    client = await SpecClient.open(address)
+    assert await client.register(key) == (REGISTERED, b"")
+    return client, raw_public(key)
+
+
+def allow_loopback_targets(address: ipaddress.IPv4Address, port: int) -> str | None:
+    """Test-only NAT-probe policy: 127.0.0.1 is allowed so the probe can be received here."""
+    return None if address == ipaddress.IPv4Address(LOCALHOST) and port else "test_policy"
+
+
+def test_spec_client_frames_match_the_protocol_text() -> None:
+    assert frame(KEEPALIVE) == b"\x00\x00\x00\x01\x03"
+    assert frame(DATA, b"k" * 32 + b"x") == b"\x00\x00\x00\x22\x02" + b"k" * 32 + b"x"
