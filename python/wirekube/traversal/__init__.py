@@ -1,0 +1,1 @@
+"""NAT traversal: classification, path choice, failover state (pure) and their I/O helpers."""
