@@ -1,0 +1,277 @@
+"""The agent's loop: observe -> plan -> diff -> apply, on changes and on a resync timer.
+
+Nothing is planned before the source has a mesh and a synced peer list: an agent that starts
+while the API server is down keeps whatever dataplane is already in place (no blackout), and an
+agent that loses the API server keeps its last state until it comes back.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from loguru import logger
+
+from wirekube.agent import plan as planner
+from wirekube.agent.keys import KeyPair
+from wirekube.agent.netlink import Netlink
+from wirekube.agent.plan import Desired, NodeFacts, Observed, Op, PeerPath, Skipped
+from wirekube.agent.status import own_status
+from wirekube.agent.wg.select import select_engine
+from wirekube.agent.wg.base import PutPeer, RemovePeer, SetDevice, WgDeviceState, WireGuardEngine
+from wirekube.agent.wg.userspace import SOCKET_DIR, UserspaceSettings
+from wirekube.errors import DataplaneError, WireKubeError
+from wirekube.models import ROUTE_TABLE, Engine, IPAddress, Mesh, Peer, PeerStatus, key_fingerprint
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    mesh: Mesh
+    peers: tuple[Peer, ...]
+    rejected: tuple[Skipped, ...] = ()
+    """Objects that could not even be read as peers (models.InvalidObject)."""
+
+
+class Source(Protocol):
+    """Where the mesh and the peers come from, and where the agent reports back."""
+
+    def snapshot(self) -> Snapshot | None:
+        """The current view, or None while it is not known yet (keep the dataplane as it is)."""
+
+    def register(self, public_key: str) -> None:
+        """Make sure this node's own peer object says what it should (no-op for static sources)."""
+
+    def publish(self, status: PeerStatus, skipped: Sequence[Skipped]) -> None:
+        """Write this node's peer status and report skipped peers (only on change)."""
+
+    def own_status(self) -> PeerStatus:
+        """The status currently published (to carry over fields this loop does not own)."""
+
+
+@dataclass(frozen=True)
+class ReconcilerSettings:
+    node_name: str
+    engine: Engine = Engine.AUTO
+    """Overrides the mesh's spec.engine unless auto."""
+    api_server_ips: tuple[IPAddress, ...] = ()
+    resync_seconds: float = 30.0
+    error_backoff_max: float = 30.0
+    wireguard_go: str = "wireguard-go"
+    socket_dir: Path = SOCKET_DIR
+    wireguard_go_log: Path | None = None
+
+
+@dataclass(frozen=True)
+class Result:
+    ops: tuple[Op, ...]
+    desired: Desired
+    observed: Observed
+
+
+@dataclass
+class _Memory:
+    skipped: frozenset[Skipped] = frozenset()
+    engine_key: tuple[str, Engine] | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        settings: ReconcilerSettings,
+        keys: KeyPair,
+        source: Source,
+        netlink: Netlink,
+        clock: Callable[[], float] = time.time,
+        paths: Callable[[], Mapping[str, PeerPath]] = dict,
+    ) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.source = source
+        self.netlink = netlink
+        self.clock = clock
+        self.paths = paths
+        """Per-peer path overrides (NAT traversal / relay plug in here)."""
+        self.wake = threading.Event()
+        self.engine: WireGuardEngine | None = None
+        self._mem = _Memory()
+        self._lock = threading.Lock()
+        self._log = logger.bind(component="reconcile", node=settings.node_name)
+
+    # ------------------------------------------------------------------ one pass
+
+    def reconcile_once(self, dry_run: bool = False) -> Result | None:
+        with self._lock:
+            snap = self.source.snapshot()
+            if snap is None:
+                self._log.debug("no mesh/peer view yet; dataplane left as it is")
+                return None
+            if not dry_run:
+                self.source.register(self.keys.public_key)
+            engine = self._engine_for(snap.mesh)
+            if not dry_run:
+                engine.ensure_device()
+            ifname = snap.mesh.spec.interface_name
+            paths = self.paths()
+            desired = planner.plan(snap.mesh, snap.peers, self._facts(ifname), paths)
+            observed = self.observe(ifname, engine)
+            ops = planner.diff(desired, observed, self.clock())
+            if not dry_run:
+                self.apply(ops, ifname, engine)
+                self._report(snap, desired, engine, paths)
+            return Result(ops, desired, observed)
+
+    def _facts(self, ifname: str) -> NodeFacts:
+        addresses, subnets = self.netlink.node_addresses(ifname)
+        return NodeFacts(
+            name=self.settings.node_name,
+            public_key=self.keys.public_key,
+            addresses=addresses,
+            subnets=subnets,
+            api_server_ips=self.settings.api_server_ips,
+        )
+
+    def observe(self, ifname: str, engine: WireGuardEngine) -> Observed:
+        link = self.netlink.link_state(ifname, tuple(planner.INTERFACE_SYSCTLS))
+        wg = engine.get() if link.exists else WgDeviceState()
+        return Observed(
+            link=link,
+            wg=wg,
+            rules=self.netlink.rules(),
+            routes=self.netlink.routes(ROUTE_TABLE),
+        )
+
+    def apply(self, ops: Sequence[Op], ifname: str, engine: WireGuardEngine) -> None:
+        wg_batch: list[SetDevice | PutPeer | RemovePeer] = []
+        for op in ops:
+            if isinstance(op, (SetDevice, PutPeer, RemovePeer)):
+                wg_batch.append(op)
+                continue
+            if wg_batch:
+                engine.apply(wg_batch, self.keys.private_key)
+                wg_batch = []
+            apply_link_op(self.netlink, ifname, op)
+        if wg_batch:
+            engine.apply(wg_batch, self.keys.private_key)
+        for op in ops:
+            self._log.info("applied {}", describe(op))
+
+    def _engine_for(self, mesh: Mesh) -> WireGuardEngine:
+        choice = self.settings.engine if self.settings.engine is not Engine.AUTO else mesh.spec.engine
+        key = (mesh.spec.interface_name, choice)
+        if self.engine is not None:
+            if key != self._mem.engine_key:
+                self._log.warning("mesh changed interface/engine to {}; restart the agent to switch", key)
+            return self.engine
+        userspace = UserspaceSettings(
+            ifname=mesh.spec.interface_name,
+            binary=self.settings.wireguard_go,
+            socket_dir=self.settings.socket_dir,
+            log_path=self.settings.wireguard_go_log,
+        )
+        self.engine = select_engine(choice, self.netlink, userspace)
+        self.engine.set_on_restart(self._on_engine_restart)
+        self._mem.engine_key = key
+        return self.engine
+
+    def _on_engine_restart(self) -> None:
+        self._log.warning("WireGuard device was recreated; reapplying the configuration")
+        self.wake.set()
+
+    def _report(self, snap: Snapshot, desired: Desired, engine: WireGuardEngine, paths: Mapping[str, PeerPath]) -> None:
+        skipped = frozenset((*snap.rejected, *desired.skipped))
+        for s in sorted(skipped - self._mem.skipped, key=lambda s: s.peer):
+            self._log.warning("peer {} skipped: {}", s.peer, s.reason)
+        for s in sorted(self._mem.skipped - skipped, key=lambda s: s.peer):
+            self._log.info("peer {} no longer skipped", s.peer)
+        self._mem.skipped = skipped
+        status = own_status(desired, engine.get(), paths, self.clock(), self.source.own_status())
+        self.source.publish(status, sorted(skipped, key=lambda s: s.peer))
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self, stop: threading.Event) -> None:
+        """Reconcile on wake-ups and every resync interval until ``stop`` is set."""
+        backoff = 1.0
+        while not stop.is_set():
+            self.wake.clear()
+            timeout = self.settings.resync_seconds
+            try:
+                result = self.reconcile_once()
+                if result is not None and result.ops:
+                    self._log.info("reconcile applied {} operations", len(result.ops))
+                backoff = 1.0
+            except WireKubeError as e:
+                self._log.error("reconcile failed: {}; retrying in {:.0f}s", e, backoff)
+                timeout = backoff
+                backoff = min(backoff * 2, self.settings.error_backoff_max)
+            except Exception:  # noqa: BLE001 - the loop must survive a bug in one pass
+                self._log.exception("reconcile crashed; retrying in {:.0f}s", backoff)
+                timeout = backoff
+                backoff = min(backoff * 2, self.settings.error_backoff_max)
+            self._wait(stop, timeout)
+
+    def _wait(self, stop: threading.Event, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not stop.is_set() and not self.wake.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self.wake.wait(min(left, 0.5))
+
+    def close(self) -> None:
+        """Stop supervising; the dataplane (interface, daemon, routes, rules) stays in place."""
+        if self.engine is not None:
+            self.engine.close()
+
+
+def apply_link_op(nl: Netlink, ifname: str, op: Op) -> None:
+    match op:
+        case planner.SetMtu(mtu):
+            nl.set_mtu(ifname, mtu)
+        case planner.SetUp():
+            nl.set_up(ifname)
+        case planner.AddAddress(address):
+            nl.add_address(ifname, address)
+        case planner.DelAddress(address):
+            nl.del_address(ifname, address)
+        case planner.SetSysctl(name, value):
+            nl.set_sysctl(ifname, name, value)
+        case planner.AddRoute(route):
+            nl.add_route(route)
+        case planner.DelRoute(route):
+            nl.del_route(route)
+        case planner.AddRule(rule):
+            nl.add_rule(rule)
+        case planner.DelRule(rule):
+            nl.del_rule(rule)
+        case _:
+            raise DataplaneError(f"unknown operation {op!r}")
+
+
+def describe(op: Op) -> str:
+    """A log line for ``op`` without key material (keys as fingerprints)."""
+    if isinstance(op, PutPeer):
+        c = op.config
+        parts = [f"{'add' if op.create else 'update'} peer {key_fingerprint(c.public_key)}"]
+        if op.set_endpoint and c.endpoint:
+            parts.append(f"endpoint {c.endpoint}")
+        if op.set_allowed_ips:
+            parts.append("allowed-ips " + ",".join(str(n) for n in c.allowed_ips))
+        if op.set_keepalive:
+            parts.append(f"keepalive {c.persistent_keepalive}")
+        return " ".join(parts)
+    if isinstance(op, RemovePeer):
+        return f"remove peer {key_fingerprint(op.public_key)}"
+    if isinstance(op, SetDevice):
+        return (
+            f"set device private-key={'new' if op.private_key else 'kept'}"
+            f" listen-port={op.listen_port} fwmark={op.fwmark}"
+        )
+    name = type(op).__name__
+    fields = " ".join(str(v) for v in vars(op).values())
+    return f"{name} {fields}".strip()

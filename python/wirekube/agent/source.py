@@ -1,0 +1,225 @@
+"""Where the agent's view of the mesh comes from.
+
+- :class:`KubeSource`: the API server (informers on WireKubeMesh and WireKubePeer; registration
+  of the node's own peer; status and Events).  It keeps its last view while the API server is
+  unreachable (informers reconnect with backoff), so the dataplane keeps its last state.
+- :class:`FileSource`: a YAML/JSON file holding ``mesh`` (a WireKubeMesh object) and ``peers``
+  (WireKubePeer objects), re-read when it changes.  For standalone use and dataplane tests.
+
+Only ``wirekube.k8s`` talks to the API server; this module passes it plain dicts.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from loguru import logger
+
+from wirekube.agent.plan import Skipped
+from wirekube.agent.reconcile import Snapshot
+from wirekube.agent.registration import (
+    NodeInfo,
+    desired_registration,
+    new_peer_body,
+    node_info_from_obj,
+    update_patch,
+)
+from wirekube.errors import AlreadyExists, ApiError, InvalidObject, NotFound
+from wirekube.models import (
+    MESH_SINGLETON,
+    Mesh,
+    Peer,
+    PeerStatus,
+    mesh_from_cr,
+    peer_from_cr,
+    peer_status_to_cr,
+)
+
+
+def parse_peers(objs: Sequence[Mapping[str, Any]]) -> tuple[tuple[Peer, ...], tuple[Skipped, ...]]:
+    peers: list[Peer] = []
+    rejected: list[Skipped] = []
+    for obj in objs:
+        try:
+            peers.append(peer_from_cr(obj))
+        except InvalidObject as e:
+            rejected.append(Skipped(e.name or "?", f"{e.field}: {e.reason}"))
+    return tuple(peers), tuple(rejected)
+
+
+class FileSource:
+    """Mesh and peers from a file, polled for changes every ``poll_seconds``."""
+
+    def __init__(self, path: Path, on_change: Callable[[], None] = lambda: None, poll_seconds: float = 0.5) -> None:
+        self.path = path
+        self._on_change = on_change
+        self._poll = poll_seconds
+        self._stop = threading.Event()
+        self._stamp: tuple[int, int] | None = None
+        self._thread: threading.Thread | None = None
+        self._status = PeerStatus()
+
+    def start(self) -> FileSource:
+        self._stamp = self._file_stamp()
+        self._thread = threading.Thread(target=self._watch, name="file-source", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._poll):
+            stamp = self._file_stamp()
+            if stamp != self._stamp:
+                self._stamp = stamp
+                self._on_change()
+
+    def snapshot(self) -> Snapshot | None:
+        try:
+            doc = yaml.safe_load(self.path.read_text()) or {}
+            mesh = mesh_from_cr(doc.get("mesh") or {"metadata": {"name": MESH_SINGLETON}})
+        except (OSError, yaml.YAMLError, InvalidObject, AttributeError) as e:
+            logger.error("cannot read {}: {}", self.path, e)
+            return None
+        peers, rejected = parse_peers(doc.get("peers") or [])
+        return Snapshot(mesh, peers, rejected)
+
+    def register(self, public_key: str) -> None:
+        """Static source: the file already lists this node."""
+
+    def publish(self, status: PeerStatus, skipped: Sequence[Skipped]) -> None:
+        self._status = status
+
+    def own_status(self) -> PeerStatus:
+        return self._status
+
+
+class KubeSource:
+    """Mesh and peers from the API server, through informers (``wirekube.k8s``)."""
+
+    def __init__(self, kube: Any, node_name: str, on_change: Callable[[], None] = lambda: None) -> None:
+        from wirekube import k8s
+
+        self._k8s = k8s
+        self.kube = kube
+        self.node_name = node_name
+        self._on_change = on_change
+        self.peers = k8s.Informer(kube, k8s.PEERS, on_event=self._event)
+        self.meshes = k8s.Informer(kube, k8s.MESHES, on_event=self._event)
+        self._reported: dict[str, str] = {}
+        self._log = logger.bind(component="kube-source", node=node_name)
+
+    def start(self) -> KubeSource:
+        self.peers.start()
+        self.meshes.start()
+        return self
+
+    def stop(self) -> None:
+        self.peers.stop()
+        self.meshes.stop()
+
+    def _event(self, etype: str, obj: dict[str, Any]) -> None:
+        self._on_change()
+
+    def snapshot(self) -> Snapshot | None:
+        if not (self.peers.wait_synced(0) and self.meshes.wait_synced(0)):
+            return None
+        mesh_obj = self.meshes.cache.get(MESH_SINGLETON)
+        if mesh_obj is None:
+            self._log.warning("WireKubeMesh {!r} does not exist; waiting", MESH_SINGLETON)
+            return None
+        try:
+            mesh = mesh_from_cr(mesh_obj)
+        except InvalidObject as e:
+            self._log.error("{}; keeping the dataplane as it is", e)
+            return None
+        peers, rejected = parse_peers(list(self.peers.cache.values()))
+        return Snapshot(mesh, peers, rejected)
+
+    # ------------------------------------------------------------------ registration
+
+    def register(self, public_key: str) -> None:
+        snap = self.snapshot()
+        if snap is None:
+            return
+        try:
+            node = node_info_from_obj(self.kube.get(self._k8s.NODES, self.node_name))
+        except NotFound:
+            node = NodeInfo(self.node_name)
+        except ApiError as e:
+            self._log.warning("cannot read Node {}: {}; registration postponed", self.node_name, e)
+            return
+        existing_obj = self.peers.cache.get(self.node_name)
+        existing = next((p for p in snap.peers if p.name == self.node_name), None)
+        others = [p for p in snap.peers if p.name != self.node_name]
+        reg = desired_registration(node, snap.mesh, public_key, existing, others)
+        for problem in reg.problems:
+            self._log.warning("node {}: {}", self.node_name, problem)
+        if existing is None or existing_obj is None:
+            self._create(node, reg)
+            return
+        patch = update_patch(node, reg, existing, existing_obj)
+        if patch:
+            self._log.info("updating own WireKubePeer ({})", ", ".join(sorted(patch)))
+            self.kube.patch_merge(self._k8s.PEERS, self.node_name, patch)
+        method = reg.endpoint_method.value if reg.endpoint_method else ""
+        if method and existing.status.endpoint_discovery_method != method:
+            self.kube.patch_status(self._k8s.PEERS, self.node_name, {"status": {"endpointDiscoveryMethod": method}})
+
+    def _create(self, node: NodeInfo, reg: Any) -> None:
+        try:
+            self.kube.create(self._k8s.PEERS, new_peer_body(node, reg))
+            self._log.info("registered own WireKubePeer with mesh IP {}", reg.spec.allowed_ips[0])
+        except AlreadyExists:
+            self._on_change()  # the informer is behind; the next pass updates instead
+
+    # ------------------------------------------------------------------ status and events
+
+    def own_status(self) -> PeerStatus:
+        obj = self.peers.cache.get(self.node_name)
+        if obj is None:
+            return PeerStatus()
+        try:
+            return peer_from_cr(obj).status
+        except InvalidObject:
+            return PeerStatus()
+
+    def publish(self, status: PeerStatus, skipped: Sequence[Skipped]) -> None:
+        obj = self.peers.cache.get(self.node_name)
+        if obj is not None:
+            wanted = peer_status_to_cr(status)
+            current = obj.get("status") or {}
+            if any(current.get(k) != v for k, v in wanted.items()):
+                try:
+                    self.kube.patch_status(self._k8s.PEERS, self.node_name, {"status": wanted})
+                except ApiError as e:
+                    self._log.warning("cannot write own status: {}", e)
+        self._report_skipped(skipped)
+
+    def _report_skipped(self, skipped: Sequence[Skipped]) -> None:
+        current = {s.peer: s.reason for s in skipped}
+        for name, reason in current.items():
+            if self._reported.get(name) == reason:
+                continue
+            regarding = self.peers.cache.get(name) or {"metadata": {"name": name}}
+            regarding = {"apiVersion": "wirekube.io/v1alpha1", "kind": "WireKubePeer", **regarding}
+            self.kube.emit_event(
+                regarding,
+                "PeerSkipped",
+                f"node {self.node_name} skips peer {name}: {reason}",
+                type_="Warning",
+                component="agent",
+            )
+        self._reported = current

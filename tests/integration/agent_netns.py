@@ -1,0 +1,244 @@
+"""A throw-away multi-node network for agent tests: N node namespaces on one bridge.
+
+Every namespace is named with a unique prefix (``wkt-<random>-``).  Each node has a *holder*
+process (``sleep``) owning a private mount namespace with a tmpfs on /run/wireguard, so each
+node's wireguard-go gets its own UAPI socket directory; agents and commands enter the node with
+``nsenter -t HOLDER -m -n``.  Teardown kills, by PID, only processes living in these namespaces,
+then deletes the namespaces.  Traffic stays inside them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from wirekube import ipam
+from wirekube.agent import keys as keystore
+
+SUBNET = ipaddress.ip_network("192.168.77.0/24")
+MESH_CIDR = "10.254.0.0/16"
+LISTEN_PORT = 51820
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Poll ``cond`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = cond()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def sh(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, check=check, timeout=timeout)
+
+
+@dataclass
+class Node:
+    name: str
+    netns: str
+    address: ipaddress.IPv4Address
+    holder: subprocess.Popen[bytes]
+    state_dir: Path
+    public_key: str
+    agent: subprocess.Popen[bytes] | None = None
+    agent_log: Path | None = None
+
+    @property
+    def mesh_ip(self) -> ipaddress.IPv4Address:
+        return ipam.mesh_ip(self.name, MESH_CIDR)
+
+    def enter(self, *argv: str) -> list[str]:
+        return ["nsenter", "-t", str(self.holder.pid), "-m", "-n", *argv]
+
+    def run(self, *argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return sh(*self.enter(*argv), check=check, timeout=timeout)
+
+    def peer_object(self, endpoint: bool = True, extra_allowed: Sequence[str] = ()) -> dict[str, Any]:
+        spec: dict[str, Any] = {
+            "publicKey": self.public_key,
+            "allowedIPs": [f"{self.mesh_ip}/32", *extra_allowed],
+            "persistentKeepalive": 5,
+        }
+        if endpoint:
+            spec["endpoint"] = f"{self.address}:{LISTEN_PORT}"
+        return {
+            "apiVersion": "wirekube.io/v1alpha1",
+            "kind": "WireKubePeer",
+            "metadata": {"name": self.name, "creationTimestamp": f"2025-01-01T00:00:{int(self.name[-1]):02d}Z"},
+            "spec": spec,
+        }
+
+
+@dataclass
+class NetnsLab:
+    workdir: Path
+    prefix: str = field(default_factory=lambda: f"wkt-{uuid.uuid4().hex[:6]}-")
+    nodes: list[Node] = field(default_factory=list)
+    namespaces: list[str] = field(default_factory=list)
+
+    @property
+    def bridge_ns(self) -> str:
+        return f"{self.prefix}br"
+
+    @property
+    def peers_file(self) -> Path:
+        return self.workdir / "peers.yaml"
+
+    def up(self) -> NetnsLab:
+        Path("/run/wireguard").mkdir(parents=True, exist_ok=True)
+        self._add_ns(self.bridge_ns)
+        sh("ip", "-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", self.bridge_ns, "link", "set", "br0", "up")
+        return self
+
+    def _add_ns(self, name: str) -> None:
+        sh("ip", "netns", "add", name)
+        self.namespaces.append(name)
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+
+    def add_node(self, name: str) -> Node:
+        index = len(self.nodes)
+        ns = f"{self.prefix}{name}"
+        self._add_ns(ns)
+        host_side = f"v{index}"
+        sh("ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", host_side, "netns", self.bridge_ns)
+        sh("ip", "-n", self.bridge_ns, "link", "set", host_side, "master", "br0", "up")
+        address = SUBNET.network_address + 10 + index
+        sh("ip", "-n", ns, "addr", "add", f"{address}/{SUBNET.prefixlen}", "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        holder = subprocess.Popen(  # noqa: S603
+            ["ip", "netns", "exec", ns, "unshare", "-m", "--propagation", "private", "sh", "-c",
+             "mount -t tmpfs none /run/wireguard && exec sleep infinity"],
+            start_new_session=True,
+        )
+        state = self.workdir / name
+        state.mkdir(parents=True, exist_ok=True)
+        keys = keystore.load_or_create(state)
+        node = Node(name, ns, address, holder, state, keys.public_key)
+        wait_for(lambda: _mounted_tmpfs(holder.pid), 10, f"{name}'s private /run/wireguard")
+        self.nodes.append(node)
+        return node
+
+    def write_peers(self, nodes: Sequence[Node], **mesh_spec: Any) -> None:
+        doc = {
+            "mesh": {"metadata": {"name": "default"},
+                     "spec": {"meshCIDR": MESH_CIDR, "listenPort": LISTEN_PORT, "engine": "userspace", **mesh_spec}},
+            "peers": [n.peer_object() for n in nodes],
+        }
+        tmp = self.peers_file.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(doc))
+        os.replace(tmp, self.peers_file)
+
+    def agent_argv(self, node: Node, *extra: str) -> list[str]:
+        return node.enter(
+            sys.executable, "-m", "wirekube.agent.main",
+            "--node-name", node.name,
+            "--peers-file", str(self.peers_file),
+            "--state-dir", str(node.state_dir),
+            "--engine", "userspace",
+            *extra,
+        )
+
+    def start_agent(self, node: Node, resync: float = 2.0) -> subprocess.Popen[bytes]:
+        node.agent_log = node.state_dir / "agent.log"
+        with open(node.agent_log, "ab") as log:
+            node.agent = subprocess.Popen(  # noqa: S603
+                self.agent_argv(node, "--resync-seconds", str(resync)),
+                stdout=log, stderr=log, start_new_session=True,
+            )
+        return node.agent
+
+    def once(self, node: Node, dry_run: bool = True) -> dict[str, Any]:
+        import json
+
+        argv = ["--once", "--dry-run"] if dry_run else ["--once"]
+        out = sh(*self.agent_argv(node, *argv, "--log-level", "WARNING"), timeout=60)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def ping(self, src: Node, dst: ipaddress.IPv4Address, count: int = 1, interval: float = 0.2,
+             timeout: float = 1) -> tuple[int, int]:
+        out = src.run("ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", str(timeout), str(dst),
+                      check=False, timeout=count * interval + timeout + 10)
+        m = re.search(r"(\d+) packets transmitted, (\d+) received", out.stdout)
+        return (int(m[1]), int(m[2])) if m else (count, 0)
+
+    def reachable(self, src: Node, dst: ipaddress.IPv4Address) -> bool:
+        return self.ping(src, dst, count=1, timeout=1)[1] == 1
+
+    def daemon_pids(self, node: Node) -> list[int]:
+        return [p for p in pids_in_netns(node.netns) if _comm(p) == "wireguard-go"]
+
+    def down(self) -> None:
+        for node in self.nodes:
+            if node.agent is not None and node.agent.poll() is None:
+                node.agent.kill()
+                node.agent.wait()
+        for ns in self.namespaces:
+            for pid in pids_in_netns(ns):
+                _kill(pid)
+        for node in self.nodes:
+            node.holder.wait(timeout=10)
+        for ns in reversed(self.namespaces):
+            sh("ip", "netns", "del", ns, check=False)
+
+
+def _netns_inode(name: str) -> int | None:
+    try:
+        return os.stat(f"/run/netns/{name}").st_ino
+    except OSError:
+        return None
+
+
+def pids_in_netns(name: str) -> list[int]:
+    """PIDs of processes whose network namespace is ``name`` (precise: compared by inode)."""
+    inode = _netns_inode(name)
+    if inode is None:
+        return []
+    pids: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}/ns/net").st_ino == inode:
+                pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _mounted_tmpfs(pid: int) -> bool:
+    try:
+        mounts = Path(f"/proc/{pid}/mounts").read_text()
+    except OSError:
+        return False
+    return any(line.split()[1:3] == ["/run/wireguard", "tmpfs"] for line in mounts.splitlines())
