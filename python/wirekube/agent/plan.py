@@ -18,8 +18,9 @@ Peers are validated here as well as in the models, because a bad peer must be *s
 reason* while the rest of the mesh keeps working:
 - a public key that is not a key, or this node's own key, or a key already used by an older peer;
 - a mesh IP (first /32 entry) claimed by an older peer (``ipam.conflict_winner``);
-- an AllowedIPs entry containing this node's mesh IP, claiming one of this node's addresses, or
-  containing another peer's mesh IP.
+- an AllowedIPs entry claiming one of this node's addresses, or, inside meshCIDR, containing this
+  node's or another peer's mesh IP (wider entries such as egress ranges may cover mesh IPs: the
+  /32s are more specific and win in WireGuard and in the route table).
 Entries that are merely not routable from here are *dropped* (the peer stays): loopback,
 link-local and multicast ranges, a default route unless ``routing.allowDefaultRoute``, the parts
 covered by ``routing.excludeCIDRs``, entries overlapping this node's own subnets when
@@ -258,7 +259,7 @@ def plan(
             continue  # passive peer: no WireGuard entry, no routes
         entries = _accepted_entries(peer, mesh, node, own_ip, mesh_ips, taken, dropped)
         if entries is None:
-            skipped.append(Skipped(peer.name, _claim_reason(peer, node, own_ip, mesh_ips)))
+            skipped.append(Skipped(peer.name, _claim_reason(peer, node, own_ip, mesh_ips, mesh.spec.mesh_cidr)))
             continue
         taken.update(entries)
         path = paths.get(peer.name, PeerPath())
@@ -375,7 +376,7 @@ def _accepted_entries(
     dropped: list[Dropped],
 ) -> list[IPNetwork] | None:
     """The peer's AllowedIPs after filtering; None when an entry makes the whole peer invalid."""
-    if _claim_reason(peer, node, own_ip, mesh_ips):
+    if _claim_reason(peer, node, own_ip, mesh_ips, mesh.spec.mesh_cidr):
         return None
     routing = mesh.spec.routing
     accepted: list[IPNetwork] = []
@@ -392,16 +393,27 @@ def _accepted_entries(
 
 
 def _claim_reason(
-    peer: Peer, node: NodeFacts, own_ip: ipaddress.IPv4Address | None, mesh_ips: Mapping[ipaddress.IPv4Address, str]
+    peer: Peer,
+    node: NodeFacts,
+    own_ip: ipaddress.IPv4Address | None,
+    mesh_ips: Mapping[ipaddress.IPv4Address, str],
+    mesh_cidr: ipaddress.IPv4Network,
 ) -> str:
-    """Why one of the peer's entries invalidates the peer ("" when none does)."""
+    """Why one of the peer's entries invalidates the peer ("" when none does).
+
+    Inside meshCIDR an entry may hold only the peer's own mesh IP.  Entries wider than meshCIDR
+    (an egress range, a default route) may cover mesh IPs: the /32s are more specific and win,
+    both in WireGuard's cryptokey routing and in the route table.
+    """
     peer_ip = peer.mesh_ip
     for i, entry in enumerate(peer.spec.allowed_ips):
         where = f"spec.allowedIPs[{i}] {entry}"
-        if own_ip is not None and own_ip in entry:
-            return f"{where} contains this node's mesh IP {own_ip}"
         if entry.prefixlen == entry.max_prefixlen and entry.network_address in node.addresses:
             return f"{where} claims this node's own address"
+        if entry.version != 4 or not entry.subnet_of(mesh_cidr):  # type: ignore[arg-type]
+            continue
+        if own_ip is not None and own_ip in entry:
+            return f"{where} contains this node's mesh IP {own_ip}"
         for ip, owner in mesh_ips.items():
             if owner != peer.name and ip in entry and ip != peer_ip:
                 return f"{where} contains the mesh IP {ip} of peer {owner!r}"
@@ -419,9 +431,12 @@ def _drop_reason(
         return "a default route needs routing.allowDefaultRoute"
     if any(entry.version == n.version and entry.subnet_of(n) for n in _NEVER_ROUTED):  # type: ignore[arg-type]
         return "loopback, link-local and multicast ranges are never routed"
-    if any(a in entry for a in node.api_server_ips) and entry.prefixlen != 0:
+    if entry.prefixlen == 0:
+        return ""  # an allowed default route: the main-table bypass rules keep the API server reachable
+    if any(a in entry for a in node.api_server_ips):
         return "contains the API server's address"
-    if local_policy is LocalSubnetPolicy.SKIP and any(entry.overlaps(s) for s in node.subnets if s.version == entry.version):  # type: ignore[arg-type]
+    local = (s for s in node.subnets if s.version == entry.version)
+    if local_policy is LocalSubnetPolicy.SKIP and any(entry.overlaps(s) for s in local):  # type: ignore[arg-type]
         return "overlaps one of this node's own subnets (routing.localSubnetPolicy=skip)"
     if entry in taken:
         return "already routed to an older peer"

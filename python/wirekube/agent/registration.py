@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from wirekube import ipam
+from wirekube import API_VERSION, ipam
 from wirekube.models import (
     ANNOTATION_ENDPOINT,
     ANNOTATION_INTERNAL_IP,
@@ -36,10 +36,17 @@ from wirekube.models import (
     PeerSpec,
     peer_spec_to_cr,
 )
-from wirekube import API_VERSION
 
 ANNOTATION_AUTO_ALLOWED_IPS = "wirekube.io/auto-allowed-ips"
 DEFAULT_KEEPALIVE = 25
+PRIVATE_RANGES = tuple(
+    ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
+)
+"""RFC 1918, RFC 6598 (shared/CGNAT) and IPv6 ULA: the only InternalIPs added automatically."""
+
+
+def is_private(ip: IPAddress) -> bool:
+    return any(ip in n for n in PRIVATE_RANGES)
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,7 @@ def desired_registration(
     problems: list[str] = []
     mesh_net = ipaddress.ip_network(f"{_mesh_ip(node, mesh, existing, others)}/32")
     internal = _internal_ip(node, mesh, problems)
-    auto = tuple(n for n in (ipaddress.ip_network(f"{internal}/32"),) if internal is not None)
+    auto: tuple[IPNetwork, ...] = (ipaddress.ip_network(internal),) if internal is not None else ()
     previous_auto = _previous_auto(existing)
     old = existing.spec.allowed_ips[1:] if existing is not None else ()
     user = tuple(n for n in old if n not in previous_auto and n not in auto and n != mesh_net)
@@ -134,7 +141,7 @@ def _internal_ip(node: NodeInfo, mesh: Mesh, problems: list[str]) -> IPAddress |
         except ValueError:
             problems.append(f"annotation {ANNOTATION_INTERNAL_IP}={override!r} is not an IP address")
     # Only a private address: a public one in AllowedIPs would hijack SSH/API traffic.
-    return next((ip for ip in node.internal_ips if ip.is_private and not ip.is_loopback), None)
+    return next((ip for ip in node.internal_ips if is_private(ip)), None)
 
 
 def _endpoint(node: NodeInfo, mesh: Mesh, problems: list[str]) -> tuple[Endpoint | None, EndpointDiscovery | None]:
