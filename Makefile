@@ -21,7 +21,8 @@ lab: setup  ## bring up the local control plane (and, as the lab grows, the whol
 lab-down:
 	@.venv/bin/wirekube-lab down
 
-bench: setup bench-relay  ## every benchmark; results in bench/results/*.json
+bench: setup bench-relay  ## every benchmark; results in bench/results/*.json, then bench/REPORT.md
+	@.venv/bin/python bench/report.py
 
 bench-relay: setup
 	@.venv/bin/python bench/relay_bench.py --out bench/results/relay.json
