@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -76,7 +76,6 @@ class Result:
 class _Memory:
     skipped: frozenset[Skipped] = frozenset()
     engine_key: tuple[str, Engine] | None = None
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 class Reconciler:
