@@ -210,6 +210,7 @@ def values_schema() -> Schema:
                                                "labels": LABEL_MAP}),
                         "podMonitor": obj({"enabled": BOOL, "interval": string(pattern=r"^[0-9]+[smh]$"),
                                            "labels": LABEL_MAP}),
+                        "dashboard": obj({"enabled": BOOL, "labels": LABEL_MAP}),
                     }
                 ),
                 "tests": obj({"image": string()}),

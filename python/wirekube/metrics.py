@@ -57,25 +57,26 @@ class _AgentCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         snap = self._metrics.snapshot
         peers = sorted(snap.peers.items())
-        connected = GaugeMetricFamily("wirekube_peer_connected", "1 when the peer had a recent handshake", labels=["peer"])
+        connected = GaugeMetricFamily("wirekube_peer_connected", "1 when the peer had a recent handshake", labels=["node", "peer"])
         mode = GaugeMetricFamily("wirekube_peer_transport_mode", "1 for the transport in use toward the peer",
-                                 labels=["peer", "mode"])
+                                 labels=["node", "peer", "mode"])
         handshake = GaugeMetricFamily("wirekube_peer_last_handshake_seconds", "Unix time of the last handshake",
-                                      labels=["peer"])
+                                      labels=["node", "peer"])
         sent = CounterMetricFamily("wirekube_peer_bytes_sent", "Bytes sent to the peer (WireGuard counter)",
-                                   labels=["peer"])
-        received = CounterMetricFamily("wirekube_peer_bytes_received", "Bytes received from the peer", labels=["peer"])
+                                   labels=["node", "peer"])
+        received = CounterMetricFamily("wirekube_peer_bytes_received", "Bytes received from the peer", labels=["node", "peer"])
         latency = GaugeMetricFamily("wirekube_peer_latency_seconds", "Last measured round trip to the peer",
-                                    labels=["peer"])
+                                    labels=["node", "peer"])
+        node = snap.node
         for name, p in peers:
-            connected.add_metric([name], 1.0 if p.connected else 0.0)
+            connected.add_metric([node, name], 1.0 if p.connected else 0.0)
             for m in ("direct", "relay"):
-                mode.add_metric([name, m], 1.0 if p.transport == m else 0.0)
-            handshake.add_metric([name], p.last_handshake)
-            sent.add_metric([name], float(p.tx_bytes))
-            received.add_metric([name], float(p.rx_bytes))
+                mode.add_metric([node, name, m], 1.0 if p.transport == m else 0.0)
+            handshake.add_metric([node, name], p.last_handshake)
+            sent.add_metric([node, name], float(p.tx_bytes))
+            received.add_metric([node, name], float(p.rx_bytes))
             if p.latency_seconds is not None:
-                latency.add_metric([name], p.latency_seconds)
+                latency.add_metric([node, name], p.latency_seconds)
         nat = GaugeMetricFamily("wirekube_node_nat_type", "1 for this node's NAT type", labels=["node", "type"])
         for t in NAT_TYPES:
             nat.add_metric([snap.node, t or "unknown"], 1.0 if snap.nat_type == t else 0.0)
@@ -85,7 +86,7 @@ class _AgentCollector(Collector):
         relayed.add_metric([], float(sum(p.transport == "relay" for _, p in peers)))
         direct = GaugeMetricFamily("wirekube_direct_peers_total", "Peers reached directly")
         direct.add_metric([], float(sum(p.transport == "direct" for _, p in peers)))
-        relays = GaugeMetricFamily("wirekube_relay_connections", "Warm, authenticated relay connections")
+        relays = GaugeMetricFamily("wirekube_agent_relay_connections", "Warm, authenticated relay connections")
         relays.add_metric([], float(snap.relay_connections))
         engine = GaugeMetricFamily("wirekube_engine_info", "WireGuard engine in use", labels=["engine"])
         if snap.engine:
@@ -108,11 +109,11 @@ class AgentMetrics:
             buckets=(0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0), registry=self.registry)
         self.recoveries = Counter("wirekube_direct_recoveries", "Relayed peers moved back to direct", ["peer"],
                                   registry=self.registry)
-        self.relay_reconnects = Counter("wirekube_relay_reconnects", "Relay connections re-established",
+        self.relay_reconnects = Counter("wirekube_agent_relay_reconnects", "Relay connections re-established",
                                         registry=self.registry)
-        self.eperm = Counter("wirekube_relay_proxy_eperm", "EPERM on the relay proxy's loopback socket",
+        self.eperm = Counter("wirekube_agent_relay_proxy_eperm", "EPERM on the relay proxy's loopback socket",
                              registry=self.registry)
-        self.eperm_recoveries = Counter("wirekube_relay_proxy_eperm_recoveries", "Proxy sockets recreated after EPERM",
+        self.eperm_recoveries = Counter("wirekube_agent_relay_proxy_eperm_recoveries", "Proxy sockets recreated after EPERM",
                                         registry=self.registry)
         self.reconcile_ops = Counter("wirekube_reconcile_operations", "Dataplane operations applied", ["kind"],
                                      registry=self.registry)

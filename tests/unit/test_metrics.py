@@ -30,16 +30,16 @@ def test_snapshot_metrics_and_health_endpoints() -> None:
         status, text = scrape(port)
         assert status == 200
         for line in (
-            'wirekube_peer_connected{peer="b"} 1.0',
-            'wirekube_peer_connected{peer="c"} 0.0',
-            'wirekube_peer_transport_mode{mode="relay",peer="c"} 1.0',
-            'wirekube_peer_bytes_received_total{peer="b"} 1000.0',
-            'wirekube_peer_last_handshake_seconds{peer="b"} 1.7e+09',
+            'wirekube_peer_connected{node="node-a",peer="b"} 1.0',
+            'wirekube_peer_connected{node="node-a",peer="c"} 0.0',
+            'wirekube_peer_transport_mode{mode="relay",node="node-a",peer="c"} 1.0',
+            'wirekube_peer_bytes_received_total{node="node-a",peer="b"} 1000.0',
+            'wirekube_peer_last_handshake_seconds{node="node-a",peer="b"} 1.7e+09',
             'wirekube_node_nat_type{node="node-a",type="symmetric"} 1.0',
             "wirekube_relayed_peers_total 1.0",
             "wirekube_direct_peers_total 1.0",
             'wirekube_failovers_total{peer="b"} 1.0',
-            "wirekube_relay_connections 2.0",
+            "wirekube_agent_relay_connections 2.0",
         ):
             assert line in text, line
         # A peer that is gone vanishes from the next scrape.
