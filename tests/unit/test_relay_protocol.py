@@ -30,7 +30,7 @@ from wirekube.relay.protocol import (
     nat_probe_datagram,
     parse_nat_probe,
     parse_nat_probe_datagram,
-    rewrite_source,
+    frame_bounds,
     run_datagrams,
     truncate_run,
 )
@@ -113,8 +113,10 @@ def test_runs_carry_the_same_frames_as_single_frames(fs: list[Frame], cuts: list
     assert expand(items) == fs
     for item in items:
         if isinstance(item, DataRun):
-            # every frame of a run carries the run's key
-            assert all(item.frames[o + HEADER_LEN : o + HEADER_LEN + KEY_LEN] == item.key for o in item.offsets)
+            # every frame of a run carries the run's key, and the count is right
+            bounds = frame_bounds(item.frames)
+            assert len(bounds) == item.count
+            assert all(item.frames[a + HEADER_LEN : a + HEADER_LEN + KEY_LEN] == item.key for a, _ in bounds)
 
 
 def test_consecutive_data_for_one_key_is_one_run() -> None:
@@ -129,16 +131,71 @@ def test_consecutive_data_for_one_key_is_one_run() -> None:
     ]
 
 
-def test_rewrite_source_swaps_the_key_and_keeps_length() -> None:
-    dest, src = b"d" * KEY_LEN, b"s" * KEY_LEN
+def test_rewrite_swaps_the_key_and_keeps_length() -> None:
+    dest, other, src = b"d" * KEY_LEN, b"o" * KEY_LEN, b"s" * KEY_LEN
     decoder = FrameDecoder()
-    inbound = encode_data(dest, b"x" * 10) + encode_data(dest, b"y" * 3)
+    inbound = encode_data(dest, b"x" * 10) + encode_data(dest, b"y" * 3) + encode_data(other, b"z")
     decoder.feed(inbound)
+    run = decoder.next_run(rewrite=src)
+    assert isinstance(run, DataRun)
+    assert run.key == dest and run.count == 2
+    assert bytes(run.frames) == encode_data(src, b"x" * 10) + encode_data(src, b"y" * 3)
+    nxt = decoder.next_run(rewrite=src)
+    assert isinstance(nxt, DataRun) and nxt.key == other and bytes(nxt.frames) == encode_data(src, b"z")
+
+
+@given(st.lists(frames(), max_size=30), st.lists(st.integers(min_value=0), max_size=10))
+def test_rewritten_runs_equal_the_input_with_the_key_replaced(fs: list[Frame], cuts: list[int]) -> None:
+    """Whatever the mix of sizes, keys and control frames, and wherever the stream is split."""
+    src = b"S" * KEY_LEN
+    expected = [Frame(f.type, src + f.body[KEY_LEN:]) if f.type == FrameType.DATA else f for f in fs]
+    decoder = FrameDecoder(chunk_size=1024, min_free=64)  # small chunks: frames straddle them
+    got: list[Frame] = []
+    for piece in split(wire(fs), cuts):
+        decoder.feed(piece)
+        while (item := decoder.next_run(rewrite=src)) is not NEED_DATA:
+            if isinstance(item, DataRun):
+                frames = bytes(item.frames)
+                got.extend(Frame(FrameType.DATA, frames[a + HEADER_LEN : b]) for a, b in frame_bounds(frames))
+            else:
+                got.append(item)  # type: ignore[arg-type]
+    assert got == expected
+
+
+def test_views_stay_valid_after_more_data_arrives() -> None:
+    """A run is a view of the buffer; later reads must never overwrite it."""
+    key = b"k" * KEY_LEN
+    decoder = FrameDecoder(chunk_size=256, min_free=64)
+    decoder.feed(encode_data(key, b"first" * 10))
     run = decoder.next_run()
     assert isinstance(run, DataRun)
-    out = rewrite_source(run, src)
-    assert bytes(out) == encode_data(src, b"x" * 10) + encode_data(src, b"y" * 3)
-    assert len(out) == len(inbound)
+    kept = bytes(run.frames)
+    for i in range(50):  # many new chunks, partial frames carried over
+        decoder.feed(encode_data(key, bytes([i]) * 100)[:70])
+        decoder.feed(encode_data(key, bytes([i]) * 100)[70:])
+        assert decoder.next_run() is not NEED_DATA
+    assert bytes(run.frames) == kept
+
+
+def test_reading_straight_into_the_buffer() -> None:
+    key = b"k" * KEY_LEN
+    wire_bytes = encode_data(key, b"a" * 500) + encode_data(key, b"b" * 500)
+    decoder = FrameDecoder(chunk_size=600, min_free=100)
+    got: list[bytes] = []
+    pos = 0
+    while pos < len(wire_bytes):
+        view = decoder.get_buffer()
+        assert len(view) >= 100
+        n = min(len(view), 333, len(wire_bytes) - pos)
+        view[:n] = wire_bytes[pos : pos + n]
+        decoder.buffer_updated(n)
+        pos += n
+        while (item := decoder.next_run()) is not NEED_DATA:
+            assert isinstance(item, DataRun)
+            got.extend(run_datagrams(item))
+    assert got == [b"a" * 500, b"b" * 500]
+    with pytest.raises(LocalProtocolError):
+        decoder.buffer_updated(10**9)
 
 
 @given(st.lists(st.binary(min_size=1, max_size=50), min_size=1, max_size=10), st.integers(0, 800))
@@ -151,11 +208,12 @@ def test_truncate_run_keeps_whole_frames_within_the_limit(datagrams: list[bytes]
     kept, cut = truncate_run(run, limit)
     assert len(kept.frames) <= max(limit, 0) or cut == 0
     assert run_datagrams(kept) == datagrams[: len(datagrams) - cut]
+    assert kept.count + cut == run.count == len(datagrams)
     # it kept as many frames as fit
     sizes = [HEADER_LEN + KEY_LEN + len(d) for d in datagrams]
-    assert sum(sizes[: len(kept.offsets)]) <= limit or cut == 0
+    assert sum(sizes[: kept.count]) <= limit or cut == 0
     if cut:
-        assert sum(sizes[: len(kept.offsets) + 1]) > limit
+        assert sum(sizes[: kept.count + 1]) > limit
 
 
 def test_largest_frame_is_accepted() -> None:

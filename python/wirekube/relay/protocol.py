@@ -24,8 +24,12 @@ tried to put something invalid on the wire).
 
 A relay forwards Data frames in their wire form: the outbound frame is the inbound frame with the
 destination key replaced by the source key, so it has the same length.  :meth:`FrameDecoder.next_run`
-hands the relay a :class:`DataRun`, all the consecutive Data frames for one destination that are
-already buffered, so the per-frame work stays a header read and a key comparison.
+hands out a :class:`DataRun`, all the consecutive Data frames for one key that are already
+buffered, as a view of the receive buffer (no copy), optionally with the key already rewritten.
+Per frame that costs one ``startswith`` (header and key compared at once) and, when rewriting, one
+slice assignment.  The receive buffer is a series of fixed-size chunks that are never resized or
+reused, so a view stays valid for as long as it is held, and a socket can read straight into
+the decoder (:meth:`FrameDecoder.get_buffer` / :meth:`FrameDecoder.buffer_updated`).
 
 Nothing here does I/O or reads the clock.
 """
@@ -50,6 +54,8 @@ CHALLENGE_BODY_LEN: Final = KEY_LEN + NONCE_LEN
 MIN_DATA_BODY_LEN: Final = KEY_LEN + 1  # a Data frame carries a non-empty datagram
 
 _HEADER = struct.Struct(">IB")
+_LENGTH = struct.Struct(">I")
+_KEY = struct.Struct("32s")
 _NAT_PROBE = struct.Struct(">4sH")
 
 
@@ -123,15 +129,15 @@ class Frame(NamedTuple):
 class DataRun(NamedTuple):
     """Consecutive Data frames carrying the same key, in wire form.
 
-    ``key`` is the destination on the way to the relay and the source on the way back.
-    ``frames`` is a private copy of the frames' bytes; ``offsets`` holds where each frame starts
-    in it.  The relay turns the run into its outbound form with :func:`rewrite_source`; a client
-    takes the datagrams out with :func:`run_datagrams`.
+    ``key`` is the key the frames carried when they arrived (the destination, on the way to the
+    relay).  ``frames`` is a read-write view of the decoder's buffer holding ``count`` whole
+    frames; it stays valid however long it is kept.  A client takes the datagrams out with
+    :func:`run_datagrams`.
     """
 
     key: bytes
-    frames: bytearray
-    offsets: list[int]
+    frames: memoryview
+    count: int
 
 
 # -- encoding ---------------------------------------------------------------------------------
@@ -216,23 +222,23 @@ def parse_error(body: bytes) -> str:
     return body.decode("utf-8", "replace")
 
 
-def rewrite_source(run: DataRun, source: bytes) -> bytearray:
-    """Turn a run of inbound Data frames into outbound ones: the key becomes ``source``.
-
-    Rewrites ``run.frames`` in place (the run owns its copy) and returns it.
-    """
-    frames = run.frames
-    for start in run.offsets:
-        frames[start + HEADER_LEN : start + HEADER_LEN + KEY_LEN] = source
-    return frames
+def frame_bounds(frames: memoryview | bytes | bytearray) -> list[tuple[int, int]]:
+    """(start, end) of each whole frame in ``frames`` (which must hold whole frames only)."""
+    bounds = []
+    start, size = 0, len(frames)
+    while start < size:
+        (length,) = _LENGTH.unpack_from(frames, start)
+        end = start + LENGTH_PREFIX_LEN + length
+        bounds.append((start, end))
+        start = end
+    return bounds
 
 
 def run_datagrams(run: DataRun) -> list[bytes]:
-    """The datagrams carried by a run, in order."""
-    frames, offsets = run.frames, run.offsets
-    bounds = offsets[1:] + [len(frames)]
+    """The datagrams carried by a run, in order (copies)."""
     skip = HEADER_LEN + KEY_LEN
-    return [bytes(frames[start + skip : end]) for start, end in zip(offsets, bounds)]
+    frames = run.frames
+    return [bytes(frames[start + skip : end]) for start, end in frame_bounds(frames)]
 
 
 def truncate_run(run: DataRun, limit: int) -> tuple[DataRun, int]:
@@ -240,22 +246,19 @@ def truncate_run(run: DataRun, limit: int) -> tuple[DataRun, int]:
 
     Returns the shortened run and how many frames were cut off.
     """
-    frames, offsets = run.frames, run.offsets
+    frames = run.frames
     if len(frames) <= limit:
         return run, 0
     kept = 0
-    for start in offsets:
-        if _frame_end(frames, start) > limit:
+    end = 0
+    while end < len(frames):
+        (length,) = _LENGTH.unpack_from(frames, end)
+        nxt = end + LENGTH_PREFIX_LEN + length
+        if nxt > limit:
             break
         kept += 1
-    # The last frame ends at len(frames) > limit, so at least one frame is cut.
-    end = offsets[kept]
-    return DataRun(run.key, frames[:end], offsets[:kept]), len(offsets) - kept
-
-
-def _frame_end(frames: bytearray, start: int) -> int:
-    (length,) = struct.unpack_from(">I", frames, start)
-    return start + LENGTH_PREFIX_LEN + int(length)
+        end = nxt
+    return DataRun(run.key, frames[:end], kept), run.count - kept
 
 
 def _check_body_len(
@@ -280,95 +283,151 @@ def _check_body_len(
 class FrameDecoder:
     """Splits a byte stream into frames.
 
-    ``feed()`` bytes as they arrive, then call :meth:`next_frame` (or :meth:`next_run`) until it
-    returns :data:`NEED_DATA`.  A :class:`RemoteProtocolError` is final: the decoder refuses to go
-    on afterwards, as the stream position is lost.
+    Give it bytes with :meth:`feed` (a copy), or let a socket read straight into
+    :meth:`get_buffer` and then call :meth:`buffer_updated`.  Then call :meth:`next_frame` (or
+    :meth:`next_run`) until it returns :data:`NEED_DATA`.  A :class:`RemoteProtocolError` is final:
+    the decoder refuses to go on afterwards, as the stream position is lost.
+
+    Memory: the decoder holds one chunk of ``chunk_size`` bytes (larger only to fit one frame that
+    straddles chunks, at most :data:`MAX_FRAME_LENGTH` + 4); a new chunk starts when the current
+    one has less than ``min_free`` bytes left, taking over the unfinished frame.  Old chunks live
+    on only while someone holds a view of them.
     """
 
-    __slots__ = ("_buf", "_off", "_broken")
+    __slots__ = ("_buf", "_view", "_off", "_end", "_broken", "_chunk_size", "_min_free")
 
-    def __init__(self) -> None:
+    def __init__(self, chunk_size: int = 256 * 1024, min_free: int = 64 * 1024) -> None:
+        self._chunk_size = max(chunk_size, min_free)
+        self._min_free = min_free
         self._buf = bytearray()
-        self._off = 0
+        self._view = memoryview(self._buf)
+        self._off = 0  # first byte not yet returned
+        self._end = 0  # end of the bytes received
         self._broken: RemoteProtocolError | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as frames."""
-        return len(self._buf) - self._off
+        return self._end - self._off
+
+    def get_buffer(self, min_free: int = 0) -> memoryview:
+        """A writable view of free buffer space (at least ``min_free``, and at least the decoder's
+        own ``min_free``) for the next bytes received; report them with :meth:`buffer_updated`."""
+        want = max(min_free, self._min_free)
+        if len(self._buf) - self._end < want:
+            self._new_chunk(want)
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the view :meth:`get_buffer` returned."""
+        if not 0 <= nbytes <= len(self._buf) - self._end:
+            raise LocalProtocolError("bad_length", f"buffer_updated({nbytes}) beyond the free space")
+        self._end += nbytes
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        buf = self._buf
-        if self._off:
-            del buf[: self._off]  # cheap: CPython advances the bytearray's start
-            self._off = 0
-        buf += data
+        """Append a copy of ``data``."""
+        size = len(data)
+        if size:
+            self.get_buffer(size)[:size] = data
+            self._end += size
+
+    def clear(self) -> None:
+        """Forget every buffered byte (a closing connection discards what still arrives)."""
+        self._off = self._end
+
+    def _new_chunk(self, want: int) -> None:
+        pending = self._end - self._off
+        chunk = bytearray(max(self._chunk_size, pending + want))
+        chunk[:pending] = self._view[self._off : self._end]
+        self._buf = chunk
+        self._view = memoryview(chunk)
+        self._off, self._end = 0, pending
 
     def next_frame(self) -> Frame | NeedData:
-        """The next complete frame, one at a time, whatever its type."""
+        """The next complete frame, one at a time, whatever its type (the body is a copy)."""
         header = self._peek_header()
         if header is NEED_DATA:
             return NEED_DATA
         length, ftype = header  # type: ignore[misc]
         start = self._off + HEADER_LEN
         end = self._off + LENGTH_PREFIX_LEN + length
-        if end > len(self._buf):
+        if end > self._end:
             return NEED_DATA
         self._off = end
-        return Frame(ftype, bytes(self._buf[start:end]))
+        return Frame(ftype, bytes(self._view[start:end]))
 
-    def next_run(self) -> Frame | DataRun | NeedData:
-        """Like :meth:`next_frame`, but consecutive Data frames for one destination come as one
-        :class:`DataRun`."""
+    def next_run(self, rewrite: bytes | None = None) -> Frame | DataRun | NeedData:
+        """Like :meth:`next_frame`, but consecutive Data frames with one key come as one
+        :class:`DataRun`, a view of the buffer.  With ``rewrite``, every frame of the run has its
+        key replaced by ``rewrite`` (in the buffer: the bytes are consumed anyway); the run's
+        ``key`` is still the key that arrived."""
         header = self._peek_header()
         if header is NEED_DATA:
             return NEED_DATA
         length, ftype = header  # type: ignore[misc]
-        buf, first = self._buf, self._off
+        first = self._off
         end = first + LENGTH_PREFIX_LEN + length
-        if end > len(buf):
+        if end > self._end:
             return NEED_DATA
         if ftype != _DATA:
             self._off = end
-            return Frame(ftype, bytes(buf[first + HEADER_LEN : end]))
-        key_at = first + HEADER_LEN
-        destination = bytes(buf[key_at : key_at + KEY_LEN])
-        offsets = [0]
-        off = end
-        off = self._extend_run(destination, off, first, offsets)
+            return Frame(ftype, bytes(self._view[first + HEADER_LEN : end]))
+        key = bytes(self._view[first + HEADER_LEN : first + HEADER_LEN + KEY_LEN])
+        off, count = self._scan_run(first, key, rewrite)
         self._off = off
-        return DataRun(destination, buf[first:off], offsets)
+        return DataRun(key, self._view[first:off], count)
 
-    def _extend_run(self, destination: bytes, off: int, first: int, offsets: list[int]) -> int:
-        """Walk the following frames while they are complete, valid Data for ``destination``.
+    def _scan_run(self, first: int, key: bytes, rewrite: bytes | None) -> tuple[int, int]:
+        """Walk complete, valid Data frames carrying ``key`` from ``first`` (itself one, already
+        checked); return where the run ends and how many frames it holds.
 
-        Anything else (another type, a bad length, a partial frame) ends the run; the next call
-        to :meth:`next_run` deals with it.  This loop is the relay's per-frame cost.
+        Anything else (another type or key, a bad length, a partial frame) ends the run; the next
+        call deals with it.  The inner loop is the relay's per-frame cost: frames of the same
+        length and key share their first 37 bytes, so one ``startswith`` checks length, type and
+        key together.
         """
-        buf = self._buf
-        size = len(buf)
-        unpack_from = _HEADER.unpack_from
+        buf, view, limit = self._buf, self._view, self._end
         startswith = buf.startswith
-        while off + HEADER_LEN + KEY_LEN <= size:
+        unpack_from = _HEADER.unpack_from
+        put_key = _KEY.pack_into
+        key_at = HEADER_LEN
+        key_end = HEADER_LEN + KEY_LEN
+        off, count = first, 0
+        while True:
+            # a frame of a new length (or the first): full header check
+            if off + key_end > limit:
+                break
             length, ftype = unpack_from(buf, off)
-            nxt = off + LENGTH_PREFIX_LEN + length
+            size = LENGTH_PREFIX_LEN + length
             if (
                 ftype != _DATA
-                or nxt > size
                 or length > MAX_FRAME_LENGTH
                 or length <= MIN_DATA_BODY_LEN
-                or not startswith(destination, off + HEADER_LEN)
+                or off + size > limit
+                or not startswith(key, off + key_at)
             ):
                 break
-            offsets.append(off - first)
-            off = nxt
-        return off
+            prefix = bytes(view[off : off + key_end])
+            # then every following frame of the same length and key: one comparison each
+            start, last = off, limit - size
+            if rewrite is None:
+                off += size
+                while off <= last and startswith(prefix, off):
+                    off += size
+            else:
+                put_key(view, off + key_at, rewrite)
+                off += size
+                while off <= last and startswith(prefix, off):
+                    put_key(view, off + key_at, rewrite)
+                    off += size
+            count += (off - start) // size
+        return off, count
 
     def _peek_header(self) -> tuple[int, int] | NeedData:
         if self._broken is not None:
             raise self._broken
         off = self._off
-        if len(self._buf) - off < HEADER_LEN:
+        if self._end - off < HEADER_LEN:
             return NEED_DATA
         length, ftype = _HEADER.unpack_from(self._buf, off)
         try:
@@ -386,9 +445,22 @@ def _check_header(length: int, ftype: int) -> None:
         raise RemoteProtocolError(
             "oversized", f"frame length {length} exceeds {MAX_FRAME_LENGTH}"
         )
-    if ftype not in _KNOWN_TYPES:
+    limits = _BODY_LIMITS.get(ftype)
+    if limits is None:
         raise RemoteProtocolError("unknown_type", f"unknown frame type 0x{ftype:02x}")
-    _check_body_len(FrameType(ftype), length - 1, RemoteProtocolError)
+    if not limits[0] <= length - 1 <= limits[1]:
+        _check_body_len(FrameType(ftype), length - 1, RemoteProtocolError)  # raises, with detail
+
+
+def _body_limits(ftype: FrameType) -> tuple[int, int]:
+    fixed = FIXED_BODY_LEN.get(ftype)
+    if fixed is not None:
+        return fixed, fixed
+    return (MIN_DATA_BODY_LEN if ftype is FrameType.DATA else 0), MAX_BODY_LEN
+
+
+# (shortest, longest) body per type, by the type's integer value: the per-frame check is a lookup.
+_BODY_LIMITS: Final[dict[int, tuple[int, int]]] = {int(t): _body_limits(t) for t in FrameType}
 
 
 # -- the UDP datagrams a NATProbe asks for ----------------------------------------------------

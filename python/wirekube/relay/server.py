@@ -4,12 +4,14 @@ Per connection: AWAIT_REGISTER -> (Register; Challenge sent) AWAIT_AUTH -> (vali
 Registered sent) REGISTERED -> CLOSED.  Only a REGISTERED connection is in the routing table, so
 only a client that proved it holds a key can receive Data addressed to that key.
 
-Forwarding is done where the bytes arrive: ``data_received`` asks the decoder for runs of Data
-frames, rewrites each run's key in place and queues it on the destination; at the end of the call
-every destination touched gets one ``writelines``.  Each destination has a byte budget
-(``queue_limit_bytes`` minus what its transport already holds): frames beyond it are dropped and
-counted, so a reader that stalls loses its own packets and costs the relay no more than the
-limit.  Counters are plain integers read by the metrics collector at scrape time.
+Forwarding is done where the bytes arrive: the socket reads straight into the connection's frame
+decoder (``BufferedProtocol``), which hands back runs of Data frames for one destination with the
+key already rewritten in place; at the end of the read every destination touched gets one
+``writelines``, of views of the receive buffer when its queue is empty (no copy at all).  Each
+destination has a byte budget (``queue_limit_bytes`` minus what its transport already holds):
+frames beyond it are dropped and counted, so a reader that stalls loses its own packets and costs
+the relay no more than the limit (plus, at most, one receive chunk held by a partly written
+view).  Counters are plain integers read by the metrics collector at scrape time.
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ from wirekube.relay.protocol import (
     encode_registered,
     nat_probe_datagram,
     parse_nat_probe,
-    rewrite_source,
     truncate_run,
 )
 from wirekube.relay.stun import StunResponder
@@ -111,8 +112,8 @@ class ConnState(enum.Enum):
     CLOSED = "closed"
 
 
-class RelayConnection(asyncio.Protocol):
-    """One client connection."""
+class RelayConnection(asyncio.BufferedProtocol):
+    """One client connection.  The socket reads straight into the frame decoder's buffer."""
 
     def __init__(self, relay: RelayServer) -> None:
         self._relay = relay
@@ -129,9 +130,11 @@ class RelayConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._lost = False
         self._nat_bucket = TokenBucket(self._settings.nat_probe_rate, self._settings.nat_probe_burst)
-        # As a destination: runs waiting for this call's writelines, and the bytes still allowed.
-        self._pending: list[bytearray] = []
+        # As a destination: runs waiting for this call's writelines, the bytes still allowed, and
+        # whether the transport's queue was empty (then views can be written without a copy).
+        self._pending: list[memoryview | bytes] = []
         self._budget = 0
+        self._zero_copy = False
         self._log = _log
 
     # -- asyncio callbacks ------------------------------------------------------------------
@@ -148,11 +151,15 @@ class RelayConnection(asyncio.Protocol):
             return
         self._timer = self._loop.call_later(self._settings.handshake_timeout, self._handshake_expired)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._decoder.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._decoder.buffer_updated(nbytes)
         if self.state is ConnState.CLOSED:
+            self._decoder.clear()  # closing: what still arrives is read and dropped
             return
         self.last_rx = self._loop.time()
-        self._decoder.feed(data)
         try:
             if self.state is not ConnState.REGISTERED:
                 self._handshake_frames()
@@ -232,18 +239,20 @@ class RelayConnection(asyncio.Protocol):
         touched: list[RelayConnection] = []
         try:
             while True:
-                item = decoder.next_run()
+                item = decoder.next_run(source)
                 if item is NEED_DATA:
                     break
                 if type(item) is DataRun:
                     dest = routes.get(item.key)
                     if dest is None:
-                        stats.drop("unknown_destination", len(item.offsets), len(item.frames))
+                        stats.drop("unknown_destination", item.count, len(item.frames))
                         continue
                     if not dest._pending:
                         touched.append(dest)
-                        dest._budget = limit - dest._queued_bytes()
-                    dest._accept(item, source)  # type: ignore[arg-type]
+                        queued = dest._queued_bytes()
+                        dest._budget = limit - queued
+                        dest._zero_copy = queued == 0
+                    dest._accept(item)  # type: ignore[arg-type]
                 else:
                     self._control(item)  # type: ignore[arg-type]
                     if self.state is not ConnState.REGISTERED:
@@ -252,18 +261,24 @@ class RelayConnection(asyncio.Protocol):
             for dest in touched:
                 dest._flush()
 
-    def _accept(self, run: DataRun, source: bytes) -> None:
-        """Take a run addressed to this connection, within its byte budget."""
-        if len(run.frames) > self._budget:
-            offered = len(run.frames)
-            run, cut = truncate_run(run, max(self._budget, 0))
-            self._stats.drop("queue_full", cut, offered - len(run.frames))
-            if not run.offsets:
-                return
+    def _accept(self, run: DataRun) -> None:
+        """Take a run (already carrying the source key) addressed to this connection, within its
+        byte budget.
+
+        A view of the sender's receive buffer goes to the transport as is when this transport's
+        queue was empty: it is then usually written at once, and at worst one partly written view
+        holds one chunk of the sender's buffer.  Otherwise the run is copied, so queued data never
+        pins more memory than the bytes counted against the budget."""
         size = len(run.frames)
+        if size > self._budget:
+            run, cut = truncate_run(run, max(self._budget, 0))
+            self._stats.drop("queue_full", cut, size - len(run.frames))
+            size = len(run.frames)
+            if not size:
+                return
         self._budget -= size
-        self._pending.append(rewrite_source(run, source))
-        self._stats.frames_forwarded += len(run.offsets)
+        self._pending.append(run.frames if self._zero_copy else bytes(run.frames))
+        self._stats.frames_forwarded += run.count
         self._stats.bytes_forwarded += size
 
     def _flush(self) -> None:
