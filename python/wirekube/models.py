@@ -454,6 +454,10 @@ class PeerStatus:
     peer_transports: Mapping[str, Transport] = field(default_factory=dict)
     endpoint_discovery_method: str = ""
     last_handshake: str = ""
+    nat_port_step: int = 0
+    relay_reasons: Mapping[str, str] = field(default_factory=dict)
+    host_endpoints: tuple[str, ...] = ()
+    udp_blocked: bool = False
 
 
 @dataclass(frozen=True)
@@ -528,6 +532,16 @@ def _peer_status(c: _Ctx, status: Mapping[str, Any]) -> PeerStatus:
             status.get("endpointDiscoveryMethod"), "status.endpointDiscoveryMethod"
         ),
         last_handshake=c.string(status.get("lastHandshake"), "status.lastHandshake"),
+        nat_port_step=c.integer(status.get("natPortStep"), "status.natPortStep", 0, -65535, 65535),
+        relay_reasons={
+            str(k): c.string(v, f"status.relayReasons.{k}")
+            for k, v in c.mapping(status.get("relayReasons"), "status.relayReasons").items()
+        },
+        host_endpoints=tuple(
+            str(c.endpoint(x, f"status.hostEndpoints[{i}]"))
+            for i, x in enumerate(c.list(status.get("hostEndpoints"), "status.hostEndpoints"))
+        ),
+        udp_blocked=c.boolean(status.get("udpBlocked"), "status.udpBlocked", False),
     )
 
 
@@ -571,6 +585,10 @@ def peer_status_to_cr(status: PeerStatus) -> dict[str, Any]:
         out["endpointDiscoveryMethod"] = status.endpoint_discovery_method
     if status.last_handshake:
         out["lastHandshake"] = status.last_handshake
+    out["natPortStep"] = status.nat_port_step
+    out["relayReasons"] = dict(sorted(status.relay_reasons.items()))
+    out["hostEndpoints"] = list(status.host_endpoints)
+    out["udpBlocked"] = status.udp_blocked
     return out
 
 
@@ -619,12 +637,37 @@ class GatewaySpec:
 
 
 @dataclass(frozen=True)
+class HealthReport:
+    """One gateway peer's health check result, written by that peer's own agent after each check
+    (``status.peerHealthDetail.<peer>``)."""
+
+    last_check: str = ""
+    consecutive_failures: int = 0
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class ForwardingAck:
+    """A gateway peer's agent confirming forwarding and SNAT are in place for ``routes``
+    (``status.forwarding.<peer>``)."""
+
+    ready: bool = False
+    routes: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True)
 class GatewayStatus:
     active_peer: str = ""
     ready: bool = False
     routes_injected: int = 0
     peer_health: Mapping[str, str] = field(default_factory=dict)
     last_health_check: str = ""
+    pending_peer: str = ""
+    routes: tuple[IPNetwork, ...] = ()
+    clients: tuple[str, ...] = ()
+    peer_health_detail: Mapping[str, HealthReport] = field(default_factory=dict)
+    forwarding: Mapping[str, ForwardingAck] = field(default_factory=dict)
+    observed_generation: int = 0
 
 
 @dataclass(frozen=True)
@@ -669,7 +712,6 @@ def gateway_from_cr(obj: Mapping[str, Any]) -> Gateway:
         raise c.fail("spec.healthCheck.target", "required when spec.healthCheck.enabled is true")
     if health.timeout_seconds > health.interval_seconds:
         raise c.fail("spec.healthCheck.timeoutSeconds", "must not exceed intervalSeconds")
-    status = c.mapping(obj.get("status"), "status")
     return Gateway(
         name=name,
         spec=GatewaySpec(
@@ -685,17 +727,60 @@ def gateway_from_cr(obj: Mapping[str, Any]) -> Gateway:
             ),
             health_check=health,
         ),
-        status=GatewayStatus(
-            active_peer=c.string(status.get("activePeer"), "status.activePeer"),
-            ready=c.boolean(status.get("ready"), "status.ready", False),
-            routes_injected=c.integer(status.get("routesInjected"), "status.routesInjected", 0, 0, 2**31 - 1),
-            peer_health={
-                str(k): c.string(v, f"status.peerHealth.{k}")
-                for k, v in c.mapping(status.get("peerHealth"), "status.peerHealth").items()
-            },
-            last_health_check=c.string(status.get("lastHealthCheck"), "status.lastHealthCheck"),
-        ),
+        status=_gateway_status(c, c.mapping(obj.get("status"), "status")),
         generation=c.integer(meta.get("generation"), "metadata.generation", 0, 0, 2**63 - 1),
+    )
+
+
+def _gateway_status(c: _Ctx, status: Mapping[str, Any]) -> GatewayStatus:
+    detail = c.mapping(status.get("peerHealthDetail"), "status.peerHealthDetail")
+    forwarding = c.mapping(status.get("forwarding"), "status.forwarding")
+    return GatewayStatus(
+        active_peer=c.string(status.get("activePeer"), "status.activePeer"),
+        ready=c.boolean(status.get("ready"), "status.ready", False),
+        routes_injected=c.integer(status.get("routesInjected"), "status.routesInjected", 0, 0, 2**31 - 1),
+        peer_health={
+            str(k): c.string(v, f"status.peerHealth.{k}")
+            for k, v in c.mapping(status.get("peerHealth"), "status.peerHealth").items()
+        },
+        last_health_check=c.string(status.get("lastHealthCheck"), "status.lastHealthCheck"),
+        pending_peer=c.string(status.get("pendingPeer"), "status.pendingPeer"),
+        routes=tuple(
+            c.cidr(x, f"status.routes[{i}]") for i, x in enumerate(c.list(status.get("routes"), "status.routes"))
+        ),
+        clients=tuple(
+            c.string(x, f"status.clients[{i}]") for i, x in enumerate(c.list(status.get("clients"), "status.clients"))
+        ),
+        peer_health_detail={
+            str(k): _health_report(c, c.mapping(v, f"status.peerHealthDetail.{k}"), f"status.peerHealthDetail.{k}")
+            for k, v in detail.items()
+        },
+        forwarding={
+            str(k): _forwarding_ack(c, c.mapping(v, f"status.forwarding.{k}"), f"status.forwarding.{k}")
+            for k, v in forwarding.items()
+        },
+        observed_generation=c.integer(
+            status.get("observedGeneration"), "status.observedGeneration", 0, 0, 2**63 - 1
+        ),
+    )
+
+
+def _health_report(c: _Ctx, obj: Mapping[str, Any], path: str) -> HealthReport:
+    return HealthReport(
+        last_check=c.string(obj.get("lastCheck"), f"{path}.lastCheck"),
+        consecutive_failures=c.integer(
+            obj.get("consecutiveFailures"), f"{path}.consecutiveFailures", 0, 0, 2**31 - 1
+        ),
+        message=c.string(obj.get("message"), f"{path}.message"),
+    )
+
+
+def _forwarding_ack(c: _Ctx, obj: Mapping[str, Any], path: str) -> ForwardingAck:
+    return ForwardingAck(
+        ready=c.boolean(obj.get("ready"), f"{path}.ready", False),
+        routes=tuple(
+            c.cidr(x, f"{path}.routes[{i}]") for i, x in enumerate(c.list(obj.get("routes"), f"{path}.routes"))
+        ),
     )
 
 
