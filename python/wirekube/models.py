@@ -653,6 +653,8 @@ class ForwardingAck:
 
     ready: bool = False
     routes: tuple[IPNetwork, ...] = ()
+    epoch: int = 0
+    """``status.handoverEpoch`` when the acknowledgement was written."""
 
 
 @dataclass(frozen=True)
@@ -668,6 +670,7 @@ class GatewayStatus:
     peer_health_detail: Mapping[str, HealthReport] = field(default_factory=dict)
     forwarding: Mapping[str, ForwardingAck] = field(default_factory=dict)
     observed_generation: int = 0
+    handover_epoch: int = 0
 
 
 @dataclass(frozen=True)
@@ -762,6 +765,7 @@ def _gateway_status(c: _Ctx, status: Mapping[str, Any]) -> GatewayStatus:
         observed_generation=c.integer(
             status.get("observedGeneration"), "status.observedGeneration", 0, 0, 2**63 - 1
         ),
+        handover_epoch=c.integer(status.get("handoverEpoch"), "status.handoverEpoch", 0, 0, 2**63 - 1),
     )
 
 
@@ -781,6 +785,7 @@ def _forwarding_ack(c: _Ctx, obj: Mapping[str, Any], path: str) -> ForwardingAck
         routes=tuple(
             c.cidr(x, f"{path}.routes[{i}]") for i, x in enumerate(c.list(obj.get("routes"), f"{path}.routes"))
         ),
+        epoch=c.integer(obj.get("epoch"), f"{path}.epoch", 0, 0, 2**63 - 1),
     )
 
 

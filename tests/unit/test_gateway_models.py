@@ -20,14 +20,16 @@ def test_new_status_fields_parse() -> None:
         "clients": ["h1", "h2"],
         "peerHealth": {"a": "healthy"},
         "peerHealthDetail": {"a": {"lastCheck": "2026-01-01T00:00:00.5Z", "consecutiveFailures": 1, "message": "x"}},
-        "forwarding": {"b": {"ready": True, "routes": ["10.100.0.0/16"]}},
+        "forwarding": {"b": {"ready": True, "routes": ["10.100.0.0/16"], "epoch": 3}},
+        "handoverEpoch": 3,
         "observedGeneration": 4,
     })
     s = models.gateway_from_cr(obj).status
     assert (s.active_peer, s.pending_peer, s.clients, s.observed_generation) == ("a", "b", ("h1", "h2"), 4)
     assert s.routes == (ipaddress.ip_network("10.100.0.0/16"),)
     assert s.peer_health_detail["a"] == models.HealthReport("2026-01-01T00:00:00.5Z", 1, "x")
-    assert s.forwarding["b"] == models.ForwardingAck(True, (ipaddress.ip_network("10.100.0.0/16"),))
+    assert s.forwarding["b"] == models.ForwardingAck(True, (ipaddress.ip_network("10.100.0.0/16"),), 3)
+    assert s.handover_epoch == 3
 
 
 def test_old_status_without_new_fields_still_parses() -> None:
