@@ -6,6 +6,7 @@ import asyncio
 import random
 import socket
 import struct
+from typing import cast
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -165,7 +166,7 @@ def test_stalled_reader_loses_its_own_packets_and_stays_within_its_queue_cap() -
             stalled = SpecClient(reader, writer)
             stalled_priv = X25519PrivateKey.generate()
             assert (await stalled.register(stalled_priv))[0] == 0x09  # type: ignore[index]
-            writer.transport.pause_reading()  # stop reading: the relay must cope
+            cast(asyncio.ReadTransport, writer.transport).pause_reading()  # stop reading: the relay must cope
             stalled_key = raw_public(stalled_priv)
             stalled_conn = relay.routes[stalled_key]
 

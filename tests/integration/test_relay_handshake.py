@@ -6,6 +6,7 @@ import asyncio
 import struct
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from tests.integration.test_relay_support import (
     AUTH,
     CHALLENGE,
@@ -23,7 +24,6 @@ from tests.integration.test_relay_support import (
     running_relay,
     wait_until,
 )
-
 from wirekube.relay.authz import PeerAuthorizer
 
 

@@ -145,6 +145,16 @@ async def registered_spec_client(address: tuple[str, int]) -> tuple[SpecClient, 
     return client, raw_public(key)
 
 
+class Collector(asyncio.DatagramProtocol):
+    """Keeps every datagram it receives."""
+
+    def __init__(self, into: list[tuple[bytes, tuple[str, int]]]) -> None:
+        self.into = into
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.into.append((data, addr))
+
+
 def allow_loopback_targets(address: ipaddress.IPv4Address, port: int) -> str | None:
     """Test-only NAT-probe policy: 127.0.0.1 is allowed so the probe can be received here."""
     return None if address == ipaddress.IPv4Address(LOCALHOST) and port else "test_policy"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+from typing import Any
 
 import pytest
 
@@ -51,7 +52,7 @@ def test_token_bucket_ignores_a_clock_going_back() -> None:
     assert not bucket.take(5.0)
 
 
-def peer(name: str, key: bytes | str | None) -> dict[str, object]:
+def peer(name: str, key: bytes | str | None) -> dict[str, Any]:
     spec: dict[str, object] = {}
     if key is not None:
         spec["publicKey"] = base64.b64encode(key).decode() if isinstance(key, bytes) else key
@@ -60,7 +61,9 @@ def peer(name: str, key: bytes | str | None) -> dict[str, object]:
 
 def test_keys_from_peers_takes_valid_keys_only() -> None:
     k1, k2 = b"\x01" * 32, b"\x02" * 32
-    peers = [peer("a", k1), peer("b", k2), peer("c", "garbage"), peer("d", None), peer("e", b"short"), {"spec": None}]
+    peers: list[dict[str, Any]] = [
+        peer("a", k1), peer("b", k2), peer("c", "garbage"), peer("d", None), peer("e", b"short"), {"spec": None}
+    ]
     assert keys_from_peers(peers) == frozenset({k1, k2})
 
 

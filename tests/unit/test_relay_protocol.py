@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import pytest
@@ -22,15 +23,16 @@ from wirekube.relay.protocol import (
     FrameDecoder,
     FrameType,
     LocalProtocolError,
+    NeedData,
     RemoteProtocolError,
     encode_data,
     encode_error,
     encode_frame,
     encode_nat_probe,
+    frame_bounds,
     nat_probe_datagram,
     parse_nat_probe,
     parse_nat_probe_datagram,
-    frame_bounds,
     run_datagrams,
     truncate_run,
 )
@@ -63,9 +65,9 @@ def drain_frames(decoder: FrameDecoder) -> list[Frame]:
 
 
 def drain_runs(decoder: FrameDecoder) -> list[Frame | DataRun]:
-    out = []
-    while (item := decoder.next_run()) is not NEED_DATA:
-        out.append(item)  # type: ignore[arg-type]
+    out: list[Frame | DataRun] = []
+    while not isinstance(item := decoder.next_run(), NeedData):
+        out.append(item)
     return out
 
 
@@ -82,7 +84,7 @@ def expand(items: list[Frame | DataRun]) -> list[Frame]:
 def split(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts})
     bounds = [0, *points, len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 @given(st.lists(frames(), max_size=20))
@@ -115,7 +117,7 @@ def test_runs_carry_the_same_frames_as_single_frames(fs: list[Frame], cuts: list
         if isinstance(item, DataRun):
             # every frame of a run carries the run's key, and the count is right
             bounds = frame_bounds(item.frames)
-            assert len(bounds) == item.count
+            assert len(bounds) == item.frame_count
             assert all(item.frames[a + HEADER_LEN : a + HEADER_LEN + KEY_LEN] == item.key for a, _ in bounds)
 
 
@@ -138,7 +140,7 @@ def test_rewrite_swaps_the_key_and_keeps_length() -> None:
     decoder.feed(inbound)
     run = decoder.next_run(rewrite=src)
     assert isinstance(run, DataRun)
-    assert run.key == dest and run.count == 2
+    assert run.key == dest and run.frame_count == 2
     assert bytes(run.frames) == encode_data(src, b"x" * 10) + encode_data(src, b"y" * 3)
     nxt = decoder.next_run(rewrite=src)
     assert isinstance(nxt, DataRun) and nxt.key == other and bytes(nxt.frames) == encode_data(src, b"z")
@@ -208,12 +210,12 @@ def test_truncate_run_keeps_whole_frames_within_the_limit(datagrams: list[bytes]
     kept, cut = truncate_run(run, limit)
     assert len(kept.frames) <= max(limit, 0) or cut == 0
     assert run_datagrams(kept) == datagrams[: len(datagrams) - cut]
-    assert kept.count + cut == run.count == len(datagrams)
+    assert kept.frame_count + cut == run.frame_count == len(datagrams)
     # it kept as many frames as fit
     sizes = [HEADER_LEN + KEY_LEN + len(d) for d in datagrams]
-    assert sum(sizes[: kept.count]) <= limit or cut == 0
+    assert sum(sizes[: kept.frame_count]) <= limit or cut == 0
     if cut:
-        assert sum(sizes[: kept.count + 1]) > limit
+        assert sum(sizes[: kept.frame_count + 1]) > limit
 
 
 def test_largest_frame_is_accepted() -> None:

@@ -130,14 +130,14 @@ class DataRun(NamedTuple):
     """Consecutive Data frames carrying the same key, in wire form.
 
     ``key`` is the key the frames carried when they arrived (the destination, on the way to the
-    relay).  ``frames`` is a read-write view of the decoder's buffer holding ``count`` whole
+    relay).  ``frames`` is a read-write view of the decoder's buffer holding ``frame_count`` whole
     frames; it stays valid however long it is kept.  A client takes the datagrams out with
     :func:`run_datagrams`.
     """
 
     key: bytes
     frames: memoryview
-    count: int
+    frame_count: int
 
 
 # -- encoding ---------------------------------------------------------------------------------
@@ -258,7 +258,7 @@ def truncate_run(run: DataRun, limit: int) -> tuple[DataRun, int]:
             break
         kept += 1
         end = nxt
-    return DataRun(run.key, frames[:end], kept), run.count - kept
+    return DataRun(run.key, frames[:end], kept), run.frame_count - kept
 
 
 def _check_body_len(

@@ -245,14 +245,14 @@ class RelayConnection(asyncio.BufferedProtocol):
                 if type(item) is DataRun:
                     dest = routes.get(item.key)
                     if dest is None:
-                        stats.drop("unknown_destination", item.count, len(item.frames))
+                        stats.drop("unknown_destination", item.frame_count, len(item.frames))
                         continue
                     if not dest._pending:
                         touched.append(dest)
                         queued = dest._queued_bytes()
                         dest._budget = limit - queued
                         dest._zero_copy = queued == 0
-                    dest._accept(item)  # type: ignore[arg-type]
+                    dest._accept(item)
                 else:
                     self._control(item)  # type: ignore[arg-type]
                     if self.state is not ConnState.REGISTERED:
@@ -278,7 +278,7 @@ class RelayConnection(asyncio.BufferedProtocol):
                 return
         self._budget -= size
         self._pending.append(run.frames if self._zero_copy else bytes(run.frames))
-        self._stats.frames_forwarded += run.count
+        self._stats.frames_forwarded += run.frame_count
         self._stats.bytes_forwarded += size
 
     def _flush(self) -> None:
@@ -406,7 +406,7 @@ class RelayServer:
         self.authorizer = authorizer
         self.routes: dict[bytes, RelayConnection] = {}
         self.connections: set[RelayConnection] = set()
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self._stun: asyncio.DatagramTransport | None = None
         self._alternate: asyncio.DatagramTransport | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -459,10 +459,11 @@ class RelayServer:
         _log.info("relay stopped")
 
     @property
-    def address(self) -> tuple[str, int] | None:
+    def address(self) -> tuple[str, int]:
+        """The TCP address clients connect to (after :meth:`start`)."""
         if self._server is None or not self._server.sockets:
-            return None
-        return _sockaddr(self._server.sockets[0].getsockname())
+            raise RuntimeError("the relay is not listening")
+        return (str(self._server.sockets[0].getsockname()[0]), int(self._server.sockets[0].getsockname()[1]))
 
     @property
     def stun_address(self) -> tuple[str, int] | None:

@@ -50,7 +50,7 @@ def _looks_like_stun(data: bytes) -> bool:
     if len(data) < stun.HEADER_LENGTH or data[0] & 0xC0:
         return False
     length, cookie = struct.unpack_from("!HI", data, 2)
-    return length % 4 == 0 and cookie == MAGIC_COOKIE
+    return bool(length % 4 == 0 and cookie == MAGIC_COOKIE)
 
 
 def _binding_success(request: stun.Message, addr: Address) -> bytes:

@@ -1,0 +1,217 @@
+"""``wirekube-relay``: the relay service.
+
+    wirekube-relay --listen HOST:PORT --stun-listen HOST:PORT --metrics-listen HOST:PORT
+                   [--authorize-peers] [--nat-probe-listen HOST:PORT] [...]
+
+Runs on uvloop until SIGTERM or SIGINT, then tells every client it is shutting down and exits 0.
+With ``--authorize-peers`` only keys found in some WireKubePeer ``spec.publicKey`` may register,
+and a peer's removal disconnects it; the cluster is watched through :mod:`wirekube.k8s`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvloop
+from loguru import logger
+
+from wirekube.relay.authz import PeerAuthorizer, keys_from_peers
+from wirekube.relay.metrics import build_registry, serve_metrics
+from wirekube.relay.server import RelayServer, RelaySettings
+
+DEFAULT_PORT = 3478
+DEFAULT_METRICS_PORT = 9478
+
+
+class StartupError(RuntimeError):
+    """The relay cannot start as configured."""
+
+
+class AdapterMissing(StartupError):
+    """--authorize-peers was asked for but the Kubernetes adapter is not usable."""
+
+
+@dataclass(frozen=True)
+class CliSettings:
+    relay: RelaySettings = field(default_factory=RelaySettings)
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = DEFAULT_METRICS_PORT
+    authorize_peers: bool = False
+    kubeconfig: str | None = None
+    log_format: str = "json"
+    log_level: str = "INFO"
+
+
+def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (all addresses)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        if default_port is None:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
+        host, port = text, str(default_port)
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        number = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: port is not a number") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: port out of range")
+    return host, number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wirekube-relay", description=__doc__.split("\n\n")[0])
+    p.add_argument("--listen", type=parse_hostport, default=("0.0.0.0", DEFAULT_PORT),
+                   help="TCP address for relay clients (default 0.0.0.0:3478)")
+    p.add_argument("--stun-listen", type=parse_hostport, default=None,
+                   help="UDP address of the STUN responder (default: the --listen address)")
+    p.add_argument("--metrics-listen", type=parse_hostport, default=("0.0.0.0", DEFAULT_METRICS_PORT),
+                   help="HTTP address serving /metrics and /healthz (default 0.0.0.0:9478)")
+    p.add_argument("--nat-probe-listen", type=parse_hostport, default=None,
+                   help="UDP address the second NAT probe is sent from (default: STUN host, any port)")
+    p.add_argument("--authorize-peers", action="store_true",
+                   help="accept only keys of WireKubePeer objects; disconnect removed peers")
+    p.add_argument("--kubeconfig", default=None, help="kubeconfig for --authorize-peers (default: in-cluster)")
+    p.add_argument("--handshake-timeout", type=float, default=5.0, help="seconds to complete registration")
+    p.add_argument("--idle-timeout", type=float, default=90.0, help="seconds without keepalive before a drop")
+    p.add_argument("--queue-limit-bytes", type=int, default=512 * 1024,
+                   help="cap on bytes waiting for one client; beyond it its packets are dropped")
+    p.add_argument("--max-connections", type=int, default=10_000)
+    p.add_argument("--log-format", choices=("json", "text"), default="json")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> CliSettings:
+    listen_host, listen_port = args.listen
+    stun_host, stun_port = args.stun_listen or args.listen
+    probe_host, probe_port = args.nat_probe_listen or (stun_host, 0)
+    return CliSettings(
+        relay=RelaySettings(
+            listen_host=listen_host,
+            listen_port=listen_port,
+            stun_host=stun_host,
+            stun_port=stun_port,
+            nat_probe_host=probe_host,
+            nat_probe_port=probe_port,
+            handshake_timeout=args.handshake_timeout,
+            idle_timeout=args.idle_timeout,
+            queue_limit_bytes=args.queue_limit_bytes,
+            max_connections=args.max_connections,
+        ),
+        metrics_host=args.metrics_listen[0],
+        metrics_port=args.metrics_listen[1],
+        authorize_peers=args.authorize_peers,
+        kubeconfig=args.kubeconfig,
+        log_format=args.log_format,
+        log_level=args.log_level.upper(),
+    )
+
+
+def configure_logging(fmt: str, level: str) -> None:
+    logger.remove()
+    logger.add(sys.stderr, level=level, serialize=(fmt == "json"), backtrace=False, diagnose=False)
+
+
+def watch_peers(authorizer: PeerAuthorizer, kubeconfig: str | None) -> Callable[[], None]:
+    """Keep ``authorizer`` equal to the keys of all WireKubePeer objects; returns a stopper.
+
+    The informer runs on its own thread; every change schedules one recomputation of the full
+    key set on the event loop (changes arriving together are folded into one).
+    """
+    try:
+        from wirekube import k8s
+    except ImportError as e:  # the adapter is absent or cannot import its client
+        raise AdapterMissing("--authorize-peers needs the Kubernetes adapter") from e
+    if not (hasattr(k8s, "Informer") and hasattr(k8s, "Kube") and hasattr(k8s, "PEERS")):
+        raise AdapterMissing("--authorize-peers needs the Kubernetes adapter")
+
+    loop = asyncio.get_running_loop()
+    scheduled = False
+    informer: Any = None
+
+    def refresh() -> None:
+        nonlocal scheduled
+        scheduled = False
+        authorizer.replace(keys_from_peers(informer.cache.values()))
+
+    def changed(*_: object) -> None:  # on the informer's thread
+        nonlocal scheduled
+        if not scheduled:
+            scheduled = True
+            loop.call_soon_threadsafe(refresh)
+
+    try:
+        kube = k8s.Kube.auto(kubeconfig)
+    except Exception as e:  # noqa: BLE001 - kubeconfig/in-cluster loading raises many types
+        raise StartupError(f"--authorize-peers: no usable Kubernetes client: {e}") from e
+    informer = k8s.Informer(kube, k8s.PEERS, on_event=changed).start()
+
+    async def first_sync() -> None:
+        await asyncio.to_thread(informer.wait_synced)
+        changed()  # an empty cluster emits no event, but is a valid (empty) set
+
+    sync_task = loop.create_task(first_sync(), name="relay-peer-sync")
+
+    def stop() -> None:
+        sync_task.cancel()
+        informer.stop()
+
+    return stop
+
+
+async def serve(settings: CliSettings) -> None:
+    authorizer = PeerAuthorizer() if settings.authorize_peers else None
+    stop_watch = watch_peers(authorizer, settings.kubeconfig) if authorizer is not None else None
+    relay = RelayServer(settings.relay, authorizer=authorizer)
+    await relay.start()
+    metrics = await serve_metrics(build_registry(relay), settings.metrics_host, settings.metrics_port)
+    metrics_addr = metrics.sockets[0].getsockname()
+    logger.bind(
+        component="relay",
+        tcp=_addr(relay.address),
+        stun=_addr(relay.stun_address),
+        nat_probe=_addr(relay.nat_probe_address),
+        metrics=f"{metrics_addr[0]}:{metrics_addr[1]}",
+        authorize_peers=settings.authorize_peers,
+    ).info("relay ready")
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    logger.bind(component="relay").info("signal received, shutting down")
+    if stop_watch is not None:
+        stop_watch()
+    metrics.close()
+    await relay.close()
+
+
+def _addr(addr: tuple[str, int] | None) -> str:
+    return f"{addr[0]}:{addr[1]}" if addr else ""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = settings_from_args(args)
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        uvloop.run(serve(settings))
+    except StartupError as e:
+        logger.error("{}", e)
+        return 2
+    except OSError as e:
+        logger.error("cannot start the relay: {}", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""An asyncio client for the relay, for the agent's relay proxy and for tests.
+
+::
+
+    client = await RelayClient.connect(host, port, private_key, on_data=handle)
+    client.send(peer_public_key, wireguard_datagram)      # never blocks
+    rtt = await client.relay_probe()                        # seconds
+    sent = await client.nat_probe("203.0.113.7", 51820)     # True once the relay sent both probes
+    await client.close()
+
+``connect`` returns only after the relay answered Registered: the proof of key ownership is done
+(:mod:`wirekube.relay.auth`).  Received Data goes to ``on_data(source_key, datagram)`` when given
+(the fast path: called from the event loop, must not block), else into a bounded queue read with
+:meth:`RelayClient.recv` (overflow drops the newest datagram and counts it).
+
+The client sends a Keepalive every ``keepalive_interval``; the relay answers each one, so a relay
+that stays silent for ``dead_after`` seconds is taken as gone and the client closes.  Reconnecting
+is the caller's business; :func:`backoff_delays` gives the reference schedule (1 s doubling to 30 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import cast
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from loguru import logger
+
+from wirekube.errors import WireKubeError
+from wirekube.relay.auth import fingerprint, prove, public_bytes
+from wirekube.relay.protocol import (
+    KEY_LEN,
+    NEED_DATA,
+    TOKEN_LEN,
+    DataRun,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    RemoteProtocolError,
+    encode_auth,
+    encode_data,
+    encode_error,
+    encode_frame,
+    encode_keepalive,
+    encode_nat_probe,
+    encode_register,
+    encode_relay_probe,
+    parse_error,
+    run_datagrams,
+)
+
+DataHandler = Callable[[bytes, bytes], None]
+"""``on_data(source_key, datagram)``."""
+
+
+class RelayError(WireKubeError):
+    """A relay connection failed or was refused."""
+
+
+class RelayRejected(RelayError):
+    """The relay answered with an Error frame; ``reason`` is its text."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"relay refused: {reason}")
+        self.reason = reason
+
+
+class RelayClosed(RelayError):
+    """The connection is closed; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"relay connection closed: {reason}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class RelayClientSettings:
+    connect_timeout: float = 5.0
+    """Seconds for TCP connect plus registration."""
+    keepalive_interval: float = 25.0
+    dead_after: float = 75.0
+    """Seconds without any frame from the relay before the connection is given up."""
+    receive_queue: int = 4096
+    """Datagrams held for :meth:`RelayClient.recv` when there is no ``on_data`` callback."""
+
+
+def backoff_delays(initial: float = 1.0, maximum: float = 30.0) -> Iterator[float]:
+    """Reconnect delays: ``initial`` doubling up to ``maximum``, forever."""
+    delay = initial
+    while True:
+        yield delay
+        delay = min(delay * 2, maximum)
+
+
+class _ClientProtocol(asyncio.Protocol):
+    def __init__(self, client: RelayClient) -> None:
+        self._client = client
+        self._decoder = FrameDecoder()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+
+    def data_received(self, data: bytes) -> None:
+        self._client._last_rx = time.monotonic()
+        self._decoder.feed(data)
+        try:
+            while True:
+                item = self._decoder.next_run()
+                if item is NEED_DATA:
+                    return
+                if type(item) is DataRun:
+                    self._client._on_run(item)
+                else:
+                    assert isinstance(item, Frame)
+                    self._client._on_frame(item)
+                if self._client.closed:
+                    return
+        except RemoteProtocolError as e:
+            self._client._fail(f"relay broke the protocol: {e}", send_error=True)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._client._fail(f"connection lost: {exc}" if exc else "connection closed by relay")
+
+
+class RelayClient:
+    """One registered connection to a relay.  Build it with :meth:`connect`."""
+
+    def __init__(
+        self,
+        private_key: X25519PrivateKey,
+        *,
+        on_data: DataHandler | None = None,
+        settings: RelayClientSettings = RelayClientSettings(),
+    ) -> None:
+        self._private_key = private_key
+        self.public_key = public_bytes(private_key)
+        self.fingerprint = fingerprint(self.public_key)
+        self._on_data = on_data
+        self.settings = settings
+        self._loop = asyncio.get_running_loop()
+        self._protocol: _ClientProtocol | None = None
+        self._registered: asyncio.Future[None] = self._loop.create_future()
+        self._closed: asyncio.Future[str] = self._loop.create_future()
+        self._inbox: deque[tuple[bytes, bytes]] = deque()
+        self._inbox_ready = asyncio.Event()
+        self._probes: dict[bytes, asyncio.Future[None]] = {}
+        self._nat_acks: dict[bytes, asyncio.Future[None]] = {}
+        self._keepalive: asyncio.Task[None] | None = None
+        self._last_rx = time.monotonic()
+        self.received_dropped = 0
+        self._log = logger.bind(component="relay-client", peer=self.fingerprint)
+
+    # -- connecting -------------------------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        private_key: X25519PrivateKey,
+        *,
+        on_data: DataHandler | None = None,
+        settings: RelayClientSettings = RelayClientSettings(),
+    ) -> RelayClient:
+        """Connect and register; raises :class:`RelayRejected`, :class:`RelayError` or
+        ``OSError``, and ``TimeoutError`` after ``settings.connect_timeout``."""
+        client = cls(private_key, on_data=on_data, settings=settings)
+        try:
+            await asyncio.wait_for(client._open(host, port), settings.connect_timeout)
+        except BaseException:
+            client._abort()
+            raise
+        client._keepalive = asyncio.get_running_loop().create_task(
+            client._keepalive_loop(), name=f"relay-keepalive-{client.fingerprint}"
+        )
+        return client
+
+    async def _open(self, host: str, port: int) -> None:
+        transport, protocol = await self._loop.create_connection(lambda: _ClientProtocol(self), host, port)
+        self._protocol = protocol
+        transport.write(encode_register(self.public_key))
+        await self._registered
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def send(self, destination: bytes, datagram: bytes) -> None:
+        """Queue one datagram for ``destination``; never blocks (see :meth:`write_buffer_size`)."""
+        self._transport().write(encode_data(destination, datagram))
+
+    def send_many(self, destination: bytes, datagrams: Iterable[bytes]) -> None:
+        """Queue several datagrams for one destination in one write."""
+        self._transport().writelines([encode_data(destination, d) for d in datagrams])
+
+    def write_buffer_size(self) -> int:
+        """Bytes queued locally and not yet handed to the kernel."""
+        return self._transport().get_write_buffer_size()
+
+    async def relay_probe(self, timeout: float = 5.0) -> float:
+        """Round trip to the relay in seconds (a RelayProbe echoed by the relay)."""
+        token = os.urandom(TOKEN_LEN)
+        waiter = self._loop.create_future()
+        self._probes[token] = waiter
+        started = time.monotonic()
+        try:
+            self._transport().write(encode_relay_probe(token))
+            await self._await(waiter, timeout)
+        finally:
+            self._probes.pop(token, None)
+        return time.monotonic() - started
+
+    async def nat_probe(self, ip: str, port: int, timeout: float = 5.0) -> bool:
+        """Ask the relay to send its two UDP probes to ``ip:port``.
+
+        True when the relay confirms it sent them; False when it did not answer in ``timeout``
+        (refused target or rate limit: the relay sends no confirmation then).
+        """
+        frame = encode_nat_probe(ip, port)
+        body = frame[5:]
+        waiter = self._nat_acks.get(body)
+        if waiter is None:
+            waiter = self._nat_acks[body] = self._loop.create_future()
+        try:
+            self._transport().write(frame)
+            await self._await(waiter, timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._nat_acks.pop(body, None)
+
+    # -- receiving --------------------------------------------------------------------------
+
+    async def recv(self) -> tuple[bytes, bytes]:
+        """The next (source key, datagram); only without an ``on_data`` callback."""
+        while not self._inbox:
+            if self._closed.done():
+                raise RelayClosed(self._closed.result())
+            self._inbox_ready.clear()
+            await self._inbox_ready.wait()  # set on new data and on close
+        return self._inbox.popleft()
+
+    def _on_run(self, run: DataRun) -> None:
+        if not self._registered.done():
+            self._fail("relay sent Data before Registered", send_error=True)
+            return
+        source = run.key
+        datagrams = run_datagrams(run)
+        if self._on_data is not None:
+            for datagram in datagrams:
+                self._on_data(source, datagram)
+            return
+        room = self.settings.receive_queue - len(self._inbox)
+        self._inbox.extend((source, d) for d in datagrams[: max(room, 0)])
+        self.received_dropped += max(0, len(datagrams) - max(room, 0))
+        self._inbox_ready.set()
+
+    def _on_frame(self, frame: Frame) -> None:
+        ftype = frame.type
+        if ftype == FrameType.CHALLENGE and not self._registered.done():
+            self._write(encode_auth(prove(self._private_key, frame.body)))
+        elif ftype == FrameType.REGISTERED and not self._registered.done():
+            self._registered.set_result(None)
+            self._log.debug("registered with the relay")
+        elif ftype == FrameType.ERROR:
+            self._fail(parse_error(frame.body), rejected=True)
+        elif not self._registered.done():
+            self._fail(f"relay sent {FrameType(ftype).name} before Registered", send_error=True)
+        elif ftype == FrameType.RELAY_PROBE:
+            waiter = self._probes.get(frame.body)
+            if waiter is None:
+                self._write(frame_bytes(frame))  # the relay asks: echo
+            elif not waiter.done():
+                waiter.set_result(None)
+        elif ftype == FrameType.NAT_PROBE:
+            ack = self._nat_acks.get(frame.body)
+            if ack is not None and not ack.done():
+                ack.set_result(None)
+        elif ftype == FrameType.KEEPALIVE:
+            pass
+        else:
+            self._fail(f"relay sent an unexpected {FrameType(ftype).name}", send_error=True)
+
+    # -- keepalive and closing --------------------------------------------------------------
+
+    async def _keepalive_loop(self) -> None:
+        s = self.settings
+        tick = min(s.keepalive_interval, s.dead_after / 3)
+        last_sent = time.monotonic()
+        while not self.closed:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if now - self._last_rx > s.dead_after:
+                self._fail(f"relay silent for {now - self._last_rx:.0f}s")
+                return
+            if now - last_sent >= s.keepalive_interval:
+                self._write(encode_keepalive())
+                last_sent = now
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.done()
+
+    @property
+    def close_reason(self) -> str | None:
+        return self._closed.result() if self._closed.done() else None
+
+    async def wait_closed(self) -> str:
+        """Wait until the connection ends; returns why."""
+        return await asyncio.shield(self._closed)
+
+    async def close(self) -> None:
+        """Close politely (the relay unbinds the key at once)."""
+        if not self.closed:
+            self._fail("closed by us")
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keepalive
+
+    def _fail(self, reason: str, *, rejected: bool = False, send_error: bool = False) -> None:
+        if self._closed.done():
+            return
+        self._closed.set_result(reason)
+        if not self._registered.done():
+            self._registered.set_exception(RelayRejected(reason) if rejected else RelayError(reason))
+            self._registered.exception()  # retrieved: connect() re-raises it
+        for waiter in [*self._probes.values(), *self._nat_acks.values()]:
+            if not waiter.done():
+                waiter.set_exception(RelayClosed(reason))
+                waiter.exception()
+        self._inbox_ready.set()
+        transport = self._protocol.transport if self._protocol else None
+        if transport is not None and not transport.is_closing():
+            if send_error:
+                transport.write(encode_error(reason))
+            transport.close()
+        self._log.debug("relay connection closed: {}", reason)
+
+    def _abort(self) -> None:
+        self._fail("connect failed")
+        transport = self._protocol.transport if self._protocol else None
+        if transport is not None:
+            transport.abort()
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+
+    async def _await(self, waiter: asyncio.Future[None], timeout: float) -> None:
+        await asyncio.wait_for(asyncio.shield(waiter), timeout)
+
+    def _transport(self) -> asyncio.Transport:
+        if self._closed.done():
+            raise RelayClosed(self._closed.result())
+        assert self._protocol is not None and self._protocol.transport is not None
+        return self._protocol.transport
+
+    def _write(self, data: bytes) -> None:
+        transport = self._protocol.transport if self._protocol else None
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+
+def frame_bytes(frame: Frame) -> bytes:
+    """A decoded frame back in wire form."""
+    return encode_frame(FrameType(frame.type), frame.body)
+
+
+__all__ = [
+    "KEY_LEN",
+    "DataHandler",
+    "RelayClient",
+    "RelayClientSettings",
+    "RelayClosed",
+    "RelayError",
+    "RelayRejected",
+    "backoff_delays",
+]
