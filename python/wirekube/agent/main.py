@@ -18,19 +18,24 @@ import signal
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from urllib.parse import urlparse
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from loguru import logger
 
 from wirekube.agent import keys as keystore
 from wirekube.agent.netlink import Netlink
+from wirekube.agent.plan import HANDSHAKE_FRESH_SECONDS
 from wirekube.agent.reconcile import Reconciler, ReconcilerSettings, Result, describe
+from wirekube.agent.traversal import Traversal
 from wirekube.agent.wg.userspace import SOCKET_DIR
 from wirekube.errors import WireKubeError
-from wirekube.models import Engine, IPAddress, key_fingerprint
+from wirekube.metrics import AgentMetrics, AgentSnapshot, PeerSample, serve
+from wirekube.models import Engine, IPAddress, PeerStatus, Transport, key_fingerprint
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,10 @@ class AgentSettings:
     socket_dir: Path = SOCKET_DIR
     once: bool = False
     dry_run: bool = False
+    metrics_listen: str = ""
+    """host:port (or :port) for /metrics, /healthz, /readyz; empty = off."""
+    traversal: bool = True
+    """STUN, NAT type, relay fallback and failover (API-server source only)."""
 
 
 def parse_args(argv: list[str] | None = None) -> AgentSettings:
@@ -74,6 +83,10 @@ def parse_args(argv: list[str] | None = None) -> AgentSettings:
     p.add_argument("--socket-dir", type=Path, default=SOCKET_DIR, help=argparse.SUPPRESS)
     p.add_argument("--once", action="store_true", help="reconcile once, print the operations as JSON, exit")
     p.add_argument("--dry-run", action="store_true", help="with --once: plan only, change nothing")
+    p.add_argument("--metrics-listen", default=os.environ.get("WIREKUBE_METRICS_LISTEN", ""),
+                   help="host:port or :port for /metrics, /healthz and /readyz (default off)")
+    p.add_argument("--no-traversal", action="store_true",
+                   help="no STUN/relay/failover: every peer direct at its published endpoint")
     a = p.parse_args(argv)
     if not a.node_name:
         p.error("--node-name (or NODE_NAME) is required")
@@ -92,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> AgentSettings:
         socket_dir=a.socket_dir,
         once=a.once,
         dry_run=a.dry_run,
+        metrics_listen=a.metrics_listen,
+        traversal=not a.no_traversal,
     )
 
 
@@ -132,7 +147,20 @@ def run(settings: AgentSettings) -> int:
     stop = threading.Event()
     netlink = Netlink()
     reconciler: Reconciler | None = None
-    source, api_ips = _make_source(settings, lambda: reconciler.wake.set() if reconciler else None)
+    wake = lambda: reconciler.wake.set() if reconciler else None  # noqa: E731
+    metrics = AgentMetrics(settings.node_name)
+    traversal = None
+    if settings.traversal and settings.peers_file is None and not settings.once:
+        traversal = Traversal(
+            settings.node_name,
+            X25519PrivateKey.from_private_bytes(keys.private_bytes),
+            keys.public_key,
+            engine_state=lambda: reconciler.engine.get() if reconciler and reconciler.engine else None,
+            wake=wake,
+            on_failover=lambda peer, seconds: _count_failover(metrics, peer, seconds),
+        )
+    ready = threading.Event()
+    source, api_ips = _make_source(settings, wake, traversal)
     reconciler = Reconciler(
         ReconcilerSettings(
             node_name=settings.node_name,
@@ -146,7 +174,17 @@ def run(settings: AgentSettings) -> int:
         keys,
         source,
         netlink,
+        paths=traversal.paths if traversal else dict,
+        on_snapshot=(lambda snap, facts: traversal.update_view(
+            snap.mesh, snap.peers, tuple(str(a) for a in facts.addresses))) if traversal else None,
+        decorate_status=lambda status: _decorate(status, traversal, reconciler, metrics, ready),
     )
+    server = None
+    if settings.metrics_listen:
+        host, _, port = settings.metrics_listen.rpartition(":")
+        server = serve(host or "0.0.0.0", int(port), metrics.registry, ready.is_set)
+    if traversal is not None:
+        traversal.start()
     try:
         if settings.once:
             return _once(reconciler, source, settings.dry_run)
@@ -156,12 +194,62 @@ def run(settings: AgentSettings) -> int:
         logger.info("agent stopping; dataplane left in place")
         return 0
     finally:
+        if traversal is not None:
+            traversal.stop()
+        if server is not None:
+            server.shutdown()
         reconciler.close()
         source.stop()
         netlink.close()
 
 
-def _make_source(settings: AgentSettings, wake: object) -> tuple[object, tuple[IPAddress, ...]]:
+def _count_failover(metrics: AgentMetrics, peer: str, seconds: float) -> None:
+    metrics.failovers.labels(peer=peer).inc()
+    metrics.failover_detect.observe(seconds)
+
+
+def _decorate(
+    status: PeerStatus,
+    traversal: Traversal | None,
+    reconciler: Reconciler | None,
+    metrics: AgentMetrics,
+    ready: threading.Event,
+) -> PeerStatus:
+    """Add traversal's view to the published status and refresh the metrics snapshot."""
+    if traversal is not None:
+        status = traversal.decorate(status)
+    engine = reconciler.engine if reconciler else None
+    wg = engine.get() if engine is not None else None
+    names = {}
+    source = reconciler.source if reconciler else None
+    snap = source.snapshot() if source is not None else None
+    if snap is not None:
+        names = {p.spec.public_key: p.name for p in snap.peers}
+    peers = {}
+    if wg is not None:
+        now = time.time()
+        for key, ws in wg.peers.items():
+            name = names.get(key)
+            if name is None:
+                continue
+            transport = status.peer_transports.get(name, Transport.DIRECT)
+            peers[name] = PeerSample(
+                connected=ws.last_handshake > 0 and now - ws.last_handshake < HANDSHAKE_FRESH_SECONDS,
+                transport=transport.value,
+                last_handshake=ws.last_handshake,
+                rx_bytes=ws.rx_bytes,
+                tx_bytes=ws.tx_bytes,
+                relay_reason=status.relay_reasons.get(name, ""),
+            )
+    relay = traversal.relay_stats() if traversal is not None else {}
+    metrics.update(AgentSnapshot(node=metrics.snapshot.node, nat_type=status.nat_type.value,
+                                 engine=type(engine).__name__ if engine else "", peers=peers,
+                                 relay_connections=int(relay.get("relay_connections", 0))))
+    ready.set()
+    return status
+
+
+def _make_source(settings: AgentSettings, wake: object, traversal: Traversal | None = None) -> tuple[object, tuple[IPAddress, ...]]:
     from wirekube.agent.source import FileSource, KubeSource
 
     if settings.peers_file is not None:
@@ -172,7 +260,9 @@ def _make_source(settings: AgentSettings, wake: object) -> tuple[object, tuple[I
         kube = k8s.Kube.auto(None, host_override=settings.api_server)
     else:
         kube = k8s.Kube.auto(settings.kubeconfig)
-    source = KubeSource(kube, settings.node_name, on_change=wake).start()  # type: ignore[arg-type]
+    discovered = (lambda: (traversal.discovery().endpoint, traversal.discovery().method)) if traversal else (
+        lambda: (None, None))
+    source = KubeSource(kube, settings.node_name, on_change=wake, discovered=discovered).start()  # type: ignore[arg-type]
     return source, resolve_host(kube.host)
 
 

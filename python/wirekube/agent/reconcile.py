@@ -87,6 +87,8 @@ class Reconciler:
         netlink: Netlink,
         clock: Callable[[], float] = time.time,
         paths: Callable[[], Mapping[str, PeerPath]] = dict,
+        on_snapshot: Callable[[Snapshot, NodeFacts], None] | None = None,
+        decorate_status: Callable[[PeerStatus], PeerStatus] | None = None,
     ) -> None:
         self.settings = settings
         self.keys = keys
@@ -95,6 +97,10 @@ class Reconciler:
         self.clock = clock
         self.paths = paths
         """Per-peer path overrides (NAT traversal / relay plug in here)."""
+        self.on_snapshot = on_snapshot
+        """Told every pass what the mesh looks like (NAT traversal follows peers with it)."""
+        self.decorate_status = decorate_status
+        """Adds what others know (NAT type, relay reasons) to the status this loop publishes."""
         self.wake = threading.Event()
         self.engine: WireGuardEngine | None = None
         self._mem = _Memory()
@@ -115,8 +121,11 @@ class Reconciler:
             if not dry_run:
                 engine.ensure_device()
             ifname = snap.mesh.spec.interface_name
+            facts = self._facts(ifname)
+            if self.on_snapshot is not None:
+                self.on_snapshot(snap, facts)
             paths = self.paths()
-            desired = planner.plan(snap.mesh, snap.peers, self._facts(ifname), paths)
+            desired = planner.plan(snap.mesh, snap.peers, facts, paths)
             observed = self.observe(ifname, engine)
             ops = planner.diff(desired, observed, self.clock())
             if not dry_run:
@@ -189,6 +198,8 @@ class Reconciler:
             self._log.info("peer {} no longer skipped", s.peer)
         self._mem.skipped = skipped
         status = own_status(desired, engine.get(), paths, self.clock(), self.source.own_status())
+        if self.decorate_status is not None:
+            status = self.decorate_status(status)
         self.source.publish(status, sorted(skipped, key=lambda s: s.peer))
 
     # ------------------------------------------------------------------ loop

@@ -2,8 +2,9 @@
 
 - name = node name, label ``wirekube.io/node``, ownerReference to the Node (garbage collection);
 - spec.publicKey = this node's key;
-- spec.endpoint = annotation ``wirekube.io/endpoint`` (``ip`` or ``ip:port``), else the node's
-  ExternalIP, else its InternalIP, with the mesh listen port (STUN comes with NAT traversal);
+- spec.endpoint = annotation ``wirekube.io/endpoint`` (``ip`` or ``ip:port``), else what endpoint
+  discovery found (STUN from the WireGuard port), else the node's ExternalIP, else its
+  InternalIP, with the mesh listen port;
 - spec.allowedIPs = [mesh /32] (+ the private InternalIP when
   ``autoAllowedIPs.includeNodeInternalIP``; annotation ``wirekube.io/internal-ip`` overrides),
   followed by every entry a user added.  The entries the agent added itself are remembered in
@@ -90,8 +91,15 @@ def node_info_from_obj(obj: Mapping[str, Any]) -> NodeInfo:
 
 
 def desired_registration(
-    node: NodeInfo, mesh: Mesh, public_key: str, existing: Peer | None, others: Sequence[Peer]
+    node: NodeInfo,
+    mesh: Mesh,
+    public_key: str,
+    existing: Peer | None,
+    others: Sequence[Peer],
+    discovered: tuple[Endpoint | None, EndpointDiscovery | None] = (None, None),
 ) -> Registration:
+    """``discovered``: what endpoint discovery found (STUN, IMDS); it ranks below the node
+    annotation and above the node's ExternalIP/InternalIP."""
     problems: list[str] = []
     mesh_net = ipaddress.ip_network(f"{_mesh_ip(node, mesh, existing, others)}/32")
     internal = _internal_ip(node, mesh, problems)
@@ -99,7 +107,7 @@ def desired_registration(
     previous_auto = _previous_auto(existing)
     old = existing.spec.allowed_ips[1:] if existing is not None else ()
     user = tuple(n for n in old if n not in previous_auto and n not in auto and n != mesh_net)
-    endpoint, method = _endpoint(node, mesh, problems)
+    endpoint, method = _endpoint(node, mesh, problems, discovered)
     return Registration(
         spec=PeerSpec(
             public_key=public_key,
@@ -144,7 +152,12 @@ def _internal_ip(node: NodeInfo, mesh: Mesh, problems: list[str]) -> IPAddress |
     return next((ip for ip in node.internal_ips if is_private(ip)), None)
 
 
-def _endpoint(node: NodeInfo, mesh: Mesh, problems: list[str]) -> tuple[Endpoint | None, EndpointDiscovery | None]:
+def _endpoint(
+    node: NodeInfo,
+    mesh: Mesh,
+    problems: list[str],
+    discovered: tuple[Endpoint | None, EndpointDiscovery | None] = (None, None),
+) -> tuple[Endpoint | None, EndpointDiscovery | None]:
     port = mesh.spec.listen_port
     text = node.annotations.get(ANNOTATION_ENDPOINT, "").strip()
     if text:
@@ -152,6 +165,8 @@ def _endpoint(node: NodeInfo, mesh: Mesh, problems: list[str]) -> tuple[Endpoint
             return _parse_endpoint(text, port), EndpointDiscovery.ANNOTATION
         except ValueError as e:
             problems.append(f"annotation {ANNOTATION_ENDPOINT}={text!r}: {e}")
+    if discovered[0] is not None and not discovered[0].ip.is_loopback:
+        return discovered
     if node.external_ips:
         return Endpoint(node.external_ips[0], port), EndpointDiscovery.EXTERNAL_IP
     if node.internal_ips:

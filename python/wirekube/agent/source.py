@@ -109,13 +109,20 @@ class FileSource:
 class KubeSource:
     """Mesh and peers from the API server, through informers (``wirekube.k8s``)."""
 
-    def __init__(self, kube: Any, node_name: str, on_change: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        kube: Any,
+        node_name: str,
+        on_change: Callable[[], None] = lambda: None,
+        discovered: Callable[[], tuple[Any, Any]] = lambda: (None, None),
+    ) -> None:
         from wirekube import k8s
 
         self._k8s = k8s
         self.kube = kube
         self.node_name = node_name
         self._on_change = on_change
+        self._discovered = discovered
         self.peers = k8s.Informer(kube, k8s.PEERS, on_event=self._event)
         self.meshes = k8s.Informer(kube, k8s.MESHES, on_event=self._event)
         self._reported: dict[str, str] = {}
@@ -164,7 +171,7 @@ class KubeSource:
         existing_obj = self.peers.cache.get(self.node_name)
         existing = next((p for p in snap.peers if p.name == self.node_name), None)
         others = [p for p in snap.peers if p.name != self.node_name]
-        reg = desired_registration(node, snap.mesh, public_key, existing, others)
+        reg = desired_registration(node, snap.mesh, public_key, existing, others, self._discovered())
         for problem in reg.problems:
             self._log.warning("node {}: {}", self.node_name, problem)
         if existing is None or existing_obj is None:
@@ -202,6 +209,11 @@ class KubeSource:
             wanted = peer_status_to_cr(status)
             current = obj.get("status") or {}
             if any(current.get(k) != v for k, v in wanted.items()):
+                # A merge patch merges maps: keys that are gone (a removed peer) must be nulled.
+                for k, v in wanted.items():
+                    old = current.get(k)
+                    if isinstance(v, dict) and isinstance(old, dict):
+                        wanted[k] = {**{gone: None for gone in old if gone not in v}, **v}
                 try:
                     self.kube.patch_status(self._k8s.PEERS, self.node_name, {"status": wanted})
                 except ApiError as e:

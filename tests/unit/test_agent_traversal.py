@@ -1,0 +1,87 @@
+"""The agent's traversal glue: decisions per peer, overrides for the planner, failover on rx."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from tests.fixtures.keys import public_key
+from wirekube.agent.traversal import DIRECT_KEEPALIVE, Discovery, Traversal, _View
+from wirekube.agent.wg.base import WgDeviceState, WgPeerConfig, WgPeerState
+from wirekube.models import (Endpoint, Mesh, MeshSpec, NatType, Peer, PeerSpec, PeerStatus, RelayMode, RelaySpec,
+                             Transport)
+from wirekube.traversal import nat
+
+
+class FakeRelay:
+    def __init__(self, up: bool) -> None:
+        self.up = up
+
+    def connected_relays(self) -> list[tuple[str, int]]:
+        return [("198.18.0.10", 3478)] if self.up else []
+
+
+def peer(name: str, nat_type: NatType, ip: str, **status: Any) -> Peer:
+    return Peer(name, PeerSpec(public_key(), Endpoint(ipaddress.ip_address(ip), 51820),
+                               (ipaddress.ip_network("10.255.0.9/32"),)),
+                PeerStatus(nat_type=nat_type, **status))
+
+
+def traversal(local: NatType, peers: list[Peer], mode: RelayMode = RelayMode.AUTO, relay_up: bool = True) -> Traversal:
+    wakes: list[int] = []
+    t = Traversal("me", X25519PrivateKey.generate(), public_key(), engine_state=lambda: None,
+                  wake=lambda: wakes.append(1))
+    t._relay = FakeRelay(relay_up)  # type: ignore[assignment]
+    mesh = Mesh("default", MeshSpec(relay=RelaySpec(mode=mode, handshake_timeout_seconds=30)))
+    t._view = _View(mesh, {p.name: p for p in peers}, ("192.168.1.5",))
+    t._discovery = Discovery(nat=nat.Classification(local, "198.51.100.9", 51820))
+    t._sync_peers()
+    for state in t._peers.values():
+        state.proxy_port = 40000 + len(state.key) % 7  # as if the relay path had opened proxies
+    return t
+
+
+def test_matrix_relay_peer_points_at_the_proxy_and_direct_peer_gets_short_keepalive() -> None:
+    t = traversal(NatType.SYMMETRIC, [peer("sym", NatType.SYMMETRIC, "203.0.113.1"),
+                                      peer("cone", NatType.CONE, "203.0.113.2")])
+    paths = t.paths()
+    assert paths["sym"].transport is Transport.RELAY and str(paths["sym"].endpoint.ip) == "127.0.0.1"
+    assert paths["cone"].transport is Transport.DIRECT and paths["cone"].endpoint is None
+    assert paths["cone"].keepalive == DIRECT_KEEPALIVE
+    status = t.decorate(PeerStatus())
+    assert status.relay_reasons == {"sym": "peer symmetric and local symmetric"}
+    assert status.nat_type is NatType.SYMMETRIC
+
+
+def test_same_public_address_uses_the_lan_endpoint() -> None:
+    t = traversal(NatType.PORT_RESTRICTED_CONE,
+                  [peer("lan", NatType.PORT_RESTRICTED_CONE, "198.51.100.9", host_endpoints=("192.168.1.6:51820",))])
+    assert str(t.paths()["lan"].endpoint) == "192.168.1.6:51820"
+
+
+def engine(key: str, rx: int) -> WgDeviceState:
+    return WgDeviceState(peers={key: WgPeerState(WgPeerConfig(key, None, ()), rx_bytes=rx)})
+
+
+def test_stalled_direct_peer_fails_over_only_when_a_relay_is_up() -> None:
+    for relay_up, expected in ((True, Transport.RELAY), (False, Transport.DIRECT)):
+        p = peer("cone", NatType.CONE, "203.0.113.2")
+        t = traversal(NatType.CONE, [p], relay_up=relay_up)
+        key = p.spec.public_key
+        rx = {"v": 0}
+        t._engine_state = lambda: engine(key, rx["v"])  # type: ignore[method-assign]
+        t.tick(0.0, 1e9)
+        rx["v"] = 148
+        t.tick(0.5, 1e9)  # established
+        t.tick(2.5, 1e9)  # 2 s silent
+        assert t.paths()["cone"].transport is expected, relay_up
+
+
+def test_relay_mode_never_keeps_everyone_direct_and_always_relays_everyone() -> None:
+    ps = [peer("sym", NatType.SYMMETRIC, "203.0.113.1")]
+    assert traversal(NatType.SYMMETRIC, ps, RelayMode.NEVER).paths()["sym"].transport is Transport.DIRECT
+    t = traversal(NatType.OPEN, [peer("open", NatType.OPEN, "203.0.113.3")], RelayMode.ALWAYS)
+    assert t.paths()["open"].transport is Transport.RELAY
+    assert t.decorate(PeerStatus()).relay_reasons == {"open": "relay.mode is always"}
