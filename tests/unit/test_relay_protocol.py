@@ -151,7 +151,7 @@ def test_rewritten_runs_equal_the_input_with_the_key_replaced(fs: list[Frame], c
     """Whatever the mix of sizes, keys and control frames, and wherever the stream is split."""
     src = b"S" * KEY_LEN
     expected = [Frame(f.type, src + f.body[KEY_LEN:]) if f.type == FrameType.DATA else f for f in fs]
-    decoder = FrameDecoder(chunk_size=1024, min_free=64)  # small chunks: frames straddle them
+    decoder = FrameDecoder(min_chunk=256, max_chunk=1024)  # small chunks: frames straddle them
     got: list[Frame] = []
     for piece in split(wire(fs), cuts):
         decoder.feed(piece)
@@ -167,7 +167,7 @@ def test_rewritten_runs_equal_the_input_with_the_key_replaced(fs: list[Frame], c
 def test_views_stay_valid_after_more_data_arrives() -> None:
     """A run is a view of the buffer; later reads must never overwrite it."""
     key = b"k" * KEY_LEN
-    decoder = FrameDecoder(chunk_size=256, min_free=64)
+    decoder = FrameDecoder(min_chunk=256, max_chunk=256)
     decoder.feed(encode_data(key, b"first" * 10))
     run = decoder.next_run()
     assert isinstance(run, DataRun)
@@ -182,12 +182,12 @@ def test_views_stay_valid_after_more_data_arrives() -> None:
 def test_reading_straight_into_the_buffer() -> None:
     key = b"k" * KEY_LEN
     wire_bytes = encode_data(key, b"a" * 500) + encode_data(key, b"b" * 500)
-    decoder = FrameDecoder(chunk_size=600, min_free=100)
+    decoder = FrameDecoder(min_chunk=400, max_chunk=400)
     got: list[bytes] = []
     pos = 0
     while pos < len(wire_bytes):
         view = decoder.get_buffer()
-        assert len(view) >= 100
+        assert len(view) >= 100  # a quarter of the chunk at least
         n = min(len(view), 333, len(wire_bytes) - pos)
         view[:n] = wire_bytes[pos : pos + n]
         decoder.buffer_updated(n)
@@ -223,6 +223,26 @@ def test_largest_frame_is_accepted() -> None:
     decoder = FrameDecoder()
     decoder.feed(encode_frame(FrameType.DATA, body))
     assert decoder.next_frame() == Frame(FrameType.DATA, body)
+
+
+def test_chunks_grow_under_bulk_reads_and_shrink_when_quiet() -> None:
+    decoder = FrameDecoder(min_chunk=1024, max_chunk=16 * 1024)
+    key = b"k" * KEY_LEN
+    frame = encode_data(key, b"x" * 200)
+    for _ in range(12):  # reads that fill whatever is offered
+        view = decoder.get_buffer()
+        n = len(view) - len(view) % len(frame)
+        view[:n] = frame * (n // len(frame))
+        decoder.buffer_updated(n)
+        while decoder.next_run() is not NEED_DATA:
+            pass
+    assert decoder.capacity == 16 * 1024
+    for _ in range(12):  # then a trickle
+        decoder.get_buffer()[: len(frame)] = frame
+        decoder.buffer_updated(len(frame))
+        assert decoder.next_run() is not NEED_DATA
+    decoder.get_buffer()
+    assert decoder.capacity <= 2 * 1024
 
 
 @pytest.mark.parametrize(

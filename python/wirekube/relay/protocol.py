@@ -288,21 +288,36 @@ class FrameDecoder:
     :meth:`next_run`) until it returns :data:`NEED_DATA`.  A :class:`RemoteProtocolError` is final:
     the decoder refuses to go on afterwards, as the stream position is lost.
 
-    Memory: the decoder holds one chunk of ``chunk_size`` bytes (larger only to fit one frame that
-    straddles chunks, at most :data:`MAX_FRAME_LENGTH` + 4); a new chunk starts when the current
-    one has less than ``min_free`` bytes left, taking over the unfinished frame.  Old chunks live
-    on only while someone holds a view of them.
+    Memory: the decoder holds one chunk, sized like TCP autotuning sizes a socket buffer: it
+    doubles (up to ``max_chunk``) while reads fill what was offered and halves (down to
+    ``min_chunk``) while they use a sliver of it, so a busy connection reads 256 KiB at a time and
+    a quiet one holds 16 KiB.  A chunk is larger only to fit a frame that straddles chunks (at
+    most :data:`MAX_FRAME_LENGTH` + 4).  A new chunk starts when the current one has less than a
+    quarter of the target size left, taking over the unfinished frame; chunks are never resized or
+    reused, so old ones live on only while someone holds a view of them.
     """
 
-    __slots__ = ("_buf", "_view", "_off", "_end", "_broken", "_chunk_size", "_min_free")
+    __slots__ = (
+        "_broken",
+        "_buf",
+        "_end",
+        "_max_chunk",
+        "_min_chunk",
+        "_off",
+        "_offered",
+        "_target",
+        "_view",
+    )
 
-    def __init__(self, chunk_size: int = 256 * 1024, min_free: int = 64 * 1024) -> None:
-        self._chunk_size = max(chunk_size, min_free)
-        self._min_free = min_free
+    def __init__(self, min_chunk: int = 16 * 1024, max_chunk: int = 256 * 1024) -> None:
+        self._min_chunk = max(64, min_chunk)
+        self._max_chunk = max(self._min_chunk, max_chunk)
+        self._target = self._min_chunk  # size of the next chunk
         self._buf = bytearray()
         self._view = memoryview(self._buf)
         self._off = 0  # first byte not yet returned
         self._end = 0  # end of the bytes received
+        self._offered = 0  # free bytes the last get_buffer() offered
         self._broken: RemoteProtocolError | None = None
 
     @property
@@ -310,26 +325,38 @@ class FrameDecoder:
         """Bytes received but not yet returned as frames."""
         return self._end - self._off
 
+    @property
+    def capacity(self) -> int:
+        """Size of the chunk currently receiving."""
+        return len(self._buf)
+
     def get_buffer(self, min_free: int = 0) -> memoryview:
-        """A writable view of free buffer space (at least ``min_free``, and at least the decoder's
-        own ``min_free``) for the next bytes received; report them with :meth:`buffer_updated`."""
-        want = max(min_free, self._min_free)
-        if len(self._buf) - self._end < want:
+        """A writable view of free buffer space, at least ``min_free`` bytes (and at least a
+        quarter of the target chunk size); report what was written with :meth:`buffer_updated`."""
+        want = max(min_free, self._target // 4)
+        idle_and_oversized = self._off == self._end and len(self._buf) > 2 * self._target
+        if len(self._buf) - self._end < want or idle_and_oversized:
             self._new_chunk(want)
-        return self._view[self._end :]
+        view = self._view[self._end :]
+        self._offered = len(view)
+        return view
 
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` were written at the start of the view :meth:`get_buffer` returned."""
         if not 0 <= nbytes <= len(self._buf) - self._end:
             raise LocalProtocolError("bad_length", f"buffer_updated({nbytes}) beyond the free space")
         self._end += nbytes
+        if nbytes * 4 >= self._offered * 3:
+            self._target = min(self._target * 2, self._max_chunk)
+        elif nbytes * 16 < self._offered:
+            self._target = max(self._target // 2, self._min_chunk)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append a copy of ``data``."""
         size = len(data)
         if size:
             self.get_buffer(size)[:size] = data
-            self._end += size
+            self.buffer_updated(size)
 
     def clear(self) -> None:
         """Forget every buffered byte (a closing connection discards what still arrives)."""
@@ -337,7 +364,11 @@ class FrameDecoder:
 
     def _new_chunk(self, want: int) -> None:
         pending = self._end - self._off
-        chunk = bytearray(max(self._chunk_size, pending + want))
+        size = max(self._target, pending + want)
+        if pending >= LENGTH_PREFIX_LEN:  # room for the whole unfinished frame, copied only once
+            (length,) = _LENGTH.unpack_from(self._buf, self._off)
+            size = max(size, LENGTH_PREFIX_LEN + min(length, MAX_FRAME_LENGTH) + want)
+        chunk = bytearray(size)
         chunk[:pending] = self._view[self._off : self._end]
         self._buf = chunk
         self._view = memoryview(chunk)
