@@ -7,17 +7,27 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tests.integration.test_relay_stun_server import stunclient
-from tests.integration.test_relay_support import LOCALHOST, raw_public, run, wait_until
+from tests.integration.test_relay_forwarding import pump, steady_pair
+from tests.integration.test_relay_support import (
+    LOCALHOST,
+    REGISTERED,
+    SpecClient,
+    raw_public,
+    registered_spec_client,
+    run,
+    wait_until,
+)
 from wirekube import k8s
 from wirekube.relay.authz import PeerAuthorizer
 from wirekube.relay.cli import parse_hostport, watch_peers
@@ -103,6 +113,49 @@ def test_relay_process_serves_clients_stun_and_metrics_and_stops_on_sigterm() ->
         assert "shutting down" in reason
         assert relay.proc.wait(10) == 0
         assert any(r["message"] == "relay stopped" for r in relay.lines)
+    finally:
+        relay.stop()
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_a_stalled_reader_does_not_grow_the_relay_process() -> None:
+    """40 MB aimed at a client that never reads: the relay's RSS stays put, others keep flowing."""
+    limit = 256 * 1024
+    relay = RelayCli("--queue-limit-bytes", str(limit))
+    try:
+        tcp, metrics = relay.address("tcp"), relay.address("metrics")
+
+        async def scenario() -> None:
+            stalled_sock = socket.socket()
+            stalled_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stalled_sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(stalled_sock, tcp)
+            reader, writer = await asyncio.open_connection(sock=stalled_sock)
+            stalled = SpecClient(reader, writer)
+            stalled_key = X25519PrivateKey.generate()
+            assert await stalled.register(stalled_key) == (REGISTERED, b"")
+            cast(asyncio.ReadTransport, writer.transport).pause_reading()
+
+            await steady_pair(tcp, 500)  # warm up allocator and code paths
+            before = rss_kib(relay.proc.pid)
+            flooder, _ = await registered_spec_client(tcp)
+            flood = asyncio.ensure_future(pump(flooder, raw_public(stalled_key), 28_000, [1400]))  # ~40 MB
+            assert await steady_pair(tcp, 3000) == 3000
+            await flood
+            text = await http_get(metrics, "/metrics")
+            dropped = metric_value(text, "wirekube_relay_dropped_frames_total", [("reason", "queue_full")]) or 0
+            assert dropped > 10_000
+            queued = metric_value(text, "wirekube_relay_queue_bytes") or 0
+            assert queued <= limit
+            growth_mib = (rss_kib(relay.proc.pid) - before) / 1024
+            assert growth_mib < 16, f"relay RSS grew by {growth_mib:.1f} MiB"
+            stalled_sock.close()
+
+        run(scenario(), timeout=120)
     finally:
         relay.stop()
 
