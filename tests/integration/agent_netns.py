@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -91,6 +92,8 @@ class NetnsLab:
     prefix: str = field(default_factory=lambda: f"wkt-{uuid.uuid4().hex[:6]}-")
     nodes: list[Node] = field(default_factory=list)
     namespaces: list[str] = field(default_factory=list)
+    kubeconfig: Path | None = None
+    """When set, agents read the API server through this kubeconfig instead of ``peers_file``."""
 
     @property
     def bridge_ns(self) -> str:
@@ -146,10 +149,11 @@ class NetnsLab:
         os.replace(tmp, self.peers_file)
 
     def agent_argv(self, node: Node, *extra: str) -> list[str]:
+        source = ("--kubeconfig", str(self.kubeconfig)) if self.kubeconfig else ("--peers-file", str(self.peers_file))
         return node.enter(
             sys.executable, "-m", "wirekube.agent.main",
             "--node-name", node.name,
-            "--peers-file", str(self.peers_file),
+            *source,
             "--state-dir", str(node.state_dir),
             "--engine", "userspace",
             *extra,
@@ -196,6 +200,96 @@ class NetnsLab:
             node.holder.wait(timeout=10)
         for ns in reversed(self.namespaces):
             sh("ip", "netns", "del", ns, check=False)
+
+
+@dataclass(frozen=True)
+class PingResult:
+    transmitted: int
+    received: int
+    missing: tuple[int, ...]
+    """icmp_seq numbers that never got a reply."""
+    log: str
+
+    @property
+    def lost(self) -> int:
+        return self.transmitted - self.received
+
+
+class ContinuousPing:
+    """``ping -i 0.1`` (10 per second) from ``src`` until :meth:`stop`.
+
+    :meth:`stop` interrupts ping right after a reply arrived, so no probe is in flight when it
+    ends (the round trip is ~1 ms against a 100 ms interval): every unanswered probe is a loss.
+    """
+
+    def __init__(self, src: Node, dst: ipaddress.IPv4Address, interval: float = 0.1) -> None:
+        self.label = f"{src.name} -> {dst}"
+        self._proc = subprocess.Popen(  # noqa: S603
+            src.enter("ping", "-n", "-D", "-O", "-i", str(interval), str(dst)),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self._lines: list[str] = []
+        self._replies: list[int] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            with self._cond:
+                self._lines.append(line.rstrip("\n"))
+                m = re.search(r"bytes from .* icmp_seq=(\d+)", line)
+                if m:
+                    self._replies.append(int(m[1]))
+                self._cond.notify_all()
+
+    @property
+    def replies(self) -> int:
+        with self._cond:
+            return len(self._replies)
+
+    def wait_replies(self, more: int, timeout: float = 30) -> None:
+        """Wait until ``more`` further replies than now have arrived (traffic demonstrably flows)."""
+        target = self.replies + more
+        wait_for(lambda: self.replies >= target or self._proc.poll() is not None, timeout,
+                 f"{more} more replies on {self.label}")
+        assert self._proc.poll() is None, f"ping {self.label} exited:\n" + "\n".join(self._lines[-20:])
+
+    def stop(self, timeout: float = 10) -> PingResult:
+        with self._cond:
+            seen = len(self._replies)
+            self._cond.wait_for(lambda: len(self._replies) > seen or self._proc.poll() is not None, timeout)
+            if self._proc.poll() is None:
+                self._proc.send_signal(signal.SIGINT)
+        self._proc.wait(timeout=timeout)
+        self._reader.join(timeout=timeout)
+        log = "\n".join(self._lines)
+        m = re.search(r"(\d+) packets transmitted, (\d+) received", log)
+        transmitted, received = (int(m[1]), int(m[2])) if m else (0, 0)
+        missing = tuple(sorted(set(range(1, transmitted + 1)) - set(self._replies)))
+        return PingResult(transmitted, received, missing, log)
+
+    def kill(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+
+def wirekube_rules(node: Node) -> list[str]:
+    """``ip -4 rule`` lines WireKube owns (priorities 100..200), duplicates included."""
+    lines = node.run("ip", "-4", "rule").stdout.splitlines()
+    return [ln for ln in lines if 100 <= int(ln.split(":", 1)[0]) <= 200]
+
+
+def table_routes(node: Node) -> list[str]:
+    return node.run("ip", "-4", "route", "show", "table", "22347", check=False).stdout.splitlines()
+
+
+def wg_dump(node: Node) -> dict[str, str]:
+    """WireGuard peers on ``wire_kube``: public key -> allowed-ips."""
+    lines = node.run("wg", "show", "wire_kube", "dump").stdout.splitlines()[1:]
+    return {f[0]: f[3] for f in (ln.split("\t") for ln in lines)}
 
 
 def _netns_inode(name: str) -> int | None:
