@@ -1,0 +1,962 @@
+"""The lab topology: what a YAML topology file says, checked, as frozen dataclasses.
+
+A topology describes one lab (see ``wirekube.lab.net`` for how it is built):
+
+- ``internet``: the public segment.  It holds the relay's address and at least two STUN
+  endpoints, all inside ``198.18.0.0/24`` (the lab's "services" block of the benchmarking range
+  198.18.0.0/15, which the lab uses as its whole public address space).
+- ``sites``: each a LAN behind one router, with ``nat`` one of ``none`` (public addresses on the
+  nodes' NICs), ``port-restricted-cone``, ``full-cone``, ``symmetric`` or ``udp-blocked``, and
+  one or more ``nodes`` (each becomes a Kubernetes Node).
+- ``networks``: optional private networks (a "VPC" subnet) attached to named nodes, holding plain
+  ``hosts`` whose ``routes`` send chosen CIDRs to a node (as a VPC route table would).
+- ``management``: the CIDR of the management path from every node to the API server.
+
+Every field is checked and every mistake is reported at once, each with the path of the field
+(``sites[2].nodes[0].podCIDR: ...``), by :class:`TopologyError`.  Defaults are filled in while
+parsing, so a :class:`Topology` is fully concrete (every LAN and every address is known); its
+:meth:`Topology.to_dict` gives a document that parses back to an equal topology.
+
+Example (the built-in default is :data:`DEFAULT_TOPOLOGY_YAML`)::
+
+    internet:
+      relay: 198.18.0.2:3478          # TCP relay address (and the relay's built-in STUN port)
+      stun: [198.18.0.2:3478, 198.18.0.3:3478]
+    management: {cidr: 10.254.0.0/24}
+    sites:
+      - name: cloud
+        nat: none
+        lan: 198.19.1.0/24            # optional; `none` sites take public LANs in 198.19.0.0/16
+        nodes:
+          - name: ec2-a
+            podCIDR: 10.100.1.0/24    # optional
+            pods: 1                   # optional: pod namespaces behind the node
+          - {name: ec2-b, address: 198.19.1.20}
+      - name: home
+        nat: port-restricted-cone     # LAN defaults to 192.168.<site number>.0/24
+        nodes: [{name: home-1}, {name: home-2}]
+    networks:
+      - name: vpc
+        cidr: 10.100.0.0/24
+        nodes: [ec2-a, ec2-b]         # each gets a NIC on this network
+        gateway: ec2-a                # default `via` of host routes
+        hosts:
+          - name: vpc-host
+            routes: [192.168.2.0/24, {to: 10.200.0.0/16, via: ec2-b}]
+
+Pure module: no I/O except :func:`load_topology` reading the file it is given.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import ipaddress
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from wirekube.errors import WireKubeError
+
+IPv4 = ipaddress.IPv4Address
+Net4 = ipaddress.IPv4Network
+
+# The lab's public address space, and how it is carved (see wirekube.lab.net for the full plan).
+PUBLIC_SPACE = Net4("198.18.0.0/15")
+SERVICES_NET = Net4("198.18.0.0/24")  # relay and STUN addresses on the internet segment
+PUBLIC_LANS = Net4("198.19.0.0/16")  # LANs of `nat: none` sites
+DEFAULT_MANAGEMENT = Net4("10.254.0.0/24")
+DEFAULT_STUN_PORT = 3478
+MAX_SITES = 250  # site i's WAN link is 198.18.<i>.0/24
+MAX_PODS_PER_NODE = 16
+FIRST_NODE_HOST = 10  # auto-assigned addresses start at .10 (the router/gateway is .1)
+
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_MAX_NAME = 40
+
+
+class NatKind(str, enum.Enum):
+    """How a site's router treats traffic between its LAN and the internet."""
+
+    NONE = "none"  # no NAT: nodes have public addresses
+    PORT_RESTRICTED_CONE = "port-restricted-cone"  # masquerade + stateful filter
+    FULL_CONE = "full-cone"  # mapping kept; unsolicited inbound to a mapped port allowed
+    SYMMETRIC = "symmetric"  # masquerade fully-random: a new port per destination
+    UDP_BLOCKED = "udp-blocked"  # only TCP (and ICMP) leaves
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class TopologyError(WireKubeError):
+    """A topology document has mistakes; ``problems`` lists each as ``(path, message)``."""
+
+    def __init__(self, problems: Sequence[tuple[str, str]], source: str = "topology") -> None:
+        self.problems = tuple(problems)
+        self.source = source
+        lines = [f"  {path}: {message}" if path else f"  {message}" for path, message in problems]
+        count = len(self.problems)
+        super().__init__(
+            f"{source}: {count} problem{'s' if count != 1 else ''}:\n" + "\n".join(lines)
+        )
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An IPv4 address and port."""
+
+    host: IPv4
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Internet:
+    relay: Endpoint
+    stun: tuple[Endpoint, ...]
+
+    @property
+    def addresses(self) -> tuple[IPv4, ...]:
+        """Every distinct address the internet segment holds for services, in order."""
+        seen: dict[IPv4, None] = {self.relay.host: None}
+        for endpoint in self.stun:
+            seen.setdefault(endpoint.host, None)
+        return tuple(seen)
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    address: IPv4  # on the site LAN (public for `nat: none`)
+    pod_cidr: Net4 | None = None
+    pods: int = 0
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    nat: NatKind
+    lan: Net4
+    nodes: tuple[Node, ...]
+
+    @property
+    def gateway(self) -> IPv4:
+        """The router's LAN address: the first host of the LAN."""
+        return self.lan.network_address + 1
+
+    @property
+    def router(self) -> str:
+        """The router's name, as `exec` knows it."""
+        return f"{self.name}-router"
+
+
+@dataclass(frozen=True)
+class Route:
+    to: Net4
+    via: IPv4
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    address: IPv4
+    routes: tuple[Route, ...] = ()
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A node's NIC on a private network."""
+
+    node: str
+    address: IPv4
+
+
+@dataclass(frozen=True)
+class PrivateNetwork:
+    name: str
+    cidr: Net4
+    attachments: tuple[Attachment, ...]
+    gateway: str | None
+    hosts: tuple[Host, ...]
+
+
+@dataclass(frozen=True)
+class Management:
+    cidr: Net4
+
+    @property
+    def api_address(self) -> IPv4:
+        """Where nodes reach the API server (through the lab's management proxy)."""
+        return self.cidr.network_address + 1
+
+
+@dataclass(frozen=True)
+class Topology:
+    internet: Internet
+    sites: tuple[Site, ...]
+    networks: tuple[PrivateNetwork, ...] = ()
+    management: Management = field(default_factory=lambda: Management(DEFAULT_MANAGEMENT))
+
+    def nodes(self) -> Iterator[tuple[Site, Node]]:
+        for site in self.sites:
+            for node in site.nodes:
+                yield site, node
+
+    def node_names(self) -> tuple[str, ...]:
+        return tuple(node.name for _, node in self.nodes())
+
+    def site_of(self, node_name: str) -> Site:
+        for site, node in self.nodes():
+            if node.name == node_name:
+                return site
+        raise KeyError(node_name)
+
+    def nat_by_site(self) -> dict[str, NatKind]:
+        return {site.name: site.nat for site in self.sites}
+
+    def hosts(self) -> Iterator[tuple[PrivateNetwork, Host]]:
+        for network in self.networks:
+            for host in network.hosts:
+                yield network, host
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain document (YAML-ready) that :func:`parse_topology` turns back into ``self``."""
+        return {
+            "internet": {
+                "relay": str(self.internet.relay),
+                "stun": [str(s) for s in self.internet.stun],
+            },
+            "management": {"cidr": str(self.management.cidr)},
+            "sites": [
+                {
+                    "name": site.name,
+                    "nat": site.nat.value,
+                    "lan": str(site.lan),
+                    "nodes": [_node_dict(node) for node in site.nodes],
+                }
+                for site in self.sites
+            ],
+            "networks": [
+                {
+                    "name": net.name,
+                    "cidr": str(net.cidr),
+                    "nodes": [{"name": a.node, "address": str(a.address)} for a in net.attachments],
+                    **({"gateway": net.gateway} if net.gateway else {}),
+                    "hosts": [
+                        {
+                            "name": host.name,
+                            "address": str(host.address),
+                            "routes": [{"to": str(r.to), "via": str(r.via)} for r in host.routes],
+                        }
+                        for host in net.hosts
+                    ],
+                }
+                for net in self.networks
+            ],
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _node_dict(node: Node) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": node.name, "address": str(node.address)}
+    if node.pod_cidr is not None:
+        out["podCIDR"] = str(node.pod_cidr)
+    if node.pods:
+        out["pods"] = node.pods
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing and validation
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.items.append((path, message))
+
+
+def _keys(doc: Mapping[str, Any], path: str, allowed: Sequence[str], problems: _Problems) -> None:
+    for key in doc:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.add(
+                _join(path, str(key)),
+                f"unknown key (allowed: {', '.join(allowed)}){hint}",
+            )
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _mapping(value: Any, path: str, problems: _Problems) -> Mapping[str, Any] | None:
+    if isinstance(value, Mapping):
+        return value
+    problems.add(path, f"must be a mapping, got {_kind(value)}")
+    return None
+
+
+def _list(value: Any, path: str, problems: _Problems) -> list[Any] | None:
+    if isinstance(value, list):
+        return value
+    problems.add(path, f"must be a list, got {_kind(value)}")
+    return None
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _name(value: Any, path: str, problems: _Problems) -> str | None:
+    if not isinstance(value, str) or not value:
+        problems.add(path, f"must be a non-empty string, got {_kind(value)}")
+        return None
+    if len(value) > _MAX_NAME or not _NAME.match(value):
+        problems.add(
+            path,
+            f"{value!r} is not a valid name (lower-case letters, digits and '-', starting and "
+            f"ending with a letter or digit, at most {_MAX_NAME} characters)",
+        )
+        return None
+    return value
+
+
+def _network(value: Any, path: str, problems: _Problems) -> Net4 | None:
+    if not isinstance(value, str):
+        problems.add(path, f"must be an IPv4 CIDR string such as 10.0.0.0/24, got {_kind(value)}")
+        return None
+    try:
+        net = ipaddress.ip_network(value, strict=True)
+    except ValueError as e:
+        problems.add(path, f"{value!r} is not a valid IPv4 network: {e}")
+        return None
+    if not isinstance(net, Net4):
+        problems.add(path, f"{value!r}: only IPv4 is supported in the lab")
+        return None
+    return net
+
+
+def _address(value: Any, path: str, problems: _Problems) -> IPv4 | None:
+    if not isinstance(value, str):
+        problems.add(path, f"must be an IPv4 address string, got {_kind(value)}")
+        return None
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError:
+        problems.add(path, f"{value!r} is not a valid IP address")
+        return None
+    if not isinstance(addr, IPv4):
+        problems.add(path, f"{value!r}: only IPv4 is supported in the lab")
+        return None
+    return addr
+
+
+def _endpoint(value: Any, path: str, problems: _Problems) -> Endpoint | None:
+    if not isinstance(value, str):
+        problems.add(path, f"must be a string 'ADDRESS[:PORT]', got {_kind(value)}")
+        return None
+    host, sep, port_text = value.partition(":")
+    port = DEFAULT_STUN_PORT
+    if sep:
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            problems.add(path, f"{value!r}: port must be a number from 1 to 65535")
+            return None
+        port = int(port_text)
+    addr = _address(host, path, problems)
+    if addr is None:
+        return None
+    if not _is_host_of(addr, SERVICES_NET):
+        problems.add(path, f"{addr} must be a host address in the internet's {SERVICES_NET}")
+        return None
+    return Endpoint(addr, port)
+
+
+def _is_host_of(addr: IPv4, net: Net4) -> bool:
+    return addr in net and addr not in (net.network_address, net.broadcast_address)
+
+
+class _Allocator:
+    """Hands out host addresses of a network in order, skipping reserved and taken ones."""
+
+    def __init__(self, net: Net4, first: int, taken: set[IPv4]) -> None:
+        self.net = net
+        self.next = first
+        self.taken = taken
+
+    def take(self) -> IPv4 | None:
+        while self.next < self.net.num_addresses - 1:
+            candidate = self.net.network_address + self.next
+            self.next += 1
+            if candidate not in self.taken:
+                self.taken.add(candidate)
+                return candidate
+        return None
+
+
+def parse_topology(doc: Any, source: str = "topology") -> Topology:
+    """Check a topology document (as loaded from YAML) and return it with defaults filled in.
+
+    Raises :class:`TopologyError` listing every mistake with its path.
+    """
+    problems = _Problems()
+    topology = _parse(doc, problems)
+    if problems.items or topology is None:
+        raise TopologyError(problems.items or [("", "empty topology")], source)
+    return topology
+
+
+def load_topology(path: str | Path) -> Topology:
+    """Read and check a topology YAML file."""
+    text = Path(path).read_text(encoding="utf-8")
+    return parse_topology_yaml(text, str(path))
+
+
+def parse_topology_yaml(text: str, source: str = "topology") -> Topology:
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise TopologyError([("", f"not valid YAML: {e}")], source) from e
+    return parse_topology(doc, source)
+
+
+def _parse(doc: Any, problems: _Problems) -> Topology | None:
+    root = _mapping(doc, "", problems) if doc is not None else None
+    if root is None:
+        if doc is None:
+            problems.add("", "the document is empty; it needs at least 'sites'")
+        return None
+    _keys(root, "", ("internet", "management", "sites", "networks"), problems)
+
+    internet = _parse_internet(root.get("internet"), problems)
+    management = _parse_management(root.get("management"), problems)
+
+    sites: list[Site] = []
+    paths: dict[int, str] = {}  # id(Site or Node) -> path in the document, for messages
+    raw_sites = root.get("sites")
+    if raw_sites is None:
+        problems.add("sites", "required: a list of at least one site")
+        raw_sites = []
+    raw_sites = _list(raw_sites, "sites", problems) or []
+    if len(raw_sites) > MAX_SITES:
+        problems.add("sites", f"at most {MAX_SITES} sites")
+    for i, raw in enumerate(raw_sites):
+        site = _parse_site(raw, f"sites[{i}]", i + 1, problems, paths)
+        if site is not None:
+            sites.append(site)
+    if root.get("sites") == []:
+        problems.add("sites", "needs at least one site")
+
+    names = _check_names(root, sites, paths, problems)
+    networks: list[PrivateNetwork] = []
+    raw_networks = root.get("networks", []) or []
+    raw_networks = _list(raw_networks, "networks", problems) or []
+    all_nodes = {node.name for site in sites for node in site.nodes}
+    for i, raw in enumerate(raw_networks):
+        net = _parse_network(raw, f"networks[{i}]", all_nodes, names, problems)
+        if net is not None:
+            paths[id(net)] = f"networks[{i}]"
+            networks.append(net)
+
+    _check_overlaps(sites, networks, management, paths, problems)
+    if management is not None:
+        needed = len(all_nodes) + FIRST_NODE_HOST + 1
+        if management.cidr.num_addresses < needed:
+            problems.add(
+                "management.cidr",
+                f"{management.cidr} is too small for {len(all_nodes)} nodes "
+                f"(needs {needed} addresses)",
+            )
+    if internet is None or management is None:
+        return None
+    return Topology(internet, tuple(sites), tuple(networks), management)
+
+
+def _parse_internet(raw: Any, problems: _Problems) -> Internet | None:
+    default_relay = Endpoint(SERVICES_NET.network_address + 2, DEFAULT_STUN_PORT)
+    default_stun = (default_relay, Endpoint(SERVICES_NET.network_address + 3, DEFAULT_STUN_PORT))
+    if raw is None:
+        return Internet(default_relay, default_stun)
+    doc = _mapping(raw, "internet", problems)
+    if doc is None:
+        return None
+    _keys(doc, "internet", ("relay", "stun"), problems)
+    relay = default_relay
+    if "relay" in doc:
+        relay = _endpoint(doc["relay"], "internet.relay", problems) or default_relay
+    stun: tuple[Endpoint, ...] = default_stun
+    if "stun" in doc:
+        raw_stun = _list(doc["stun"], "internet.stun", problems) or []
+        parsed = [_endpoint(v, f"internet.stun[{i}]", problems) for i, v in enumerate(raw_stun)]
+        stun = tuple(e for e in parsed if e is not None)
+        if len(raw_stun) < 2:
+            problems.add("internet.stun", "needs at least two STUN endpoints (NAT classification)")
+        for i, endpoint in enumerate(stun):
+            if endpoint in stun[:i]:
+                problems.add(f"internet.stun[{i}]", f"{endpoint} is listed twice")
+    return Internet(relay, stun)
+
+
+def _parse_management(raw: Any, problems: _Problems) -> Management | None:
+    if raw is None:
+        return Management(DEFAULT_MANAGEMENT)
+    doc = _mapping(raw, "management", problems)
+    if doc is None:
+        return None
+    _keys(doc, "management", ("cidr",), problems)
+    if "cidr" not in doc:
+        return Management(DEFAULT_MANAGEMENT)
+    cidr = _network(doc["cidr"], "management.cidr", problems)
+    return Management(cidr) if cidr is not None else None
+
+
+def _parse_site(
+    raw: Any, path: str, number: int, problems: _Problems, paths: dict[int, str]
+) -> Site | None:
+    doc = _mapping(raw, path, problems)
+    if doc is None:
+        return None
+    _keys(doc, path, ("name", "nat", "lan", "nodes"), problems)
+    name = _name(doc.get("name"), f"{path}.name", problems)
+    nat: NatKind | None = None
+    kinds = [k.value for k in NatKind]
+    if "nat" not in doc:
+        problems.add(f"{path}.nat", f"required: one of {', '.join(kinds)}")
+    elif doc["nat"] not in kinds:
+        problems.add(f"{path}.nat", f"{doc['nat']!r} is not one of {', '.join(kinds)}")
+    else:
+        nat = NatKind(doc["nat"])
+
+    lan: Net4 | None
+    if "lan" in doc:
+        lan = _network(doc["lan"], f"{path}.lan", problems)
+    elif nat is NatKind.NONE:
+        lan = Net4(f"198.19.{number}.0/24")
+    else:
+        lan = Net4(f"192.168.{number}.0/24")
+    if lan is not None and nat is not None:
+        if lan.prefixlen > 29:
+            problems.add(f"{path}.lan", f"{lan} is too small (at most /29)")
+        if nat is NatKind.NONE and not lan.subnet_of(PUBLIC_LANS):
+            problems.add(
+                f"{path}.lan",
+                f"{lan}: a site with nat: none has a public LAN, inside {PUBLIC_LANS}",
+            )
+        if nat is not NatKind.NONE and lan.overlaps(PUBLIC_SPACE):
+            problems.add(
+                f"{path}.lan",
+                f"{lan} overlaps the lab's public space {PUBLIC_SPACE}; use a private range",
+            )
+
+    raw_nodes = doc.get("nodes")
+    if raw_nodes is None:
+        problems.add(f"{path}.nodes", "required: a list of at least one node")
+        raw_nodes = []
+    raw_nodes = _list(raw_nodes, f"{path}.nodes", problems) or []
+    if doc.get("nodes") == []:
+        problems.add(f"{path}.nodes", "needs at least one node")
+    # Explicit addresses first, so automatic ones never take them.
+    parsed: list[tuple[str, dict[str, Any]]] = []
+    taken: set[IPv4] = set()
+    for j, raw_node in enumerate(raw_nodes):
+        npath = f"{path}.nodes[{j}]"
+        node_doc = _mapping(raw_node, npath, problems)
+        if node_doc is None:
+            continue
+        _keys(node_doc, npath, ("name", "address", "podCIDR", "pods"), problems)
+        fields: dict[str, Any] = {"name": _name(node_doc.get("name"), f"{npath}.name", problems)}
+        if "address" in node_doc and lan is not None:
+            addr = _address(node_doc["address"], f"{npath}.address", problems)
+            if addr is not None:
+                if not _is_host_of(addr, lan) or addr == lan.network_address + 1:
+                    problems.add(
+                        f"{npath}.address",
+                        f"{addr} must be a host address of the LAN {lan} other than the "
+                        f"router's {lan.network_address + 1}",
+                    )
+                elif addr in taken:
+                    problems.add(f"{npath}.address", f"{addr} is used by another node")
+                else:
+                    taken.add(addr)
+                    fields["address"] = addr
+        pod_cidr = None
+        if "podCIDR" in node_doc:
+            pod_cidr = _network(node_doc["podCIDR"], f"{npath}.podCIDR", problems)
+        pods = node_doc.get("pods", 0)
+        if not isinstance(pods, int) or isinstance(pods, bool) or not 0 <= pods <= MAX_PODS_PER_NODE:
+            problems.add(f"{npath}.pods", f"must be a whole number from 0 to {MAX_PODS_PER_NODE}")
+            pods = 0
+        if pods and "podCIDR" not in node_doc:
+            problems.add(f"{npath}.pods", "pods need a podCIDR on the node")
+        if pod_cidr is not None and pods and pod_cidr.num_addresses < pods + 2:
+            problems.add(f"{npath}.podCIDR", f"{pod_cidr} is too small for {pods} pods")
+        fields["pod_cidr"] = pod_cidr
+        fields["pods"] = pods
+        parsed.append((npath, fields))
+    nodes: list[Node] = []
+    if lan is not None:
+        allocator = _Allocator(lan, FIRST_NODE_HOST, taken | {lan.network_address + 1})
+        for npath, fields in parsed:
+            if "address" not in fields:
+                addr = allocator.take()
+                if addr is None:
+                    problems.add(f"{npath}.address", f"no free address left in the LAN {lan}")
+                    continue
+                fields["address"] = addr
+            if fields["name"] is not None:
+                node = Node(**fields)
+                paths[id(node)] = npath
+                nodes.append(node)
+    if name is None or nat is None or lan is None:
+        return None
+    site = Site(name, nat, lan, tuple(nodes))
+    paths[id(site)] = path
+    return site
+
+
+def _check_names(
+    root: Mapping[str, Any], sites: list[Site], paths: dict[int, str], problems: _Problems
+) -> set[str]:
+    """Every name `exec` knows must be unique: nodes, SITE-router, internet, hosts, NODE.podK."""
+    owners: dict[str, str] = {"internet": "the internet segment"}
+    site_paths: dict[str, str] = {}
+    for site in sites:
+        path = f"{paths[id(site)]}.name"
+        if site.name in site_paths:
+            problems.add(path, f"site {site.name!r} is already defined at {site_paths[site.name]}")
+            continue
+        site_paths[site.name] = path
+        _claim(owners, site.router, f"the router of site {site.name!r}", path, problems)
+    for site in sites:
+        for node in site.nodes:
+            path = f"{paths[id(node)]}.name"
+            _claim(owners, node.name, path, path, problems)
+            for k in range(node.pods):
+                _claim(owners, f"{node.name}.pod{k}", f"pod {k} of {node.name}", path, problems)
+    raw_networks = root.get("networks") or []
+    if isinstance(raw_networks, list):
+        for i, raw in enumerate(raw_networks):
+            if not isinstance(raw, Mapping) or not isinstance(raw.get("hosts"), list):
+                continue
+            for j, host in enumerate(raw["hosts"]):
+                if isinstance(host, Mapping) and isinstance(host.get("name"), str):
+                    path = f"networks[{i}].hosts[{j}].name"
+                    _claim(owners, host["name"], path, path, problems)
+    return set(owners)
+
+
+def _claim(owners: dict[str, str], name: str, owner: str, path: str, problems: _Problems) -> None:
+    if name in owners:
+        problems.add(path, f"the name {name!r} is already taken by {owners[name]}")
+    else:
+        owners[name] = owner
+
+
+def _parse_network(
+    raw: Any, path: str, all_nodes: set[str], names: set[str], problems: _Problems
+) -> PrivateNetwork | None:
+    doc = _mapping(raw, path, problems)
+    if doc is None:
+        return None
+    _keys(doc, path, ("name", "cidr", "nodes", "gateway", "hosts"), problems)
+    name = _name(doc.get("name"), f"{path}.name", problems)
+    if "cidr" not in doc:
+        problems.add(f"{path}.cidr", "required: the network's IPv4 CIDR")
+        cidr = None
+    else:
+        cidr = _network(doc["cidr"], f"{path}.cidr", problems)
+        if cidr is not None and cidr.prefixlen > 29:
+            problems.add(f"{path}.cidr", f"{cidr} is too small (at most /29)")
+            cidr = None
+        if cidr is not None and cidr.overlaps(PUBLIC_SPACE):
+            problems.add(f"{path}.cidr", f"{cidr} overlaps the lab's public space {PUBLIC_SPACE}")
+
+    taken: set[IPv4] = set()
+    wanted: list[tuple[str, str | None, IPv4 | None]] = []  # (path, node, explicit address)
+    raw_nodes = doc.get("nodes")
+    if raw_nodes is None:
+        problems.add(f"{path}.nodes", "required: the nodes attached to this network")
+        raw_nodes = []
+    for j, entry in enumerate(_list(raw_nodes, f"{path}.nodes", problems) or []):
+        epath = f"{path}.nodes[{j}]"
+        node_name: Any = entry
+        explicit: IPv4 | None = None
+        if isinstance(entry, Mapping):
+            _keys(entry, epath, ("name", "address"), problems)
+            node_name = entry.get("name")
+            if "address" in entry and cidr is not None:
+                explicit = _address(entry["address"], f"{epath}.address", problems)
+                explicit = _own_address(explicit, cidr, taken, f"{epath}.address", problems)
+            epath = f"{epath}.name"
+        if not isinstance(node_name, str) or node_name not in all_nodes:
+            problems.add(epath, f"{node_name!r} is not a node of any site")
+            continue
+        if any(node_name == n for _, n, _ in wanted):
+            problems.add(epath, f"{node_name!r} is attached twice")
+            continue
+        wanted.append((epath, node_name, explicit))
+    if not wanted and isinstance(raw_nodes, list) and raw_nodes == []:
+        problems.add(f"{path}.nodes", "needs at least one node")
+
+    gateway = doc.get("gateway")
+    if gateway is not None and gateway not in [n for _, n, _ in wanted]:
+        problems.add(f"{path}.gateway", f"{gateway!r} is not one of this network's nodes")
+        gateway = None
+
+    raw_hosts = _list(doc.get("hosts", []) or [], f"{path}.hosts", problems) or []
+    host_docs: list[tuple[str, Mapping[str, Any], IPv4 | None]] = []
+    for j, raw_host in enumerate(raw_hosts):
+        hpath = f"{path}.hosts[{j}]"
+        host_doc = _mapping(raw_host, hpath, problems)
+        if host_doc is None:
+            continue
+        _keys(host_doc, hpath, ("name", "address", "routes"), problems)
+        _name(host_doc.get("name"), f"{hpath}.name", problems)
+        explicit = None
+        if "address" in host_doc and cidr is not None:
+            explicit = _address(host_doc["address"], f"{hpath}.address", problems)
+            explicit = _own_address(explicit, cidr, taken, f"{hpath}.address", problems)
+        host_docs.append((hpath, host_doc, explicit))
+
+    if cidr is None or name is None:
+        return None
+    allocator = _Allocator(cidr, FIRST_NODE_HOST, taken)
+    attachments: list[Attachment] = []
+    for epath, node_name, explicit in wanted:
+        addr = explicit or allocator.take()
+        if addr is None:
+            problems.add(epath, f"no free address left in {cidr}")
+            continue
+        assert node_name is not None
+        attachments.append(Attachment(node_name, addr))
+    by_node = {a.node: a.address for a in attachments}
+
+    hosts: list[Host] = []
+    for hpath, host_doc, explicit in host_docs:
+        addr = explicit or allocator.take()
+        if addr is None:
+            problems.add(hpath, f"no free address left in {cidr}")
+            continue
+        routes = _parse_routes(host_doc.get("routes", []), f"{hpath}.routes", cidr, by_node,
+                               gateway, problems)
+        host_name = host_doc.get("name")
+        if isinstance(host_name, str) and _NAME.match(host_name):
+            hosts.append(Host(host_name, addr, routes))
+    return PrivateNetwork(name, cidr, tuple(attachments), gateway, tuple(hosts))
+
+
+def _own_address(
+    addr: IPv4 | None, cidr: Net4, taken: set[IPv4], path: str, problems: _Problems
+) -> IPv4 | None:
+    if addr is None:
+        return None
+    if not _is_host_of(addr, cidr):
+        problems.add(path, f"{addr} must be a host address of {cidr}")
+        return None
+    if addr in taken:
+        problems.add(path, f"{addr} is used twice in {cidr}")
+        return None
+    taken.add(addr)
+    return addr
+
+
+def _parse_routes(
+    raw: Any,
+    path: str,
+    cidr: Net4,
+    by_node: Mapping[str, IPv4],
+    gateway: str | None,
+    problems: _Problems,
+) -> tuple[Route, ...]:
+    routes: list[Route] = []
+    for k, entry in enumerate(_list(raw or [], path, problems) or []):
+        rpath = f"{path}[{k}]"
+        to_raw: Any = entry
+        via_raw: Any = None
+        if isinstance(entry, Mapping):
+            _keys(entry, rpath, ("to", "via"), problems)
+            to_raw, via_raw = entry.get("to"), entry.get("via")
+            if "to" not in entry:
+                problems.add(f"{rpath}.to", "required: the destination CIDR")
+                continue
+            to = _network(to_raw, f"{rpath}.to", problems)
+        else:
+            to = _network(to_raw, rpath, problems)
+        if to is None:
+            continue
+        if to.overlaps(cidr):
+            problems.add(rpath, f"{to} overlaps the host's own network {cidr}")
+            continue
+        via: IPv4 | None = None
+        if via_raw is None:
+            if gateway is None:
+                problems.add(rpath, "no 'via' and the network has no 'gateway'")
+                continue
+            via = by_node.get(gateway)
+        elif isinstance(via_raw, str) and via_raw in by_node:
+            via = by_node[via_raw]
+        else:
+            candidate = None
+            try:
+                candidate = ipaddress.ip_address(via_raw) if isinstance(via_raw, str) else None
+            except ValueError:
+                candidate = None
+            if isinstance(candidate, IPv4) and _is_host_of(candidate, cidr):
+                via = candidate
+            else:
+                problems.add(
+                    f"{rpath}.via",
+                    f"{via_raw!r} is neither a node attached to this network nor an address "
+                    f"in {cidr}",
+                )
+                continue
+        if via is not None:
+            routes.append(Route(to, via))
+    return tuple(routes)
+
+
+def _check_overlaps(
+    sites: list[Site],
+    networks: list[PrivateNetwork],
+    management: Management | None,
+    paths: dict[int, str],
+    problems: _Problems,
+) -> None:
+    claimed: list[tuple[Net4, str]] = []
+    if management is not None:
+        if management.cidr.overlaps(PUBLIC_SPACE):
+            problems.add("management.cidr", f"{management.cidr} overlaps the lab's public space")
+        claimed.append((management.cidr, "management.cidr"))
+    for site in sites:
+        claimed.append((site.lan, f"{paths[id(site)]}.lan"))
+    for net in networks:
+        claimed.append((net.cidr, f"{paths[id(net)]}.cidr"))
+    for site in sites:
+        for node in site.nodes:
+            if node.pod_cidr is not None:
+                path = f"{paths[id(node)]}.podCIDR"
+                if node.pod_cidr.overlaps(PUBLIC_SPACE):
+                    problems.add(path, f"{node.pod_cidr} overlaps the lab's public space")
+                claimed.append((node.pod_cidr, path))
+    for a, (net_a, path_a) in enumerate(claimed):
+        for net_b, path_b in claimed[:a]:
+            if net_a.overlaps(net_b):
+                problems.add(path_a, f"{net_a} overlaps {net_b} ({path_b})")
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in topologies
+
+DEFAULT_TOPOLOGY_YAML = """\
+# The default lab: the EKS Hybrid picture with every NAT kind on the on-premises side.
+internet:
+  relay: 198.18.0.2:3478            # the relay (TCP) and its built-in STUN (UDP)
+  stun: [198.18.0.2:3478, 198.18.0.3:3478]
+management:
+  cidr: 10.254.0.0/24               # nodes reach the API server at 10.254.0.1
+sites:
+  - name: cloud                     # "EC2": public addresses, no NAT
+    nat: none
+    lan: 198.19.1.0/24
+    nodes: [{name: ec2-a}, {name: ec2-b}]
+  - name: prc                       # two nodes behind one port-restricted cone
+    nat: port-restricted-cone
+    lan: 192.168.2.0/24
+    nodes: [{name: prc-1}, {name: prc-2}]
+  - name: fullcone
+    nat: full-cone
+    lan: 192.168.3.0/24
+    nodes: [{name: fullcone-1}]
+  - name: sym1
+    nat: symmetric
+    lan: 192.168.4.0/24
+    nodes: [{name: sym1-1}]
+  - name: sym2
+    nat: symmetric
+    lan: 192.168.5.0/24
+    nodes: [{name: sym2-1}]
+  - name: udpblock
+    nat: udp-blocked
+    lan: 192.168.6.0/24
+    nodes: [{name: udpblock-1}]
+networks:
+  - name: vpc                       # both EC2 nodes on one VPC subnet; ec2-a is the gateway
+    cidr: 10.100.0.0/24
+    nodes: [ec2-a, ec2-b]
+    gateway: ec2-a
+    hosts:
+      - name: vpc-host              # a plain VPC host; hybrid node LANs route via the gateway
+        address: 10.100.0.100
+        routes: [192.168.2.0/24, 192.168.3.0/24, 192.168.4.0/24, 192.168.5.0/24,
+                 192.168.6.0/24]
+"""
+
+EKS_HYBRID_TOPOLOGY_YAML = """\
+# EKS Hybrid Nodes end to end (issue 7): EC2 nodes on a VPC subnet with a VPC host playing the
+# API server's ENI, hybrid nodes behind NAT on two on-premises subnets, pods behind every node.
+# CIDRs follow the EKS Hybrid guide: VPC 10.100.0.0/16, hybrid subnets 172.20.0.0/16 and
+# 10.20.0.0/16, hybrid pods 10.200.0.0/16.
+internet:
+  relay: 198.18.0.2:3478
+  stun: [198.18.0.2:3478, 198.18.0.3:3478]
+management:
+  cidr: 10.254.0.0/24
+sites:
+  - name: aws
+    nat: none
+    lan: 198.19.1.0/24
+    nodes:
+      - {name: ec2-a, podCIDR: 10.100.1.0/24, pods: 1}
+      - {name: ec2-b, podCIDR: 10.100.2.0/24, pods: 1}
+  - name: onprem-a
+    nat: port-restricted-cone
+    lan: 172.20.0.0/16
+    nodes:
+      - {name: hybrid-a1, podCIDR: 10.200.0.0/25, pods: 1}
+      - {name: hybrid-a2, podCIDR: 10.200.0.128/25, pods: 1}
+  - name: onprem-b
+    nat: symmetric
+    lan: 10.20.0.0/16
+    nodes:
+      - {name: hybrid-b1, podCIDR: 10.200.1.0/25, pods: 1}
+networks:
+  - name: vpc
+    cidr: 10.100.0.0/24
+    nodes: [ec2-a, ec2-b]
+    gateway: ec2-a
+    hosts:
+      - name: vpc-host                # the API server's ENI in the VPC
+        address: 10.100.0.100
+        routes: [172.20.0.0/16, 10.20.0.0/16, 10.200.0.0/16]
+"""
+
+BUILTIN_TOPOLOGIES: Mapping[str, str] = {
+    "default": DEFAULT_TOPOLOGY_YAML,
+    "eks-hybrid": EKS_HYBRID_TOPOLOGY_YAML,
+}
+
+
+def builtin_topology(name: str = "default") -> Topology:
+    """A built-in topology by name (``default`` or ``eks-hybrid``)."""
+    if name not in BUILTIN_TOPOLOGIES:
+        raise KeyError(f"no built-in topology {name!r} (have: {', '.join(BUILTIN_TOPOLOGIES)})")
+    return parse_topology_yaml(BUILTIN_TOPOLOGIES[name], f"built-in topology {name!r}")
+
+
+def default_topology() -> Topology:
+    return builtin_topology("default")
