@@ -7,25 +7,23 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from tests.integration.test_relay_stun_server import stunclient
 from tests.integration.test_relay_forwarding import pump, steady_pair
+from tests.integration.test_relay_stun_server import stunclient
 from tests.integration.test_relay_support import (
     LOCALHOST,
-    REGISTERED,
-    SpecClient,
     raw_public,
     registered_spec_client,
     run,
+    stalled_spec_client,
     wait_until,
 )
 from wirekube import k8s
@@ -130,20 +128,11 @@ def test_a_stalled_reader_does_not_grow_the_relay_process() -> None:
         tcp, metrics = relay.address("tcp"), relay.address("metrics")
 
         async def scenario() -> None:
-            stalled_sock = socket.socket()
-            stalled_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            stalled_sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(stalled_sock, tcp)
-            reader, writer = await asyncio.open_connection(sock=stalled_sock)
-            stalled = SpecClient(reader, writer)
-            stalled_key = X25519PrivateKey.generate()
-            assert await stalled.register(stalled_key) == (REGISTERED, b"")
-            cast(asyncio.ReadTransport, writer.transport).pause_reading()
-
+            stalled, stalled_key = await stalled_spec_client(tcp)
             await steady_pair(tcp, 500)  # warm up allocator and code paths
             before = rss_kib(relay.proc.pid)
             flooder, _ = await registered_spec_client(tcp)
-            flood = asyncio.ensure_future(pump(flooder, raw_public(stalled_key), 28_000, [1400]))  # ~40 MB
+            flood = asyncio.ensure_future(pump(flooder, stalled_key, 28_000, [1400]))  # ~40 MB
             assert await steady_pair(tcp, 3000) == 3000
             await flood
             text = await http_get(metrics, "/metrics")
@@ -153,7 +142,7 @@ def test_a_stalled_reader_does_not_grow_the_relay_process() -> None:
             assert queued <= limit
             growth_mib = (rss_kib(relay.proc.pid) - before) / 1024
             assert growth_mib < 16, f"relay RSS grew by {growth_mib:.1f} MiB"
-            stalled_sock.close()
+            await stalled.close()
 
         run(scenario(), timeout=120)
     finally:

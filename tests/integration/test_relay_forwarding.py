@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 import struct
-from typing import cast
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -17,11 +15,11 @@ from tests.integration.test_relay_support import (
     REGISTER,
     SpecClient,
     frame,
-    raw_public,
     registered_spec_client,
     relay_settings,
     run,
     running_relay,
+    stalled_spec_client,
     wait_until,
 )
 from wirekube.relay.client import RelayClient
@@ -158,16 +156,7 @@ def test_stalled_reader_loses_its_own_packets_and_stays_within_its_queue_cap() -
 
     async def scenario() -> None:
         async with running_relay(relay_settings(queue_limit_bytes=limit)) as relay:
-            stalled_sock = socket.socket()
-            stalled_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            stalled_sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(stalled_sock, relay.address)
-            reader, writer = await asyncio.open_connection(sock=stalled_sock)
-            stalled = SpecClient(reader, writer)
-            stalled_priv = X25519PrivateKey.generate()
-            assert (await stalled.register(stalled_priv))[0] == 0x09  # type: ignore[index]
-            cast(asyncio.ReadTransport, writer.transport).pause_reading()  # stop reading: the relay must cope
-            stalled_key = raw_public(stalled_priv)
+            stalled, stalled_key = await stalled_spec_client(relay.address)
             stalled_conn = relay.routes[stalled_key]
 
             worst = 0
@@ -192,7 +181,7 @@ def test_stalled_reader_loses_its_own_packets_and_stays_within_its_queue_cap() -
             assert relay.stats.frames_dropped["queue_full"] > 10_000
             assert 0 < worst <= limit
             assert stalled_conn._queued_bytes() <= limit
-            stalled_sock.close()
+            await stalled.close()
 
     run(scenario(), timeout=90)
 

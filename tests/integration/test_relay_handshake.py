@@ -17,11 +17,13 @@ from tests.integration.test_relay_support import (
     REGISTERED,
     RELAYPROBE,
     SpecClient,
+    frame,
     raw_public,
     registered_spec_client,
     relay_settings,
     run,
     running_relay,
+    stalled_spec_client,
     wait_until,
 )
 from wirekube.relay.authz import PeerAuthorizer
@@ -276,5 +278,26 @@ def test_authorizer_admits_listed_keys_and_disconnects_removed_ones() -> None:
             assert [f[0] for f in frames] == [ERROR]
             assert relay.stats.disconnects["revoked"] == 1
             assert not relay.routes
+
+    run(scenario())
+
+
+def test_a_client_that_never_reads_its_replies_cannot_grow_the_relay() -> None:
+    async def scenario() -> None:
+        limit = 16 * 1024
+        async with running_relay(relay_settings(queue_limit_bytes=limit)) as relay:
+            c, key = await stalled_spec_client(relay.address)
+            conn = relay.routes[key]
+            sent = 0
+            # Keep sending until the kernel's buffers are full and the relay has to refuse
+            # replies; 100 batches (26 MB of replies) is far beyond any socket buffer.
+            while relay.stats.frames_dropped["reply_queue_full"] == 0:
+                assert sent < 100 * 20_000, "the relay never refused a reply"
+                c.send_raw(frame(RELAYPROBE, b"12345678") * 20_000)  # 20,000 RelayProbes per write
+                sent += 20_000
+                await c.writer.drain()
+                await wait_until(lambda: relay.stats.relay_probes == sent, what="the batch to be read")
+                assert conn._queued_bytes() <= limit
+            assert conn._queued_bytes() <= limit
 
     run(scenario())

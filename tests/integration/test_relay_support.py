@@ -12,11 +12,12 @@ import contextlib
 import hashlib
 import hmac
 import ipaddress
+import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import uvloop
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -153,6 +154,20 @@ class Collector(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self.into.append((data, addr))
+
+
+async def stalled_spec_client(address: tuple[str, int]) -> tuple[SpecClient, bytes]:
+    """A registered client with a tiny receive buffer that then stops reading altogether."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, address)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    client = SpecClient(reader, writer)
+    key = X25519PrivateKey.generate()
+    assert await client.register(key) == (REGISTERED, b"")
+    cast(asyncio.ReadTransport, writer.transport).pause_reading()
+    return client, raw_public(key)
 
 
 def allow_loopback_targets(address: ipaddress.IPv4Address, port: int) -> str | None:

@@ -294,10 +294,10 @@ class RelayConnection(asyncio.BufferedProtocol):
         ftype = frame.type
         if ftype == FrameType.KEEPALIVE:
             self._stats.keepalives += 1
-            self._write(_KEEPALIVE)
+            self._reply(_KEEPALIVE)
         elif ftype == FrameType.RELAY_PROBE:
             self._stats.relay_probes += 1
-            self._write(encode_frame(FrameType.RELAY_PROBE, frame.body))
+            self._reply(encode_frame(FrameType.RELAY_PROBE, frame.body))
         elif ftype == FrameType.NAT_PROBE:
             self._nat_probe(frame.body)
         elif ftype == FrameType.ERROR:
@@ -307,12 +307,21 @@ class RelayConnection(asyncio.BufferedProtocol):
             self._stats.protocol_errors["unexpected_frame"] += 1
             self.close_with_error(f"{_type_name(ftype)} after Registered", "unexpected_frame")
 
+    def _reply(self, frame: bytes) -> None:
+        """Answer a control frame, unless this client leaves its answers unread: replies are held
+        to the same byte cap as Data, so a client that floods keepalives without reading cannot
+        grow the relay."""
+        if self._queued_bytes() + len(frame) > self._settings.queue_limit_bytes:
+            self._stats.drop("reply_queue_full", 1, len(frame))
+            return
+        self._write(frame)
+
     def _nat_probe(self, body: bytes) -> None:
         address, port = parse_nat_probe(body)
         result = self._relay._send_nat_probes(address, port, self._nat_bucket)
         self._stats.nat_probes[result] += 1
         if result == "sent":
-            self._write(encode_frame(FrameType.NAT_PROBE, body))
+            self._reply(encode_frame(FrameType.NAT_PROBE, body))
         else:
             self._log.debug("NAT probe not sent: {}", result)
 
