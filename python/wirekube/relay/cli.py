@@ -66,25 +66,33 @@ def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="wirekube-relay", description=__doc__.split("\n\n")[0])
-    p.add_argument("--listen", type=parse_hostport, default=("0.0.0.0", DEFAULT_PORT),
+    p = argparse.ArgumentParser(
+        prog="wirekube-relay",
+        description="WireKube relay: WireGuard datagrams over framed TCP, a STUN responder and NAT probes.",
+    )
+    hp = "HOST:PORT"
+    p.add_argument("--listen", type=parse_hostport, default=("0.0.0.0", DEFAULT_PORT), metavar=hp,
                    help="TCP address for relay clients (default 0.0.0.0:3478)")
-    p.add_argument("--stun-listen", type=parse_hostport, default=None,
-                   help="UDP address of the STUN responder (default: the --listen address)")
-    p.add_argument("--metrics-listen", type=parse_hostport, default=("0.0.0.0", DEFAULT_METRICS_PORT),
+    p.add_argument("--stun-listen", type=parse_hostport, default=None, metavar=hp,
+                   help="UDP address of the STUN responder and of the first NAT probe (default: --listen)")
+    p.add_argument("--metrics-listen", type=parse_hostport, default=("0.0.0.0", DEFAULT_METRICS_PORT), metavar=hp,
                    help="HTTP address serving /metrics and /healthz (default 0.0.0.0:9478)")
-    p.add_argument("--nat-probe-listen", type=parse_hostport, default=None,
-                   help="UDP address the second NAT probe is sent from (default: STUN host, any port)")
+    p.add_argument("--nat-probe-listen", type=parse_hostport, default=None, metavar=hp,
+                   help="UDP address the second NAT probe is sent from (default: the STUN host, any free port)")
     p.add_argument("--authorize-peers", action="store_true",
-                   help="accept only keys of WireKubePeer objects; disconnect removed peers")
-    p.add_argument("--kubeconfig", default=None, help="kubeconfig for --authorize-peers (default: in-cluster)")
-    p.add_argument("--handshake-timeout", type=float, default=5.0, help="seconds to complete registration")
-    p.add_argument("--idle-timeout", type=float, default=90.0, help="seconds without keepalive before a drop")
-    p.add_argument("--queue-limit-bytes", type=int, default=512 * 1024,
-                   help="cap on bytes waiting for one client; beyond it its packets are dropped")
-    p.add_argument("--max-connections", type=int, default=10_000)
-    p.add_argument("--log-format", choices=("json", "text"), default="json")
-    p.add_argument("--log-level", default="INFO")
+                   help="accept only keys found in a WireKubePeer spec.publicKey; disconnect a peer when it is removed")
+    p.add_argument("--kubeconfig", default=None,
+                   help="kubeconfig for --authorize-peers (default: in-cluster, else $KUBECONFIG)")
+    p.add_argument("--handshake-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="time allowed from connect to Registered (default 5)")
+    p.add_argument("--idle-timeout", type=float, default=90.0, metavar="SECONDS",
+                   help="a registered client silent for this long is dropped (default 90)")
+    p.add_argument("--queue-limit-bytes", type=int, default=512 * 1024, metavar="BYTES",
+                   help="cap on bytes waiting for one client; beyond it that client's packets are dropped "
+                        "(default 524288)")
+    p.add_argument("--max-connections", type=int, default=10_000, help="connections beyond this are refused")
+    p.add_argument("--log-format", choices=("json", "text"), default="json", help="json (default) or text")
+    p.add_argument("--log-level", default="INFO", help="loguru level (default INFO)")
     return p
 
 
