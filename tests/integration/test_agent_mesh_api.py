@@ -7,8 +7,8 @@ singleton) through ``wirekube.lab.apiproxy`` on the namespace's 127.0.0.1:6443. 
 creates the WireKubeMesh and the Node objects; the agents register their own WireKubePeers.
 
 The tests share one mesh and run in file order: 3 nodes -> a 4th joins -> peer deletion ->
-kill -9 -> API server outage.  Each starts by checking the mesh it expects, so a failure in one
-shows up as a clear precondition failure in the next instead of a confusing timeout.
+kill -9 -> API server outage.  Each starts by bringing the mesh to the members it needs and
+checking that it is whole, so each also runs on its own (``-k``).
 """
 
 from __future__ import annotations
@@ -78,6 +78,20 @@ class Mesh:
     def members(self) -> list[Node]:
         """Nodes whose agent is running."""
         return [n for n in self.lab.nodes if n.agent is not None and n.agent.poll() is None]
+
+    def ensure(self, count: int) -> list[Node]:
+        """At least ``count`` running members (so a test also runs on its own, e.g. with -k)."""
+        for n in self.lab.nodes:
+            if n.agent is None or n.agent.poll() is not None:
+                self.lab.start_agent(n, resync=RESYNC)
+        while len(self.lab.nodes) < count:
+            self.join(f"n{len(self.lab.nodes)}")
+        nodes = self.members()
+        assert [n.name for n in nodes] == [f"n{i}" for i in range(len(nodes))], [n.name for n in nodes]
+        for n in nodes:
+            self.wait_registered(n)
+        self.wait_full_mesh(nodes)
+        return nodes
 
     # -------------------------------------------------------------- cluster side
 
@@ -267,9 +281,7 @@ def test_fourth_node_joins_without_disturbing_the_others(mesh: Mesh) -> None:
 
 
 def test_deleted_peer_disappears_everywhere_and_a_running_agent_recreates_it(mesh: Mesh) -> None:
-    nodes = mesh.members()
-    assert [n.name for n in nodes] == ["n0", "n1", "n2", "n3"]
-    mesh.wait_full_mesh(nodes)
+    nodes = mesh.ensure(4)
     gone, rest = nodes[3], nodes[:3]
     gone_ip = mesh.mesh_ip(gone)
 
@@ -305,9 +317,7 @@ def test_deleted_peer_disappears_everywhere_and_a_running_agent_recreates_it(mes
 
 
 def test_kill9_agent_loses_no_ping_and_restart_leaves_no_duplicates(mesh: Mesh) -> None:
-    nodes = mesh.members()
-    assert [n.name for n in nodes] == ["n0", "n1", "n2", "n3"]
-    mesh.wait_full_mesh(nodes)
+    nodes = mesh.ensure(4)
     victim = nodes[1]
     daemon = mesh.lab.daemon_pids(victim)
     adoptions = log_of(victim).count("adopted running wireguard-go")
@@ -336,9 +346,7 @@ def test_kill9_agent_loses_no_ping_and_restart_leaves_no_duplicates(mesh: Mesh) 
 
 
 def test_api_server_outage_keeps_traffic_and_agents_resume(mesh: Mesh) -> None:
-    nodes = mesh.members()
-    assert [n.name for n in nodes] == ["n0", "n1", "n2", "n3"]
-    mesh.wait_full_mesh(nodes)
+    nodes = mesh.ensure(4)
     pings = [mesh.ping(nodes[0], nodes[1]), mesh.ping(nodes[2], nodes[3]), mesh.ping(nodes[3], nodes[0])]
     for p in pings:
         p.wait_replies(10)
