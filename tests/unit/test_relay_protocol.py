@@ -164,6 +164,57 @@ def test_rewritten_runs_equal_the_input_with_the_key_replaced(fs: list[Frame], c
     assert got == expected
 
 
+@st.composite
+def uniform_streams(draw: st.DrawFn) -> list[Frame]:
+    """Long stretches of same-size, same-key Data (the block path), broken up now and then."""
+    out: list[Frame] = []
+    for _ in range(draw(st.integers(1, 4))):
+        key = draw(KEYS)
+        size = draw(st.sampled_from([1, 63, 100, 400, 475, 476, 600]))  # datagram bytes
+        count = draw(st.integers(1, 200))
+        payload = draw(st.sampled_from([b"\x00", b"\x02", b"k", b"\x00\x00\x00\x89\x02" + bytes(range(32))]))
+        datagram = (payload * size)[:size]  # some payloads mimic a frame prefix on purpose
+        out += [Frame(FrameType.DATA, key + datagram)] * count
+        if draw(st.booleans()):
+            out.append(draw(frames()))
+    return out
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(uniform_streams(), st.lists(st.integers(min_value=0), max_size=6))
+def test_block_rewrite_equals_the_input_with_the_key_replaced(fs: list[Frame], cuts: list[int]) -> None:
+    src = b"S" * KEY_LEN
+    expected = [Frame(f.type, src + f.body[KEY_LEN:]) if f.type == FrameType.DATA else f for f in fs]
+    decoder = FrameDecoder()
+    got: list[Frame] = []
+    for piece in split(wire(fs), cuts):
+        decoder.feed(piece)
+        while (item := decoder.next_run(rewrite=src)) is not NEED_DATA:
+            if isinstance(item, DataRun):
+                data = bytes(item.frames)
+                assert len(frame_bounds(data)) == item.frame_count
+                got.extend(Frame(FrameType.DATA, data[a + HEADER_LEN : b]) for a, b in frame_bounds(data))
+            else:
+                got.append(item)  # type: ignore[arg-type]
+    assert got == expected
+
+
+def test_block_path_stops_exactly_where_a_frame_differs() -> None:
+    key, other, src = b"k" * KEY_LEN, b"o" * KEY_LEN, b"S" * KEY_LEN
+    stream = [encode_data(key, bytes([i % 251]) * 100) for i in range(200)]
+    stream[130] = encode_data(other, b"x" * 100)  # same length, other key, inside the third block
+    decoder = FrameDecoder()
+    decoder.feed(b"".join(stream))
+    counts: list[tuple[bytes, int]] = []
+    while (item := decoder.next_run(rewrite=src)) is not NEED_DATA:
+        assert isinstance(item, DataRun)
+        if counts and counts[-1][0] == item.key:  # a key's frames may come in several runs
+            counts[-1] = (item.key, counts[-1][1] + item.frame_count)
+        else:
+            counts.append((item.key, item.frame_count))
+    assert counts == [(key, 130), (other, 1), (key, 69)]
+
+
 def test_views_stay_valid_after_more_data_arrives() -> None:
     """A run is a view of the buffer; later reads must never overwrite it."""
     key = b"k" * KEY_LEN

@@ -37,6 +37,7 @@ Nothing here does I/O or reads the clock.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import struct
 from typing import Final, NamedTuple
@@ -138,6 +139,19 @@ class DataRun(NamedTuple):
     key: bytes
     frames: memoryview
     frame_count: int
+
+
+BLOCK_FRAMES: Final = 64
+"""Small frames of one length and key are rewritten this many at a time (see ``_block_run``)."""
+BLOCK_MAX_FRAME: Final = 512
+"""Frames up to this size take the block path; beyond it copying payloads costs more than the
+per-frame loop saves."""
+
+
+@functools.lru_cache(maxsize=64)
+def _block_struct(size: int) -> struct.Struct:
+    payload = size - HEADER_LEN - KEY_LEN
+    return struct.Struct(f"{HEADER_LEN + KEY_LEN}s{payload}s" * BLOCK_FRAMES)
 
 
 # -- encoding ---------------------------------------------------------------------------------
@@ -404,9 +418,41 @@ class FrameDecoder:
             self._off = end
             return Frame(ftype, bytes(self._view[first + HEADER_LEN : end]))
         key = bytes(self._view[first + HEADER_LEN : first + HEADER_LEN + KEY_LEN])
+        size = LENGTH_PREFIX_LEN + length
+        if rewrite is not None and size <= BLOCK_MAX_FRAME and self._end - first >= BLOCK_FRAMES * size:
+            block = self._block_run(first, size, key, rewrite)
+            if block is not None:
+                return block
         off, count = self._scan_run(first, key, rewrite)
         self._off = off
         return DataRun(key, self._view[first:off], count)
+
+    def _block_run(self, first: int, size: int, key: bytes, rewrite: bytes) -> DataRun | None:
+        """Small frames, rewritten :data:`BLOCK_FRAMES` at a time with one ``struct`` call.
+
+        For a block of frames of ``size`` bytes, one ``unpack_from`` splits it into 37-byte
+        prefixes (length, type, key) and payloads.  If every prefix equals the first one, each
+        frame really has that length, so the framing assumed is the framing there is (nothing in a
+        payload can fake it: only prefixes at the computed offsets are compared); the outbound
+        form is then the payloads joined by the rewritten prefix, a new ``bytes``.  Returns
+        ``None`` if not even the first block is uniform."""
+        view = self._view
+        prefix = bytes(view[first : first + HEADER_LEN + KEY_LEN])
+        unpack_from = _block_struct(size).unpack_from
+        step = BLOCK_FRAMES * size
+        payloads: list[bytes] = [b""]
+        off, last = first, self._end - step
+        while off <= last:
+            parts = unpack_from(view, off)
+            if parts[0::2].count(prefix) != BLOCK_FRAMES:
+                break
+            payloads += parts[1::2]
+            off += step
+        if off == first:
+            return None
+        self._off = off
+        frames = (prefix[:HEADER_LEN] + rewrite).join(payloads)
+        return DataRun(key, memoryview(frames), (off - first) // size)
 
     def _scan_run(self, first: int, key: bytes, rewrite: bytes | None) -> tuple[int, int]:
         """Walk complete, valid Data frames carrying ``key`` from ``first`` (itself one, already

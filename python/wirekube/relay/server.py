@@ -277,7 +277,10 @@ class RelayConnection(asyncio.BufferedProtocol):
             if not size:
                 return
         self._budget -= size
-        self._pending.append(run.frames if self._zero_copy else bytes(run.frames))
+        frames = run.frames
+        # A read-only view is over bytes the decoder made for this run alone (small frames are
+        # rewritten into a new object): it pins nothing else, so it needs no copy either.
+        self._pending.append(frames if self._zero_copy or frames.readonly else bytes(frames))
         self._stats.frames_forwarded += run.frame_count
         self._stats.bytes_forwarded += size
 
