@@ -29,7 +29,12 @@ import pytest
 from wirekube.lab import procs
 from wirekube.lab.net import Lab, LabError
 from wirekube.lab.plan import netns_prefix
-from wirekube.lab.topology import NatKind, default_topology, parse_topology_yaml
+from wirekube.lab.topology import (
+    NatKind,
+    builtin_topology,
+    default_topology,
+    parse_topology_yaml,
+)
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]
 
@@ -88,11 +93,14 @@ def logs(lab: Lab) -> str:
     return "\n".join(f"== {p.name}\n{p.read_text()[-2000:]}" for p in lab.log_dir.glob("*.log"))
 
 
-def stun_once(lab: Lab, node: str, servers: list[str], port: int | None = None) -> list[str | None]:
-    """Mapped addresses seen by each server, asked in order from one socket in ``node``."""
+def stun_once(lab: Lab, node: str, servers: list[str], port: int | None = None,
+              timeout: float = 3.0) -> list[str | None]:
+    """Mapped addresses seen by each server, asked in order from one socket in ``node``
+    (each answer normally takes a millisecond; ``timeout`` only bounds a missing one)."""
     port = port or next(_ports)
     result = lab.exec(node, [PY, "-m", "wirekube.lab.stunprobe", "--bind", f"0.0.0.0:{port}",
-                             "--timeout", "1.5", *(a for s in servers for a in ("--server", s))])
+                             "--timeout", str(timeout),
+                             *(a for s in servers for a in ("--server", s))])
     return [r.get("mapped") for r in json.loads(result.stdout)["results"]]
 
 
@@ -181,11 +189,31 @@ def test_mapping_per_nat_kind(lab: Lab, node: str) -> None:
 def test_udp_blocked_lets_tcp_out_but_no_udp(lab: Lab) -> None:
     router = lab.routers["udpblock"].name
     before = counter(lab, router, "udp_blocked")
-    assert stun_once(lab, "udpblock-1", [str(s) for s in lab.stun]) == [None, None]
+    # The router's drop counter is the evidence; the short STUN timeout only ends the probe.
+    assert stun_once(lab, "udpblock-1", [str(lab.stun[0])], timeout=0.6) == [None]
     assert counter(lab, router, "udp_blocked") > before
     out = lab.exec("udpblock-1", [PY, "-m", "wirekube.lab.stunprobe", "--tcp", "--server",
                                   str(lab.relay)], check=True)
     assert "connected" in json.loads(out.stdout)["results"][0]
+
+
+def test_eks_hybrid_topology_comes_up_with_pods_and_the_vpc(tmp_path: Path) -> None:
+    require_netns()
+    lab = Lab(builtin_topology("eks-hybrid"), f"t{uuid.uuid4().hex[:6]}", tmp_path / "lab")
+    try:
+        lab.up()
+        for pod in lab.pods.values():
+            node = lab.node(pod.node)
+            lab.exec(pod.name, ["ping", "-c1", "-W2", str(node.lan_ip)], check=True)
+            lab.exec(pod.node, ["ping", "-c1", "-W2", str(pod.address)], check=True)
+        for node in ("ec2-a", "ec2-b"):
+            address = lab.node(node).private["vpc"]
+            lab.exec("vpc-host", ["ping", "-c1", "-W2", str(address)], check=True)
+        routes = lab.exec("vpc-host", ["ip", "route"], check=True).stdout
+        for cidr in ("172.20.0.0/16", "10.20.0.0/16", "10.200.0.0/16"):
+            assert f"{cidr} via {lab.node('ec2-a').private['vpc']}" in routes
+    finally:
+        lab.down()
 
 
 @pytest.mark.parametrize(("node", "delivered"), [
@@ -405,6 +433,24 @@ def test_up_down_leaves_nothing_behind_and_down_is_idempotent(tmp_path: Path) ->
     lab.down()  # twice is fine
     Lab.destroy(name, workdir)
     assert not workdir.exists() and snapshot(name)["netns"] == []
+
+
+def test_down_removes_only_what_the_lab_made_in_a_shared_workdir(tmp_path: Path) -> None:
+    require_netns()
+    workdir = tmp_path / "shared"
+    (workdir / "logs").mkdir(parents=True)
+    foreign = [workdir / "orchestrator.json", workdir / "logs" / "cluster.log"]
+    for path in foreign:
+        path.write_text("not the lab's")
+    lab = Lab(parse_topology_yaml(SMALL_TOPOLOGY), f"t{uuid.uuid4().hex[:6]}", workdir)
+    try:
+        lab.up()
+        proc = lab.spawn("internet", ["sleep", "600"])  # default log: <workdir>/logs/...
+        lab.stop(proc)  # its log is still the lab's to remove
+    finally:
+        lab.down()
+    assert sorted(p.relative_to(workdir) for p in workdir.rglob("*")) == [
+        Path("logs"), Path("logs/cluster.log"), Path("orchestrator.json")]
 
 
 CRASHING_UP = """

@@ -12,6 +12,7 @@ API (what the lab orchestrator calls)::
     lab.hosts["vpc-host"]         # HostInfo: network, netns, address
     lab.pods["ec2-a.pod0"]        # PodInfo: node, netns, address
     lab.relay, lab.stun           # Endpoint(host, port) of the relay / each STUN server
+    lab.api_address               # 10.254.0.1: routed API address (an IP SAN for the API cert)
     lab.api_endpoint              # 127.0.0.1:PORT: the API server as seen inside every node
     lab.api_routed_endpoint       # 10.254.0.1:PORT: the same over the node's `mgmt` link
     lab.nat_by_site()             # {"prc": NatKind.PORT_RESTRICTED_CONE, ...}
@@ -21,6 +22,7 @@ API (what the lab orchestrator calls)::
     proc = lab.spawn_in_node("prc-1", ["wirekube-agent", ...], log_path)   # Popen
     proc = lab.spawn("internet", ["wirekube-relay", ...], log_path)        # any target
     lab.stop(proc)                # SIGTERM, then SIGKILL after a grace period; returns the code
+    lab.command("prc-1", argv)    # the full argv that runs argv there (for os.execvp: a tty)
     lab.forward_api(("127.0.0.1", 6443))           # start the API proxies later (or in up)
     lab.down()                    # idempotent; also Lab.destroy(name) without a topology
     Lab.attach("default")         # the running lab, from its state file (another process)
@@ -52,9 +54,11 @@ Design:
   started through ``exec``) are ended by PID too.  ``up`` first cleans whatever a crashed lab
   of the same name left (state file and namespace prefix), then writes the state before
   creating anything, so a crash at any point can be cleaned.
-- Default workdir: ``/run/wirekube-lab/<lab>``.  ``down`` removes the state, the holders' files
-  and ``<workdir>/logs`` (unless ``keep_logs``), then the workdir if it is empty.  The shared
-  ``/run/wireguard`` mount point on the host is created if missing and left in place.
+- Default workdir: ``/run/wirekube-lab/<lab>`` (it may be shared with the orchestrator's own
+  files).  ``down`` removes ``state.json``, ``<workdir>/net/`` (holders' and proxies' files) and,
+  unless ``keep_logs``, the logs of processes the lab started that lie in ``<workdir>/logs``;
+  then the logs directory and the workdir if they are empty.  It never removes other files.  The
+  shared ``/run/wireguard`` mount point on the host is created if missing and left in place.
 """
 
 from __future__ import annotations
@@ -95,6 +99,7 @@ DEFAULT_ROOT = Path("/run/wirekube-lab")
 NETNS_DIR = Path("/run/netns")
 WIREGUARD_RUN = Path("/run/wireguard")
 STATE_VERSION = 1
+PRIVATE_DIR = "net"  # <workdir>/net: holders' ready files and log, proxies' ready files
 READY_TIMEOUT_S = 10.0
 
 
@@ -262,6 +267,12 @@ class Lab:
         return self.plan.stun
 
     @property
+    def api_address(self) -> ipaddress.IPv4Address:
+        """The routed management address of the API server, known before :meth:`forward_api`
+        (give it to the API server certificate as an IP SAN)."""
+        return self.plan.api_address
+
+    @property
     def api_endpoint(self) -> Endpoint | None:
         """Where a node's kubeconfig points (127.0.0.1:PORT inside the node), once
         :meth:`forward_api` ran (else None)."""
@@ -287,7 +298,12 @@ class Lab:
 
     @property
     def log_dir(self) -> Path:
+        """Where process logs go by default (``<workdir>/logs``)."""
         return self.workdir / "logs"
+
+    @property
+    def _private_dir(self) -> Path:
+        return self.workdir / PRIVATE_DIR
 
     def info(self) -> dict[str, Any]:
         """A JSON-ready summary: every address, NAT kind and exec target."""
@@ -359,7 +375,7 @@ class Lab:
 
     def _build(self) -> None:
         plan = self.plan
-        (self.workdir / "run").mkdir(parents=True, exist_ok=True)
+        (self._private_dir).mkdir(parents=True, exist_ok=True)
         self._state.write({
             "version": STATE_VERSION,
             "lab": self.name,
@@ -411,11 +427,11 @@ class Lab:
         script = ('mount -t tmpfs -o mode=0755,size=4m wirekube-lab /run/wireguard && '
                   'echo "$$" > "$1" && exec sleep infinity')
         for node in self.plan.nodes.values():
-            ready = self.workdir / "run" / f"holder-{node.name}"
+            ready = self._private_dir / f"holder-{node.name}"
             ready.unlink(missing_ok=True)
             argv = ["ip", "netns", "exec", node.netns, "unshare", "--mount",
                     "--propagation", "private", "--", "sh", "-c", script, "holder", str(ready)]
-            log = self.workdir / "run" / "holders.log"
+            log = self._private_dir / "holders.log"
             with open(log, "a") as log_file:
                 popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=log_file,
@@ -432,7 +448,7 @@ class Lab:
                     del pending[name]
                 elif popen.poll() is not None:
                     raise LabError(f"the namespace holder of node {name} exited with "
-                                   f"{popen.returncode}; see {self.workdir / 'run/holders.log'}")
+                                   f"{popen.returncode}; see {self._private_dir / 'holders.log'}")
             if pending and time.monotonic() > deadline:
                 raise LabError(f"namespace holders not ready after {READY_TIMEOUT_S} s: "
                                f"{', '.join(pending)}")
@@ -565,7 +581,14 @@ class Lab:
                 start_new_session=True,
             )
         self._children[popen.pid] = popen
-        self._add_process(procs.record_for(popen, role, target, argv, str(log)))
+        record = procs.record_for(popen, role, target, argv, str(log))
+
+        def add(data: dict[str, Any]) -> None:
+            data["processes"].append(record.to_json())
+            if str(log) not in data.setdefault("logs", []):
+                data["logs"].append(str(log))
+
+        self._state.update(add)
         return popen
 
     def stop(self, proc: subprocess.Popen[Any] | int, grace: float = 3.0) -> int | None:
@@ -634,9 +657,23 @@ def _cleanup(name: str, workdir: Path, *, keep_logs: bool, remove_workdir: bool 
         return
     state.path.unlink(missing_ok=True)
     state.path.with_name(state.path.name + ".tmp").unlink(missing_ok=True)
-    shutil.rmtree(workdir / "run", ignore_errors=True)
+    shutil.rmtree(workdir / PRIVATE_DIR, ignore_errors=True)
+    legacy = workdir / "run"  # where the first version kept the holders' files
+    for path in [*legacy.glob("holder-*"), legacy / "holders.log"]:
+        path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        legacy.rmdir()
     if not keep_logs:
-        shutil.rmtree(workdir / "logs", ignore_errors=True)
+        # Only logs of processes this lab started, and only inside the workdir: the workdir may
+        # be shared (the orchestrator keeps its own files there), and a log path elsewhere was
+        # the caller's choice.
+        logs_dir = workdir / "logs"
+        for log in (data or {}).get("logs", []):
+            path = Path(log)
+            if path.parent == logs_dir:
+                path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            logs_dir.rmdir()
     if remove_workdir:
         with contextlib.suppress(OSError):
             workdir.rmdir()  # only if empty: never remove files the lab did not make
