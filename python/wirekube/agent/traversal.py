@@ -21,6 +21,9 @@ import asyncio
 import base64
 import contextlib
 import ipaddress
+import os
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -50,8 +53,15 @@ from wirekube.traversal import nat, pathsm, rawudp
 from wirekube.traversal.probe import ProbeListener
 from wirekube.traversal.relaypath import RelayPath
 
+# Failover watches rx counters, so something must come back from every peer in use at least
+# every second. WireGuard's persistent keepalive cannot promise that: its timer is reset by
+# packets *received* too, so with two 1 s keepalives one side usually stays silent and the other
+# would see a dead path. Instead each agent sends a 1 Hz ICMP echo through the tunnel to every
+# direct peer's mesh IP: the peer's kernel answers, the answer counts as rx, and only a path that
+# works both ways keeps rx moving. The keepalive stays short for NAT mappings and hole punching.
 DIRECT_KEEPALIVE = 1
-RELAY_KEEPALIVE = 10
+RELAY_KEEPALIVE = 1
+HEARTBEAT_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -132,7 +142,30 @@ class Traversal:
         ready.wait(5)
         self._spawn(self._tick_loop, "traversal-tick")
         self._spawn(self._discovery_loop, "traversal-discovery")
+        self._spawn(self._heartbeat_loop, "traversal-heartbeat")
         return self
+
+    def _heartbeat_loop(self) -> None:
+        """1 Hz ICMP echo through wire_kube to every peer (see HEARTBEAT_SECONDS)."""
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        except OSError as e:
+            self._log.warning("no ICMP heartbeat ({}); failover relies on keepalives", e)
+            return
+        sock.setblocking(False)
+        ident, seq = os.getpid() & 0xFFFF, 0
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            with contextlib.suppress(OSError):
+                while sock.recv(2048):  # drain the echo replies (their job was done as rx)
+                    pass
+            with self._lock:
+                targets = [str(p.mesh_ip) for p in self._view.peers.values() if p.mesh_ip is not None]
+            seq = (seq + 1) & 0xFFFF
+            packet = icmp_echo(ident, seq)
+            for ip in targets:
+                with contextlib.suppress(OSError):
+                    sock.sendto(packet, (ip, 0))
+        sock.close()
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         def guarded() -> None:
@@ -455,3 +488,9 @@ class Traversal:
 
 def _raw(key: str) -> bytes:
     return base64.b64decode(key)
+
+
+def icmp_echo(ident: int, seq: int, payload: bytes = b"wirekube-heartbeat") -> bytes:
+    header = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
+    csum = rawudp.checksum(header + payload)
+    return struct.pack("!BBHHH", 8, 0, csum, ident, seq) + payload

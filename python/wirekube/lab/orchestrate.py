@@ -1,0 +1,272 @@
+"""The whole lab: control plane + network + relay + agents, and what `wirekube-lab` shows of it.
+
+    up(topology, name)     control plane, network (wirekube.lab.net), Node objects, the mesh,
+                           two relays/STUN servers on the internet, one agent per node; waits
+                           for convergence
+    status(name)           nodes (NAT type, mesh IP) and every ordered pair (transport, RTT)
+    down(name)             agents, relays, network, control plane; idempotent
+
+State: the network's own state file (``net.Lab``), plus ``<workdir>/orchestrator.json`` with the
+control plane's directory and the kubeconfig agents use. Every process is started through
+``net.Lab.spawn*`` and so recorded and ended by PID.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wirekube import errors, k8s
+from wirekube.lab.cluster import ControlPlane, write_kubeconfig
+from wirekube.lab.net import Lab, LabNotFound, default_workdir
+from wirekube.lab.topology import Topology
+from wirekube.progress import step
+
+PY = sys.executable
+STATE = "orchestrator.json"
+MESH_CIDR = "10.255.0.0/16"
+LISTEN_PORT = 51820
+
+
+def _bin(name: str) -> str:
+    """A console script of this venv (the lab runs the real entry points)."""
+    candidate = Path(PY).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+@dataclass(frozen=True)
+class LabHandle:
+    name: str
+    workdir: Path
+    cluster_dir: Path
+    admin_kubeconfig: Path
+    node_kubeconfig: Path
+
+
+def _handle(name: str) -> LabHandle:
+    workdir = default_workdir(name)
+    return LabHandle(name, workdir, workdir / "cluster", workdir / "cluster" / "kubeconfig",
+                     workdir / "node.kubeconfig")
+
+
+# ---- up --------------------------------------------------------------------------------------------
+
+
+def up(topology: Topology, name: str = "default", *, wait: float = 90.0, mesh_overrides: dict[str, Any] | None = None,
+       ) -> LabHandle:
+    down(name)  # a crashed lab of the same name is cleaned first
+    h = _handle(name)
+    steps = 6
+    step("lab", 1, steps, "building the network (namespaces, NAT routers, management path)")
+    lab = Lab(topology, name=name)
+    lab.up()
+    try:
+        step("lab", 2, steps, "starting the real etcd + kube-apiserver")
+        cp = ControlPlane(h.cluster_dir, extra_sans=[str(lab.api_routed_endpoint.host)] if lab.api_routed_endpoint else [])
+        cp.up()
+        assert cp.state is not None
+        lab.forward_api(("127.0.0.1", cp.state.apiserver_port))
+        write_kubeconfig(h.node_kubeconfig, "https://127.0.0.1:6443", cp.pki)
+        (h.workdir / STATE).write_text(json.dumps({"cluster": str(h.cluster_dir)}))
+        kube = k8s.Kube.from_kubeconfig(cp.kubeconfig)
+        step("lab", 3, steps, f"creating {len(lab.nodes)} Node objects and the WireKubeMesh")
+        _create_nodes(kube, lab)
+        _create_mesh(kube, lab, mesh_overrides or {})
+        step("lab", 4, steps, f"starting the relay on {lab.relay} and STUN on {', '.join(map(str, lab.stun))}")
+        _start_relays(lab)
+        step("lab", 5, steps, f"starting {len(lab.nodes)} agents")
+        for node in lab.nodes:
+            _start_agent(lab, h, node)
+        step("lab", 6, steps, f"waiting up to {wait:.0f}s for every pair that can work to pass traffic")
+        converged = wait_converged(lab, kube, timeout=wait)
+        kube.close()
+        if not converged:
+            print("lab: not every expected pair converged in time; see `wirekube-lab status`", file=sys.stderr)
+    except BaseException:
+        down(name)
+        raise
+    return h
+
+
+def _create_nodes(kube: k8s.Kube, lab: Lab) -> None:
+    for name, node in lab.nodes.items():
+        addresses = [{"type": "InternalIP", "address": str(node.lan_ip)}, {"type": "Hostname", "address": name}]
+        if node.nat.value == "none":
+            addresses.insert(1, {"type": "ExternalIP", "address": str(node.public_ip)})
+        labels = {"wirekube.io/lab-site": node.site,
+                  "eks.amazonaws.com/compute-type": "ec2" if node.nat.value == "none" else "hybrid"}
+        body: dict[str, Any] = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}}
+        if node.pod_cidr is not None:
+            body["spec"] = {"podCIDR": str(node.pod_cidr), "podCIDRs": [str(node.pod_cidr)]}
+        created = kube.apply(k8s.NODES, body)
+        kube.patch_status(k8s.NODES, name, {"status": {"addresses": addresses}})
+        del created
+
+
+def _create_mesh(kube: k8s.Kube, lab: Lab, overrides: dict[str, Any]) -> None:
+    spec: dict[str, Any] = {
+        "meshCIDR": MESH_CIDR,
+        "listenPort": LISTEN_PORT,
+        "engine": "userspace",
+        "stunServers": [str(s) for s in lab.stun],
+        "relay": {"mode": "auto", "provider": "external", "external": {"endpoint": str(lab.relay)},
+                  "handshakeTimeoutSeconds": 20, "directRetryIntervalSeconds": 30},
+        "autoAllowedIPs": {"includeNodeInternalIP": False},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    kube.apply(k8s.MESHES, {"apiVersion": "wirekube.io/v1alpha1", "kind": "WireKubeMesh",
+                            "metadata": {"name": "default"}, "spec": spec})
+
+
+def _start_relays(lab: Lab) -> None:
+    logs = lab.log_dir
+    for i, ep in enumerate([lab.relay, *[s for s in lab.stun if s.host != lab.relay.host]]):
+        argv = [_bin("wirekube-relay"), f"--listen={ep.host}:{ep.port}", f"--stun-listen={ep.host}:{ep.port}",
+                f"--nat-probe-listen={ep.host}:{ep.port + 1}", f"--metrics-listen={ep.host}:9478",
+                "--log-format=text", "--log-level=INFO"]
+        lab.spawn("internet", argv, logs / f"relay-{i}.log")
+    for ep in [lab.relay, *lab.stun]:
+        _wait_tcp(lab, "internet", str(ep.host), ep.port)
+
+
+def _wait_tcp(lab: Lab, target: str, host: str, port: int, timeout: float = 15.0) -> None:
+    code = f"import socket; socket.create_connection(({host!r}, {port}), 1).close()"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if lab.exec(target, [PY, "-c", code], check=False).returncode == 0:
+            return
+        time.sleep(0.2)
+    raise errors.WireKubeError(f"{host}:{port} did not start listening in {target} within {timeout:.0f}s")
+
+
+def agent_argv(h: LabHandle, node: str) -> list[str]:
+    return [_bin("wirekube-agent"), f"--node-name={node}", f"--kubeconfig={h.node_kubeconfig}",
+            f"--state-dir={h.workdir / 'nodes' / node}", "--metrics-listen=127.0.0.1:9090",
+            "--resync-seconds=10", "--log-format=text"]
+
+
+def _start_agent(lab: Lab, h: LabHandle, node: str) -> subprocess.Popen[Any]:
+    (h.workdir / "nodes" / node).mkdir(parents=True, exist_ok=True)
+    return lab.spawn_in_node(node, agent_argv(h, node), lab.log_dir / f"agent-{node}.log")
+
+
+# ---- convergence and status -----------------------------------------------------------------------
+
+
+def expected_pairs(lab: Lab) -> dict[tuple[str, str], str]:
+    """Every ordered pair with the transport the NAT matrix predicts ("direct" or "relay")."""
+    from wirekube.models import NatType, RelayMode
+    from wirekube.traversal.nat import NodeFacts, choose_path
+
+    kinds = {"none": NatType.OPEN, "full-cone": NatType.CONE, "port-restricted-cone": NatType.PORT_RESTRICTED_CONE,
+             "symmetric": NatType.SYMMETRIC, "udp-blocked": NatType.UNKNOWN}
+    facts = {n: NodeFacts(kinds[i.nat.value], str(i.public_ip), i.nat.value == "udp-blocked", True)
+             for n, i in lab.nodes.items()}
+    out = {}
+    for a in facts:
+        for b in facts:
+            if a != b:
+                d = choose_path(facts[a], facts[b], relay_mode=RelayMode.AUTO, birthday=False)
+                out[(a, b)] = "relay" if d.relayed else "direct"
+    return out
+
+
+def ping(lab: Lab, src: str, dst_ip: str, count: int = 1, timeout: float = 1.0) -> float | None:
+    """RTT in ms of a ping from ``src`` to ``dst_ip``, or None."""
+    proc = lab.exec(src, ["ping", "-n", "-q", "-c", str(count), "-W", str(max(1, int(timeout))), dst_ip],
+                    check=False, timeout=timeout * count + 5)
+    m = re.search(r"= [\d.]+/([\d.]+)/", proc.stdout)
+    return float(m.group(1)) if proc.returncode == 0 and m else None
+
+
+def collect_nodes(lab: Lab, kube: k8s.Kube, peers: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    if peers is None:
+        peers = {p["metadata"]["name"]: p for p in kube.list(k8s.PEERS)[0]}
+    nodes = []
+    for name, info in sorted(lab.nodes.items()):
+        p = peers.get(name, {})
+        allowed = (p.get("spec") or {}).get("allowedIPs") or []
+        nodes.append({"name": name, "site": info.site, "natType": (p.get("status") or {}).get("natType", ""),
+                      "meshIP": allowed[0].split("/")[0] if allowed else "", "labNAT": info.nat.value})
+    return nodes
+
+
+def collect(lab: Lab, kube: k8s.Kube) -> dict[str, Any]:
+    peers = {p["metadata"]["name"]: p for p in kube.list(k8s.PEERS)[0]}
+    nodes = collect_nodes(lab, kube, peers)
+    mesh_ip = {n["name"]: n["meshIP"] for n in nodes}
+    pairs_in = [(a["name"], b["name"]) for a in nodes for b in nodes if a["name"] != b["name"]]
+
+    def measure(pair: tuple[str, str]) -> dict[str, Any]:
+        a, b = pair
+        status = (peers.get(a, {}).get("status") or {})
+        transport = (status.get("peerTransports") or {}).get(b)
+        rtt = ping(lab, a, mesh_ip[b]) if mesh_ip.get(b) else None
+        return {"from": a, "to": b, "transport": transport if rtt is not None and transport else "none",
+                "rttMs": rtt, "reason": (status.get("relayReasons") or {}).get(b, "")}
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        pairs = list(pool.map(measure, pairs_in))
+    return {"nodes": nodes, "pairs": pairs}
+
+
+def wait_converged(lab: Lab, kube: k8s.Kube, timeout: float) -> bool:
+    expected = expected_pairs(lab)
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        last = collect(lab, kube)
+        good = sum(1 for p in last["pairs"] if p["transport"] == expected[(p["from"], p["to"])])
+        step("lab", 6, 6, f"{good}/{len(expected)} pairs pass traffic over the predicted transport")
+        if good == len(expected):
+            return True
+        time.sleep(2)
+    return False
+
+
+def render_status(data: dict[str, Any], log_dir: Path) -> str:
+    lines = [f"{'NODE':<12} {'SITE':<10} {'LAB NAT':<22} {'DETECTED':<22} MESH-IP"]
+    for n in data["nodes"]:
+        lines.append(f"{n['name']:<12} {n['site']:<10} {n['labNAT']:<22} {n['natType'] or '-':<22} {n['meshIP'] or '-'}")
+    lines.append("")
+    lines.append(f"{'FROM':<12} {'TO':<12} {'TRANSPORT':<10} {'RTT ms':>7}  REASON")
+    for p in data["pairs"]:
+        rtt = f"{p['rttMs']:.2f}" if p["rttMs"] is not None else "-"
+        lines.append(f"{p['from']:<12} {p['to']:<12} {p['transport']:<10} {rtt:>7}  {p['reason']}")
+    lines.append("")
+    lines.append(f"logs: {log_dir}")
+    return "\n".join(lines) + "\n"
+
+
+def attach(name: str) -> tuple[Lab, k8s.Kube, LabHandle]:
+    h = _handle(name)
+    lab = Lab.attach(name)
+    return lab, k8s.Kube.from_kubeconfig(str(h.admin_kubeconfig)), h
+
+
+# ---- down ------------------------------------------------------------------------------------------
+
+
+def down(name: str = "default") -> None:
+    h = _handle(name)
+    try:
+        Lab.destroy(name)
+    except LabNotFound:
+        pass
+    if (h.cluster_dir / "cluster.json").exists():
+        ControlPlane.load(h.cluster_dir).down()
+    for leftover in (h.workdir / STATE, h.node_kubeconfig):
+        leftover.unlink(missing_ok=True)
+    shutil.rmtree(h.workdir / "nodes", ignore_errors=True)
