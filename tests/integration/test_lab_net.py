@@ -248,6 +248,25 @@ def test_unsolicited_inbound(lab: Lab, probes: Callable[[str, str], Probe], node
     assert inside.ask("stun", server=str(stun_a))["mapped"] == mapped
 
 
+def test_cut_and_restore_at_a_router(lab: Lab, probes: Callable[[str, str], Probe]) -> None:
+    """An outage at a router (Lab.cut) and its end (Lab.restore), on a flow that keeps its
+    NAT mapping across the cut."""
+    stun_a, stun_b = lab.stun
+    inside = probes("prc-2", f"0.0.0.0:{next(_ports)}")
+    mapped = inside.ask("stun", server=str(stun_a))["mapped"]
+    lab.cut("prc", "udp", peer=str(stun_a.host))
+    try:
+        assert inside.ask("stun", server=str(stun_a), timeout=0.5) == {"error": "timeout"}
+        assert "mapped" in inside.ask("stun", server=str(stun_b))  # only that peer is cut
+        rules = lab.exec("prc-router", ["nft", "list", "chain", "ip", "wklab", "impair"]).stdout
+        assert "packets 0 " not in rules.split("ip daddr", 1)[1].split("\n", 1)[0], rules
+    finally:
+        lab.restore("prc")
+    assert inside.ask("stun", server=str(stun_a))["mapped"] == mapped
+    with pytest.raises(ValueError, match="protocol"):
+        lab.cut("prc", "sctp")
+
+
 def test_two_nodes_behind_one_nat_share_its_address_and_their_lan(lab: Lab) -> None:
     one, two = lab.node("prc-1"), lab.node("prc-2")
     assert one.public_ip == two.public_ip == lab.routers["prc"].wan_ip

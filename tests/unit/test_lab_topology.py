@@ -319,15 +319,28 @@ def test_plan_invariants_hold_for_any_topology(sites: list[tuple[str, int, int]]
 # ---------------------------------------------------------------- NAT rule sets
 
 
-def test_no_rules_for_a_router_without_nat() -> None:
-    assert nat.router_ruleset(NatKind.NONE) is None
+def test_a_router_without_nat_only_routes() -> None:
+    rules = nat.router_ruleset(NatKind.NONE)
+    assert "masquerade" not in rules and "drop" not in rules
+    assert "chain impair" in rules
+
+
+def test_cut_rules() -> None:
+    assert nat.cut_rules("udp", None) == (
+        'add rule ip wklab impair oifname "wan" meta l4proto udp counter drop\n'
+        'add rule ip wklab impair iifname "wan" meta l4proto udp counter drop\n')
+    assert nat.cut_rules("all", "198.18.4.2") == (
+        "add rule ip wklab impair ip daddr 198.18.4.2 counter drop\n"
+        "add rule ip wklab impair ip saddr 198.18.4.2 counter drop\n")
+    with pytest.raises(ValueError, match="protocol 'sctp'"):
+        nat.cut_rules("sctp", None)
 
 
 @pytest.mark.parametrize("kind", [k for k in NatKind if k is not NatKind.NONE])
 def test_every_nat_drops_unsolicited_inbound_in_input_and_forward(kind: NatKind) -> None:
     rules = nat.router_ruleset(kind)
-    assert rules is not None and "\n" in rules  # multi-line for `nft -f -`
-    for hook in ("hook input", "hook forward"):
+    assert "\n" in rules  # multi-line for `nft -f -`
+    for hook in ("hook input priority filter;", "hook forward priority filter;"):
         chain = rules.split(hook, 1)[1].split("}", 1)[0]
         established = chain.index('iifname "wan" ct state established,related accept')
         assert established < chain.index('iifname "wan" counter name "unsolicited" drop')

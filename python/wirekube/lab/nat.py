@@ -20,7 +20,10 @@ What each kind does (WAN interface ``wan``, LAN bridge ``lan``):
   Entries expire 180 s after the last outbound packet.
 - ``udp-blocked``: masquerade, and UDP leaving through ``wan`` is dropped (counter
   ``udp_blocked``); TCP and ICMP pass.
-- ``none``: no table at all; the router only routes (the LAN is public).
+- ``none``: no NAT and no filtering; the router only routes (the LAN is public).
+
+Every router also has an empty chain ``impair`` (forward hook, before the rest) where
+``Lab.cut`` adds drop rules to simulate an outage and ``Lab.restore`` flushes them.
 """
 
 from __future__ import annotations
@@ -28,18 +31,41 @@ from __future__ import annotations
 from wirekube.lab.topology import NatKind
 
 TABLE = "wklab"
+IMPAIR_CHAIN = "impair"
 COUNTER_UNSOLICITED = "unsolicited"
 COUNTER_UDP_BLOCKED = "udp_blocked"
 FULL_CONE_TIMEOUT_S = 180
 
 
-def router_ruleset(nat: NatKind, wan: str = "wan") -> str | None:
-    """The nft rule set for a router of this NAT kind, or None when it needs none."""
-    if nat is NatKind.NONE:
-        return None
-    masquerade = "masquerade fully-random" if nat is NatKind.SYMMETRIC else "masquerade"
+PROTOCOLS = ("udp", "tcp", "icmp", "all")
+
+
+def cut_rules(proto: str, peer: str | None, wan: str = "wan") -> str:
+    """Rules for ``impair`` that drop ``proto`` crossing the router (only to/from ``peer``, an
+    IPv4 address, when given), counted, as text for ``nft -f -``."""
+    if proto not in PROTOCOLS:
+        raise ValueError(f"protocol {proto!r}: use one of {', '.join(PROTOCOLS)}")
+    match = "" if proto == "all" else f"meta l4proto {proto} "
+    if peer is None:
+        selectors = [f'oifname "{wan}"', f'iifname "{wan}"']
+    else:
+        selectors = [f"ip daddr {peer}", f"ip saddr {peer}"]
+    return "".join(f"add rule ip {TABLE} {IMPAIR_CHAIN} {sel} {match}counter drop\n"
+                   for sel in selectors)
+
+
+def router_ruleset(nat: NatKind, wan: str = "wan") -> str:
+    """The nft rule set for a router of this NAT kind."""
     lines = [
         f"table ip {TABLE} {{",
+        f"  chain {IMPAIR_CHAIN} {{",
+        "    type filter hook forward priority filter - 10; policy accept;",
+        "  }",
+    ]
+    if nat is NatKind.NONE:
+        return "\n".join([*lines, "}"]) + "\n"
+    masquerade = "masquerade fully-random" if nat is NatKind.SYMMETRIC else "masquerade"
+    lines += [
         f"  counter {COUNTER_UNSOLICITED} {{ }}",
         f"  counter {COUNTER_UDP_BLOCKED} {{ }}",
     ]

@@ -24,6 +24,7 @@ API (what the lab orchestrator calls)::
     lab.stop(proc)                # SIGTERM, then SIGKILL after a grace period; returns the code
     lab.command("prc-1", argv)    # the full argv that runs argv there (for os.execvp: a tty)
     lab.forward_api(("127.0.0.1", 6443))           # start the API proxies later (or in up)
+    lab.cut("prc", "udp", peer="198.18.4.2"); lab.restore("prc")  # outages at a router
     lab.down()                    # idempotent; also Lab.destroy(name) without a topology
     Lab.attach("default")         # the running lab, from its state file (another process)
 
@@ -81,7 +82,7 @@ from typing import IO, Any
 from loguru import logger
 
 from wirekube.errors import WireKubeError
-from wirekube.lab import procs
+from wirekube.lab import nat, procs
 from wirekube.lab.plan import (
     HostInfo,
     LabPlan,
@@ -502,6 +503,22 @@ class Lab:
                     popen.wait()
                     raise LabError(f"the API proxy exited with {popen.returncode}; see {log}")
                 buffered += chunk
+
+    # ---------------------------------------------------------------- impairments
+
+    def cut(self, site: str, proto: str = "udp", peer: str | None = None) -> None:
+        """Drop ``proto`` (udp, tcp, icmp or all) crossing ``site``'s router, in both
+        directions, only to and from ``peer`` (an address) if given, until :meth:`restore`.
+        Conntrack entries stay, so traffic resumes on the same NAT mappings afterwards."""
+        if peer is not None:
+            ipaddress.IPv4Address(peer)
+        rules = nat.cut_rules(proto, peer)
+        self.exec(self.routers[site].name, ["nft", "-f", "-"], input=rules, check=True)
+
+    def restore(self, site: str) -> None:
+        """Remove every :meth:`cut` of ``site``'s router."""
+        self.exec(self.routers[site].name,
+                  ["nft", "flush", "chain", "ip", nat.TABLE, nat.IMPAIR_CHAIN], check=True)
 
     # ---------------------------------------------------------------- running things
 
