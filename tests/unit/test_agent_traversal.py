@@ -85,3 +85,15 @@ def test_relay_mode_never_keeps_everyone_direct_and_always_relays_everyone() -> 
     t = traversal(NatType.OPEN, [peer("open", NatType.OPEN, "203.0.113.3")], RelayMode.ALWAYS)
     assert t.paths()["open"].transport is Transport.RELAY
     assert t.decorate(PeerStatus()).relay_reasons == {"open": "relay.mode is always"}
+
+
+def test_peer_that_roamed_to_our_proxy_is_followed_to_the_relay() -> None:
+    p = peer("cone", NatType.CONE, "203.0.113.2")
+    t = traversal(NatType.CONE, [p])
+    state = t._peers["cone"]
+    roamed = Endpoint(ipaddress.ip_address("127.0.0.1"), state.proxy_port)
+    t._engine_state = lambda: WgDeviceState(  # type: ignore[method-assign]
+        peers={p.spec.public_key: WgPeerState(WgPeerConfig(p.spec.public_key, roamed, ()), rx_bytes=500)})
+    t.tick(0.0, 1e9)
+    assert t.paths()["cone"].transport is Transport.RELAY
+    assert t.decorate(PeerStatus()).relay_reasons == {"cone": "peer switched to relay"}

@@ -54,21 +54,21 @@ from wirekube.traversal.probe import ProbeListener
 from wirekube.traversal.relaypath import RelayPath
 
 # Failover watches rx counters, so something must come back from every peer in use at least
-# every second. WireGuard's persistent keepalive cannot promise that: its timer is reset by
+# every half second. WireGuard's persistent keepalive cannot promise that: its timer is reset by
 # packets *received* too, so with two 1 s keepalives one side usually stays silent and the other
-# would see a dead path. Instead each agent sends a 1 Hz ICMP echo through the tunnel to every
+# would see a dead path. Instead each agent sends a 2 Hz ICMP echo through the tunnel to every
 # direct peer's mesh IP: the peer's kernel answers, the answer counts as rx, and only a path that
 # works both ways keeps rx moving. The keepalive stays short for NAT mappings and hole punching.
 DIRECT_KEEPALIVE = 1
 RELAY_KEEPALIVE = 1
-HEARTBEAT_SECONDS = 1.0
+HEARTBEAT_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
 class TraversalSettings:
-    tick: float = 0.2
+    tick: float = 0.1
     stun_interval: float = 60.0
-    stall_after: float = 1.5
+    stall_after: float = 1.2
     stun_timeout: float = 2.0
 
 
@@ -146,7 +146,7 @@ class Traversal:
         return self
 
     def _heartbeat_loop(self) -> None:
-        """1 Hz ICMP echo through wire_kube to every peer (see HEARTBEAT_SECONDS)."""
+        """2 Hz ICMP echo through wire_kube to every peer (see HEARTBEAT_SECONDS)."""
         try:
             sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
         except OSError as e:
@@ -355,6 +355,13 @@ class Traversal:
             for name, state in self._peers.items():
                 ws = wg.peers.get(state.key)
                 rx = ws.rx_bytes if ws is not None else 0
+                if (state.path.transport is Transport.DIRECT and state.proxy_port and ws is not None
+                        and ws.config.endpoint is not None and ws.config.endpoint.ip.is_loopback
+                        and ws.config.endpoint.port == state.proxy_port and self.relay_available()):
+                    state.path = pathsm.follow_to_relay(state.path, now, timing)
+                    self._log.warning("peer {}: it now reaches us through the relay; following it", name)
+                    changed = True
+                    continue
                 new, action = pathsm.tick(state.path, now, rx, timing, wall=wall)
                 if action is pathsm.Action.USE_RELAY:
                     if not state.proxy_port or not self.relay_available():

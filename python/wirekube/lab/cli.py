@@ -84,10 +84,10 @@ def _exec(args: argparse.Namespace) -> int:
     if not argv:
         print("wirekube-lab exec: give a command after --", file=sys.stderr)
         return 2
-    result = Lab.attach(args.name).exec(args.target, argv, timeout=args.timeout)
-    sys.stdout.write(result.stdout)
-    sys.stderr.write(result.stderr)
-    return result.returncode
+    # Replace this process, so interactive commands (a shell) get the terminal.
+    full = Lab.attach(args.name).command(args.target, argv)
+    os.execvp(full[0], full)
+    return 127  # pragma: no cover - execvp does not return
 
 
 def _ping(args: argparse.Namespace) -> int:
@@ -131,7 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
     ex = named(sub.add_parser("exec", help="run a command inside a lab namespace"))
     ex.add_argument("target")
     ex.add_argument("argv", nargs=argparse.REMAINDER)
-    ex.add_argument("--timeout", type=float, default=60.0)
     ex.set_defaults(func=_exec)
     pg = named(sub.add_parser("ping", help="ping TO's mesh IP from FROM"))
     pg.add_argument("src")

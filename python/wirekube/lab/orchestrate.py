@@ -70,7 +70,7 @@ def up(topology: Topology, name: str = "default", *, wait: float = 90.0, mesh_ov
     lab.up()
     try:
         step("lab", 2, steps, "starting the real etcd + kube-apiserver")
-        cp = ControlPlane(h.cluster_dir, extra_sans=[str(lab.api_routed_endpoint.host)] if lab.api_routed_endpoint else [])
+        cp = ControlPlane(h.cluster_dir, extra_sans=[str(lab.api_address)])
         cp.up()
         assert cp.state is not None
         lab.forward_api(("127.0.0.1", cp.state.apiserver_port))
@@ -83,11 +83,15 @@ def up(topology: Topology, name: str = "default", *, wait: float = 90.0, mesh_ov
         step("lab", 4, steps, f"starting the relay on {lab.relay} and STUN on {', '.join(map(str, lab.stun))}")
         _start_relays(lab)
         step("lab", 5, steps, f"starting {len(lab.nodes)} agents")
+        started = time.monotonic()
         for node in lab.nodes:
-            _start_agent(lab, h, node)
+            start_agent(lab, h, node)
         step("lab", 6, steps, f"waiting up to {wait:.0f}s for every pair that can work to pass traffic")
         converged = wait_converged(lab, kube, timeout=wait)
         kube.close()
+        (h.workdir / STATE).write_text(json.dumps({
+            "cluster": str(h.cluster_dir), "converged": converged,
+            "convergence_seconds": round(time.monotonic() - started, 2) if converged else None}))
         if not converged:
             print("lab: not every expected pair converged in time; see `wirekube-lab status`", file=sys.stderr)
     except BaseException:
@@ -130,15 +134,24 @@ def _create_mesh(kube: k8s.Kube, lab: Lab, overrides: dict[str, Any]) -> None:
                             "metadata": {"name": "default"}, "spec": spec})
 
 
+def relay_endpoints(lab: Lab) -> list[Any]:
+    """The relay, plus a second relay/STUN server for every other STUN address."""
+    return [lab.relay, *[s for s in lab.stun if s.host != lab.relay.host]]
+
+
+def start_relay(lab: Lab, index: int) -> subprocess.Popen[Any]:
+    ep = relay_endpoints(lab)[index]
+    argv = [_bin("wirekube-relay"), f"--listen={ep.host}:{ep.port}", f"--stun-listen={ep.host}:{ep.port}",
+            f"--nat-probe-listen={ep.host}:{ep.port + 1}", f"--metrics-listen={ep.host}:9478",
+            "--log-format=text", "--log-level=INFO"]
+    proc = lab.spawn("internet", argv, lab.log_dir / f"relay-{index}.log")
+    _wait_tcp(lab, "internet", str(ep.host), ep.port)
+    return proc
+
+
 def _start_relays(lab: Lab) -> None:
-    logs = lab.log_dir
-    for i, ep in enumerate([lab.relay, *[s for s in lab.stun if s.host != lab.relay.host]]):
-        argv = [_bin("wirekube-relay"), f"--listen={ep.host}:{ep.port}", f"--stun-listen={ep.host}:{ep.port}",
-                f"--nat-probe-listen={ep.host}:{ep.port + 1}", f"--metrics-listen={ep.host}:9478",
-                "--log-format=text", "--log-level=INFO"]
-        lab.spawn("internet", argv, logs / f"relay-{i}.log")
-    for ep in [lab.relay, *lab.stun]:
-        _wait_tcp(lab, "internet", str(ep.host), ep.port)
+    for i in range(len(relay_endpoints(lab))):
+        start_relay(lab, i)
 
 
 def _wait_tcp(lab: Lab, target: str, host: str, port: int, timeout: float = 15.0) -> None:
@@ -157,7 +170,7 @@ def agent_argv(h: LabHandle, node: str) -> list[str]:
             "--resync-seconds=10", "--log-format=text"]
 
 
-def _start_agent(lab: Lab, h: LabHandle, node: str) -> subprocess.Popen[Any]:
+def start_agent(lab: Lab, h: LabHandle, node: str) -> subprocess.Popen[Any]:
     (h.workdir / "nodes" / node).mkdir(parents=True, exist_ok=True)
     return lab.spawn_in_node(node, agent_argv(h, node), lab.log_dir / f"agent-{node}.log")
 
@@ -248,6 +261,11 @@ def render_status(data: dict[str, Any], log_dir: Path) -> str:
     lines.append("")
     lines.append(f"logs: {log_dir}")
     return "\n".join(lines) + "\n"
+
+
+def state(name: str) -> dict[str, Any]:
+    path = _handle(name).workdir / STATE
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def attach(name: str) -> tuple[Lab, k8s.Kube, LabHandle]:

@@ -87,6 +87,12 @@ def tick(state: PeerPath, now: float, rx_bytes: int, timing: Timing, *, wall: fl
     return state, Action.NONE
 
 
+def follow_to_relay(state: PeerPath, now: float, timing: Timing, reason: str = "peer switched to relay") -> PeerPath:
+    """The peer already sends to us through the relay (WireGuard roamed its endpoint to our proxy):
+    follow it at once instead of fighting the roam; recovery probes bring both back later."""
+    return _to_relay(state, now, timing, reason)
+
+
 def _to_relay(state: PeerPath, now: float, timing: Timing, reason: str) -> PeerPath:
     return replace(state, transport=Transport.RELAY, since=now, reason=reason, established=False,
                    next_probe_at=now + timing.direct_retry_interval)
