@@ -15,8 +15,8 @@ test: setup  ## everything: unit, real API server, network namespaces, chart
 unit: setup  ## the fast pure tests only
 	@.venv/bin/python -m pytest -q tests/unit $(PYTEST_ARGS)
 
-lab: setup  ## bring up the local control plane (and, as the lab grows, the whole mesh)
-	@.venv/bin/wirekube-lab up
+lab: setup  ## the default lab: nodes behind every NAT kind, real API server, relay and agents
+	@.venv/bin/wirekube-lab up $(TOPOLOGY)
 
 lab-down:
 	@.venv/bin/wirekube-lab down
