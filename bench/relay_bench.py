@@ -1,0 +1,730 @@
+#!/usr/bin/env python3
+"""Relay throughput and latency benchmark; writes bench/results/relay.json.
+
+    .venv/bin/python bench/relay_bench.py --out bench/results/relay.json   (make bench-relay)
+
+What it does, on 127.0.0.1 only:
+
+* **Throughput.**  ``--pairs`` sender/receiver pairs, each side its own process (blocking
+  sockets, no event loop), push fixed-size Data frames as fast as they can for ``--duration``
+  seconds after a warm-up.  Each sender writes ~64 KiB blobs of prebuilt frames; the first frame
+  of each blob carries a marker and a CLOCK_MONOTONIC stamp, which the receiver finds with
+  ``bytes.find`` (no per-frame Python work on the generator side), giving a *loaded* one-way
+  latency sample per blob.  Delivered frames/s and Mbit/s (datagram bytes) are counted at the
+  receivers.  Every generator process reports its own CPU seconds in the measured window, so a
+  reader can see which side saturated.
+* **Baseline in the same run.**  The same generator drives socat (Debian package, a C byte
+  forwarder with no framing work): one ``socat TCP-LISTEN TCP`` per pair, sender -> socat ->
+  receiver.  Runs are interleaved relay/socat for ``--rounds`` rounds; ratio = relay / socat on
+  the mean of the rounds.
+* **Added latency.**  A paced run (``--latency-rate`` frames/s per pair, each frame stamped) through
+  a direct connection, socat and the relay; added = target percentile - direct percentile.
+* **Relay cost.**  The relay runs as the real ``wirekube-relay`` process; its user and system CPU
+  seconds in the window come from /proc/PID/stat and its peak RSS from VmHWM.
+* **Where the time goes.**  One extra 100-byte run with the relay under cProfile (not counted in
+  the figures above): the top functions by own time.
+
+Packet size means the WireGuard datagram carried; a frame adds 37 bytes (length, type, key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import pstats
+import re
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from wirekube.relay.auth import prove, public_bytes
+from wirekube.relay.protocol import (
+    FrameType,
+    encode_auth,
+    encode_data,
+    encode_register,
+)
+
+LOCALHOST = "127.0.0.1"
+FRAME_OVERHEAD = 4 + 1 + 32
+MARKER = b"\xfeWKBENCH"  # 8 bytes, then an 8-byte big-endian monotonic_ns stamp
+STAMP_LEN = len(MARKER) + 8
+BLOB_TARGET = 64 * 1024
+RECV_BUFFER = 1 << 20
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SOCAT_BUFFER = 65536  # socat's default is 8192; a bigger buffer makes the baseline stronger
+
+
+# -- generator processes ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Window:
+    start: float  # monotonic seconds: senders start
+    measure: float  # measurement starts (after warm-up)
+    end: float  # measurement and sending end
+
+
+def _register_blocking(sock: socket.socket, private_key: bytes) -> None:
+    key = X25519PrivateKey.from_private_bytes(private_key)
+    sock.sendall(encode_register(public_bytes(key)))
+    header = _recv_exact(sock, 5)
+    length, ftype = struct.unpack(">IB", header)
+    body = _recv_exact(sock, length - 1)
+    if ftype != FrameType.CHALLENGE:
+        raise RuntimeError(f"expected Challenge, got {ftype}: {body!r}")
+    sock.sendall(encode_auth(prove(key, body)))
+    header = _recv_exact(sock, 5)
+    length, ftype = struct.unpack(">IB", header)
+    _recv_exact(sock, length - 1)
+    if ftype != FrameType.REGISTERED:
+        raise RuntimeError(f"expected Registered, got {ftype}")
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed during handshake")
+        data += chunk
+    return data
+
+
+def _nodelay(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def sender_main(ctl: Connection, cfg: dict[str, Any]) -> None:
+    """Connect (and register, for the relay), then send blobs until the window ends."""
+    sock = socket.create_connection(cfg["connect"])
+    _nodelay(sock)
+    if cfg["register"]:
+        _register_blocking(sock, cfg["private_key"])
+    frame = encode_data(cfg["dest_key"], bytes(cfg["size"]))
+    per_blob = 1 if cfg["paced_rate"] else max(1, BLOB_TARGET // len(frame))
+    blob = bytearray(frame * per_blob)
+    blob[FRAME_OVERHEAD : FRAME_OVERHEAD + len(MARKER)] = MARKER
+    stamp_at = FRAME_OVERHEAD + len(MARKER)
+    ctl.send("ready")
+    window = Window(*ctl.recv())
+    _sleep_until(window.start)
+    sent = sent_in_window = 0
+    cpu_start = cpu_end = None
+    interval = 1.0 / cfg["paced_rate"] if cfg["paced_rate"] else 0.0
+    next_send = time.monotonic()
+    pack_into = struct.pack_into
+    while True:
+        now = time.monotonic()
+        if now >= window.end:
+            break
+        if cpu_start is None and now >= window.measure:
+            cpu_start = time.process_time()
+        if interval:
+            next_send += interval
+            if next_send > now:
+                time.sleep(next_send - now)
+        pack_into(">Q", blob, stamp_at, time.monotonic_ns())
+        sock.sendall(blob)
+        sent += len(blob)
+        if cpu_start is not None:
+            sent_in_window += len(blob)
+    cpu_end = time.process_time()
+    ctl.send({"bytes_sent": sent, "bytes_sent_in_window": sent_in_window,
+              "cpu_s": cpu_end - (cpu_start if cpu_start is not None else cpu_end)})
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+    ctl.recv()  # hold the socket until the receivers are done
+    sock.close()
+
+
+def receiver_main(ctl: Connection, cfg: dict[str, Any]) -> None:
+    """Receive and count; find stamped frames with bytes.find; report the window's figures."""
+    if cfg["register"]:
+        sock = socket.create_connection(cfg["connect"])
+        _nodelay(sock)
+        _register_blocking(sock, cfg["private_key"])
+    else:
+        listener = socket.create_server((LOCALHOST, 0))
+        ctl.send(listener.getsockname()[1])
+        listener.settimeout(30)
+        sock, _ = listener.accept()
+        listener.close()
+        _nodelay(sock)
+    ctl.send("ready")
+    window = Window(*ctl.recv())
+    sock.settimeout(0.2)
+    buf = bytearray(RECV_BUFFER)
+    view = memoryview(buf)
+    carry = b""
+    received_in_window = 0
+    latencies: list[int] = []
+    cpu_start = None
+    recv_into = sock.recv_into
+    find = buf.find
+    while True:
+        try:
+            n = recv_into(view)
+        except TimeoutError:
+            n = -1
+        now_ns = time.monotonic_ns()
+        now = now_ns / 1e9
+        if n == 0 or now >= window.end:
+            break
+        if n < 0 or now < window.measure:
+            carry = b""
+            continue
+        if cpu_start is None:
+            cpu_start = time.process_time()
+        received_in_window += n
+        # stamps across the previous chunk's end
+        if carry:
+            joint = carry + bytes(buf[: STAMP_LEN - 1])
+            at = joint.find(MARKER)
+            if 0 <= at < len(carry) and at + STAMP_LEN <= len(joint):
+                latencies.append(now_ns - int.from_bytes(joint[at + len(MARKER) : at + STAMP_LEN], "big"))
+        at = find(MARKER, 0, n)
+        while at >= 0 and at + STAMP_LEN <= n:
+            latencies.append(now_ns - int.from_bytes(buf[at + len(MARKER) : at + STAMP_LEN], "big"))
+            at = find(MARKER, at + STAMP_LEN, n)
+        carry = bytes(buf[max(0, n - STAMP_LEN + 1) : n])
+    cpu = time.process_time() - cpu_start if cpu_start is not None else 0.0
+    ctl.send({"bytes_received_in_window": received_in_window, "cpu_s": cpu,
+              "latencies_ns": latencies[:: max(1, len(latencies) // 20000)]})
+    ctl.recv()
+    sock.close()
+
+
+def _sleep_until(t: float) -> None:
+    delay = t - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+
+
+# -- targets -------------------------------------------------------------------------------------
+
+
+def _proc_cpu(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a live process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def _peak_rss_kib(pid: int) -> int:
+    m = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    return int(m.group(1)) if m else 0
+
+
+class RelayProcess:
+    """The real ``wirekube-relay`` console entry point, on loopback ports chosen by the kernel."""
+
+    def __init__(self, profile_to: Path | None = None) -> None:
+        import wirekube.relay.cli as cli_module
+
+        # cProfile runs a script, not a module; the CLI module runs main() under __main__.
+        entry = ["-m", "cProfile", "-o", str(profile_to), str(cli_module.__file__)] if profile_to else [
+            "-m", "wirekube.relay.cli"]
+        cmd = [sys.executable, *entry, "--listen", f"{LOCALHOST}:0", "--stun-listen", f"{LOCALHOST}:0",
+               "--metrics-listen", f"{LOCALHOST}:0", "--log-format", "json", "--log-level", "INFO"]
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        self.address = self._wait_ready()
+        self._drain = threading.Thread(target=self._drain_stderr, daemon=True)
+        self._drain.start()
+
+    def _wait_ready(self) -> tuple[str, int]:
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + 20
+        for line in self.proc.stderr:
+            with contextlib.suppress(ValueError, KeyError):
+                record = json.loads(line)["record"]
+                if record["message"] == "relay ready":
+                    host, port = record["extra"]["tcp"].rsplit(":", 1)
+                    mhost, mport = record["extra"]["metrics"].rsplit(":", 1)
+                    self.metrics_address = (mhost, int(mport))
+                    return host, int(port)
+            if time.monotonic() > deadline:
+                break
+        self.stop()
+        raise RuntimeError("the relay did not report ready")
+
+    def counters(self) -> dict[str, float]:
+        """The relay's own forwarded/dropped counters, from its /metrics endpoint."""
+        with socket.create_connection(self.metrics_address, timeout=5) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        out = {}
+        for line in data.decode().splitlines():
+            m = re.match(r"wirekube_relay_(forwarded_frames_total|dropped_frames_total)(\{[^}]*\})? ([0-9.e+]+)$",
+                         line)
+            if m:
+                out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+        return out
+
+    def _drain_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for _ in self.proc.stderr:
+            pass
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.proc.pid]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: graceful, and lets cProfile write its file
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class SocatPair:
+    """One ``socat TCP-LISTEN TCP`` byte forwarder for one pair."""
+
+    def __init__(self, receiver_port: int) -> None:
+        with socket.create_server((LOCALHOST, 0)) as probe:
+            port = probe.getsockname()[1]
+        self.proc = subprocess.Popen(
+            ["socat", "-b", str(SOCAT_BUFFER),
+             f"TCP-LISTEN:{port},bind={LOCALHOST},reuseaddr,nodelay",
+             f"TCP:{LOCALHOST}:{receiver_port},nodelay"],
+            stderr=subprocess.DEVNULL,
+        )
+        self.address = (LOCALHOST, port)
+        deadline = time.monotonic() + 10
+        while not _listening(port):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError("socat did not start listening")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _listening(port: int) -> bool:
+    hexport = f":{port:04X} "
+    with open("/proc/net/tcp") as f:
+        return any(hexport in line and line.split()[3] == "0A" for line in f)
+
+
+# -- one run -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _processes(ctx: Any, n: int, target: Any, cfgs: list[dict[str, Any]]) -> Iterator[list[tuple[Any, Connection]]]:
+    procs = []
+    try:
+        for cfg in cfgs[:n]:
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=target, args=(child, cfg), daemon=True)
+            p.start()
+            procs.append((p, parent))
+        yield procs
+    finally:
+        for _, conn in procs:
+            with contextlib.suppress(OSError, BrokenPipeError):
+                conn.send("bye")
+        for p, _ in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+def run_once(kind: str, size: int, pairs: int, warmup: float, duration: float,
+             paced_rate: float = 0.0, profile_to: Path | None = None) -> dict[str, Any]:
+    """One measurement through ``kind`` (relay | socat | direct)."""
+    ctx = mp.get_context("fork")
+    keys = [(X25519PrivateKey.generate(), X25519PrivateKey.generate()) for _ in range(pairs)]
+    relay = RelayProcess(profile_to) if kind == "relay" else None
+    socats: list[SocatPair] = []
+    try:
+        rcfgs = [{"register": relay is not None, "connect": relay.address if relay else None,
+                  "private_key": r.private_bytes_raw()} for _, r in keys]
+        with _processes(ctx, pairs, receiver_main, rcfgs) as receivers:
+            if relay is not None:
+                targets = [relay.address] * pairs
+            else:
+                ports = [conn.recv() for _, conn in receivers]
+                if kind == "socat":
+                    socats = [SocatPair(port) for port in ports]
+                    targets = [s.address for s in socats]
+                else:
+                    targets = [(LOCALHOST, port) for port in ports]
+            scfgs = [{"register": relay is not None, "connect": targets[i], "private_key": s.private_bytes_raw(),
+                      "dest_key": public_bytes(r), "size": size, "paced_rate": paced_rate}
+                     for i, (s, r) in enumerate(keys)]
+            with _processes(ctx, pairs, sender_main, scfgs) as senders:
+                for _, conn in senders + receivers:
+                    if not conn.poll(30):
+                        raise RuntimeError(f"{kind}: a generator did not get ready")
+                    assert conn.recv() == "ready"
+                now = time.monotonic()
+                window = Window(now + 0.2, now + 0.2 + warmup, now + 0.2 + warmup + duration)
+                for _, conn in senders + receivers:
+                    conn.send((window.start, window.measure, window.end))
+                forwarder_pids = relay.pids if relay else [s.proc.pid for s in socats]
+                _sleep_until(window.measure)
+                cpu0 = {pid: _proc_cpu(pid) for pid in forwarder_pids}
+                machine0 = _machine_cpu()
+                counters0 = relay.counters() if relay is not None else {}
+                _sleep_until(window.end)
+                cpu1 = {pid: _proc_cpu(pid) for pid in forwarder_pids}
+                machine1 = _machine_cpu()
+                counters1 = relay.counters() if relay is not None else {}
+                rss = {pid: _peak_rss_kib(pid) for pid in forwarder_pids}
+                sender_results = [conn.recv() for _, conn in senders]
+                receiver_results = [conn.recv() for _, conn in receivers]
+    finally:
+        if relay is not None:
+            relay.stop()
+        for s in socats:
+            s.stop()
+    busy_cores = ((machine1[0] - machine0[0]) - (machine1[1] - machine0[1])) / CLK_TCK / duration
+    result = _summarise(kind, size, pairs, duration, sender_results, receiver_results, cpu0, cpu1, rss,
+                        busy_cores)
+    if counters1:
+        # what the relay itself counted in the window: frames it read = forwarded + dropped
+        delta = {k: v - counters0.get(k, 0.0) for k, v in counters1.items()}
+        forwarded = delta.get("forwarded_frames_total", 0.0)
+        dropped = sum(v for k, v in delta.items() if k.startswith("dropped_frames_total"))
+        result["relay_counted"] = {
+            "forwarded_frames_per_s": round(forwarded / duration),
+            "dropped_frames_per_s": round(dropped / duration),
+            "dropped_share": round(dropped / (forwarded + dropped), 3) if forwarded + dropped else 0.0,
+            "dropped_by_reason": {k: v for k, v in delta.items() if k.startswith("dropped") and v},
+        }
+    return result
+
+
+def _machine_cpu() -> tuple[int, int]:
+    """(all, idle) clock ticks of the whole machine so far, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return sum(fields[:8]), fields[3] + fields[4]
+
+
+def _summarise(kind: str, size: int, pairs: int, duration: float, senders: list[dict[str, Any]],
+               receivers: list[dict[str, Any]], cpu0: dict[int, tuple[float, float]],
+               cpu1: dict[int, tuple[float, float]], rss: dict[int, int], busy_cores: float) -> dict[str, Any]:
+    frame = size + FRAME_OVERHEAD
+    received = sum(r["bytes_received_in_window"] for r in receivers)
+    frames = received / frame
+    user = sum(cpu1[p][0] - cpu0[p][0] for p in cpu0)
+    system = sum(cpu1[p][1] - cpu0[p][1] for p in cpu0)
+    latencies = sorted(x for r in receivers for x in r["latencies_ns"])
+    forwarder_util = (user + system) / duration
+    generator_cpu = sum(x["cpu_s"] for x in senders + receivers)
+    busiest = max(x["cpu_s"] for x in senders + receivers) / duration
+    ours = (user + system + generator_cpu) / duration
+    return {
+        "saturation": _saturation(kind, forwarder_util, busiest, busy_cores),
+        "machine_cpu": {"busy_cores": round(busy_cores, 2), "forwarder_and_generator_cores": round(ours, 2),
+                        "kernel_softirq_and_other_processes_cores": round(max(0.0, busy_cores - ours), 2)},
+        "target": kind,
+        "packet_bytes": size,
+        "frame_bytes": frame,
+        "pairs": pairs,
+        "seconds": duration,
+        "frames_per_s": round(frames / duration),
+        "mbit_per_s": round(frames * size * 8 / duration / 1e6, 1),
+        "latency_us": _percentiles(latencies),
+        "forwarder": {
+            "processes": len(cpu0),
+            "cpu_s": round(user + system, 3),
+            "user_cpu_s": round(user, 3),
+            "system_cpu_s": round(system, 3),
+            "cpu_utilisation": round((user + system) / duration, 3),
+            "peak_rss_mib": round(max(rss.values()) / 1024, 1) if rss else None,
+            "peak_rss_mib_sum": round(sum(rss.values()) / 1024, 1) if rss else None,
+        },
+        "generator": {
+            "processes": len(senders) + len(receivers),
+            "sender_cpu_s": [round(s["cpu_s"], 3) for s in senders],
+            "receiver_cpu_s": [round(r["cpu_s"], 3) for r in receivers],
+            "cpu_s": round(sum(s["cpu_s"] for s in senders) + sum(r["cpu_s"] for r in receivers), 3),
+            "busiest_process_utilisation": round(
+                max(x["cpu_s"] for x in senders + receivers) / duration, 3),
+        },
+    }
+
+
+def _saturation(kind: str, forwarder_util: float, busiest_generator: float, busy_cores: float) -> str:
+    """Which side limited the run, as far as CPU accounting can tell."""
+    cpus = os.cpu_count() or 1
+    if kind == "relay" and forwarder_util >= 0.85:
+        return "relay (its one thread is CPU-bound)"
+    if busiest_generator >= 0.85:
+        return "generator (a generator process is CPU-bound)"
+    if busy_cores >= 0.9 * cpus:
+        return f"machine (all {cpus} CPUs busy: forwarder, generators, kernel loopback work, other processes)"
+    return "unclear (nothing CPU-bound by process accounting)"
+
+
+def _percentiles(values: list[int]) -> dict[str, float | int | None]:
+    if not values:
+        return {"p50": None, "p99": None, "samples": 0}
+    def pick(q: float) -> float:
+        return round(values[min(len(values) - 1, int(q * len(values)))] / 1000, 1)
+    return {"p50": pick(0.50), "p99": pick(0.99), "samples": len(values)}
+
+
+# -- the whole benchmark ------------------------------------------------------------------------
+
+
+def _mean(runs: list[dict[str, Any]], *path: str) -> float:
+    vals = []
+    for r in runs:
+        v: Any = r
+        for p in path:
+            v = v[p]
+        vals.append(v)
+    return statistics.fmean(vals)
+
+
+# Where the relay's time goes, by the function that spends it (cProfile "own" time).
+_PROFILE_GROUPS: list[tuple[str, tuple[str, ...]]] = [
+    ("per-frame scan and key rewrite (decoder loop: startswith, pack_into)",
+     ("(_scan_run)", "'startswith'", "'pack_into'", "'unpack_from'")),
+    ("writes to destinations (time in writelines, i.e. the writev syscalls)", ("(_flush)",)),
+    ("event loop and reads (uvloop's own time, i.e. epoll and the recv syscalls)",
+     ("runners.py", "run_until_complete", "(run)")),
+    ("new receive chunks (allocating and zeroing)", ("(_new_chunk)",)),
+    ("per-read and per-run bookkeeping (routing, budgets, header checks)",
+     ("(buffer_updated)", "(get_buffer)", "(_forward_frames)", "(next_run)", "(_peek_header)",
+      "(_check_header)", "(_accept)", "(_queued_bytes)", "'get_write_buffer_size'", "'time'")),
+]
+
+
+def profile_relay(size: int, pairs: int, warmup: float, duration: float) -> dict[str, Any]:
+    """One extra run with the relay under cProfile: its top functions and a grouped breakdown.
+
+    cProfile makes every Python call dearer, so the shares overstate Python's part; they say
+    where the time goes, not what it costs unprofiled."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "relay.prof"
+        result = run_once("relay", size, pairs, warmup, duration, profile_to=out)
+        stats = pstats.Stats(str(out))
+    total = stats.total_tt  # type: ignore[attr-defined]
+    rows = []
+    for (filename, line, func), (_cc, nc, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        rows.append({"function": f"{Path(filename).name}:{line}({func})", "own_s": tt, "cumulative_s": ct,
+                     "calls": nc})
+    rows.sort(key=lambda r: r["own_s"], reverse=True)
+    groups: dict[str, float] = {}
+    for r in rows:
+        name = next((g for g, needles in _PROFILE_GROUPS if any(n in r["function"] for n in needles)),
+                    "other (start-up imports, handshakes, metrics)")
+        groups[name] = groups.get(name, 0.0) + r["own_s"]
+    for r in rows:
+        r["own_share"] = round(r["own_s"] / total, 3) if total else None
+        r["own_s"] = round(r["own_s"], 3)
+        r["cumulative_s"] = round(r["cumulative_s"], 3)
+    return {
+        "profiled_run_frames_per_s": result["frames_per_s"],
+        "relay_user_vs_system_cpu_s": [result["forwarder"]["user_cpu_s"], result["forwarder"]["system_cpu_s"]],
+        "share_of_profiled_time": {g: round(t / total, 3) for g, t in sorted(groups.items(), key=lambda x: -x[1])},
+        "top_functions_by_own_time": rows[:12],
+    }
+
+
+def latency_runs(size: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Paced runs through direct, socat and relay, interleaved for ``args.rounds`` rounds; the
+    percentile of each target is the median over rounds, and added = target - direct."""
+    kinds = ("direct", "socat", "relay")
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
+    for rnd in range(args.rounds):
+        for kind in kinds if rnd % 2 == 0 else kinds[::-1]:
+            runs[kind].append(run_once(kind, size, args.pairs, 0.5, args.latency_duration,
+                                       paced_rate=args.latency_rate))
+    one_way = {k: {q: statistics.median(r["latency_us"][q] for r in runs[k]) for q in ("p50", "p99")}
+               for k in kinds}
+    added = {k: {q: round(one_way[k][q] - one_way["direct"][q], 1) for q in ("p50", "p99")}
+             for k in ("socat", "relay")}
+    print(f"{size:>5} B latency added p50/p99 us: relay {added['relay']} socat {added['socat']}", file=sys.stderr)
+    return {
+        "rate_frames_per_s_per_pair": args.latency_rate,
+        "one_way_us_median_of_rounds": {k: {q: round(v, 1) for q, v in one_way[k].items()} for k in kinds},
+        "added_us": added,
+        "one_way_us_per_round": {k: [r["latency_us"] for r in runs[k]] for k in kinds},
+        "forwarder_cpu_s_per_round": {k: [r["forwarder"]["cpu_s"] for r in runs[k]] for k in ("socat", "relay")},
+    }
+
+
+def wait_for_quiet_machine(limit_s: float = 60.0, busy_share: float = 0.3) -> float:
+    """Wait (bounded) until the CPUs are mostly idle, so other work does not skew the figures;
+    returns the busy share measured last."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        busy = _busy_share(1.0)
+        if busy < busy_share or time.monotonic() > deadline:
+            return busy
+        print(f"machine {busy:.0%} busy; waiting for it to quieten", file=sys.stderr)
+
+
+def _busy_share(interval: float) -> float:
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = fields[3] + fields[4]
+        return idle, sum(fields)
+
+    idle0, total0 = sample()
+    time.sleep(interval)
+    idle1, total1 = sample()
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("bench/results/relay.json"))
+    p.add_argument("--pairs", type=int, default=4)
+    p.add_argument("--sizes", default="1400,100")
+    p.add_argument("--duration", type=float, default=5.0, help="measured seconds per throughput run")
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved relay/socat rounds per size")
+    p.add_argument("--latency-rate", type=float, default=1000.0, help="frames/s per pair in the paced run")
+    p.add_argument("--latency-duration", type=float, default=2.0)
+    p.add_argument("--no-profile", action="store_true")
+    args = p.parse_args(argv)
+    if shutil.which("socat") is None:
+        print("socat is missing: apt-get install -y socat", file=sys.stderr)
+        return 2
+    sizes = [int(s) for s in args.sizes.split(",")]
+    busy_before = wait_for_quiet_machine()
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    results: dict[str, Any] = {"throughput": {}, "added_latency": {}}
+
+    for size in sizes:
+        runs: dict[str, list[dict[str, Any]]] = {"relay": [], "socat": []}
+        for rnd in range(args.rounds):
+            order = ("socat", "relay") if rnd % 2 == 0 else ("relay", "socat")
+            for kind in order:
+                r = run_once(kind, size, args.pairs, args.warmup, args.duration)
+                runs[kind].append(r)
+                print(f"{size:>5} B {kind:<5} round {rnd}: {r['frames_per_s']:>9} frames/s "
+                      f"{r['mbit_per_s']:>8} Mbit/s  forwarder cpu {r['forwarder']['cpu_utilisation']}"
+                      f"  generator busiest {r['generator']['busiest_process_utilisation']}", file=sys.stderr)
+        relay_fps = _mean(runs["relay"], "frames_per_s")
+        socat_fps = _mean(runs["socat"], "frames_per_s")
+        results["throughput"][str(size)] = {
+            "relay": {"frames_per_s": round(relay_fps), "mbit_per_s": round(_mean(runs["relay"], "mbit_per_s"), 1)},
+            "socat": {"frames_per_s": round(socat_fps), "mbit_per_s": round(_mean(runs["socat"], "mbit_per_s"), 1)},
+            "ratio": round(relay_fps / socat_fps, 3) if socat_fps else None,
+            "runs": runs,
+        }
+
+    for size in sizes:
+        results["added_latency"][str(size)] = latency_runs(size, args)
+
+    if not args.no_profile:
+        results["where_the_time_goes_profiled"] = {
+            f"{size}B": profile_relay(size, args.pairs, args.warmup, min(args.duration, 4)) for size in sizes
+        }
+
+    results["summary"] = _summary(results, sizes)
+    results["setup"] = _setup(args, time.monotonic() - started)
+    results["setup"]["load_average_1m_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
+    results["setup"]["cpu_busy_share_before_start"] = round(busy_before, 3)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results["summary"], indent=2))
+    return 0
+
+
+def _summary(results: dict[str, Any], sizes: list[int]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for size in sizes:
+        t = results["throughput"][str(size)]
+        relay_runs = t["runs"]["relay"]
+        socat_runs = t["runs"]["socat"]
+        lat = results["added_latency"][str(size)]
+        out[f"{size}B"] = {
+            "relay_frames_per_s": t["relay"]["frames_per_s"],
+            "relay_mbit_per_s": t["relay"]["mbit_per_s"],
+            "socat_frames_per_s": t["socat"]["frames_per_s"],
+            "socat_mbit_per_s": t["socat"]["mbit_per_s"],
+            "ratio_relay_over_socat": t["ratio"],
+            "relay_loaded_latency_us": relay_runs[-1]["latency_us"],
+            "socat_loaded_latency_us": socat_runs[-1]["latency_us"],
+            "relay_added_latency_us_at_light_load": lat["added_us"]["relay"],
+            "socat_added_latency_us_at_light_load": lat["added_us"]["socat"],
+            "relay_cpu_s_per_run": [r["forwarder"]["cpu_s"] for r in relay_runs],
+            "relay_cpu_utilisation": [r["forwarder"]["cpu_utilisation"] for r in relay_runs],
+            "relay_user_vs_system_cpu_s": [[r["forwarder"]["user_cpu_s"], r["forwarder"]["system_cpu_s"]]
+                                           for r in relay_runs],
+            "relay_peak_rss_mib": max(r["forwarder"]["peak_rss_mib"] for r in relay_runs),
+            "relay_dropped_share": [r.get("relay_counted", {}).get("dropped_share") for r in relay_runs],
+            "relay_read_frames_per_s": [
+                r["relay_counted"]["forwarded_frames_per_s"] + r["relay_counted"]["dropped_frames_per_s"]
+                for r in relay_runs if "relay_counted" in r
+            ],
+            "saturation": {"relay_runs": [r["saturation"] for r in relay_runs],
+                           "socat_runs": [r["saturation"] for r in socat_runs]},
+            "machine_cpu": {"relay_runs": [r["machine_cpu"] for r in relay_runs],
+                            "socat_runs": [r["machine_cpu"] for r in socat_runs]},
+            "socat_cpu_utilisation_sum": [r["forwarder"]["cpu_utilisation"] for r in socat_runs],
+            "generator_cpu_s_relay_runs": [r["generator"]["cpu_s"] for r in relay_runs],
+            "generator_cpu_s_socat_runs": [r["generator"]["cpu_s"] for r in socat_runs],
+            "generator_busiest_process_utilisation": {
+                "relay_runs": [r["generator"]["busiest_process_utilisation"] for r in relay_runs],
+                "socat_runs": [r["generator"]["busiest_process_utilisation"] for r in socat_runs],
+            },
+        }
+    return out
+
+
+def _setup(args: argparse.Namespace, elapsed: float) -> dict[str, Any]:
+    socat_version = subprocess.run(["socat", "-V"], capture_output=True, text=True).stdout.splitlines()
+    return {
+        "command": "make bench-relay (.venv/bin/python bench/relay_bench.py --out bench/results/relay.json)",
+        "pairs": args.pairs,
+        "generator": "per pair one sender and one receiver process (blocking sockets; ~64 KiB blobs of "
+                     "prebuilt frames; stamps found with bytes.find)",
+        "throughput_seconds_per_run": args.duration,
+        "warmup_seconds": args.warmup,
+        "rounds": args.rounds,
+        "latency_run": f"{args.latency_rate:g} frames/s per pair for {args.latency_duration:g} s, one-way, "
+                       "CLOCK_MONOTONIC stamps, direct/socat/relay interleaved for the rounds; added = median "
+                       "over rounds of the percentile minus the direct connection's",
+        "loaded_latency": "one-way latency of the stamped frame of each blob during the throughput runs; "
+                          "it includes time queued in the sender's socket buffer, so it is mostly queueing",
+        "socat": f"{socat_version[1] if len(socat_version) > 1 else '?'}; one process per pair, -b {SOCAT_BUFFER}, "
+                 "nodelay on both sides",
+        "relay": "wirekube-relay console entry point (uvloop), one process",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
+        "elapsed_seconds": round(elapsed, 1),
+        "limits": "Everything shares this machine's CPUs: relay (single-threaded), socat processes, "
+                  "2 x pairs generator processes and the kernel's loopback TCP work.  Compare the ratio, "
+                  "not the absolutes; see each run's forwarder and generator CPU to tell which side saturated.",
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
