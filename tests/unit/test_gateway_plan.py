@@ -301,3 +301,11 @@ def test_an_acknowledgement_left_from_an_earlier_role_does_not_count() -> None:
     sim.follow("b")
     sim.step(101.1)
     assert sim.status["activePeer"] == "b"
+
+
+def test_status_does_not_churn_while_nothing_changes() -> None:
+    sim = Sim(["a", "b"])
+    active_on_a(sim)
+    sim.step(104.0)  # both agents silent: both reports stale
+    assert sim.ready_reason() == "NoHealthyPeer"
+    assert sim.step(110.0).patch == {} and sim.step(500.0).patch == {}  # no ages in messages

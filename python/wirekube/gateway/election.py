@@ -81,7 +81,7 @@ def elect(
                 recheck_at=since + failback_after,
             )
         return Election(first, "Failback", f"{first} precedes {current} in peerRefs and has been healthy "
-                                            f"for {now - since:.0f}s")
+                                            f"for at least {failback_after:.0f}s")
     if current:
         old = verdicts.get(current)
         why = old.message if old is not None else f"{current} is no longer in peerRefs"

@@ -81,11 +81,12 @@ def _report_verdict(
         return Verdict(UNKNOWN, "NoHealthReport", f"the agent of {name} has not reported a health check yet")
     age = now - seen.seen_at
     if age >= stale_after(hc):
+        # No ages in messages: they end up in conditions, which must not change on every pass.
         return Verdict(
             UNKNOWN,
             "HealthReportStale",
-            f"no health report from the agent of {name} for {age:.1f}s "
-            f"(limit {stale_after(hc):.0f}s = failureThreshold x intervalSeconds + timeoutSeconds)",
+            f"no new health report from the agent of {name} within {stale_after(hc):.0f}s "
+            "(failureThreshold x intervalSeconds + timeoutSeconds)",
         )
     if report.consecutive_failures >= hc.failure_threshold:
         detail = f": {report.message}" if report.message else ""
