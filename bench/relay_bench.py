@@ -393,11 +393,12 @@ def run_once(kind: str, size: int, pairs: int, warmup: float, duration: float,
                 forwarder_pids = relay.pids if relay else [s.proc.pid for s in socats]
                 _sleep_until(window.measure)
                 cpu0 = {pid: _proc_cpu(pid) for pid in forwarder_pids}
-                machine0 = _machine_cpu()
+                ours = {os.getpid(), *forwarder_pids, *(p.pid for p, _ in senders + receivers if p.pid)}
+                machine0, others0 = _machine_cpu(), _other_process_ticks(ours)
                 counters0 = relay.counters() if relay is not None else {}
                 _sleep_until(window.end)
                 cpu1 = {pid: _proc_cpu(pid) for pid in forwarder_pids}
-                machine1 = _machine_cpu()
+                machine1, others1 = _machine_cpu(), _other_process_ticks(ours)
                 counters1 = relay.counters() if relay is not None else {}
                 rss = {pid: _peak_rss_kib(pid) for pid in forwarder_pids}
                 sender_results = [conn.recv() for _, conn in senders]
@@ -407,9 +408,10 @@ def run_once(kind: str, size: int, pairs: int, warmup: float, duration: float,
             relay.stop()
         for s in socats:
             s.stop()
-    busy_cores = ((machine1[0] - machine0[0]) - (machine1[1] - machine0[1])) / CLK_TCK / duration
+    machine = {k: round((machine1[k] - machine0[k]) / CLK_TCK / duration, 2) for k in machine1}
+    machine["other_processes_cores"] = round(_ticks_delta(others0, others1) / CLK_TCK / duration, 2)
     result = _summarise(kind, size, pairs, duration, sender_results, receiver_results, cpu0, cpu1, rss,
-                        busy_cores)
+                        machine)
     if counters1:
         # what the relay itself counted in the window: frames it read = forwarded + dropped
         delta = {k: v - counters0.get(k, 0.0) for k, v in counters1.items()}
@@ -424,15 +426,39 @@ def run_once(kind: str, size: int, pairs: int, warmup: float, duration: float,
     return result
 
 
-def _machine_cpu() -> tuple[int, int]:
-    """(all, idle) clock ticks of the whole machine so far, from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return sum(fields[:8]), fields[3] + fields[4]
+def _machine_cpu() -> dict[str, int]:
+    """Clock ticks of the whole machine so far, from /proc/stat: busy (all but idle and iowait),
+    of which softirq+irq (interrupt work, such as loopback TCP delivery) and steal (taken by the
+    hypervisor for other guests)."""
+    f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return {"busy_cores": f[0] + f[1] + f[2] + f[5] + f[6] + f[7], "irq_softirq_cores": f[5] + f[6],
+            "steal_cores": f[7]}
+
+
+def _other_process_ticks(ours: set[int]) -> dict[int, int]:
+    """utime+stime of every other process (kernel threads such as ksoftirqd included)."""
+    ticks = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in ours:
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) in ours:  # a child of ours (the relay under cProfile, socat...)
+            continue
+        ticks[int(entry.name)] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
+def _ticks_delta(before: dict[int, int], after: dict[int, int]) -> int:
+    return sum(t - before.get(pid, 0) for pid, t in after.items() if pid in before)
 
 
 def _summarise(kind: str, size: int, pairs: int, duration: float, senders: list[dict[str, Any]],
                receivers: list[dict[str, Any]], cpu0: dict[int, tuple[float, float]],
-               cpu1: dict[int, tuple[float, float]], rss: dict[int, int], busy_cores: float) -> dict[str, Any]:
+               cpu1: dict[int, tuple[float, float]], rss: dict[int, int],
+               machine: dict[str, float]) -> dict[str, Any]:
     frame = size + FRAME_OVERHEAD
     received = sum(r["bytes_received_in_window"] for r in receivers)
     frames = received / frame
@@ -444,9 +470,8 @@ def _summarise(kind: str, size: int, pairs: int, duration: float, senders: list[
     busiest = max(x["cpu_s"] for x in senders + receivers) / duration
     ours = (user + system + generator_cpu) / duration
     return {
-        "saturation": _saturation(kind, forwarder_util, busiest, busy_cores),
-        "machine_cpu": {"busy_cores": round(busy_cores, 2), "forwarder_and_generator_cores": round(ours, 2),
-                        "kernel_softirq_and_other_processes_cores": round(max(0.0, busy_cores - ours), 2)},
+        "saturation": _saturation(kind, forwarder_util, busiest, machine),
+        "machine_cpu": {**machine, "forwarder_and_generator_cores": round(ours, 2)},
         "target": kind,
         "packet_bytes": size,
         "frame_bytes": frame,
@@ -475,16 +500,18 @@ def _summarise(kind: str, size: int, pairs: int, duration: float, senders: list[
     }
 
 
-def _saturation(kind: str, forwarder_util: float, busiest_generator: float, busy_cores: float) -> str:
+def _saturation(kind: str, forwarder_util: float, busiest_generator: float, machine: dict[str, float]) -> str:
     """Which side limited the run, as far as CPU accounting can tell."""
     cpus = os.cpu_count() or 1
+    others = machine["other_processes_cores"]
+    note = f"; other processes took {others:.2f} cores" if others >= 0.1 else ""
     if kind == "relay" and forwarder_util >= 0.85:
-        return "relay (its one thread is CPU-bound)"
+        return f"relay (its one thread is CPU-bound{note})"
     if busiest_generator >= 0.85:
-        return "generator (a generator process is CPU-bound)"
-    if busy_cores >= 0.9 * cpus:
-        return f"machine (all {cpus} CPUs busy: forwarder, generators, kernel loopback work, other processes)"
-    return "unclear (nothing CPU-bound by process accounting)"
+        return f"generator (a generator process is CPU-bound{note})"
+    if machine["busy_cores"] >= 0.9 * cpus:
+        return f"machine (all {cpus} CPUs busy{note})"
+    return f"unclear (nothing CPU-bound by process accounting{note})"
 
 
 def _percentiles(values: list[int]) -> dict[str, float | int | None]:
