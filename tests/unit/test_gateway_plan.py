@@ -70,7 +70,7 @@ class Sim:
         return self.obj["status"]  # type: ignore[no-any-return]
 
     def ready_reason(self) -> str:
-        return str(find(self.status["conditions"], "Ready")["reason"])  # type: ignore[index]
+        return str(find(self.status["conditions"], "Ready")["reason"])
 
 
 def reasons(plan: GatewayPlan) -> list[str]:
@@ -123,8 +123,8 @@ def test_failover_is_make_before_break_and_records_why() -> None:
     assert (sim.status["activePeer"], sim.status["pendingPeer"]) == ("a", "b")
     assert sim.status["peerHealth"]["a"] == "unhealthy" and sim.ready_reason() == "HandoverPending"
     assert reasons(plan) == ["HandoverStarted"]
-    assert contract.forwarding_duty(models.gateway_from_cr(sim.obj), "b").phase == "pending"  # type: ignore[union-attr]
-    assert contract.forwarding_duty(models.gateway_from_cr(sim.obj), "a").phase == "active"  # type: ignore[union-attr]
+    assert contract.forwarding_duty(models.gateway_from_cr(sim.obj), "b").phase == "pending"
+    assert contract.forwarding_duty(models.gateway_from_cr(sim.obj), "a").phase == "active"
     # phase 2: b confirms, clients move
     sim.ack("b", ROUTES)
     plan = sim.step(101.3)
@@ -226,7 +226,7 @@ def test_rejected_routes_are_reported_once_and_excluded() -> None:
     plan = sim.step(100.0)
     assert "10.255.1.0/24" not in sim.status["routes"]
     cond = find(sim.status["conditions"], "RoutesAccepted")
-    assert cond["status"] == "False" and "mesh CIDR" in cond["message"]  # type: ignore[index]
+    assert cond["status"] == "False" and "mesh CIDR" in cond["message"]
     assert "RouteRejected" in reasons(plan)
     assert "RouteRejected" not in reasons(sim.step(100.1))
 
@@ -254,10 +254,10 @@ def test_invalid_spec_sets_ready_false() -> None:
 def test_condition_transition_time_only_moves_on_status_change() -> None:
     sim = Sim(["a"], health=None)
     sim.step(100.0)
-    t0 = find(sim.status["conditions"], "Ready")["lastTransitionTime"]  # type: ignore[index]
+    t0 = find(sim.status["conditions"], "Ready")["lastTransitionTime"]
     sim.obj["spec"]["routes"].append({"cidr": "10.102.0.0/16"})  # message changes, status stays False
     sim.step(200.0)
-    assert find(sim.status["conditions"], "Ready")["lastTransitionTime"] == t0  # type: ignore[index]
+    assert find(sim.status["conditions"], "Ready")["lastTransitionTime"] == t0
 
 
 # ---- the agent side of the contract -------------------------------------------------------------

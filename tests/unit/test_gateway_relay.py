@@ -83,10 +83,10 @@ def test_external_provider_publishes_its_endpoint() -> None:
 
 def test_port_choice_by_name_then_managed_port_then_first_tcp() -> None:
     named = service("LoadBalancer", ports=[{"name": "metrics", "port": 9090}, {"name": "relay", "port": 4000}])
-    assert relay_port(named, 3478)["port"] == 4000  # type: ignore[index]
+    assert relay_port(named, 3478)["port"] == 4000
     by_port = service("LoadBalancer", ports=[{"name": "stun", "port": 3478, "protocol": "UDP"},
                                               {"name": "a", "port": 9090}, {"name": "b", "port": 3478}])
-    assert relay_port(by_port, 3478)["name"] == "b"  # type: ignore[index]
+    assert relay_port(by_port, 3478)["name"] == "b"
     assert relay_port(service("NodePort", ports=[{"port": 3478, "protocol": "UDP"}]), 3478) is None
 
 

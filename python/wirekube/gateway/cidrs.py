@@ -40,7 +40,7 @@ class OwnedCIDR:
 
 
 def overlaps(a: IPNetwork, b: IPNetwork) -> bool:
-    return a.version == b.version and a.overlaps(b)  # type: ignore[arg-type]
+    return a.version == b.version and a.overlaps(b)
 
 
 def first_overlap(cidr: IPNetwork, others: Iterable[OwnedCIDR]) -> OwnedCIDR | None:

@@ -448,8 +448,9 @@ class GatewayController:
                                         relay.message, now, gen)
         ok, reason, message = _pod_condition(snap.mesh, pod_plan, pod_problem)
         conditions = cond.set_condition(conditions, POD_CIDR_SYNC, ok, reason, message, now, gen)
+        endpoints = [str(e) for e in relay.endpoints]
         desired = {
-            "relay": {"endpoints": [str(e) for e in relay.endpoints], "source": relay.source},
+            "relay": {"endpoints": endpoints, "source": relay.source},
             "totalPeers": len(snap.peer_objs),
             "readyPeers": sum(1 for p in snap.peers.values() if p.status.connected),
             "conditions": conditions,
@@ -457,7 +458,7 @@ class GatewayController:
         patch = cond.merge_patch(status, desired)
         if patch:
             if "relay" in patch:
-                self._log.info("relay endpoints: {} ({})", desired["relay"]["endpoints"], relay.message)
+                self._log.info("relay endpoints: {} ({})", endpoints, relay.message)
             self._write_status("meshes", k8s.MESHES, MESH_SINGLETON, patch)
         return relay
 

@@ -74,7 +74,7 @@ def discover_relay(
 def relay_port(service: Mapping[str, Any], managed_port: int) -> Mapping[str, Any] | None:
     ports = [p for p in (service.get("spec") or {}).get("ports") or [] if (p.get("protocol") or "TCP") == "TCP"]
     for pick in (lambda p: p.get("name") == "relay", lambda p: p.get("port") == managed_port, lambda p: True):
-        found = next((p for p in ports if pick(p)), None)
+        found: Mapping[str, Any] | None = next((p for p in ports if pick(p)), None)
         if found is not None:
             return found
     return None
