@@ -292,6 +292,27 @@ def test_pod_cidr_sync_from_node_spec(
         objects.set_mesh(podCIDRSync="none")
 
 
+def test_cilium_sync_without_the_crd_says_so_and_touches_nothing(
+    kube: k8s.Kube, objects: Objects, controllers: Callable[..., GatewayController], unique: str
+) -> None:
+    try:
+        kube.get(k8s.CRDS, "ciliumnodes.cilium.io")
+        pytest.skip("the CiliumNode CRD is already installed in this cluster")
+    except errors.NotFound:
+        pass
+    name = f"nocil-{unique}"
+    objects.peer(name, "192.168.78.0/24")
+    objects.set_mesh(podCIDRSync="cilium")
+    try:
+        controllers(objects.namespace())
+        cond = wait_for(lambda: (c := condition(status(kube, k8s.MESHES, "default"), "PodCIDRSync"))
+                        .get("reason") == "CiliumNodeCRDMissing" and c, what="missing CRD reported")
+        assert cond["status"] == "False" and "ciliumnodes.cilium.io" in cond["message"]
+        assert kube.get(k8s.PEERS, name)["spec"]["allowedIPs"][1:] == ["192.168.78.0/24"]
+    finally:
+        objects.set_mesh(podCIDRSync="none")
+
+
 CILIUM_CRD = {
     "apiVersion": "apiextensions.k8s.io/v1",
     "kind": "CustomResourceDefinition",

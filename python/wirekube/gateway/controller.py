@@ -410,11 +410,13 @@ class GatewayController:
             return None
         self._cilium_checked_at = now
         try:
-            self.kube.get(k8s.CRDS, CILIUM_CRD)
+            # Listing (which the controller may do) answers 404 while the CRD is absent; reading
+            # the CRD itself would need a permission the controller has no other use for.
+            self.kube.list(k8s.CILIUMNODES)
         except errors.NotFound:
             return None
         except errors.ApiError as e:
-            self._log.warning("cannot check for the CiliumNode CRD: {}", e)
+            self._log.warning("cannot list CiliumNodes: {}", e)
             self._cilium_checked_at = float("-inf")
             return None
         self._cilium = self._informer(k8s.CILIUMNODES).start()
