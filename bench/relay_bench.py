@@ -537,8 +537,9 @@ def _mean(runs: list[dict[str, Any]], *path: str) -> float:
 
 # Where the relay's time goes, by the function that spends it (cProfile "own" time).
 _PROFILE_GROUPS: list[tuple[str, tuple[str, ...]]] = [
-    ("per-frame scan and key rewrite (decoder loop: startswith, pack_into)",
-     ("(_scan_run)", "'startswith'", "'pack_into'", "'unpack_from'")),
+    ("frame scan and key rewrite (the decoder: per-frame loop, or 64-frame struct blocks for small frames)",
+     ("(_scan_run)", "(_block_run)", "'startswith'", "'pack_into'", "'unpack_from'", "'join' of 'bytes'",
+      "'count' of 'tuple'", "'count' of 'list'", "(_block_struct)")),
     ("writes to destinations (time in writelines, i.e. the writev syscalls)", ("(_flush)",)),
     ("event loop and reads (uvloop's own time, i.e. epoll and the recv syscalls)",
      ("runners.py", "run_until_complete", "(run)")),
@@ -699,6 +700,11 @@ def main(argv: list[str] | None = None) -> int:
         }
 
     results["summary"] = _summary(results, sizes)
+    results["goals"] = {
+        f"{size}B": {"ratio_goal": goal, "ratio": results["throughput"][str(size)]["ratio"],
+                     "met": (results["throughput"][str(size)]["ratio"] or 0) >= goal}
+        for size, goal in ((1400, 0.8), (100, 0.1)) if size in sizes
+    }
     results["setup"] = _setup(args, time.monotonic() - started)
     results["setup"]["load_average_1m_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
     results["setup"]["cpu_busy_share_before_start"] = round(busy_before, 3)
