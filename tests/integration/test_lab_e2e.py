@@ -143,6 +143,9 @@ def test_failover_on_udp_cut_and_recovery(lab: Any) -> None:
     status = kube.get(k8s.PEERS, a)["status"]
     assert status["peerTransports"][b] == "relay"
     assert status["relayReasons"][b]
+    events = [e for e in kube.list(k8s.EVENTS, "default")[0]
+              if e["regarding"]["name"] == a and e["reason"] == "TransportChanged"]
+    assert any(f"{a} -> {b}: direct -> relay" in e["note"] for e in events), [e["note"] for e in events]
     try:
         assert orchestrate.ping(lab_, a, b_ip) is not None  # traffic continues over the relay
     finally:

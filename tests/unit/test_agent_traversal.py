@@ -97,3 +97,21 @@ def test_peer_that_roamed_to_our_proxy_is_followed_to_the_relay() -> None:
     t.tick(0.0, 1e9)
     assert t.paths()["cone"].transport is Transport.RELAY
     assert t.decorate(PeerStatus()).relay_reasons == {"cone": "peer switched to relay"}
+
+
+def test_transport_changes_are_reported_once() -> None:
+    p = peer("cone", NatType.CONE, "203.0.113.2")
+    t = traversal(NatType.CONE, [p])
+    seen: list[tuple[str, str, str, str]] = []
+    t._on_transition = lambda *a: seen.append(a)  # type: ignore[assignment]
+    key = p.spec.public_key
+    rx = {"v": 0}
+    t._engine_state = lambda: engine(key, rx["v"])  # type: ignore[method-assign]
+    t._report_transitions()
+    assert seen == []  # starting direct is not news
+    t.tick(0.0, 1e9)
+    rx["v"] = 100
+    t.tick(0.5, 1e9)
+    t.tick(2.5, 1_700_000_000)
+    t.tick(2.6, 1_700_000_000)
+    assert seen == [("cone", "direct", "relay", "direct probe failed at 2023-11-14T22:13:20Z")]

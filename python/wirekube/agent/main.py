@@ -158,6 +158,8 @@ def run(settings: AgentSettings) -> int:
             engine_state=lambda: reconciler.engine.get() if reconciler and reconciler.engine else None,
             wake=wake,
             on_failover=lambda peer, seconds: _count_failover(metrics, peer, seconds),
+            on_transition=lambda peer, old, new, reason: _transport_event(source, settings.node_name, peer, old,
+                                                                          new, reason, metrics),
         )
     ready = threading.Event()
     source, api_ips = _make_source(settings, wake, traversal)
@@ -201,6 +203,20 @@ def run(settings: AgentSettings) -> int:
         reconciler.close()
         source.stop()
         netlink.close()
+
+
+def _transport_event(source: object, node: str, peer: str, old: str, new: str, reason: str,
+                     metrics: AgentMetrics) -> None:
+    """A Kubernetes Event on this node's WireKubePeer for every transport change toward a peer."""
+    if new == "direct" and old == "relay":
+        metrics.recoveries.labels(peer=peer).inc()
+    kube = getattr(source, "kube", None)
+    if kube is None:
+        return
+    note = f"{node} -> {peer}: {old} -> {new}" + (f" ({reason})" if reason and new == "relay" else "")
+    kube.emit_event({"apiVersion": "wirekube.io/v1alpha1", "kind": "WireKubePeer", "metadata": {"name": node}},
+                    "TransportChanged", note, type_="Warning" if new == "relay" and old == "direct" else "Normal",
+                    component="agent")
 
 
 def _count_failover(metrics: AgentMetrics, peer: str, seconds: float) -> None:

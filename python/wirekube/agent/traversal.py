@@ -107,6 +107,7 @@ class Traversal:
         wake: Callable[[], None],
         settings: TraversalSettings = TraversalSettings(),
         on_failover: Callable[[str, float], None] | None = None,
+        on_transition: Callable[[str, str, str, str], None] | None = None,
     ) -> None:
         self.node = node_name
         self._private = private_key
@@ -115,6 +116,8 @@ class Traversal:
         self._wake = wake
         self.settings = settings
         self._on_failover = on_failover
+        self._on_transition = on_transition
+        self._reported: dict[str, Transport] = {}
         self._lock = threading.RLock()
         self._view = _View()
         self._peers: dict[str, _PeerState] = {}
@@ -290,8 +293,25 @@ class Traversal:
                     changed = True
                 if mesh.spec.relay.mode is not RelayMode.NEVER and self._peers[name].proxy_port == 0:
                     self._ensure_proxy(name)
+        self._report_transitions()
         if changed:
             self._wake()
+
+    def _report_transitions(self) -> None:
+        """Call ``on_transition(peer, old, new, reason)`` once per transport change (for Events)."""
+        with self._lock:
+            current = {n: (s.path.transport, s.path.reason or s.decision.reason) for n, s in self._peers.items()}
+            changes = [(n, self._reported.get(n), t, r) for n, (t, r) in current.items() if self._reported.get(n) != t]
+            self._reported = {n: t for n, (t, _) in current.items()}
+        if self._on_transition is None:
+            return
+        for name, old, new, reason in changes:
+            if old is None and new is Transport.DIRECT:
+                continue  # a new peer starting direct is not news
+            try:
+                self._on_transition(name, old.value if old else "none", new.value, reason)
+            except Exception:  # noqa: BLE001 - reporting must never break path selection
+                self._log.exception("transport change report failed")
 
     def _ensure_proxy(self, name: str) -> None:
         if self._relay is None or self._loop is None:
@@ -377,6 +397,7 @@ class Traversal:
         for name in probes:
             self._spawn(lambda n=name: self._probe(n), f"probe-{name}")
         if changed:
+            self._report_transitions()
             self._wake()
 
     def _probe(self, name: str) -> None:
@@ -399,6 +420,7 @@ class Traversal:
                     state.path, action = pathsm.probe_result(state.path, time.monotonic(), ok)
             if ok:
                 self._log.info("peer {}: direct path works again -> direct", name)
+                self._report_transitions()
                 self._wake()
 
     # ------------------------------------------------------------------ discovery
