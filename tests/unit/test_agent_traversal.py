@@ -115,3 +115,19 @@ def test_transport_changes_are_reported_once() -> None:
     t.tick(2.5, 1_700_000_000)
     t.tick(2.6, 1_700_000_000)
     assert seen == [("cone", "direct", "relay", "direct probe failed at 2023-11-14T22:13:20Z")]
+
+
+def test_relay_pool_keeps_every_address_of_a_name(monkeypatch: Any) -> None:
+    import socket as socketmod
+
+    from wirekube.models import HostPort, RelayProvider
+
+    def fake(host: str, port: int, *args: Any) -> list[Any]:
+        assert host == "wirekube-relay-pool.wirekube-system.svc"
+        return [(2, 1, 6, "", ("10.0.0.7", port)), (2, 1, 6, "", ("10.0.0.5", port)), (2, 1, 6, "", ("10.0.0.7", port))]
+
+    monkeypatch.setattr(socketmod, "getaddrinfo", fake)
+    t = traversal(NatType.OPEN, [])
+    mesh = Mesh("default", MeshSpec(relay=RelaySpec(provider=RelayProvider.EXTERNAL,
+                                                    external_endpoint=HostPort("wirekube-relay-pool.wirekube-system.svc", 3478))))
+    assert t.relay_addresses(mesh) == [("10.0.0.5", 3478), ("10.0.0.7", 3478)]

@@ -224,13 +224,18 @@ class Traversal:
         spec = mesh.spec.relay
         hosts = [spec.external_endpoint] if spec.provider is RelayProvider.EXTERNAL and spec.external_endpoint else list(
             mesh.status.relay_endpoints)
-        out = []
+        out: list[tuple[str, int]] = []
         for hp in hosts:
             if hp is None:
                 continue
-            for t in rawudp.resolve([str(hp)]):
-                out.append((t.ip, t.port))
-        return out
+            # A headless Service name resolves to every relay replica: keep one warm connection each.
+            try:
+                infos = socket.getaddrinfo(hp.host, hp.port, socket.AF_INET, socket.SOCK_STREAM)
+            except OSError as e:
+                self._log.warning("cannot resolve relay {}: {}", hp, e)
+                continue
+            out.extend(dict.fromkeys((str(i[4][0]), hp.port) for i in infos))
+        return sorted(dict.fromkeys(out))
 
     def _sync_relays(self, mesh: Mesh) -> None:
         if self._relay is None or self._loop is None:
