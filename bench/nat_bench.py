@@ -68,9 +68,13 @@ def failover(lab: Any, kube: k8s.Kube, cuts: int) -> dict[str, Any]:
     for i in range(cuts):
         wait_for(lambda: transport(kube, a, b) == "direct", 120, f"cut {i}: direct before the cut")
         pinger = lab.spawn(a, ["ping", "-D", "-n", "-i", "0.1", "-W", "1", "-w", "8", dst], pipe=True)
-        head = []
+        head: list[str] = []
+        deadline = time.monotonic() + 15
         while sum("bytes from" in ln for ln in head) < 15:
-            head.append(pinger.stdout.readline())
+            line = pinger.stdout.readline()
+            if not line or time.monotonic() > deadline:
+                raise RuntimeError(f"cut {i}: no steady ping replies before the cut: {''.join(head)[-300:]}")
+            head.append(line)
         lab.cut("fullcone", "udp", peer=wan)
         rest, _ = pinger.communicate(timeout=30)
         gaps.append(round(longest_gap("".join(head) + rest) * 1000, 1))
