@@ -171,3 +171,39 @@ def test_relay_restart_is_survived_without_agent_restarts(lab: Any) -> None:
     orchestrate.start_relay(lab_, 0)
     wait_for(lambda: orchestrate.ping(lab_, pair[0], dst_ip) is not None, 60, "relayed pair back after restart")
     assert set(agents_before) <= {p["metadata"]["name"] for p in kube.list(k8s.PEERS)[0]}
+
+
+def test_wirekubectl_status_matches_the_lab(lab: Any) -> None:
+    lab_, kube, name = lab
+    kubeconfig = f"/run/wirekube-lab/{name}/cluster/kubeconfig"
+    out = subprocess.run([sys.executable, "-m", "wirekube.cli.wirekubectl", "--kubeconfig", kubeconfig, "status",
+                          "-o", "json"], capture_output=True, text=True, check=True, timeout=60).stdout
+    report = {(p["from"], p["to"]): p["transport"] for p in json.loads(out)["pairs"]}
+    measured = pairs_by_key(lab_, kube)
+    assert {k: v["transport"] for k, v in measured.items()} == report
+
+
+def test_doctor_is_clean_then_flags_an_injected_overlap(lab: Any) -> None:
+    lab_, kube, name = lab
+    node_kubeconfig = f"/run/wirekube-lab/{name}/node.kubeconfig"
+    doctor = [sys.executable, "-m", "wirekube.cli.wirekubectl", "--kubeconfig", node_kubeconfig, "doctor"]
+    healthy = lab_.exec("ec2-a", doctor, timeout=120)
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    assert "[OK] relay-reachable" in healthy.stdout and "[OK] stun-reachable" in healthy.stdout
+    kube.patch_merge(k8s.MESHES, "default", {"spec": {"serviceCIDRs": ["10.255.0.0/24"]}})
+    try:
+        faulty = lab_.exec("ec2-a", doctor, timeout=120)
+        assert faulty.returncode == 1
+        assert "[FAIL] cidr-overlap" in faulty.stdout and "fix: choose a meshCIDR outside the Service CIDR" in faulty.stdout
+    finally:
+        kube.patch_merge(k8s.MESHES, "default", {"spec": {"serviceCIDRs": None}})
+
+
+def test_agent_metrics_show_per_peer_transport_and_handshakes(lab: Any) -> None:
+    lab_, _, _ = lab
+    fetch = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9090/metrics', timeout=5).read().decode())"
+    text = lab_.exec("prc-1", [sys.executable, "-c", fetch], timeout=30, check=True).stdout
+    assert re.search(r'wirekube_peer_transport_mode\{mode="relay",node="prc-1",peer="sym1-1"\} 1\.0', text), text[:2000]
+    assert re.search(r'wirekube_peer_transport_mode\{mode="direct",node="prc-1",peer="ec2-a"\} 1\.0', text)
+    assert re.search(r'wirekube_peer_last_handshake_seconds\{node="prc-1",peer="ec2-a"\} [1-9]', text)
+    assert 'wirekube_node_nat_type{node="prc-1",type="port-restricted-cone"} 1.0' in text
