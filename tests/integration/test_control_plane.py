@@ -11,19 +11,11 @@ from typing import Any
 import pytest
 
 from tests.fixtures.keys import public_key
+from tests.fixtures.wait import wait_for
 from wirekube import errors, k8s, models
 from wirekube.lab.cluster import ControlPlane
 
 pytestmark = pytest.mark.apiserver
-
-
-def wait_for(predicate: Any, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def peer_body(name: str, **spec: Any) -> dict[str, Any]:
@@ -200,11 +192,11 @@ def test_informer_sees_adds_updates_deletes(kube: k8s.Kube, unique: str) -> None
         assert inf.wait_synced(30)
         name = f"inf-{unique}"
         kube.create(k8s.PEERS, peer_body(name))
-        wait_for(lambda: ("ADDED", name) in seen, what="ADDED")
+        wait_for(lambda: ("ADDED", name) in seen, 30, "ADDED")
         kube.patch_merge(k8s.PEERS, name, {"spec": {"persistentKeepalive": 7}})
-        wait_for(lambda: inf.cache.get(name, {}).get("spec", {}).get("persistentKeepalive") == 7, what="MODIFIED")
+        wait_for(lambda: inf.cache.get(name, {}).get("spec", {}).get("persistentKeepalive") == 7, 30, "MODIFIED")
         kube.delete(k8s.PEERS, name)
-        wait_for(lambda: ("DELETED", name) in seen and name not in inf.cache, what="DELETED")
+        wait_for(lambda: ("DELETED", name) in seen and name not in inf.cache, 30, "DELETED")
     finally:
         inf.stop()
 
@@ -255,7 +247,7 @@ def test_watch_resumes_after_api_server_restart(private_cp: ControlPlane) -> Non
     try:
         assert inf.wait_synced(30)
         kube.create(k8s.PEERS, peer_body("before"))
-        wait_for(lambda: ("ADDED", "before") in events, what="event before restart")
+        wait_for(lambda: ("ADDED", "before") in events, 30, "event before restart")
         relists = inf.relists
         private_cp.restart_apiserver()
         kube.create(k8s.PEERS, peer_body("after"))

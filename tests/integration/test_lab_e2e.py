@@ -23,23 +23,13 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.wait import wait_for
 from wirekube import k8s
 from wirekube.lab import orchestrate
 from wirekube.lab.net import Lab
 from wirekube.lab.topology import default_topology
 
 pytestmark = [pytest.mark.netns, pytest.mark.apiserver]
-
-
-def wait_for(cond: Any, timeout: float, what: str, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = cond()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def lab_namespaces(name: str) -> list[str]:
@@ -151,7 +141,8 @@ def test_failover_on_udp_cut_and_recovery(lab: Any) -> None:
     finally:
         lab_.restore("fullcone")
     # directRetryIntervalSeconds is 30 in the lab: probes beside the relay bring it back.
-    wait_for(lambda: kube.get(k8s.PEERS, a)["status"]["peerTransports"][b] == "direct", 75, "back to direct")
+    wait_for(lambda: kube.get(k8s.PEERS, a)["status"]["peerTransports"][b] == "direct", 75, "back to direct",
+             interval=0.5)
     assert orchestrate.ping(lab_, a, b_ip) is not None
 
 
@@ -169,7 +160,8 @@ def test_relay_restart_is_survived_without_agent_restarts(lab: Any) -> None:
     dst_ip = next(n["meshIP"] for n in orchestrate.collect_nodes(lab_, kube) if n["name"] == pair[1])
     assert orchestrate.ping(lab_, pair[0], dst_ip, count=2) is None  # relayed pair is down without the relay
     orchestrate.start_relay(lab_, 0)
-    wait_for(lambda: orchestrate.ping(lab_, pair[0], dst_ip) is not None, 60, "relayed pair back after restart")
+    wait_for(lambda: orchestrate.ping(lab_, pair[0], dst_ip) is not None, 60, "relayed pair back after restart",
+             interval=0.5)
     assert set(agents_before) <= {p["metadata"]["name"] for p in kube.list(k8s.PEERS)[0]}
 
 
