@@ -784,7 +784,14 @@ def _setup(args: argparse.Namespace, elapsed: float) -> dict[str, Any]:
                           f"{RETRIES} time (see discarded_disturbed_attempts)",
         "limits": "Everything shares this machine's CPUs: relay (single-threaded), socat processes, "
                   "2 x pairs generator processes and the kernel's loopback TCP work.  Compare the ratio, "
-                  "not the absolutes; see each run's forwarder and generator CPU to tell which side saturated.",
+                  "not the absolutes; see each run's saturation, forwarder and generator CPU to tell which "
+                  "side saturated.  The load is open-loop (senders never slow down).  socat answers a slow "
+                  "receiver by reading less; the relay, as its protocol requires, keeps reading and drops "
+                  "what a full destination queue cannot take (relay_dropped_share), so on a saturated "
+                  "machine part of its CPU goes to frames it then drops.  WireGuard carrying TCP backs off "
+                  "on those drops; this generator does not.",
+        "bounded_by": "rounds x sizes x 2 targets x (warm-up + measured seconds + ~1.5 s set-up), at most one "
+                      "repeat per disturbed run, paced latency runs, and two profiled runs: about 3 minutes",
     }
 
 
