@@ -77,9 +77,9 @@ def test_relay_probe_measures_a_round_trip() -> None:
 def test_keepalives_flow_and_keep_the_connection_up() -> None:
     async def scenario() -> None:
         settings = RelayClientSettings(keepalive_interval=0.05, dead_after=2.0)
-        async with running_relay(relay_settings(idle_timeout=0.5)) as relay:
+        async with running_relay(relay_settings(idle_timeout=1.0)) as relay:
             client = await RelayClient.connect(*relay.address, X25519PrivateKey.generate(), settings=settings)
-            await wait_until(lambda: relay.stats.keepalives >= 20, what="keepalives")  # ~1 s > idle_timeout
+            await wait_until(lambda: relay.stats.keepalives >= 30, what="keepalives")  # ~1.5 s > idle_timeout
             assert not client.closed
             assert relay.stats.disconnects["idle"] == 0
             await client.close()

@@ -235,7 +235,7 @@ def test_data_for_an_unknown_destination_is_dropped_and_counted() -> None:
 
 def test_idle_registered_connections_are_closed() -> None:
     async def scenario() -> None:
-        async with running_relay(relay_settings(idle_timeout=0.4)) as relay:
+        async with running_relay(relay_settings(idle_timeout=1.0)) as relay:  # 10x the keepalive period
             idle, _ = await registered_spec_client(relay.address)
             alive, _ = await registered_spec_client(relay.address)
 
