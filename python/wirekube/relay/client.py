@@ -36,7 +36,6 @@ from loguru import logger
 from wirekube.errors import WireKubeError
 from wirekube.relay.auth import fingerprint, prove, public_bytes
 from wirekube.relay.protocol import (
-    KEY_LEN,
     NEED_DATA,
     TOKEN_LEN,
     DataRun,
@@ -47,7 +46,6 @@ from wirekube.relay.protocol import (
     encode_auth,
     encode_data,
     encode_error,
-    encode_frame,
     encode_keepalive,
     encode_nat_probe,
     encode_register,
@@ -282,7 +280,7 @@ class RelayClient:
         elif ftype == FrameType.RELAY_PROBE:
             waiter = self._probes.get(frame.body)
             if waiter is None:
-                self._write(frame_bytes(frame))  # the relay asks: echo
+                self._write(encode_relay_probe(frame.body))  # the relay asks: echo it
             elif not waiter.done():
                 waiter.set_result(None)
         elif ftype == FrameType.NAT_PROBE:
@@ -373,13 +371,7 @@ class RelayClient:
             transport.write(data)
 
 
-def frame_bytes(frame: Frame) -> bytes:
-    """A decoded frame back in wire form."""
-    return encode_frame(FrameType(frame.type), frame.body)
-
-
 __all__ = [
-    "KEY_LEN",
     "DataHandler",
     "RelayClient",
     "RelayClientSettings",
