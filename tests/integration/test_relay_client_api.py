@@ -191,3 +191,24 @@ def test_client_refuses_data_before_registered() -> None:
         server.close()
 
     run(scenario())
+
+
+def test_a_failing_on_data_handler_does_not_cut_the_link() -> None:
+    async def scenario() -> None:
+        async with running_relay() as relay:
+            got: list[bytes] = []
+
+            def handler(source: bytes, datagram: bytes) -> None:
+                if datagram == b"boom":
+                    raise ValueError("handler bug")
+                got.append(datagram)
+
+            a = await RelayClient.connect(*relay.address, X25519PrivateKey.generate())
+            b = await RelayClient.connect(*relay.address, X25519PrivateKey.generate(), on_data=handler)
+            a.send_many(b.public_key, [b"boom", b"after"])
+            await wait_until(lambda: got == [b"after"], what="the datagram after the failure")
+            assert b.callback_errors == 1 and not b.closed
+            await a.close()
+            await b.close()
+
+    run(scenario())

@@ -160,6 +160,7 @@ class RelayClient:
         self._keepalive: asyncio.Task[None] | None = None
         self._last_rx = time.monotonic()
         self.received_dropped = 0
+        self.callback_errors = 0
         self._log = logger.bind(component="relay-client", peer=self.fingerprint)
 
     # -- connecting -------------------------------------------------------------------------
@@ -259,7 +260,12 @@ class RelayClient:
         datagrams = run_datagrams(run)
         if self._on_data is not None:
             for datagram in datagrams:
-                self._on_data(source, datagram)
+                try:
+                    self._on_data(source, datagram)
+                except Exception:  # noqa: BLE001 - a handler bug must not cut the relay link
+                    self.callback_errors += 1
+                    if self.callback_errors == 1:
+                        self._log.exception("on_data handler failed (later failures are only counted)")
             return
         room = self.settings.receive_queue - len(self._inbox)
         self._inbox.extend((source, d) for d in datagrams[: max(room, 0)])
