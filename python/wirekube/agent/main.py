@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from loguru import logger
 
 from wirekube.agent import keys as keystore
+from wirekube.agent.gateway import GatewayAgent
 from wirekube.agent.netlink import Netlink
 from wirekube.agent.plan import HANDSHAKE_FRESH_SECONDS
 from wirekube.agent.reconcile import Reconciler, ReconcilerSettings, Result, describe
@@ -187,6 +188,7 @@ def run(settings: AgentSettings) -> int:
         server = serve(host or "0.0.0.0", int(port), metrics.registry, ready.is_set)
     if traversal is not None:
         traversal.start()
+    gateway_agent = _gateway_agent(settings, source, metrics_resync=settings.resync_seconds)
     try:
         if settings.once:
             return _once(reconciler, source, settings.dry_run)
@@ -196,6 +198,8 @@ def run(settings: AgentSettings) -> int:
         logger.info("agent stopping; dataplane left in place")
         return 0
     finally:
+        if gateway_agent is not None:
+            gateway_agent.stop()
         if traversal is not None:
             traversal.stop()
         if server is not None:
@@ -203,6 +207,19 @@ def run(settings: AgentSettings) -> int:
         reconciler.close()
         source.stop()
         netlink.close()
+
+
+def _gateway_agent(settings: AgentSettings, source: object, metrics_resync: float) -> GatewayAgent | None:
+    """Health checks and forwarding for WireKubeGateways naming this node (API-server source only)."""
+    from wirekube.agent.source import KubeSource
+
+    if settings.once or not isinstance(source, KubeSource):
+        return None
+    agent = GatewayAgent(source.kube, settings.node_name, lambda: source.gateways.cache.values(),
+                         source.interface_name, synced=source.gateways.wait_synced,
+                         resync_seconds=min(5.0, metrics_resync))
+    source.on_gateway_change = agent.wake.set
+    return agent.start()
 
 
 def _transport_event(source: object, node: str, peer: str, old: str, new: str, reason: str,

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from loguru import logger
 
+from wirekube.agent.gateway import augment_peers, parse_gateways
 from wirekube.agent.plan import Skipped
 from wirekube.agent.reconcile import Snapshot
 from wirekube.agent.registration import (
@@ -125,20 +126,32 @@ class KubeSource:
         self._discovered = discovered
         self.peers = k8s.Informer(kube, k8s.PEERS, on_event=self._event)
         self.meshes = k8s.Informer(kube, k8s.MESHES, on_event=self._event)
+        self.gateways = k8s.Informer(kube, k8s.GATEWAYS, on_event=self._gateway_event)
+        self.on_gateway_change: Callable[[], None] = lambda: None
+        """Also told when a WireKubeGateway changes (the gateway agent's wake-up)."""
         self._reported: dict[str, str] = {}
         self._log = logger.bind(component="kube-source", node=node_name)
 
     def start(self) -> KubeSource:
         self.peers.start()
         self.meshes.start()
+        self.gateways.start()
         return self
 
     def stop(self) -> None:
-        self.peers.stop()
-        self.meshes.stop()
+        # Side by side: each informer may take a while to leave a blocked watch.
+        stoppers = [threading.Thread(target=i.stop, daemon=True) for i in (self.peers, self.meshes, self.gateways)]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join()
 
     def _event(self, etype: str, obj: dict[str, Any]) -> None:
         self._on_change()
+
+    def _gateway_event(self, etype: str, obj: dict[str, Any]) -> None:
+        self._on_change()
+        self.on_gateway_change()
 
     def snapshot(self) -> Snapshot | None:
         if not (self.peers.wait_synced(0) and self.meshes.wait_synced(0)):
@@ -153,7 +166,17 @@ class KubeSource:
             self._log.error("{}; keeping the dataplane as it is", e)
             return None
         peers, rejected = parse_peers(list(self.peers.cache.values()))
+        # Gateways are not waited for (the CRD may be absent): routes appear once they are known.
+        peers = augment_peers(peers, parse_gateways(self.gateways.cache.values()), self.node_name)
         return Snapshot(mesh, peers, rejected)
+
+    def interface_name(self) -> str | None:
+        """The mesh's WireGuard interface, once the mesh is known."""
+        obj = self.meshes.cache.get(MESH_SINGLETON)
+        try:
+            return mesh_from_cr(obj).spec.interface_name if obj is not None else None
+        except InvalidObject:
+            return None
 
     # ------------------------------------------------------------------ registration
 
