@@ -21,6 +21,7 @@ API (what the lab orchestrator calls)::
     lab.exec("prc-1", ["ip", "-br", "addr"])       # CompletedProcess (text), waits
     proc = lab.spawn_in_node("prc-1", ["wirekube-agent", ...], log_path)   # Popen
     proc = lab.spawn("internet", ["wirekube-relay", ...], log_path)        # any target
+    proc = lab.spawn_on_host(["wirekube-gateway", ...], log_path)         # host namespace
     lab.stop(proc)                # SIGTERM, then SIGKILL after a grace period; returns the code
     lab.command("prc-1", argv)    # the full argv that runs argv there (for os.execvp: a tty)
     lab.forward_api(("127.0.0.1", 6443))           # start the API proxies later (or in up)
@@ -575,6 +576,14 @@ class Lab:
         with _locked(self.workdir):
             return self._popen(full, log, role="spawn", target=target, env=env,
                                stdin_pipe=pipe, stdout_pipe=pipe, text=pipe)
+
+    def spawn_on_host(self, argv: Sequence[str], log_path: str | Path | None = None, *,
+                      env: Mapping[str, str] | None = None) -> subprocess.Popen[Any]:
+        """Start a supervised process in the host's own namespaces (a controller that only talks to
+        the API server on the host's loopback); recorded and ended by PID like every other."""
+        log = Path(log_path) if log_path else self.log_dir / f"host.{Path(argv[0]).name}.log"
+        with _locked(self.workdir):
+            return self._popen(list(argv), log, role="spawn", target="", env=env)
 
     def spawn_in_node(self, node: str, argv: Sequence[str], log_path: str | Path | None = None,
                       **kwargs: Any) -> subprocess.Popen[Any]:

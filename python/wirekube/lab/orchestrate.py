@@ -61,7 +61,10 @@ def _handle(name: str) -> LabHandle:
 
 
 def up(topology: Topology, name: str = "default", *, wait: float = 90.0, mesh_overrides: dict[str, Any] | None = None,
-       ) -> LabHandle:
+       controller: bool = False, gateways: list[dict[str, Any]] | None = None) -> LabHandle:
+    """``controller``: also run ``wirekube-gateway`` (on the host, against the admin kubeconfig);
+    ``gateways``: WireKubeGateway objects (or just their ``metadata.name`` + ``spec``) to create
+    once the nodes exist."""
     down(name)  # a crashed lab of the same name is cleaned first
     h = _handle(name)
     steps = 6
@@ -80,6 +83,10 @@ def up(topology: Topology, name: str = "default", *, wait: float = 90.0, mesh_ov
         step("lab", 3, steps, f"creating {len(lab.nodes)} Node objects and the WireKubeMesh")
         _create_nodes(kube, lab)
         _create_mesh(kube, lab, mesh_overrides or {})
+        for gw in gateways or []:
+            kube.apply(k8s.GATEWAYS, {"apiVersion": "wirekube.io/v1alpha1", "kind": "WireKubeGateway", **gw})
+        if controller:
+            start_controller(lab, h)
         step("lab", 4, steps, f"starting the relay on {lab.relay} and STUN on {', '.join(map(str, lab.stun))}")
         _start_relays(lab)
         step("lab", 5, steps, f"starting {len(lab.nodes)} agents")
@@ -162,6 +169,18 @@ def _wait_tcp(lab: Lab, target: str, host: str, port: int, timeout: float = 15.0
             return
         time.sleep(0.2)
     raise errors.WireKubeError(f"{host}:{port} did not start listening in {target} within {timeout:.0f}s")
+
+
+def start_controller(lab: Lab, h: LabHandle) -> subprocess.Popen[Any]:
+    """``wirekube-gateway`` in the host namespace (the API server is on the host's loopback).
+
+    Failback after 5 s instead of 30 s: the lab's VPC host routes to the first gateway peer (the
+    VPC route table), and whichever peer reports healthy first at start-up is elected."""
+    from wirekube.lab.cluster import free_port
+
+    argv = [_bin("wirekube-gateway"), f"--kubeconfig={h.admin_kubeconfig}", "--namespace=wirekube-system",
+            "--failback-delay=5", f"--metrics-listen=127.0.0.1:{free_port('127.0.0.1')}", "--log-format=text"]
+    return lab.spawn_on_host(argv, lab.log_dir / "gateway-controller.log")
 
 
 def agent_argv(h: LabHandle, node: str) -> list[str]:
