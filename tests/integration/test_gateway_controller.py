@@ -217,7 +217,9 @@ def test_elects_then_fails_over_when_the_active_peer_turns_unhealthy(
     gw = f"gw-{unique}"
     with FakeGatewayAgents(control_plane.kubeconfig, gw, [a, b]) as agents:
         controllers(objects.namespace())
-        st = wait_for(lambda: (s := status(kube, k8s.GATEWAYS, gw)).get("ready") and s, what="gateway ready")
+        # Ready needs only the active peer healthy; wait until both fake agents have reported too.
+        st = wait_for(lambda: (s := status(kube, k8s.GATEWAYS, gw)).get("ready")
+                      and s.get("peerHealth") == {a: "healthy", b: "healthy"} and s, what="gateway ready, both healthy")
         assert st["activePeer"] == a and st["pendingPeer"] == ""
         assert st["routes"] == [route] and st["routesInjected"] == 1 and h in st["clients"]
         assert a not in st["clients"] and b not in st["clients"]
