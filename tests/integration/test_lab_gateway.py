@@ -21,6 +21,7 @@ from tests.fixtures.wait import wait_for
 from wirekube import k8s
 from wirekube.lab import orchestrate
 from wirekube.lab.net import Lab
+from wirekube.lab.procs import ProcessRecord, is_alive
 from wirekube.lab.topology import builtin_topology
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
@@ -54,7 +55,8 @@ def lab() -> Iterator[tuple[Lab, k8s.Kube, Any]]:
                         "failureThreshold": 2}}}
     try:
         orchestrate.up(builtin_topology("eks-hybrid"), name, wait=90, controller=True, gateways=[gateway],
-                       mesh_overrides={"autoAllowedIPs": {"includeNodeInternalIP": True}})
+                       mesh_overrides={"autoAllowedIPs": {"includeNodeInternalIP": True},
+                                       "podCIDRSync": "node"})
         lab_, kube, h = orchestrate.attach(name)
         lab_.spawn_in_node("hybrid-a1", [PY, "-m", "http.server", str(KUBELET), "--bind", "0.0.0.0"],
                            lab_.log_dir / "kubelet-hybrid-a1.log")
@@ -128,6 +130,42 @@ def test_node_to_node_over_the_mesh(lab: Any) -> None:
     wait_for(lambda: orchestrate.ping(lab_, "hybrid-a1", mesh_ip) is not None, 30, "hybrid-a1 -> hybrid-b1 mesh IP")
 
 
+@pytest.mark.parametrize(("src", "dst"), [("ec2-a.pod0", "hybrid-a1.pod0"), ("hybrid-a1.pod0", "ec2-a.pod0"),
+                                        ("hybrid-a1.pod0", "hybrid-b1.pod0"), ("hybrid-b1.pod0", "ec2-b.pod0")])
+def test_pod_to_pod_by_synced_pod_cidrs(lab: Any, src: str, dst: str) -> None:
+    """Pod CIDR sync (podCIDRSync: node) puts each node's Node.spec.podCIDRs in its peer's AllowedIPs."""
+    lab_, kube, _ = lab
+    for pod in (src, dst):
+        node = lab_.pods[pod].node
+        cidr = str(lab_.nodes[node].pod_cidr)
+        wait_for(lambda: cidr in (kube.get(k8s.PEERS, node)["spec"].get("allowedIPs") or []), 30,
+                 f"{cidr} in {node}'s AllowedIPs")
+    dst_ip = str(lab_.pods[dst].address)
+    wait_for(lambda: orchestrate.ping(lab_, src, dst_ip) is not None, 30, f"{src} -> {dst} ({dst_ip})",
+             interval=0.5)
+
+
+def test_vxlan_between_hybrid_node_internal_ips_over_wireguard(lab: Any) -> None:
+    """Cilium-style VXLAN (UDP 8472) between two hybrid nodes' InternalIPs, unmodified, carried by
+    WireGuard because the InternalIPs are in the peers' AllowedIPs.  MTU: the VXLAN device gets
+    the WireGuard MTU minus VXLAN's 50 bytes, and a full-size DF packet must pass."""
+    lab_, kube, _ = lab
+    mesh_mtu = int(kube.get(k8s.MESHES, "default")["spec"].get("mtu") or 1420)
+    ends = {"hybrid-a1": "10.201.0.1", "hybrid-b1": "10.201.0.2"}
+    for node, other in (("hybrid-a1", "hybrid-b1"), ("hybrid-b1", "hybrid-a1")):
+        ip = lab_.nodes[node]
+        lab_.exec(node, ["ip", "link", "add", "wkvx0", "type", "vxlan", "id", "42", "dstport", "8472",
+                         "local", str(ip.lan_ip), "remote", str(lab_.nodes[other].lan_ip)], check=True)
+        lab_.exec(node, ["ip", "link", "set", "wkvx0", "mtu", str(mesh_mtu - 50), "up"], check=True)
+        lab_.exec(node, ["ip", "addr", "add", f"{ends[node]}/24", "dev", "wkvx0"], check=True)
+    route = lab_.exec("hybrid-a1", ["ip", "route", "get", str(lab_.nodes["hybrid-b1"].lan_ip)], check=True).stdout
+    assert "wire_kube" in route, route
+    size = mesh_mtu - 50 - 28
+    wait_for(lambda: lab_.exec("hybrid-a1", ["ping", "-n", "-q", "-c", "1", "-W", "1", "-M", "do", "-s", str(size),
+                                             ends["hybrid-b1"]]).returncode == 0, 30,
+             f"VXLAN ping of {size} bytes (DF) hybrid-a1 -> hybrid-b1")
+
+
 def _agent_pid(lab_: Lab, node: str) -> int:
     procs = lab_._state.read()["processes"]  # noqa: SLF001 - the lab records every process it started
     return next(p["pid"] for p in procs
@@ -173,3 +211,47 @@ def test_killing_the_active_gateway_agent_fails_over_to_ec2_b(lab: Any) -> None:
     assert any("ec2-a" in (e.get("note") or "") and "ec2-b" in (e.get("note") or "") for e in events), events
     nft = lab_.exec("ec2-b", ["nft", "list", "table", "inet", "wirekube"], check=True).stdout
     assert "masquerade" in nft
+
+
+def test_unreachable_health_target_fails_over_with_a_measured_gap(lab: Any) -> None:
+    """ec2-a's agent back (it withdraws, then the controller fails back to it); then ec2-a loses
+    the VPC host (a blackhole route: health check *and* forwarding fail) -> ec2-b takes over."""
+    lab_, kube, h = lab
+    records = [ProcessRecord.from_json(p) for p in lab_._state.read()["processes"]]  # noqa: SLF001
+    if not any("--node-name=ec2-a" in r.argv and is_alive(r) for r in records):
+        orchestrate.start_agent(lab_, h, "ec2-a")
+    wait_for(lambda: (s := gw_status(kube)).get("activePeer") == "ec2-a" and s.get("ready"), 60,
+             "failback to ec2-a")
+    wait_for(lambda: echo_from(lab_, "hybrid-a1") == vpc_ip(lab_, "ec2-a"), 30, "traffic through ec2-a")
+    samples: list[tuple[float, str]] = []
+    stop = threading.Event()
+
+    def probe() -> None:
+        while not stop.is_set():
+            samples.append((time.monotonic(), echo_from(lab_, "hybrid-a1")))
+            time.sleep(0.05)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    target = str(lab_.hosts["vpc-host"].address)
+    try:
+        time.sleep(1.0)
+        cut = time.monotonic()
+        lab_.exec("ec2-a", ["ip", "route", "add", "blackhole", f"{target}/32"], check=True)
+        wait_for(lambda: gw_status(kube).get("activePeer") == "ec2-b", 30, "activePeer ec2-b", interval=0.2)
+        moved = time.monotonic()
+        wait_for(lambda: any(s == vpc_ip(lab_, "ec2-b") for _, s in samples[-3:]), 30,
+                 "traffic through ec2-b", interval=0.2)
+    finally:
+        stop.set()
+        t.join(10)
+        lab_.exec("ec2-a", ["ip", "route", "del", "blackhole", f"{target}/32"])
+    last_ok = max((ts for ts, s in samples if s and ts <= cut + 0.5), default=cut)
+    first_b = next(ts for ts, s in samples if ts >= cut and s == vpc_ip(lab_, "ec2-b"))
+    gap = first_b - last_ok
+    print(f"\nhealth-target failover: activePeer moved {moved - cut:.2f}s after the cut; "
+          f"traffic gap {gap:.2f}s (interval 1s, timeout 1s, threshold 2; goal <= 5s)")
+    assert gap <= 5.0
+    st = gw_status(kube)
+    assert st["peerHealthDetail"]["ec2-a"]["consecutiveFailures"] >= 2
+    assert lab_.exec("ec2-a", ["nft", "list", "table", "inet", "wirekube"]).returncode != 0, "ec2-a kept its rules"
