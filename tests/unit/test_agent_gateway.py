@@ -128,7 +128,9 @@ def test_agent_withdraws_at_start_then_acks(monkeypatch: pytest.MonkeyPatch) -> 
     objs = [gateway_obj(["ec2-a", "ec2-b"], [ROUTE],
                         status=active(forwarding={"ec2-a": {"ready": True, "routes": [ROUTE], "epoch": 3}}))]
     kube, scripts = FakeKube(), []
-    agent = GatewayAgent(kube, "ec2-a", lambda: objs, lambda: "wire_kube", nft=scripts.append)
+    present = [True]
+    agent = GatewayAgent(kube, "ec2-a", lambda: objs, lambda: "wire_kube", nft=scripts.append,
+                         table_present=lambda: present[0])
     agent.withdraw_all()
     assert kube.patches == [("gw", {"status": {"forwarding": {"ec2-a": None}}})]
     assert "masquerade" not in scripts[-1]
@@ -137,6 +139,12 @@ def test_agent_withdraws_at_start_then_acks(monkeypatch: pytest.MonkeyPatch) -> 
     assert "masquerade" in scripts[-1]
     assert kube.patches[-1] == ("gw", {"status": {"forwarding": {"ec2-a": {"ready": True, "routes": [ROUTE],
                                                                             "epoch": 3}}}})
+    n = len(scripts)
+    agent.sync_forwarding()
+    assert len(scripts) == n  # unchanged and present: nothing rewritten
+    present[0] = False
+    agent.sync_forwarding()
+    assert len(scripts) == n + 1 and "masquerade" in scripts[-1]  # deleted behind our back: put back
 
 
 def test_health_reports_count_consecutive_failures() -> None:

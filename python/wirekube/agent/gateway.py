@@ -162,6 +162,14 @@ def run_nft(text: str) -> None:
         raise OSError(f"nft -f: {done.stderr.strip()}\n{text}")
 
 
+def nft_table_present() -> bool:
+    nft = shutil.which("nft")
+    if nft is None:
+        return False
+    return subprocess.run([nft, "list", "table", NFT_FAMILY, NFT_TABLE], capture_output=True,  # noqa: S603
+                          check=False).returncode == 0
+
+
 def _write_sysctl(path: Path, value: str, only_if: str | None = None) -> None:
     try:
         current = path.read_text().strip()
@@ -182,6 +190,7 @@ class GatewayAgent:
         ifname: Callable[[], str | None],
         *,
         nft: Callable[[str], None] = run_nft,
+        table_present: Callable[[], bool] = nft_table_present,
         check: Callable[[HealthCheck], tuple[bool, str]] = probe,
         clock: Callable[[], float] = time.time,
         resync_seconds: float = 5.0,
@@ -195,6 +204,7 @@ class GatewayAgent:
         self._objects = gateway_objects
         self._ifname = ifname
         self._nft = nft
+        self._table_present = table_present
         self._check = check
         self._clock = clock
         self._resync = resync_seconds
@@ -254,8 +264,8 @@ class GatewayAgent:
             _write_sysctl(IP_FORWARD, "1")
             _write_sysctl(RP_FILTER_ALL, "2", only_if="1")  # strict would drop replies routed by policy
         text = nft_ruleset(ifname or "", active)
-        if text == self._installed:
-            return True
+        if text == self._installed and (not active or self._table_present()):
+            return True  # (a table deleted behind our back, say by `wirekubectl cleanup`, is put back)
         try:
             self._nft(text)
         except OSError as e:
