@@ -28,6 +28,7 @@ from typing import Any
 
 from loguru import logger
 
+from wirekube.agent.netlink import SYSCTL_ROOT
 from wirekube.errors import ApiError, InvalidObject
 from wirekube.gateway.contract import (
     ForwardingDuty,
@@ -41,8 +42,8 @@ from wirekube.models import Gateway, HealthCheck, HealthReport, IPNetwork, Peer,
 
 NFT_FAMILY = "inet"
 NFT_TABLE = "wirekube"
-IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
-RP_FILTER_ALL = Path("/proc/sys/net/ipv4/conf/all/rp_filter")
+IP_FORWARD = SYSCTL_ROOT / "ipv4" / "ip_forward"
+RP_FILTER_ALL = SYSCTL_ROOT / "ipv4" / "conf" / "all" / "rp_filter"
 
 
 # ------------------------------------------------------------------------------------------ pure

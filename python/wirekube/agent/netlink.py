@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -33,7 +34,9 @@ FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 RT_SCOPE_LINK = 253
 RT_SCOPE_UNIVERSE = 0
 RTPROT_STATIC = 4
-SYSCTL_ROOT = Path("/proc/sys/net")
+SYSCTL_ROOT = Path(os.environ.get("WIREKUBE_PROC_SYS_NET", "/proc/sys/net"))
+"""Where net sysctls are written; in a pod /proc/sys is read-only, so the chart mounts the host's
+/proc/sys/net elsewhere and points WIREKUBE_PROC_SYS_NET at it."""
 IFF_UP = 0x1
 
 # Rule attributes WireKube never sets: a rule carrying any of them is not WireKube's.
