@@ -25,24 +25,13 @@ from typing import Any
 
 import yaml
 
+from tests.fixtures.wait import wait_for  # noqa: F401 - re-exported for the agent tests
 from wirekube import ipam
 from wirekube.agent import keys as keystore
 
 SUBNET = ipaddress.ip_network("192.168.77.0/24")
 MESH_CIDR = "10.254.0.0/16"
 LISTEN_PORT = 51820
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Poll ``cond`` until it returns something truthy; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = cond()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
