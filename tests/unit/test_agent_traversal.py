@@ -12,7 +12,7 @@ from wirekube.agent.traversal import DIRECT_KEEPALIVE, Discovery, Traversal, _Vi
 from wirekube.agent.wg.base import WgDeviceState, WgPeerConfig, WgPeerState
 from wirekube.models import (Endpoint, Mesh, MeshSpec, NatType, Peer, PeerSpec, PeerStatus, RelayMode, RelaySpec,
                              Transport)
-from wirekube.traversal import nat
+from wirekube.traversal import nat, pathsm
 
 
 class FakeRelay:
@@ -131,3 +131,18 @@ def test_relay_pool_keeps_every_address_of_a_name(monkeypatch: Any) -> None:
     mesh = Mesh("default", MeshSpec(relay=RelaySpec(provider=RelayProvider.EXTERNAL,
                                                     external_endpoint=HostPort("wirekube-relay-pool.wirekube-system.svc", 3478))))
     assert t.relay_addresses(mesh) == [("10.0.0.5", 3478), ("10.0.0.7", 3478)]
+
+
+def test_a_relayed_peer_probing_us_triggers_a_probe_back() -> None:
+    import base64
+
+    p = peer("prc", NatType.PORT_RESTRICTED_CONE, "203.0.113.2")
+    t = traversal(NatType.PORT_RESTRICTED_CONE, [p])
+    state = t._peers["prc"]
+    state.path = pathsm.PeerPath.start_relay(0.0, "direct probe failed", by_matrix=False, timing=pathsm.Timing())
+    started: list[str] = []
+    t._spawn = lambda target, name: started.append(name)  # type: ignore[method-assign]
+    t._peer_probed_us(base64.b64decode(p.spec.public_key))
+    assert started == ["probe-back-prc"] and state.probing
+    t._peer_probed_us(base64.b64decode(p.spec.public_key))  # already probing: no second probe
+    assert started == ["probe-back-prc"]

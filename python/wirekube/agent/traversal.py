@@ -211,9 +211,22 @@ class Traversal:
         port = mesh.spec.listen_port
         self._relay = RelayPath(self._private, port)
         try:
-            self._listener = ProbeListener(self._private, _raw(self.public_key), port, self._known_peer).start()
+            self._listener = ProbeListener(self._private, _raw(self.public_key), port, self._known_peer,
+                                           on_ping=self._peer_probed_us).start()
         except OSError as e:
             self._log.warning("probe listener unavailable ({}); direct recovery probes disabled", e)
+
+    def _peer_probed_us(self, key: bytes) -> None:
+        """A peer we relay just proved its side of the direct path: probe back at once."""
+        text = base64.b64encode(key).decode()
+        with self._lock:
+            name = next((n for n, s in self._peers.items() if s.key == text), None)
+            state = self._peers.get(name) if name else None
+            if state is None or state.path.transport is not Transport.RELAY or state.path.relay_by_matrix \
+                    or state.probing:
+                return
+            state.probing = True
+        self._spawn(lambda: self._probe(name), f"probe-back-{name}")
 
     def _known_peer(self, key: bytes) -> bool:
         text = base64.b64encode(key).decode()

@@ -128,11 +128,14 @@ class ProbeListener:
     """
 
     def __init__(self, private_key: X25519PrivateKey, public_key: bytes, wg_port: int,
-                 known_peer: Callable[[bytes], bool]) -> None:
+                 known_peer: Callable[[bytes], bool], on_ping: Callable[[bytes], None] | None = None) -> None:
         self._key = private_key
         self.public_key = public_key
         self.port = wg_port
         self._known = known_peer
+        self._on_ping = on_ping
+        """Told the sender of every ping answered: a relayed peer probing us means its NAT has just
+        opened toward us, so probing back now succeeds even through a port-restricted cone."""
         self._secrets: dict[bytes, bytes] = {}
         self._rx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
         attach_filter(self._rx, wg_port)
@@ -204,6 +207,11 @@ class ProbeListener:
                 if secret is not None:
                     self._tx.send(src_ip, src_port, encode(PONG, self.public_key, probe.nonce, secret))
                     self.pings_answered += 1
+                    if self._on_ping is not None:
+                        try:
+                            self._on_ping(probe.sender)
+                        except Exception:  # noqa: BLE001 - the listener must keep answering
+                            logger.exception("probe listener: on_ping callback failed")
             else:
                 entry = self._waiting.get(probe.nonce)
                 if entry is not None and entry[0] == probe.sender:
