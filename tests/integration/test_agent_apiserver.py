@@ -72,9 +72,11 @@ def test_registration_creates_and_keeps_own_peer(kube: k8s.Kube, unique: str) ->
         assert peer["spec"]["endpoint"] == "192.168.50.7:51820"
 
         kube.patch_merge(k8s.PEERS, name, {"spec": {"allowedIPs": [*peer["spec"]["allowedIPs"], "10.77.0.0/24"]}})
-        wait_for(lambda: "10.77.0.0/24" in src.peers.cache[name]["spec"]["allowedIPs"], 30, "informer update")
+        wait_for(lambda: "10.77.0.0/24" in src.peers.cache.get(name, {}).get("spec", {}).get("allowedIPs", []), 30,
+                 "informer update")
         src.register(key)
-        wait_for(lambda: (src.peers.cache[name].get("status") or {}).get("endpointDiscoveryMethod") == "internal-ip", 30,
+        wait_for(lambda: (src.peers.cache.get(name, {}).get("status") or {}).get("endpointDiscoveryMethod")
+                 == "internal-ip", 30,
                  "discovery method in status")
         rv = kube.get(k8s.PEERS, name)["metadata"]["resourceVersion"]
         src.register(key)
