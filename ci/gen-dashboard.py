@@ -10,11 +10,12 @@ A test checks every metric a panel queries is one the agent or relay really expo
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from _generated import write_or_check  # ci/ is sys.path[0] when a generator runs
 
 OUT = Path(__file__).resolve().parents[1] / "charts" / "wirekube" / "dashboards" / "wirekube.json"
 DS = {"type": "prometheus", "uid": "${datasource}"}
@@ -83,17 +84,7 @@ def dashboard() -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true")
-    args = parser.parse_args()
-    text = json.dumps(dashboard(), indent=2) + "\n"
-    if args.check:
-        if OUT.read_text() != text:
-            print(f"{OUT} is stale: run python3 ci/gen-dashboard.py", file=sys.stderr)
-            return 1
-        return 0
-    OUT.write_text(text)
-    return 0
+    return write_or_check(OUT, json.dumps(dashboard(), indent=2) + "\n", __doc__.split("\n\n")[0], "ci/gen-dashboard.py")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,13 @@ regular expressions here, because Helm's JSON Schema has no CEL.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from _generated import write_or_check  # ci/ is sys.path[0] when a generator runs
 
 import yaml
 
@@ -224,17 +225,7 @@ def render() -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true", help="fail if the committed schema is stale")
-    args = parser.parse_args()
-    text = render()
-    if args.check:
-        if OUT.read_text() != text:
-            print(f"{OUT} is stale: run python3 ci/gen-values-schema.py", file=sys.stderr)
-            return 1
-        return 0
-    OUT.write_text(text)
-    return 0
+    return write_or_check(OUT, render(), __doc__.split("\n\n")[0], "ci/gen-values-schema.py")
 
 
 if __name__ == "__main__":
