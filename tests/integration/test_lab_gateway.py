@@ -8,6 +8,7 @@ as gateway peers, the VPC subnet as its route and an ICMP health check on the VP
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -172,22 +173,32 @@ def _agent_pid(lab_: Lab, node: str) -> int:
                 if f"--node-name={node}" in p["argv"] and any(a.endswith("wirekube-agent") for a in p["argv"]))
 
 
-def test_killing_the_active_gateway_agent_fails_over_to_ec2_b(lab: Any) -> None:
-    lab_, kube, _ = lab
-    wait_for(lambda: gw_status(kube).get("ready"), 60, "gateway ready")
-    wait_for(lambda: echo_from(lab_, "hybrid-a1") == vpc_ip(lab_, "ec2-a"), 30, "traffic through ec2-a")
+@contextlib.contextmanager
+def echo_sources(lab_: Any, node: str) -> Iterator[list[tuple[float, str]]]:
+    """Every 50 ms, which source address the VPC host's echo service saw from ``node``."""
     samples: list[tuple[float, str]] = []
     stop = threading.Event()
 
     def probe() -> None:
         while not stop.is_set():
-            samples.append((time.monotonic(), echo_from(lab_, "hybrid-a1")))
+            samples.append((time.monotonic(), echo_from(lab_, node)))
             time.sleep(0.05)
 
-    pid = _agent_pid(lab_, "ec2-a")
     t = threading.Thread(target=probe, daemon=True)
     t.start()
     try:
+        yield samples
+    finally:
+        stop.set()
+        t.join(10)
+
+
+def test_killing_the_active_gateway_agent_fails_over_to_ec2_b(lab: Any) -> None:
+    lab_, kube, _ = lab
+    wait_for(lambda: gw_status(kube).get("ready"), 60, "gateway ready")
+    wait_for(lambda: echo_from(lab_, "hybrid-a1") == vpc_ip(lab_, "ec2-a"), 30, "traffic through ec2-a")
+    pid = _agent_pid(lab_, "ec2-a")
+    with echo_sources(lab_, "hybrid-a1") as samples:
         time.sleep(1.0)
         killed = time.monotonic()
         lab_.stop(pid)
@@ -195,9 +206,6 @@ def test_killing_the_active_gateway_agent_fails_over_to_ec2_b(lab: Any) -> None:
         moved = time.monotonic()
         wait_for(lambda: any(s == vpc_ip(lab_, "ec2-b") for _, s in samples[-3:]), 30,
                  "traffic through ec2-b", interval=0.2)
-    finally:
-        stop.set()
-        t.join(10)
     after = [(ts, s) for ts, s in samples if ts >= killed]
     first_b = next(ts for ts, s in after if s == vpc_ip(lab_, "ec2-b"))
     last_ok = max((ts for ts, s in samples if ts <= first_b and s and ts < first_b), default=killed)
@@ -223,28 +231,17 @@ def test_unreachable_health_target_fails_over_with_a_measured_gap(lab: Any) -> N
     wait_for(lambda: (s := gw_status(kube)).get("activePeer") == "ec2-a" and s.get("ready"), 60,
              "failback to ec2-a")
     wait_for(lambda: echo_from(lab_, "hybrid-a1") == vpc_ip(lab_, "ec2-a"), 30, "traffic through ec2-a")
-    samples: list[tuple[float, str]] = []
-    stop = threading.Event()
-
-    def probe() -> None:
-        while not stop.is_set():
-            samples.append((time.monotonic(), echo_from(lab_, "hybrid-a1")))
-            time.sleep(0.05)
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
     target = str(lab_.hosts["vpc-host"].address)
     try:
-        time.sleep(1.0)
-        cut = time.monotonic()
-        lab_.exec("ec2-a", ["ip", "route", "add", "blackhole", f"{target}/32"], check=True)
-        wait_for(lambda: gw_status(kube).get("activePeer") == "ec2-b", 30, "activePeer ec2-b", interval=0.2)
-        moved = time.monotonic()
-        wait_for(lambda: any(s == vpc_ip(lab_, "ec2-b") for _, s in samples[-3:]), 30,
-                 "traffic through ec2-b", interval=0.2)
+        with echo_sources(lab_, "hybrid-a1") as samples:
+            time.sleep(1.0)
+            cut = time.monotonic()
+            lab_.exec("ec2-a", ["ip", "route", "add", "blackhole", f"{target}/32"], check=True)
+            wait_for(lambda: gw_status(kube).get("activePeer") == "ec2-b", 30, "activePeer ec2-b", interval=0.2)
+            moved = time.monotonic()
+            wait_for(lambda: any(s == vpc_ip(lab_, "ec2-b") for _, s in samples[-3:]), 30,
+                     "traffic through ec2-b", interval=0.2)
     finally:
-        stop.set()
-        t.join(10)
         lab_.exec("ec2-a", ["ip", "route", "del", "blackhole", f"{target}/32"])
     last_ok = max((ts for ts, s in samples if s and ts <= cut + 0.5), default=cut)
     first_b = next(ts for ts, s in samples if ts >= cut and s == vpc_ip(lab_, "ec2-b"))
