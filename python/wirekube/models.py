@@ -458,6 +458,10 @@ class PeerStatus:
     relay_reasons: Mapping[str, str] = field(default_factory=dict)
     host_endpoints: tuple[str, ...] = ()
     udp_blocked: bool = False
+    # "kernel" or "userspace (<why>)": which WireGuard engine the agent picked and why.
+    engine: str = ""
+    # metav1.Condition dicts (type, status, reason, message, lastTransitionTime), sorted by type.
+    conditions: tuple[Mapping[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -542,7 +546,20 @@ def _peer_status(c: _Ctx, status: Mapping[str, Any]) -> PeerStatus:
             for i, x in enumerate(c.list(status.get("hostEndpoints"), "status.hostEndpoints"))
         ),
         udp_blocked=c.boolean(status.get("udpBlocked"), "status.udpBlocked", False),
+        engine=c.string(status.get("engine"), "status.engine"),
+        conditions=tuple(
+            _condition(c, x, f"status.conditions[{i}]")
+            for i, x in enumerate(c.list(status.get("conditions"), "status.conditions"))
+        ),
     )
+
+
+def _condition(c: _Ctx, value: object, path: str) -> Mapping[str, Any]:
+    cond = c.mapping(value, path)
+    for key in ("type", "status"):
+        if not isinstance(cond.get(key), str) or not cond.get(key):
+            raise c.fail(f"{path}.{key}", "required string")
+    return dict(cond)
 
 
 def peer_spec_to_cr(spec: PeerSpec) -> dict[str, Any]:
@@ -589,6 +606,9 @@ def peer_status_to_cr(status: PeerStatus) -> dict[str, Any]:
     out["relayReasons"] = dict(sorted(status.relay_reasons.items()))
     out["hostEndpoints"] = list(status.host_endpoints)
     out["udpBlocked"] = status.udp_blocked
+    if status.engine:
+        out["engine"] = status.engine
+    out["conditions"] = [dict(x) for x in sorted(status.conditions, key=lambda x: str(x.get("type")))]
     return out
 
 

@@ -70,7 +70,10 @@ def test_bad_peer_names_the_field(change: dict[str, Any], field: str) -> None:
     ("status", "field"),
     [({"natType": "weird"}, "status.natType"), ({"connected": "yes"}, "status.connected"),
      ({"peerTransports": {"b": "carrier-pigeon"}}, "status.peerTransports.b"),
-     ({"peerTransports": []}, "status.peerTransports")],
+     ({"peerTransports": []}, "status.peerTransports"),
+     ({"conditions": [{"status": "True"}]}, "status.conditions[0].type"),
+     ({"conditions": {"type": "X"}}, "status.conditions"),
+     ({"engine": 3}, "status.engine")],
 )
 def test_bad_peer_status_names_the_field(status: dict[str, Any], field: str) -> None:
     obj = peer()
@@ -78,6 +81,18 @@ def test_bad_peer_status_names_the_field(status: dict[str, Any], field: str) -> 
     with pytest.raises(InvalidObject) as err:
         models.peer_from_cr(obj)
     assert err.value.field == field
+
+
+def test_engine_and_conditions_round_trip() -> None:
+    cond = {"type": "RelayProxyEPERM", "status": "True", "reason": "SendEPERM", "message": "m",
+            "lastTransitionTime": "2026-11-27T00:00:00Z"}
+    obj = peer()
+    obj["status"] = {"engine": "userspace (no wireguard kernel module)", "conditions": [cond]}
+    status = models.peer_from_cr(obj).status
+    assert status.engine.startswith("userspace")
+    assert models.peer_status_to_cr(status)["conditions"] == [cond]
+    # An agent that clears its last condition must say so: the list is written even when empty.
+    assert models.peer_status_to_cr(models.PeerStatus())["conditions"] == []
 
 
 def test_missing_name_and_non_object_spec() -> None:

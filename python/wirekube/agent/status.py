@@ -19,7 +19,8 @@ def own_status(
 ) -> PeerStatus:
     """connected, transportMode, peerTransports and lastHandshake from the engine's view.
 
-    natType and endpointDiscoveryMethod belong to endpoint discovery and are carried over.
+    natType and endpointDiscoveryMethod belong to endpoint discovery, engine and conditions to
+    whoever decorates the status: all are carried over.
     """
     handshakes = [s.last_handshake for k, s in wg.peers.items() if k in desired.peers and s.last_handshake > 0]
     latest = max(handshakes, default=0.0)
@@ -33,6 +34,8 @@ def own_status(
         peer_transports=dict(sorted(transports.items())),
         endpoint_discovery_method=previous.endpoint_discovery_method,
         last_handshake=rfc3339(latest) if latest else "",
+        engine=previous.engine,
+        conditions=previous.conditions,
     )
 
 
