@@ -654,6 +654,10 @@ class GatewaySpec:
     client_refs: tuple[str, ...] = ()
     snat: Snat = Snat()
     health_check: HealthCheck = HealthCheck()
+    virtual_ip: ipaddress.IPv4Interface | None = None
+    """An address (with its subnet's prefix) the active gateway peer holds on its interface in that
+    subnet and announces by gratuitous ARP, so the network behind the gateway can route the mesh's
+    CIDRs to one next hop that follows failover (on-premises routers, the lab's VPC host)."""
 
 
 @dataclass(frozen=True)
@@ -749,10 +753,25 @@ def gateway_from_cr(obj: Mapping[str, Any]) -> Gateway:
                 source_ip=c.ipv4(snat["sourceIP"], "spec.snat.sourceIP") if snat.get("sourceIP") else None,
             ),
             health_check=health,
+            virtual_ip=_virtual_ip(c, spec.get("virtualIP")),
         ),
         status=_gateway_status(c, c.mapping(obj.get("status"), "status")),
         generation=c.integer(meta.get("generation"), "metadata.generation", 0, 0, 2**63 - 1),
     )
+
+
+def _virtual_ip(c: _Ctx, value: object) -> ipaddress.IPv4Interface | None:
+    if value in (None, ""):
+        return None
+    text = c.string(value, "spec.virtualIP")
+    try:
+        iface = ipaddress.IPv4Interface(text)
+    except ValueError:
+        raise c.fail("spec.virtualIP", f"{text!r} is not an IPv4 address with a prefix length (10.100.0.10/24)") from None
+    if "/" not in text or iface.network.prefixlen >= 31 or iface.ip in (iface.network.network_address,
+                                                                      iface.network.broadcast_address):
+        raise c.fail("spec.virtualIP", f"{text!r} must be a host address in a subnet, like 10.100.0.10/24")
+    return iface
 
 
 def _gateway_status(c: _Ctx, status: Mapping[str, Any]) -> GatewayStatus:

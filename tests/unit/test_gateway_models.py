@@ -48,3 +48,21 @@ def test_bad_status_field_is_named(status: dict[str, Any], field: str) -> None:
     with pytest.raises(InvalidObject) as err:
         models.gateway_from_cr(gateway_obj(["a"], ["10.0.0.0/8"], status=status))
     assert err.value.field == field
+
+
+def test_virtual_ip_parses_with_its_prefix() -> None:
+    obj = gateway_obj(["gw-a"], ["10.100.0.0/24"])
+    obj["spec"]["virtualIP"] = "10.100.0.10/24"
+    vip = models.gateway_from_cr(obj).spec.virtual_ip
+    assert vip == ipaddress.IPv4Interface("10.100.0.10/24")
+    assert models.gateway_from_cr(gateway_obj(["gw-a"], ["10.100.0.0/24"])).spec.virtual_ip is None
+
+
+@pytest.mark.parametrize("bad", ["10.100.0.10", "10.100.0.0/24", "10.100.0.255/24", "10.100.0.10/32", "fd00::1/64",
+                                 "not-an-ip/24"])
+def test_bad_virtual_ip_is_named(bad: str) -> None:
+    obj = gateway_obj(["gw-a"], ["10.100.0.0/24"])
+    obj["spec"]["virtualIP"] = bad
+    with pytest.raises(InvalidObject) as err:
+        models.gateway_from_cr(obj)
+    assert err.value.field == "spec.virtualIP"
