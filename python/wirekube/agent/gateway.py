@@ -9,7 +9,8 @@
   forwarding thread keeps ip_forward and WireKube's own nftables table ``inet wirekube`` (forward
   accepts between the WireGuard interface and the route CIDRs, SNAT from the mesh to them) in
   line with :func:`forwarding_duty`, acknowledging or withdrawing in ``status.forwarding.<me>``.
-  At start it withdraws first (removes the table, writes ``forwarding.<me> = null``).
+  At start it withdraws first (removes the table, writes ``forwarding.<me> = null``).  The
+  active peer also holds the gateway's ``spec.virtualIP`` (:mod:`wirekube.agent.vip`).
 
 The pure parts (:func:`duties`, :func:`nft_ruleset`, :func:`augment_peers`) have no I/O.
 """
@@ -29,6 +30,7 @@ from typing import Any
 from loguru import logger
 
 from wirekube.agent.netlink import SYSCTL_ROOT
+from wirekube.agent.vip import VirtualIPs
 from wirekube.errors import ApiError, InvalidObject
 from wirekube.gateway.contract import (
     ForwardingDuty,
@@ -196,6 +198,7 @@ class GatewayAgent:
         clock: Callable[[], float] = time.time,
         resync_seconds: float = 5.0,
         synced: Callable[[float], bool] = lambda timeout: True,
+        vips: VirtualIPs | None = None,
     ) -> None:
         from wirekube import k8s
 
@@ -210,6 +213,7 @@ class GatewayAgent:
         self._clock = clock
         self._resync = resync_seconds
         self._synced = synced
+        self._vips = vips if vips is not None else VirtualIPs(node=node_name)
         self.wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -249,6 +253,9 @@ class GatewayAgent:
         mine = {d.gateway: d for d in duties(gws, self.me)}
         if not self._apply_rules(list(mine.values())):
             return
+        # The virtual IP moves only once the forwarding behind it is in place (make-before-break).
+        self._vips.sync({d.gateway: d.virtual_ip for d in mine.values() if d.virtual_ip is not None},
+                        [g.spec.virtual_ip for g in gws if g.spec.virtual_ip is not None])
         for gw in gws:
             patch = ack_needed(gw, self.me, mine.get(gw.name))
             if patch is not None:

@@ -97,6 +97,8 @@ class ForwardingDuty:
     snat_source_ip: ipaddress.IPv4Address | None
     epoch: int
     """Echo it in the acknowledgement (:func:`forwarding_ack_patch`)."""
+    virtual_ip: ipaddress.IPv4Interface | None = None
+    """Hold and announce it (spec.virtualIP): only in the active phase, after the forwarding."""
 
 
 def stale_after(hc: HealthCheck) -> float:
@@ -127,6 +129,7 @@ def forwarding_duty(gateway: Gateway, me: str) -> ForwardingDuty | None:
         snat=gateway.spec.snat.enabled,
         snat_source_ip=gateway.spec.snat.source_ip,
         epoch=status.handover_epoch,
+        virtual_ip=gateway.spec.virtual_ip if phase == PHASE_ACTIVE else None,
     )
 
 
