@@ -96,3 +96,10 @@ def test_a_dead_holders_address_loses_to_the_announcement(l2: dict[str, str]) ->
     # A restarted gwa agent that is not active removes the address it left behind.
     assert hold(l2["gwa"], {}) == []
     assert "10.77.0.10" not in sh("ip", "-n", l2["gwa"], "addr", "show", "eth1").stdout
+
+
+def test_releasing_an_absent_vip_leaves_the_interfaces_own_address(l2: dict[str, str]) -> None:
+    """RTM_DELADDR without IFA_LOCAL deletes the first address of the same subnet: never ours to do."""
+    for _ in range(2):
+        assert hold(l2["gwa"], {}) == []
+    assert "10.77.0.1/24" in sh("ip", "-n", l2["gwa"], "addr", "show", "eth1").stdout

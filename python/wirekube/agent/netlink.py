@@ -198,7 +198,9 @@ class Netlink:
 
     def del_address(self, ifname: str, address: ipaddress.IPv4Interface | ipaddress.IPv6Interface) -> None:
         try:
-            self._ipr.addr("del", index=self._index(ifname), address=str(address.ip), prefixlen=address.network.prefixlen)
+            # IFA_LOCAL too: with IFA_ADDRESS alone the kernel deletes any address of the same subnet.
+            self._ipr.addr("del", index=self._index(ifname), address=str(address.ip), local=str(address.ip),
+                           prefixlen=address.network.prefixlen)
         except NetlinkError as e:
             if not _is(e, errno.EADDRNOTAVAIL, errno.ENOENT):
                 raise DataplaneError(f"delete address {address} from {ifname}: {e}") from e

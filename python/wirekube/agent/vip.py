@@ -24,6 +24,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from loguru import logger
 from pyroute2 import IPRoute
@@ -68,12 +69,13 @@ class KernelAddresses:
 
     def holders(self, ip: ipaddress.IPv4Address) -> list[Placement]:
         with IPRoute() as ipr:
-            return [self._placement(ipr, msg["index"]) for msg in ipr.get_addr(family=socket.AF_INET, address=str(ip))]
+            return [self._placement(ipr, msg["index"]) for msg in self._exactly(ipr, ip)]
 
     def add(self, place: Placement, vip: ipaddress.IPv4Interface) -> None:
         with IPRoute() as ipr:
             try:
-                ipr.addr("add", index=place.index, address=str(vip.ip), prefixlen=vip.network.prefixlen)
+                ipr.addr("add", index=place.index, address=str(vip.ip), local=str(vip.ip),
+                         prefixlen=vip.network.prefixlen)
             except Exception as e:  # noqa: BLE001 - EEXIST: already ours
                 if getattr(e, "code", None) != 17:
                     raise
@@ -81,8 +83,17 @@ class KernelAddresses:
     def remove(self, place: Placement, vip: ipaddress.IPv4Interface | ipaddress.IPv4Address) -> None:
         ip = vip.ip if isinstance(vip, ipaddress.IPv4Interface) else vip
         with IPRoute() as ipr:
-            for msg in ipr.get_addr(family=socket.AF_INET, address=str(ip), index=place.index):
-                ipr.addr("del", index=place.index, address=str(ip), prefixlen=msg["prefixlen"])
+            for msg in self._exactly(ipr, ip):
+                if msg["index"] == place.index:
+                    # IFA_LOCAL must be given: without it the kernel deletes the first address of the
+                    # same *subnet*, i.e. the interface's own primary address.
+                    ipr.addr("del", index=place.index, address=str(ip), local=str(ip), prefixlen=msg["prefixlen"])
+
+    @staticmethod
+    def _exactly(ipr: IPRoute, ip: ipaddress.IPv4Address) -> list[Any]:
+        """The address messages for exactly ``ip`` (netlink's own filters match by subnet)."""
+        return [m for m in ipr.get_addr(family=socket.AF_INET)
+                if (m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")) == str(ip)]
 
     @staticmethod
     def _placement(ipr: IPRoute, index: int) -> Placement:
