@@ -16,11 +16,18 @@ from wirekube.traversal import nat, pathsm
 
 
 class FakeRelay:
+    eperm_retry = 3.0
+    eperm_persistent_after = 10.0
+
     def __init__(self, up: bool) -> None:
         self.up = up
+        self.eperm: list[int] = []
 
     def connected_relays(self) -> list[tuple[str, int]]:
         return [("198.18.0.10", 3478)] if self.up else []
+
+    def eperm_active(self) -> list[int]:
+        return list(self.eperm)
 
 
 def peer(name: str, nat_type: NatType, ip: str, **status: Any) -> Peer:
@@ -146,3 +153,43 @@ def test_a_relayed_peer_probing_us_triggers_a_probe_back() -> None:
     assert started == ["probe-back-prc"] and state.probing
     t._peer_probed_us(base64.b64decode(p.spec.public_key))  # already probing: no second probe
     assert started == ["probe-back-prc"]
+
+
+def test_persisting_eperm_is_a_condition_naming_peers_and_ports_and_clears_to_false() -> None:
+    from loguru import logger
+
+    t = traversal(NatType.SYMMETRIC, [peer("sym", NatType.SYMMETRIC, "203.0.113.1"),
+                                      peer("cone", NatType.CONE, "203.0.113.2")])
+    relay = t._relay
+    t._peers["cone"].proxy_port, t._peers["sym"].proxy_port = 40001, 40002
+    port = 40002
+    logs: list[str] = []
+    sink = logger.add(lambda m: logs.append(m.record["message"]), level="INFO")
+    try:
+        quiet = t.decorate(PeerStatus(), now=1_700_000_000)
+        assert quiet.conditions == ()  # never had EPERM: no condition at all
+        relay.eperm = [port]  # type: ignore[union-attr]
+        first = t.decorate(quiet, now=1_700_000_000)
+        (c,) = first.conditions
+        assert c["type"] == "RelayProxyEPERM" and c["status"] == "True" and c["reason"] == "SendtoEPERM"
+        assert f"sym (127.0.0.1:{port})" in c["message"] and "cone" not in c["message"]
+        assert c["lastTransitionTime"] == "2023-11-14T22:13:20Z"
+        again = t.decorate(first, now=1_700_000_100)  # still failing: same transition time, logged once
+        assert again.conditions[0]["lastTransitionTime"] == "2023-11-14T22:13:20Z"
+        relay.eperm = []  # type: ignore[union-attr]
+        cleared = t.decorate(again, now=1_700_000_200)
+        (c,) = cleared.conditions
+        assert c["status"] == "False" and c["reason"] == "Recovered"
+        assert c["lastTransitionTime"] == "2023-11-14T22:16:40Z"
+        t.decorate(cleared, now=1_700_000_300)
+    finally:
+        logger.remove(sink)
+    assert [m for m in logs if "EPERM" in m] == [f"relay proxy EPERM persists on sym:{port}", "relay proxy EPERM cleared"]
+
+
+def test_eperm_condition_keeps_other_conditions() -> None:
+    t = traversal(NatType.SYMMETRIC, [peer("sym", NatType.SYMMETRIC, "203.0.113.1")])
+    other = {"type": "Zeta", "status": "True", "reason": "X", "message": "", "lastTransitionTime": "2024-01-01T00:00:00Z"}
+    t._relay.eperm = [t._peers["sym"].proxy_port]  # type: ignore[union-attr]
+    out = t.decorate(PeerStatus(conditions=(other,)), now=1_700_000_000)
+    assert [c["type"] for c in out.conditions] == ["RelayProxyEPERM", "Zeta"] and out.conditions[1] == other

@@ -35,6 +35,7 @@ from loguru import logger
 
 from wirekube.agent.plan import PeerPath
 from wirekube.agent.wg.base import WgDeviceState
+from wirekube.gateway import conditions as cond
 from wirekube.models import (
     ANNOTATION_BIRTHDAY,
     Endpoint,
@@ -62,6 +63,10 @@ from wirekube.traversal.relaypath import RelayPath
 DIRECT_KEEPALIVE = 1
 RELAY_KEEPALIVE = 1
 HEARTBEAT_SECONDS = 0.5
+
+# Status condition: the relay proxy's loopback sendto() keeps failing with EPERM (Cilium's socket
+# LB); `wirekubectl doctor` reports it. Present only once it has been True (False = recovered).
+CONDITION_EPERM = "RelayProxyEPERM"
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,7 @@ class Traversal:
         self._listener: ProbeListener | None = None
         self._threads: list[threading.Thread] = []
         self._discovered_once = threading.Event()
+        self._eperm_last: set[int] = set()
         self._log = logger.bind(component="traversal", node=node_name)
 
     # ------------------------------------------------------------------ lifecycle
@@ -509,8 +515,10 @@ class Traversal:
 
     # ------------------------------------------------------------------ status
 
-    def decorate(self, status: PeerStatus) -> PeerStatus:
-        """Fill in what traversal knows: NAT type, discovery method, relay reasons, LAN endpoints."""
+    def decorate(self, status: PeerStatus, now: float | None = None) -> PeerStatus:
+        """Fill in what traversal knows: NAT type, discovery method, relay reasons, LAN endpoints,
+        and the ``RelayProxyEPERM`` condition. ``now``: wall clock (condition transition times)."""
+        wall = time.time() if now is None else now
         with self._lock:
             d = self._discovery
             reasons = {n: s.path.reason or s.decision.reason for n, s in self._peers.items()
@@ -523,7 +531,49 @@ class Traversal:
             relay_reasons=reasons,
             host_endpoints=d.host_endpoints,
             udp_blocked=d.udp_blocked,
+            conditions=self._eperm_condition(status.conditions, wall),
         )
+
+    # ------------------------------------------------------------------ EPERM condition
+
+    def _eperm_ports(self) -> list[int]:
+        """Relay proxy ports whose EPERM persists (read on the relay's loop: it owns the proxies)."""
+        relay = self._relay
+        if relay is None:
+            return []
+        if self._loop is not None and self._loop.is_running():
+            async def read() -> list[int]:
+                return relay.eperm_active()
+
+            try:
+                return list(self._call(read(), timeout=2.0))  # type: ignore[call-overload]
+            except Exception:  # noqa: BLE001 - a slow loop must not block publishing the status
+                return sorted(self._eperm_last)
+        return list(relay.eperm_active())
+
+    def _eperm_condition(self, conditions: tuple[Mapping[str, object], ...], wall: float) -> tuple[Mapping[str, object], ...]:
+        ports = sorted(set(self._eperm_ports()))
+        with self._lock:
+            by_port = {s.proxy_port: n for n, s in self._peers.items() if s.proxy_port}
+        if ports:
+            where = ", ".join(f"{by_port.get(p, 'unknown peer')} (127.0.0.1:{p})" for p in ports)
+            message = (f"sendto() on the relay proxy for {where} has failed with EPERM for more than "
+                       f"{getattr(self._relay, 'eperm_persistent_after', 10):.0f}s; the socket is recreated "
+                       f"every {getattr(self._relay, 'eperm_retry', 3):.0f}s (Cilium socket LB?)")
+            out = cond.set_condition(conditions, CONDITION_EPERM, True, "SendtoEPERM", message, wall, 0)
+        elif cond.find(conditions, CONDITION_EPERM) is not None:
+            out = cond.set_condition(conditions, CONDITION_EPERM, False, "Recovered",
+                                     "sendto() on every relay proxy works", wall, 0)
+        else:
+            out = [dict(c) for c in conditions]
+        if set(ports) != self._eperm_last:
+            if ports:
+                self._log.warning("relay proxy EPERM persists on {}", ", ".join(
+                    f"{by_port.get(p, '?')}:{p}" for p in ports))
+            else:
+                self._log.info("relay proxy EPERM cleared")
+            self._eperm_last = set(ports)
+        return tuple(out)
 
     def relay_stats(self) -> Mapping[str, int]:
         if self._relay is None:
