@@ -98,6 +98,14 @@ def test_a_dead_holders_address_loses_to_the_announcement(l2: dict[str, str]) ->
     assert "10.77.0.10" not in sh("ip", "-n", l2["gwa"], "addr", "show", "eth1").stdout
 
 
+def test_a_vip_that_is_the_nodes_own_address_is_never_removed(l2: dict[str, str]) -> None:
+    """gwb's only address in the subnet *is* the VIP (a misconfiguration): release must not touch it."""
+    sh("ip", "-n", l2["gwb"], "addr", "flush", "dev", "eth1")
+    sh("ip", "-n", l2["gwb"], "addr", "add", VIP, "dev", "eth1")
+    assert hold(l2["gwb"], {}) == []
+    assert VIP in sh("ip", "-n", l2["gwb"], "addr", "show", "eth1").stdout
+
+
 def test_releasing_an_absent_vip_leaves_the_interfaces_own_address(l2: dict[str, str]) -> None:
     """RTM_DELADDR without IFA_LOCAL deletes the first address of the same subnet: never ours to do."""
     for _ in range(2):

@@ -32,8 +32,9 @@ class FakeKernel:
     def add(self, place: Placement, vip: ipaddress.IPv4Interface) -> None:
         self.addrs[place.index].add(vip.ip)
 
-    def remove(self, place: Placement, ip: Any) -> None:
-        self.addrs[place.index].discard(ip)
+    def remove(self, place: Placement, vip: Any) -> bool:
+        self.addrs[place.index].discard(vip.ip)
+        return True
 
 
 def test_garp_frame_is_a_broadcast_arp_request_for_the_vip() -> None:

@@ -80,14 +80,22 @@ class KernelAddresses:
                 if getattr(e, "code", None) != 17:
                     raise
 
-    def remove(self, place: Placement, vip: ipaddress.IPv4Interface | ipaddress.IPv4Address) -> None:
-        ip = vip.ip if isinstance(vip, ipaddress.IPv4Interface) else vip
+    def remove(self, place: Placement, vip: ipaddress.IPv4Interface) -> bool:
+        """Remove ``vip`` from ``place``; False (and nothing removed) when it is the interface's only
+        address in that subnet: then it is the node's own address, configured by someone else."""
         with IPRoute() as ipr:
-            for msg in self._exactly(ipr, ip):
+            mine = [m for m in ipr.get_addr(family=socket.AF_INET, index=place.index)
+                    if ipaddress.ip_interface(f"{m.get_attr('IFA_LOCAL') or m.get_attr('IFA_ADDRESS')}/"
+                                              f"{m['prefixlen']}").network == vip.network]
+            if not any((m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")) != str(vip.ip) for m in mine):
+                return False
+            for msg in self._exactly(ipr, vip.ip):
                 if msg["index"] == place.index:
                     # IFA_LOCAL must be given: without it the kernel deletes the first address of the
                     # same *subnet*, i.e. the interface's own primary address.
-                    ipr.addr("del", index=place.index, address=str(ip), local=str(ip), prefixlen=msg["prefixlen"])
+                    ipr.addr("del", index=place.index, address=str(vip.ip), local=str(vip.ip),
+                             prefixlen=msg["prefixlen"])
+        return True
 
     @staticmethod
     def _exactly(ipr: IPRoute, ip: ipaddress.IPv4Address) -> list[Any]:
@@ -134,8 +142,12 @@ class VirtualIPs:
         keep = set(wanted.values())
         for vip in set(candidates) - keep:
             for place in self._kernel.holders(vip.ip):
-                self._kernel.remove(place, vip.ip)
-                self._log.info("virtual IP {} released from {}", vip, place.ifname)
+                if self._kernel.remove(place, vip):
+                    self._log.info("virtual IP {} released from {}", vip, place.ifname)
+                elif vip not in self._unplaceable:
+                    self._log.error("virtual IP {} is {}'s own address on this node: left alone; pick a free "
+                                    "address for spec.virtualIP", vip, place.ifname)
+                    self._unplaceable.add(vip)
             self._announced.pop(vip, None)
         for vip in list(self._announced):
             if vip not in keep:
