@@ -4,7 +4,7 @@ CACHE ?= $(HOME)/.cache/wirekube
 export PATH := $(CURDIR)/.venv/bin:$(CACHE)/bin:$(CACHE)/tools:$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: setup test unit lab lab-down bench bench-relay bench-nat bench-scale clean
+.PHONY: setup test unit lab lab-down bench bench-relay bench-nat bench-scale bench-gateway clean
 
 setup:  ## install Debian packages, build kube-apiserver/etcd, helm/kubectl, Python venv
 	@bash ci/setup.sh
@@ -21,8 +21,11 @@ lab: setup  ## the default lab: nodes behind every NAT kind, real API server, re
 lab-down:
 	@.venv/bin/wirekube-lab down
 
-bench: setup bench-relay bench-nat bench-scale  ## every benchmark; results in bench/results/*.json, then bench/REPORT.md
+bench: setup bench-relay bench-nat bench-scale bench-gateway  ## every benchmark; results in bench/results/*.json, then bench/REPORT.md
 	@.venv/bin/python bench/report.py
+
+bench-gateway: setup  ## gateway failover (agent stopped / health target lost) in the eks-hybrid lab
+	@.venv/bin/python bench/gateway_bench.py
 
 bench-scale: setup  ## one agent's view of 100..1,000 peers in the real API server; relay with 1,000 clients
 	@.venv/bin/python bench/scale_bench.py

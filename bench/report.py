@@ -66,12 +66,12 @@ def plot_bars(points: list[tuple[str, float]], title: str, ylabel: str, path: Pa
     plt.close(fig)
 
 
-def plot_gaps(series: list[tuple[str, list[float]]], title: str, path: Path) -> None:
+def plot_gaps(series: list[tuple[str, list[float]]], title: str, path: Path, goal_ms: float = 2000) -> None:
     fig, ax = plt.subplots(figsize=(8, 3.5))
     for name, values in series:
         ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
-    ax.axhline(2000, color="#c0392b", linestyle="--", linewidth=1, label="goal 2000 ms")
-    ax.set_xlabel("cut #")
+    ax.axhline(goal_ms, color="#c0392b", linestyle="--", linewidth=1, label=f"goal {goal_ms:.0f} ms")
+    ax.set_xlabel("cut #" if goal_ms == 2000 else "round #")
     ax.set_ylabel("longest ping gap (ms)")
     ax.set_title(title)
     ax.legend(fontsize=8)
@@ -100,7 +100,8 @@ def section(name: str, data: dict[str, Any], out_dir: Path) -> list[str]:
     gaps = list(find_lists(data, "gaps_ms"))
     if gaps:
         png = out_dir / f"{name}-gaps.png"
-        plot_gaps(gaps, f"{name}: failover gaps", png)
+        goal = data.get("goal_ms")
+        plot_gaps(gaps, f"{name}: failover gaps", png, float(goal) if isinstance(goal, int | float) else 2000)
         lines += [f"![{name} gaps]({png.name})", ""]
     return lines
 
