@@ -36,6 +36,7 @@ ROUTE_TABLE = 22347
 MESH_SINGLETON = "default"
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$")
 _HOSTPORT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})$")
 
 
@@ -108,6 +109,7 @@ class EndpointDiscovery(_StrEnum):
     IMDS = "imds"
     EXTERNAL_IP = "external-ip"
     INTERNAL_IP = "internal-ip"
+    REFLECTION = "reflection"  # what peers on a working direct path see (wirekube.traversal.reflection)
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,6 +464,30 @@ class PeerStatus:
     engine: str = ""
     # metav1.Condition dicts (type, status, reason, message, lastTransitionTime), sorted by type.
     conditions: tuple[Mapping[str, Any], ...] = ()
+    # Endpoint reflection: for each peer on a healthy direct path, the endpoint our WireGuard
+    # really talks to when it differs from the peer's spec.endpoint ("ip:port").
+    observed_endpoints: Mapping[str, str] = field(default_factory=dict)
+    # Birthday attack coordination: our part in the current round with each symmetric peer.
+    birthday: Mapping[str, BirthdayRound] = field(default_factory=dict)
+
+
+MAX_BIRTHDAY_ROUNDS = 64
+"""status.birthday holds at most this many peers (rounds run one at a time per peer)."""
+
+
+@dataclass(frozen=True)
+class BirthdayRound:
+    """One side's part in a coordinated birthday-attack round with one peer (status.birthday.<peer>).
+
+    The leader (the node whose name sorts first) proposes ``round`` and ``not_before``; the other
+    side joins by publishing the same two values. Each side adds ``port_min``..``port_max``: where
+    its own NAT will map the round's probing flows (0 = unknown), so the other side aims there.
+    """
+
+    round: int
+    not_before: str  # RFC 3339 UTC, when both sides start probing
+    port_min: int = 0
+    port_max: int = 0
 
 
 @dataclass(frozen=True)
@@ -551,7 +577,34 @@ def _peer_status(c: _Ctx, status: Mapping[str, Any]) -> PeerStatus:
             _condition(c, x, f"status.conditions[{i}]")
             for i, x in enumerate(c.list(status.get("conditions"), "status.conditions"))
         ),
+        observed_endpoints={
+            str(k): str(c.endpoint(v, f"status.observedEndpoints.{k}"))
+            for k, v in c.mapping(status.get("observedEndpoints"), "status.observedEndpoints").items()
+            if v
+        },
+        birthday=_birthday(c, c.mapping(status.get("birthday"), "status.birthday")),
     )
+
+
+def _birthday(c: _Ctx, rounds: Mapping[str, Any]) -> dict[str, BirthdayRound]:
+    if len(rounds) > MAX_BIRTHDAY_ROUNDS:
+        raise c.fail("status.birthday", f"at most {MAX_BIRTHDAY_ROUNDS} peers, got {len(rounds)}")
+    out: dict[str, BirthdayRound] = {}
+    for k, v in rounds.items():
+        path = f"status.birthday.{k}"
+        entry = c.mapping(v, path)
+        stamp = c.string(entry.get("notBefore"), f"{path}.notBefore")
+        if not _RFC3339.match(stamp):
+            raise c.fail(f"{path}.notBefore", f"must be an RFC 3339 time such as 2025-01-01T00:00:00.000Z, got {stamp!r}")
+        low = c.integer(entry.get("portMin"), f"{path}.portMin", 0, 0, 65535)
+        high = c.integer(entry.get("portMax"), f"{path}.portMax", 0, 0, 65535)
+        if low > high:
+            raise c.fail(f"{path}.portMax", f"must not be below portMin ({low}), got {high}")
+        number = entry.get("round")
+        if number is None:
+            raise c.fail(f"{path}.round", "required")
+        out[str(k)] = BirthdayRound(c.integer(number, f"{path}.round", 1, 1, 2**31 - 1), stamp, low, high)
+    return out
 
 
 def _condition(c: _Ctx, value: object, path: str) -> Mapping[str, Any]:
@@ -609,6 +662,11 @@ def peer_status_to_cr(status: PeerStatus) -> dict[str, Any]:
     if status.engine:
         out["engine"] = status.engine
     out["conditions"] = [dict(x) for x in sorted(status.conditions, key=lambda x: str(x.get("type")))]
+    out["observedEndpoints"] = dict(sorted(status.observed_endpoints.items()))
+    out["birthday"] = {
+        name: {"round": r.round, "notBefore": r.not_before, "portMin": r.port_min, "portMax": r.port_max}
+        for name, r in sorted(status.birthday.items())
+    }
     return out
 
 

@@ -73,7 +73,17 @@ def test_bad_peer_names_the_field(change: dict[str, Any], field: str) -> None:
      ({"peerTransports": []}, "status.peerTransports"),
      ({"conditions": [{"status": "True"}]}, "status.conditions[0].type"),
      ({"conditions": {"type": "X"}}, "status.conditions"),
-     ({"engine": 3}, "status.engine")],
+     ({"engine": 3}, "status.engine"),
+     ({"observedEndpoints": {"b": "198.51.100.7"}}, "status.observedEndpoints.b"),
+     ({"birthday": {"b": {"notBefore": "2025-01-01T00:00:00Z"}}}, "status.birthday.b.round"),
+     ({"birthday": {"b": {"round": 0, "notBefore": "2025-01-01T00:00:00Z"}}}, "status.birthday.b.round"),
+     ({"birthday": {"b": {"round": 1, "notBefore": "tomorrow"}}}, "status.birthday.b.notBefore"),
+     ({"birthday": {"b": {"round": 1, "notBefore": "2025-01-01T00:00:00Z", "portMin": 20100, "portMax": 20000}}},
+      "status.birthday.b.portMax"),
+     ({"birthday": {"b": {"round": 1, "notBefore": "2025-01-01T00:00:00Z", "portMax": 70000}}},
+      "status.birthday.b.portMax"),
+     ({"birthday": {f"p{i}": {"round": 1, "notBefore": "2025-01-01T00:00:00Z"} for i in range(65)}},
+      "status.birthday")],
 )
 def test_bad_peer_status_names_the_field(status: dict[str, Any], field: str) -> None:
     obj = peer()
@@ -93,6 +103,38 @@ def test_engine_and_conditions_round_trip() -> None:
     assert models.peer_status_to_cr(status)["conditions"] == [cond]
     # An agent that clears its last condition must say so: the list is written even when empty.
     assert models.peer_status_to_cr(models.PeerStatus())["conditions"] == []
+
+
+def test_reflection_and_birthday_status_round_trip() -> None:
+    obj = peer()
+    obj["status"] = {"endpointDiscoveryMethod": "reflection",
+                     "observedEndpoints": {"b": "198.51.100.7:40001"},
+                     "birthday": {"b": {"round": 3, "notBefore": "2025-01-01T00:00:05.250Z",
+                                        "portMin": 20000, "portMax": 20255}}}
+    status = models.peer_from_cr(obj).status
+    assert status.observed_endpoints == {"b": "198.51.100.7:40001"}
+    assert status.birthday == {"b": models.BirthdayRound(3, "2025-01-01T00:00:05.250Z", 20000, 20255)}
+    out = models.peer_status_to_cr(status)
+    assert out["birthday"] == obj["status"]["birthday"] and out["observedEndpoints"] == {"b": "198.51.100.7:40001"}
+    assert models.peer_from_cr({**obj, "status": out}).status == status
+    empty = models.peer_status_to_cr(models.PeerStatus())
+    assert empty["birthday"] == {} and empty["observedEndpoints"] == {}
+    assert models.EndpointDiscovery("reflection") is models.EndpointDiscovery.REFLECTION
+
+
+def test_crd_mirrors_reflection_and_birthday_limits() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    crd = yaml.safe_load((Path(__file__).parents[2] / "charts/wirekube/crds/wirekube.io_wirekubepeers.yaml").read_text())
+    status = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    assert "reflection" in status["endpointDiscoveryMethod"]["enum"]
+    assert status["birthday"]["maxProperties"] == models.MAX_BIRTHDAY_ROUNDS
+    entry = status["birthday"]["additionalProperties"]
+    assert entry["required"] == ["round", "notBefore"] and entry["properties"]["round"]["minimum"] == 1
+    assert entry["properties"]["notBefore"]["maxLength"] <= 40
+    assert status["observedEndpoints"]["additionalProperties"]["maxLength"] == 53
 
 
 def test_missing_name_and_non_object_spec() -> None:

@@ -50,7 +50,7 @@ from wirekube.models import (
     Transport,
 )
 from wirekube.relay.protocol import PROBE_FROM_ALTERNATE_PORT
-from wirekube.traversal import nat, pathsm, rawudp
+from wirekube.traversal import nat, pathsm, rawudp, reflection
 from wirekube.traversal.probe import ProbeListener
 from wirekube.traversal.relaypath import RelayPath
 
@@ -100,6 +100,7 @@ class _View:
     mesh: Mesh | None = None
     peers: dict[str, Peer] = field(default_factory=dict)
     local_addresses: tuple[str, ...] = ()
+    own: Peer | None = None
 
 
 class Traversal:
@@ -134,6 +135,8 @@ class Traversal:
         self._threads: list[threading.Thread] = []
         self._discovered_once = threading.Event()
         self._eperm_last: set[int] = set()
+        self._reflected: Endpoint | None = None
+        self._reflected_basis: Endpoint | None = None  # the STUN endpoint when the reflection was adopted
         self._log = logger.bind(component="traversal", node=node_name)
 
     # ------------------------------------------------------------------ lifecycle
@@ -207,11 +210,14 @@ class Traversal:
         """The reconciler's latest snapshot (called on every pass)."""
         with self._lock:
             first = self._view.mesh is None
-            self._view = _View(mesh, {p.name: p for p in peers if p.name != self.node}, local_addresses)
+            own = next((p for p in peers if p.name == self.node), None)
+            self._view = _View(mesh, {p.name: p for p in peers if p.name != self.node}, local_addresses, own)
         if first:
             self._ensure_io(mesh)
         self._sync_relays(mesh)
         self._sync_peers()
+        if self._update_reflection():
+            self._wake()
 
     def _ensure_io(self, mesh: Mesh) -> None:
         port = mesh.spec.listen_port
@@ -479,11 +485,18 @@ class Traversal:
             method = EndpointDiscovery.STUN
         host = tuple(f"{a}:{port}" for a in local_addresses if ipaddress.ip_address(a).version == 4)
         found = Discovery(endpoint, method, classification, udp_blocked, host)
+        dropped = False
         with self._lock:
             before = self._discovery
             self._discovery = found
+            if self._reflected is not None and (endpoint != self._reflected_basis
+                                                or classification.nat_type is NatType.SYMMETRIC):
+                self._log.info("endpoint reflection dropped: discovery now finds {} ({})", endpoint,
+                               classification.nat_type.value or "unknown")
+                self._reflected = self._reflected_basis = None
+                dropped = True
         self._discovered_once.set()
-        if found != before:
+        if found != before or dropped:
             self._log.info("discovery: nat={} endpoint={} udp_blocked={}", classification.nat_type.value or "unknown",
                            endpoint, udp_blocked)
             self._sync_peers()
@@ -510,8 +523,60 @@ class Traversal:
         return PROBE_FROM_ALTERNATE_PORT in self._listener.nat_probes_seen
 
     def discovery(self) -> Discovery:
+        """What this node publishes: the STUN finding, or the reflected endpoint when peers on a
+        working direct path see us elsewhere (see :mod:`wirekube.traversal.reflection`)."""
         with self._lock:
+            if self._reflected is not None:
+                return replace(self._discovery, endpoint=self._reflected, method=EndpointDiscovery.REFLECTION)
             return self._discovery
+
+    # ------------------------------------------------------------------ endpoint reflection
+
+    def _update_reflection(self) -> bool:
+        """Adopt the endpoint every reporting peer sees us at (guards in reflection.reflect).
+
+        A reflection stands until another one replaces it or discovery finds something new: once
+        it is published, observers see nothing different any more and stop reporting it."""
+        with self._lock:
+            own = self._view.own
+            published = own.spec.endpoint if own is not None else None
+            observed = []
+            for p in self._view.peers.values():
+                text = p.status.observed_endpoints.get(self.node)
+                if text:
+                    with contextlib.suppress(ValueError):
+                        observed.append(Endpoint.parse(text))
+            candidate, _why = reflection.reflect(published, observed, self._discovery.nat.nat_type)
+            if candidate is None or candidate == self._reflected:
+                return False
+            self._reflected, self._reflected_basis = candidate, self._discovery.endpoint
+        self._log.info("endpoint reflection: peers on direct paths reach us at {} (published {}); publishing it",
+                       candidate, published)
+        return True
+
+    def _observed_endpoints(self, now: float) -> dict[str, str]:
+        """Observer side: peers on healthy direct paths whose real endpoint differs from their published one."""
+        try:
+            wg = self._engine_state()
+        except Exception:  # noqa: BLE001 - no engine yet: nothing observed
+            wg = None
+        if wg is None:
+            return {}
+        fresh = max(3.0, 2 * self.settings.stall_after)
+        out: dict[str, str] = {}
+        with self._lock:
+            for name, state in self._peers.items():
+                peer, ws = self._view.peers.get(name), wg.peers.get(state.key)
+                if peer is None or ws is None:
+                    continue
+                seen = reflection.observation(
+                    peer.spec.endpoint, ws.config.endpoint,
+                    direct=state.path.transport is Transport.DIRECT and state.path.established,
+                    healthy=now - state.path.last_rx_at <= fresh,
+                    lan_path=state.decision.path is nat.Path.DIRECT_LAN)
+                if seen is not None:
+                    out[name] = str(seen)
+        return out
 
     # ------------------------------------------------------------------ status
 
@@ -519,8 +584,9 @@ class Traversal:
         """Fill in what traversal knows: NAT type, discovery method, relay reasons, LAN endpoints,
         and the ``RelayProxyEPERM`` condition. ``now``: wall clock (condition transition times)."""
         wall = time.time() if now is None else now
+        observed = self._observed_endpoints(time.monotonic())
+        d = self.discovery()
         with self._lock:
-            d = self._discovery
             reasons = {n: s.path.reason or s.decision.reason for n, s in self._peers.items()
                        if s.path.transport is Transport.RELAY}
         return replace(
@@ -532,6 +598,7 @@ class Traversal:
             host_endpoints=d.host_endpoints,
             udp_blocked=d.udp_blocked,
             conditions=self._eperm_condition(status.conditions, wall),
+            observed_endpoints=observed,
         )
 
     # ------------------------------------------------------------------ EPERM condition
