@@ -15,6 +15,7 @@ The client is synchronous (``kubernetes`` is); asyncio services run these calls 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -330,10 +331,13 @@ class Kube:
         *,
         label_selector: str | None = None,
         timeout_seconds: int = 300,
+        on_open: Callable[[Any], None] | None = None,
     ) -> Iterator[WatchEvent]:
         """One watch request from ``resource_version``; ends when the server closes it.
 
         Raises :class:`errors.Gone` when the version is too old (the caller must relist).
+        ``on_open`` receives the streaming response once it is open (so another thread can shut
+        it down to end a blocked read: see :meth:`Informer.stop`).
         """
         try:
             response = self._request(
@@ -353,6 +357,8 @@ class Kube:
             raise _map_api_exception(e) from e
         except (urllib3.exceptions.HTTPError, OSError) as e:
             raise errors.Temporary(f"API server unreachable: {e}") from e
+        if on_open is not None:
+            on_open(response)
         try:
             for line in iter_resp_lines(response):
                 if not line:
@@ -455,6 +461,7 @@ class Informer:
         self._thread: threading.Thread | None = None
         self.relists = 0
         self.reconnects = 0
+        self._response: Any = None
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -464,9 +471,20 @@ class Informer:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop and wait for the thread; an open watch is shut down, not waited out."""
         self._stop.set()
+        response = self._response
+        if response is not None:
+            with contextlib.suppress(Exception):  # already closed or never read: nothing to end
+                (getattr(response, "shutdown", None) or response.close)()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def _opened(self, response: Any) -> None:
+        self._response = response
+        if self._stop.is_set():  # stop() ran between the request and now
+            with contextlib.suppress(Exception):
+                (getattr(response, "shutdown", None) or response.close)()
 
     def wait_synced(self, timeout: float | None = None) -> bool:
         return self._synced.wait(timeout)
@@ -546,6 +564,7 @@ class Informer:
                     self._namespace,
                     label_selector=self._selector,
                     timeout_seconds=self._watch_timeout,
+                    on_open=self._opened,
                 ):
                     if self._stop.is_set():
                         return
@@ -555,6 +574,8 @@ class Informer:
                 logger.info("informer {}: resourceVersion {} expired, relisting", self.resource.plural, self._rv)
                 need_list = True
             except errors.ApiError as e:
+                if self._stop.is_set():
+                    return  # stop() shut the watch down
                 self.reconnects += 1
                 logger.warning(
                     "informer {}: {} ({}); retrying in {:.1f}s", self.resource.plural, type(e).__name__, e, delay

@@ -201,6 +201,16 @@ def test_informer_sees_adds_updates_deletes(kube: k8s.Kube, unique: str) -> None
         inf.stop()
 
 
+def test_informer_stop_ends_an_open_watch_instead_of_waiting_it_out(kube: k8s.Kube) -> None:
+    """A watch blocks reading for up to its timeout (60 s here); stop() must end it at once, or an
+    agent's shutdown (DaemonSet rollout, SIGTERM) waits for every open watch."""
+    inf = k8s.Informer(kube, k8s.PEERS, lambda t, o: None, watch_timeout_seconds=60).start()
+    assert inf.wait_synced(30)
+    wait_for(lambda: inf._response is not None, 10, "the watch is open")  # noqa: SLF001
+    inf.stop(timeout=5)
+    assert inf._thread is not None and not inf._thread.is_alive()  # noqa: SLF001
+
+
 def test_leader_election_single_leader_and_handover(kube: k8s.Kube, unique: str) -> None:
     try:
         kube.create(k8s.NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "wirekube-system"}})
