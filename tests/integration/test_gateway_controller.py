@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.wait import wait_for
+
 from tests.fixtures.keys import public_key
 from wirekube import errors, ipam, k8s, models
 from wirekube.gateway import contract
@@ -27,16 +29,6 @@ pytestmark = pytest.mark.apiserver
 
 HC = {"enabled": True, "target": "10.0.0.1:443", "intervalSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 2}
 API = "wirekube.io/v1alpha1"
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 # ---- objects ---------------------------------------------------------------------------------------

@@ -18,13 +18,14 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.fixtures.wait import wait_for
 
 from wirekube.lab import procs
 from wirekube.lab.net import Lab, LabError
@@ -64,17 +65,6 @@ def require_netns() -> None:
     missing = [tool for tool in NEEDED_TOOLS if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"needs {', '.join(missing)} on PATH")
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def start_stun_servers(lab: Lab) -> None:

@@ -30,6 +30,7 @@ from wirekube.lab import orchestrate
 from wirekube.lab.net import Lab
 from wirekube.lab.procs import ProcessRecord, is_alive
 from wirekube.lab.topology import builtin_topology
+from wirekube.waiting import wait_for
 
 GW = "vpc"
 VPC = "10.100.0.0/24"
@@ -54,17 +55,6 @@ def gateway_object() -> dict[str, Any]:
         "snat": {"enabled": True}, "virtualIP": VIP,
         "healthCheck": {"enabled": True, "target": "10.100.0.100", "intervalSeconds": 1, "timeoutSeconds": 1,
                         "failureThreshold": 2}}}
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def up(name: str | None = None) -> tuple[Lab, k8s.Kube, Any]:
