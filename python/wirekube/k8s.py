@@ -140,6 +140,12 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+# Every informer holds one pooled connection for its open watch; the client's default pool
+# (5 per CPU: 10 on a 2-core node) leaves writes fighting watches, and urllib3 then opens and
+# discards extra connections (a TLS handshake each) with "Connection pool is full" warnings.
+CONNECTION_POOL_SIZE = 32
+
+
 class Kube:
     """A thin, typed-error wrapper over the API client, speaking dicts."""
 
@@ -151,6 +157,7 @@ class Kube:
     def from_kubeconfig(cls, path: str | None = None, context: str | None = None) -> Kube:
         cfg = kubernetes.client.Configuration()
         kubernetes.config.load_kube_config(config_file=path, context=context, client_configuration=cfg)
+        cfg.connection_pool_maxsize = CONNECTION_POOL_SIZE
         return cls(kubernetes.client.ApiClient(cfg))
 
     @classmethod
@@ -161,6 +168,7 @@ class Kube:
         kubernetes.config.load_incluster_config(client_configuration=cfg)
         if host_override:
             cfg.host = host_override
+        cfg.connection_pool_maxsize = CONNECTION_POOL_SIZE
         return cls(kubernetes.client.ApiClient(cfg))
 
     @classmethod

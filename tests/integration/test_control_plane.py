@@ -285,3 +285,28 @@ def test_cluster_down_leaves_no_process(lab_tmp: Path) -> None:
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
     assert not (lab_tmp / "short-lived").exists()
+
+
+def test_many_open_watches_and_writes_share_one_pool_without_discarding(kube: k8s.Kube, unique: str) -> None:
+    """Twelve informers (twice what an agent runs) plus writes: no connection is opened and thrown
+    away because the pool is full (urllib3 logs that as a warning on the urllib3 logger)."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    log = logging.getLogger("urllib3.connectionpool")
+    log.addHandler(handler)
+    informers = [k8s.Informer(kube, k8s.PEERS, lambda t, o: None, watch_timeout_seconds=60).start() for _ in range(12)]
+    try:
+        assert all(i.wait_synced(30) for i in informers)
+        wait_for(lambda: all(i._response is not None for i in informers), 10, "every watch open")  # noqa: SLF001
+        for n in range(6):
+            kube.create(k8s.PEERS, peer_body(f"pool-{unique}-{n}"))
+        for n in range(6):
+            kube.delete(k8s.PEERS, f"pool-{unique}-{n}")
+    finally:
+        for i in informers:
+            i.stop()
+        log.removeHandler(handler)
+    assert not [r for r in records if "pool is full" in r.getMessage()], [r.getMessage() for r in records]
