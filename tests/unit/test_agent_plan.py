@@ -140,6 +140,19 @@ def test_older_peer_wins_a_mesh_ip_conflict_regardless_of_order() -> None:
         assert key(3) in d.peers
 
 
+def test_an_entry_covering_several_mesh_ips_names_the_oldest_owner() -> None:
+    b = peer("b", 2, mesh_ip="10.255.200.2/32", ts="2025-01-01T00:00:09Z")
+    c = peer("c", 3, mesh_ip="10.255.200.1/32", ts="2025-01-01T00:00:05Z")  # lower address, but older
+    x = peer("x", 5, "10.255.200.0/30")
+    for order in ((b, c, x), (x, c, b)):
+        d = desired(*order)
+        assert [(s.peer, s.reason) for s in d.skipped] == [
+            ("x", "spec.allowedIPs[1] 10.255.200.0/30 contains the mesh IP 10.255.200.1 of peer 'c'")
+        ]
+    d = desired(x, b)  # without c, b's address is the one found
+    assert d.skipped[0].reason.endswith("contains the mesh IP 10.255.200.2 of peer 'b'")
+
+
 @pytest.mark.parametrize(
     ("entry", "routing", "routed"),
     [
