@@ -32,7 +32,6 @@ from wirekube.agent.registration import (
 from wirekube.errors import AlreadyExists, ApiError, InvalidObject, NotFound
 from wirekube.models import (
     MESH_SINGLETON,
-    Mesh,
     Peer,
     PeerStatus,
     mesh_from_cr,
@@ -41,14 +40,41 @@ from wirekube.models import (
 )
 
 
-def parse_peers(objs: Sequence[Mapping[str, Any]]) -> tuple[tuple[Peer, ...], tuple[Skipped, ...]]:
+def parse_peers(
+    objs: Sequence[Mapping[str, Any]], memo: dict[str, tuple[str, Peer | Skipped]] | None = None
+) -> tuple[tuple[Peer, ...], tuple[Skipped, ...]]:
+    """Peers (and the objects that are not even peers) from WireKubePeer objects.
+
+    With ``memo`` (name -> (resourceVersion, parsed)), an object whose resourceVersion did not
+    change is not parsed again and keeps its ``Peer`` object, which is what lets the planner
+    skip unchanged peers by identity.  The memo is trimmed to the names in ``objs``.
+    """
     peers: list[Peer] = []
     rejected: list[Skipped] = []
+    seen: dict[str, tuple[str, Peer | Skipped]] = {}
     for obj in objs:
-        try:
-            peers.append(peer_from_cr(obj))
-        except InvalidObject as e:
-            rejected.append(Skipped(e.name or "?", f"{e.field}: {e.reason}"))
+        meta = obj.get("metadata")
+        # Plain dicts (what the informer holds) only: an ABC isinstance per object costs more
+        # than everything else this loop does for an unchanged peer.
+        name, rv = (meta.get("name"), meta.get("resourceVersion")) if type(meta) is dict else (None, None)
+        memoable = type(name) is str and type(rv) is str and rv != ""
+        hit = memo.get(name) if memo is not None and memoable else None  # type: ignore[arg-type]
+        if hit is not None and hit[0] == rv:
+            parsed = hit[1]
+        else:
+            try:
+                parsed = peer_from_cr(obj)
+            except InvalidObject as e:
+                parsed = Skipped(e.name or "?", f"{e.field}: {e.reason}")
+        if memoable:
+            seen[name] = (rv, parsed)  # type: ignore[index]
+        if type(parsed) is Skipped:
+            rejected.append(parsed)
+        else:
+            peers.append(parsed)  # type: ignore[arg-type]
+    if memo is not None:
+        memo.clear()
+        memo.update(seen)
     return tuple(peers), tuple(rejected)
 
 
@@ -130,6 +156,9 @@ class KubeSource:
         self.on_gateway_change: Callable[[], None] = lambda: None
         """Also told when a WireKubeGateway changes (the gateway agent's wake-up)."""
         self._reported: dict[str, str] = {}
+        self._parsed: dict[str, tuple[str, Peer | Skipped]] = {}
+        """Parsed peers by name, with the resourceVersion they were parsed from."""
+        self._parse_lock = threading.Lock()
         self._log = logger.bind(component="kube-source", node=node_name)
 
     def start(self) -> KubeSource:
@@ -165,7 +194,8 @@ class KubeSource:
         except InvalidObject as e:
             self._log.error("{}; keeping the dataplane as it is", e)
             return None
-        peers, rejected = parse_peers(list(self.peers.cache.values()))
+        with self._parse_lock:  # snapshot() is called from the reconciler and the status decorator
+            peers, rejected = parse_peers(list(self.peers.cache.values()), self._parsed)
         # Gateways are not waited for (the CRD may be absent): routes appear once they are known.
         peers = augment_peers(peers, parse_gateways(self.gateways.cache.values()), self.node_name)
         return Snapshot(mesh, peers, rejected)
