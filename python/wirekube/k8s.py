@@ -25,7 +25,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+import builtins
+import functools
+from typing import Any, ParamSpec, TypeVar, cast
 
 import kubernetes.client
 import kubernetes.config
@@ -114,10 +116,15 @@ def _map_api_exception(e: ApiException) -> errors.ApiError:
     return cls(message, status=status, reason=reason)
 
 
-def _translate(fn: Callable[..., Any]) -> Callable[..., Any]:
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _translate(fn: Callable[_P, _T]) -> Callable[_P, _T]:
     """Map client exceptions to WireKube's errors, keeping the original as ``__cause__``."""
 
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
         try:
             return fn(*args, **kwargs)
         except ApiException as e:
@@ -125,8 +132,6 @@ def _translate(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (urllib3.exceptions.HTTPError, OSError) as e:
             raise errors.Temporary(f"API server unreachable: {e}") from e
 
-    wrapper.__name__ = fn.__name__
-    wrapper.__doc__ = fn.__doc__
     return wrapper
 
 
@@ -156,7 +161,8 @@ class Kube:
     @classmethod
     def from_kubeconfig(cls, path: str | None = None, context: str | None = None) -> Kube:
         cfg = kubernetes.client.Configuration()
-        kubernetes.config.load_kube_config(config_file=path, context=context, client_configuration=cfg)
+        kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=path, context=context, client_configuration=cfg)
         cfg.connection_pool_maxsize = CONNECTION_POOL_SIZE
         return cls(kubernetes.client.ApiClient(cfg))
 
@@ -165,7 +171,7 @@ class Kube:
         """In a pod.  ``host_override`` (https://host:port) serves nodes that cannot reach the
         Service ClusterIP before the CNI is up (e.g. the EKS public endpoint)."""
         cfg = kubernetes.client.Configuration()
-        kubernetes.config.load_incluster_config(client_configuration=cfg)
+        kubernetes.config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
         if host_override:
             cfg.host = host_override
         cfg.connection_pool_maxsize = CONNECTION_POOL_SIZE
@@ -186,7 +192,7 @@ class Kube:
         return str(self._api.configuration.host)
 
     def close(self) -> None:
-        self._api.close()
+        self._api.close()  # type: ignore[no-untyped-call]
 
     # ---- raw request --------------------------------------------------------------------------
 
@@ -199,8 +205,22 @@ class Kube:
         body: Any = None,
         content_type: str = "application/json",
         timeout: float | tuple[float, float] | None = None,
-        stream: bool = False,
+    ) -> JSON:
+        """One request; the decoded JSON body."""
+        data = self._send(method, path, query=query, body=body, content_type=content_type, timeout=timeout).read()
+        return cast(JSON, json.loads(data)) if data else {}
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, Any] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        timeout: float | tuple[float, float] | None = None,
     ) -> Any:
+        """One request; the client's response object, its status checked, its body not read."""
         request = self._api.param_serialize(
             method,
             path,
@@ -211,12 +231,9 @@ class Kube:
         )
         response = self._api.call_api(*request, _request_timeout=timeout if timeout is not None else self._timeout)
         if not 200 <= response.status <= 299:
-            response.read()
+            response.read()  # type: ignore[no-untyped-call]
             raise ApiException.from_response(http_resp=response, body=None, data=None)
-        if stream:
-            return response.response
-        data = response.read()
-        return json.loads(data) if data else {}
+        return response
 
     # ---- CRUD -------------------------------------------------------------------------------
 
@@ -232,9 +249,9 @@ class Kube:
         *,
         label_selector: str | None = None,
         field_selector: str | None = None,
-    ) -> tuple[list[JSON], str]:
+    ) -> tuple[builtins.list[JSON], str]:
         """All objects (following continue tokens) and the list's resourceVersion."""
-        items: list[JSON] = []
+        items: builtins.list[JSON] = []
         cont: str | None = None
         while True:
             page = self._request(
@@ -265,7 +282,7 @@ class Kube:
         )
 
     @_translate
-    def patch_json(self, res: Resource, name: str, ops: list[JSON], namespace: str | None = None) -> JSON:
+    def patch_json(self, res: Resource, name: str, ops: builtins.list[JSON], namespace: str | None = None) -> JSON:
         return self._request(
             "PATCH", res.path(namespace, name), body=ops, content_type="application/json-patch+json", query=_STRICT
         )
@@ -348,7 +365,7 @@ class Kube:
         it down to end a blocked read: see :meth:`Informer.stop`).
         """
         try:
-            response = self._request(
+            response = self._send(
                 "GET",
                 res.path(namespace),
                 query={
@@ -359,8 +376,7 @@ class Kube:
                     "labelSelector": label_selector,
                 },
                 timeout=(10.0, timeout_seconds + 30.0),
-                stream=True,
-            )
+            ).response
         except ApiException as e:
             raise _map_api_exception(e) from e
         except (urllib3.exceptions.HTTPError, OSError) as e:
@@ -368,7 +384,7 @@ class Kube:
         if on_open is not None:
             on_open(response)
         try:
-            for line in iter_resp_lines(response):
+            for line in iter_resp_lines(response):  # type: ignore[no-untyped-call]
                 if not line:
                     continue
                 event = json.loads(line)

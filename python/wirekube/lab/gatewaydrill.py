@@ -105,7 +105,7 @@ def kubelet_from_vpc(lab: Lab, node: str) -> bool:
 
 def agent_pid(lab: Lab, node: str) -> int | None:
     """The PID of ``node``'s running agent, from the lab's own process records (never by name)."""
-    for p in lab._state.read()["processes"]:  # noqa: SLF001 - the lab records every process it started
+    for p in (lab._state.read() or {}).get("processes", []):  # noqa: SLF001 - the lab records every process
         rec = ProcessRecord.from_json(p)
         if f"--node-name={node}" in rec.argv and any(a.endswith("wirekube-agent") for a in rec.argv) and is_alive(rec):
             return rec.pid
@@ -166,7 +166,7 @@ class DrillResult:
     """VPC -> hybrid: the same for the VPC host reaching the hybrid node's kubelet port."""
 
 
-def _drill(lab: Lab, kube: k8s.Kube, kind: str, fault: Callable[[], None]) -> DrillResult:
+def _drill(lab: Lab, kube: k8s.Kube, kind: str, fault: Callable[[], object]) -> DrillResult:
     wait_for(lambda: (s := status(kube)).get("ready") and s.get("activePeer") == "ec2-a", 90, "ec2-a active")
     wait_for(lambda: echo_from(lab, "hybrid-a1") == vpc_ip(lab, "ec2-a"), 30, "traffic through ec2-a")
     wait_for(lambda: kubelet_from_vpc(lab, "hybrid-a1"), 30, "vpc-host -> hybrid-a1 kubelet")

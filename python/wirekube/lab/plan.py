@@ -223,7 +223,9 @@ _QUIET_SYSCTLS = (
 
 def plan_lab(topology: Topology, lab: str) -> LabPlan:
     check_lab_name(lab)
-    ns = lambda key: netns_name(lab, key)  # noqa: E731
+
+    def ns(key: str) -> str:
+        return netns_name(lab, key)
     namespaces: list[Namespace] = []
     veths: list[Veth] = []
     targets: dict[str, str] = {}

@@ -99,8 +99,8 @@ class Probe:
 
     def recv(self, timeout: float) -> dict[str, Any]:
         if self.other:
-            source, data = self.other.popleft()
-            return {"from": source, "data": data}
+            sender, text = self.other.popleft()
+            return {"from": sender, "data": text}
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             got = self._receive(left)
