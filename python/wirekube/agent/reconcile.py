@@ -3,6 +3,17 @@
 Nothing is planned before the source has a mesh and a synced peer list: an agent that starts
 while the API server is down keeps whatever dataplane is already in place (no blackout), and an
 agent that loses the API server keeps its last state until it comes back.
+
+Two kinds of pass, so that reacting to one changed peer does not cost a rebuild of everything:
+
+* full (the first pass, every ``resync_seconds``, after a failed pass, after the WireGuard
+  device was (re)created, and ``--once``): plans from scratch, reads the whole dataplane
+  (link, device, peers, rules, table 22347) and diffs all of it.  This is what repairs drift
+  nobody told us about (a route or a peer removed behind the agent's back).
+* event-driven (any other wake-up: a peer, the mesh, a gateway or a path changed): the
+  :class:`~wirekube.agent.plan.IncrementalPlanner` re-decides only what the change touches, and
+  :func:`~wirekube.agent.plan.diff_since` writes only the difference from the plan last
+  applied, reading the link, the device's peers and the rules but not the route table.
 """
 
 from __future__ import annotations
@@ -70,12 +81,20 @@ class Result:
     ops: tuple[Op, ...]
     desired: Desired
     observed: Observed
+    """On an event-driven pass ``routes`` holds what the last applied plan put in table 22347
+    (the table itself is only read on full passes)."""
+    full: bool = True
 
 
 @dataclass
 class _Memory:
     skipped: frozenset[Skipped] = frozenset()
     engine_key: tuple[str, Engine] | None = None
+    applied: Desired | None = None
+    """The plan the dataplane was last brought to by a pass that applied without error; None
+    forces the next pass to be a full one."""
+    next_full: float = 0.0
+    """Monotonic time from which the next pass is a full resync."""
 
 
 class Reconciler:
@@ -89,6 +108,7 @@ class Reconciler:
         paths: Callable[[], Mapping[str, PeerPath]] = dict,
         on_snapshot: Callable[[Snapshot, NodeFacts], None] | None = None,
         decorate_status: Callable[[PeerStatus], PeerStatus] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.keys = keys
@@ -103,13 +123,20 @@ class Reconciler:
         """Adds what others know (NAT type, relay reasons) to the status this loop publishes."""
         self.wake = threading.Event()
         self.engine: WireGuardEngine | None = None
+        self.monotonic = monotonic
+        self.planner = planner.IncrementalPlanner()
         self._mem = _Memory()
+        self._restarted = False
+        """Set by the engine's watcher thread: the device was recreated, the next pass is full."""
         self._lock = threading.Lock()
         self._log = logger.bind(component="reconcile", node=settings.node_name)
 
     # ------------------------------------------------------------------ one pass
 
-    def reconcile_once(self, dry_run: bool = False) -> Result | None:
+    def reconcile_once(self, dry_run: bool = False, full: bool | None = None) -> Result | None:
+        """One pass.  ``full`` forces (True) or forbids (False) a full pass; None decides: full
+        when the resync is due or the dataplane's state is not known (see the module docstring).
+        A dry run is always full and changes nothing, not even what the next pass builds on."""
         with self._lock:
             snap = self.source.snapshot()
             if snap is None:
@@ -118,20 +145,55 @@ class Reconciler:
             if not dry_run:
                 self.source.register(self.keys.public_key)
             engine = self._engine_for(snap.mesh)
-            if not dry_run:
-                engine.ensure_device()
+            if self._restarted:
+                self._restarted = False
+                self._mem.applied = None
+            created = engine.ensure_device() if not dry_run else False
             ifname = snap.mesh.spec.interface_name
             facts = self._facts(ifname)
             if self.on_snapshot is not None:
                 self.on_snapshot(snap, facts)
             paths = self.paths()
-            desired = planner.plan(snap.mesh, snap.peers, facts, paths)
-            observed = self.observe(ifname, engine)
-            ops = planner.diff(desired, observed, self.clock())
-            if not dry_run:
-                self.apply(ops, ifname, engine)
-                self._report(snap, desired, engine, paths)
-            return Result(ops, desired, observed)
+            previous = self._mem.applied
+            if dry_run or created or previous is None:
+                full = True
+            elif full is None:
+                full = self.monotonic() >= self._mem.next_full
+            link = None
+            if not full:
+                link = self.netlink.link_state(ifname, tuple(planner.INTERFACE_SYSCTLS))
+                full = not link.exists  # the interface went away: everything must be rewritten
+            desired = self._plan(snap, facts, paths, full)
+            self._mem.applied = None  # until this pass has applied without error
+            if full or link is None or previous is None:
+                observed = self.observe(ifname, engine)
+                ops = planner.diff(desired, observed, self.clock())
+            else:
+                wg = engine.get()
+                observed = Observed(link=link, wg=wg, rules=self.netlink.rules(), routes=tuple(previous.routes))
+                ops = planner.diff_since(previous, desired, link, wg, observed.rules, self.clock())
+            if dry_run:
+                self._mem.applied = previous
+                return Result(ops, desired, observed, full)
+            self.apply(ops, ifname, engine)
+            self._mem.applied = desired
+            if full:
+                self._mem.next_full = self.monotonic() + self.settings.resync_seconds
+            self._report(snap, desired, paths, observed.wg)
+            return Result(ops, desired, observed, full)
+
+    def _plan(self, snap: Snapshot, facts: NodeFacts, paths: Mapping[str, PeerPath], full: bool) -> Desired:
+        """The incremental plan; a full pass also plans from scratch and keeps that one if they
+        differ (they never should: the difference is logged as the bug it is)."""
+        warm = self.planner.warm
+        desired = self.planner.plan(snap.mesh, snap.peers, facts, paths)
+        if full and warm:
+            fresh = planner.IncrementalPlanner()
+            check = fresh.plan(snap.mesh, snap.peers, facts, paths)
+            if check != desired:
+                self._log.error("incremental plan differed from a full plan; using the full plan")
+                self.planner, desired = fresh, check
+        return desired
 
     def _facts(self, ifname: str) -> NodeFacts:
         addresses, subnets = self.netlink.node_addresses(ifname)
@@ -188,16 +250,23 @@ class Reconciler:
 
     def _on_engine_restart(self) -> None:
         self._log.warning("WireGuard device was recreated; reapplying the configuration")
+        self._restarted = True  # everything is new: the next pass is a full one
         self.wake.set()
 
-    def _report(self, snap: Snapshot, desired: Desired, engine: WireGuardEngine, paths: Mapping[str, PeerPath]) -> None:
+    def _report(self, snap: Snapshot, desired: Desired, paths: Mapping[str, PeerPath], wg: WgDeviceState) -> None:
+        """Log skip changes and publish the status.
+
+        ``wg`` is the device as this pass read it, before applying: the status only uses the
+        handshakes of the peers in ``desired``, which applying does not change (a new peer has
+        none either way), so the device is not dumped a second time.
+        """
         skipped = frozenset((*snap.rejected, *desired.skipped))
         for s in sorted(skipped - self._mem.skipped, key=lambda s: s.peer):
             self._log.warning("peer {} skipped: {}", s.peer, s.reason)
         for s in sorted(self._mem.skipped - skipped, key=lambda s: s.peer):
             self._log.info("peer {} no longer skipped", s.peer)
         self._mem.skipped = skipped
-        status = own_status(desired, engine.get(), paths, self.clock(), self.source.own_status())
+        status = own_status(desired, wg, paths, self.clock(), self.source.own_status())
         if self.decorate_status is not None:
             status = self.decorate_status(status)
         self.source.publish(status, sorted(skipped, key=lambda s: s.peer))
@@ -213,7 +282,8 @@ class Reconciler:
             try:
                 result = self.reconcile_once()
                 if result is not None and result.ops:
-                    self._log.info("reconcile applied {} operations", len(result.ops))
+                    self._log.info("reconcile applied {} operations ({} pass)", len(result.ops),
+                                   "full" if result.full else "event")
                 backoff = 1.0
             except WireKubeError as e:
                 self._log.error("reconcile failed: {}; retrying in {:.0f}s", e, backoff)

@@ -1,0 +1,279 @@
+"""The reconciler's passes against an in-memory dataplane: full passes, event-driven passes, resync."""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pytest
+
+from wirekube.agent import plan as P
+from wirekube.agent import reconcile as R
+from wirekube.agent.keys import KeyPair
+from wirekube.agent.plan import LinkState, Route, Rule, Skipped
+from wirekube.agent.reconcile import Reconciler, ReconcilerSettings, Snapshot
+from wirekube.agent.wg.base import PutPeer, RemovePeer, SetDevice, WgDeviceState, WgOp, WgPeerConfig, WgPeerState
+from wirekube.errors import DataplaneError
+from wirekube.models import Endpoint, Mesh, MeshSpec, Peer, PeerSpec, PeerStatus
+
+MY_KEY = base64.b64encode(bytes([1]) * 32).decode()
+NOW = 1_700_000_000.0
+
+
+def key(n: int) -> str:
+    return base64.b64encode(bytes([n]) * 32).decode()
+
+
+def peer(name: str, n: int, *extra: str, ip: str | None = None, ts: str = "") -> Peer:
+    entries = (ipaddress.ip_network(ip or f"10.255.0.{n}/32"), *(ipaddress.ip_network(e) for e in extra))
+    return Peer(name, PeerSpec(key(n), Endpoint.parse(f"192.0.2.{n}:51820"), entries),
+                creation_timestamp=ts or f"2025-01-01T00:00:{n:02d}Z")
+
+
+ME = peer("me", 1)
+MESH = Mesh("default", MeshSpec())
+
+
+class FakeNetlink:
+    """Link, rules and table 22347 of one node, in memory."""
+
+    def __init__(self) -> None:
+        self.link: LinkState = LinkState(False)
+        self.rule_list: list[Rule] = [Rule(4, 0, 255), Rule(4, 32766, 254)]
+        self.route_list: list[Route] = []
+        self.route_dumps = 0
+        self.fail_next_route: bool = False
+
+    def node_addresses(self, exclude_ifname: str) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        return (ipaddress.ip_address("192.168.1.1"),), (ipaddress.ip_network("192.168.1.0/24"),)
+
+    def link_state(self, ifname: str, sysctls: Sequence[str]) -> LinkState:
+        return self.link
+
+    def rules(self) -> tuple[Rule, ...]:
+        return tuple(self.rule_list)
+
+    def routes(self, table: int) -> tuple[Route, ...]:
+        self.route_dumps += 1
+        return tuple(self.route_list)
+
+    def set_mtu(self, ifname: str, mtu: int) -> None:
+        self.link = replace(self.link, mtu=mtu)
+
+    def set_up(self, ifname: str) -> None:
+        self.link = replace(self.link, up=True)
+
+    def add_address(self, ifname: str, address: Any) -> None:
+        self.link = replace(self.link, addresses=self.link.addresses | {address})
+
+    def del_address(self, ifname: str, address: Any) -> None:
+        self.link = replace(self.link, addresses=self.link.addresses - {address})
+
+    def set_sysctl(self, ifname: str, name: str, value: str) -> None:
+        self.link = replace(self.link, sysctls={**self.link.sysctls, name: value})
+
+    def add_route(self, route: Route) -> None:
+        if self.fail_next_route:
+            self.fail_next_route = False
+            raise DataplaneError("injected failure")
+        self.route_list.append(route)
+
+    def del_route(self, route: Route) -> None:
+        self.route_list.remove(route)
+
+    def add_rule(self, rule: Rule) -> None:
+        self.rule_list.append(rule)
+
+    def del_rule(self, rule: Rule) -> None:
+        self.rule_list.remove(rule)
+
+
+@dataclass
+class FakeEngine:
+    netlink: FakeNetlink
+    name: str = "fake"
+    ifname: str = "wire_kube"
+    state: WgDeviceState = field(default_factory=WgDeviceState)
+    gets: int = 0
+    on_restart: Callable[[], None] | None = None
+
+    def ensure_device(self) -> bool:
+        if self.netlink.link.exists:
+            return False
+        self.netlink.link = LinkState(True, 1500)
+        self.netlink.route_list.clear()  # routes leave with their interface
+        self.state = WgDeviceState()
+        return True
+
+    def get(self) -> WgDeviceState:
+        self.gets += 1
+        return self.state
+
+    def apply(self, ops: Sequence[WgOp], private_key: str) -> None:
+        peers = dict(self.state.peers)
+        s = self.state
+        for op in ops:
+            if isinstance(op, SetDevice):
+                s = replace(s, public_key=MY_KEY if op.private_key else s.public_key,
+                            listen_port=op.listen_port or s.listen_port, fwmark=op.fwmark or s.fwmark)
+            elif isinstance(op, PutPeer):
+                old = peers.get(op.config.public_key)
+                cur = old.config if old and not op.create else WgPeerConfig(op.config.public_key, None, ())
+                cfg = WgPeerConfig(
+                    cur.public_key,
+                    op.config.endpoint if op.set_endpoint else cur.endpoint,
+                    op.config.allowed_ips if op.set_allowed_ips else cur.allowed_ips,
+                    op.config.persistent_keepalive if op.set_keepalive else cur.persistent_keepalive,
+                )
+                peers[cfg.public_key] = WgPeerState(cfg, last_handshake=old.last_handshake if old else 0.0)
+            elif isinstance(op, RemovePeer):
+                peers.pop(op.public_key, None)
+        self.state = replace(s, peers=peers)
+
+    def set_on_restart(self, callback: Callable[[], None]) -> None:
+        self.on_restart = callback
+
+    def close(self) -> None:
+        pass
+
+
+class FakeSource:
+    def __init__(self, peers: list[Peer]) -> None:
+        self.peers = peers
+        self.published: list[tuple[PeerStatus, list[Skipped]]] = []
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(MESH, tuple(self.peers))
+
+    def register(self, public_key: str) -> None:
+        pass
+
+    def publish(self, status: PeerStatus, skipped: Sequence[Skipped]) -> None:
+        self.published.append((status, list(skipped)))
+
+    def own_status(self) -> PeerStatus:
+        return PeerStatus()
+
+
+@dataclass
+class Agent:
+    reconciler: Reconciler
+    netlink: FakeNetlink
+    engine: FakeEngine
+    source: FakeSource
+    clock: list[float]
+
+    def once(self, **kw: Any) -> R.Result:
+        result = self.reconciler.reconcile_once(**kw)
+        assert result is not None
+        return result
+
+
+@pytest.fixture
+def agent(monkeypatch: pytest.MonkeyPatch) -> Agent:
+    netlink = FakeNetlink()
+    engine = FakeEngine(netlink)
+    monkeypatch.setattr(R, "select_engine", lambda *a: engine)
+    source = FakeSource([ME, peer("b", 2), peer("c", 3, "10.50.0.0/24")])
+    clock = [100.0]
+    rec = Reconciler(ReconcilerSettings("me", resync_seconds=30.0), KeyPair("unused", MY_KEY), source,
+                     netlink, clock=lambda: NOW, monotonic=lambda: clock[0])  # type: ignore[arg-type]
+    return Agent(rec, netlink, engine, source, clock)
+
+
+def full_diff(a: Agent) -> tuple[P.Op, ...]:
+    """What a from-scratch plan and a full read of the fake dataplane would still change."""
+    observed = P.Observed(a.netlink.link, a.engine.state, a.netlink.rules(), tuple(a.netlink.route_list))
+    return P.diff(P.plan(MESH, a.source.peers, a.reconciler._facts("wire_kube")), observed, NOW)
+
+
+def test_first_pass_is_full_and_a_converged_agent_applies_nothing(agent: Agent) -> None:
+    first = agent.once()
+    assert first.full and len([o for o in first.ops if isinstance(o, PutPeer)]) == 2
+    assert full_diff(agent) == ()
+    dumps = agent.netlink.route_dumps
+    again = agent.once()
+    assert not again.full and again.ops == ()
+    assert agent.netlink.route_dumps == dumps  # an event pass does not read table 22347
+    resync = agent.once(full=True)
+    assert resync.full and resync.ops == () and agent.netlink.route_dumps == dumps + 1
+
+
+def test_one_changed_peer_costs_its_own_operations_only(agent: Agent) -> None:
+    agent.once()
+    agent.source.peers[2] = peer("c", 3, "10.50.0.0/24", "10.60.0.0/24")
+    result = agent.once()
+    assert not result.full
+    assert [type(o).__name__ for o in result.ops] == ["PutPeer", "AddRoute"]
+    assert result.ops[1] == P.AddRoute(Route(ipaddress.ip_network("10.60.0.0/24"), "wire_kube"))
+    assert full_diff(agent) == ()
+
+
+def test_removing_a_peer_unskips_the_one_it_conflicted_with(agent: Agent) -> None:
+    b = agent.source.peers[1]
+    late = peer("late", 4, ip="10.255.0.2/32", ts="2026-01-01T00:00:00Z")  # wants b's mesh IP
+    agent.source.peers.append(late)
+    agent.once()
+    assert [s.peer for s in agent.source.published[-1][1]] == ["late"]
+    assert key(4) not in agent.engine.state.peers
+    agent.source.peers.remove(b)
+    result = agent.once()
+    assert not result.full
+    assert PutPeer(result.desired.peers[key(4)], create=True) in result.ops and RemovePeer(key(2)) in result.ops
+    assert agent.source.published[-1][1] == []
+    assert full_diff(agent) == ()
+
+
+def test_drift_is_repaired_by_the_periodic_full_pass(agent: Agent) -> None:
+    agent.once()
+    lost = agent.netlink.route_list.pop()  # deleted behind the agent's back
+    assert not agent.once().full  # an event pass trusts what it applied last
+    agent.clock[0] += 30.0
+    result = agent.once()
+    assert result.full and result.ops == (P.AddRoute(lost),)
+    assert not agent.once().full  # and the next resync is 30 s away again
+
+
+def test_a_recreated_device_or_a_failed_pass_makes_the_next_pass_full(agent: Agent) -> None:
+    agent.once()
+    assert agent.engine.on_restart is not None
+    agent.engine.on_restart()
+    assert agent.once().full
+    agent.source.peers.append(peer("d", 5, "10.70.0.0/24"))
+    agent.netlink.fail_next_route = True
+    with pytest.raises(DataplaneError):
+        agent.once()
+    result = agent.once()
+    assert result.full and P.AddRoute(Route(ipaddress.ip_network("10.70.0.0/24"), "wire_kube")) in result.ops
+    assert full_diff(agent) == ()
+
+
+def test_a_vanished_interface_is_rebuilt_by_a_full_pass(agent: Agent) -> None:
+    agent.once()
+    agent.netlink.link = LinkState(False)
+    result = agent.once()
+    assert result.full and len([o for o in result.ops if isinstance(o, P.AddRoute)]) == 3
+    assert full_diff(agent) == ()
+
+
+def test_dry_run_is_full_and_leaves_the_next_pass_event_driven(agent: Agent) -> None:
+    agent.once()
+    agent.source.peers.append(peer("d", 5))
+    dry = agent.once(dry_run=True)
+    assert dry.full and any(isinstance(o, PutPeer) and o.create for o in dry.ops)
+    assert key(5) not in agent.engine.state.peers
+    real = agent.once()
+    assert not real.full and PutPeer(real.desired.peers[key(5)], create=True) in real.ops
+    assert full_diff(agent) == ()
+
+
+def test_the_published_status_uses_the_device_read_by_the_pass(agent: Agent) -> None:
+    agent.once()
+    gets = agent.engine.gets
+    agent.once()
+    assert agent.engine.gets == gets + 1  # one device read per pass, not two
+    status, skipped = agent.source.published[-1]
+    assert set(status.peer_transports) == {"b", "c"} and skipped == []
