@@ -5,6 +5,10 @@ stay disconnected, relay and STUN reachability, the WireGuard engine, EPERM on t
 clock skew). Each is a pure function of the cluster's objects (plus, for reachability, the
 result of a probe passed in), returning :class:`Finding` rows; the command exits non-zero when
 any finding is ``fail``.
+
+``doctor --local`` looks at the node it runs on instead (:func:`check_local`, fed by
+:mod:`wirekube.cli.nodestate`): WireKube's interface, rules, table 22347 and nft table left on a
+node where no agent answers are *stale state*.
 """
 
 from __future__ import annotations
@@ -17,16 +21,19 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from wirekube.cli.nodestate import NodeState
+from wirekube.models import ROUTE_TABLE as ROUTE_TABLE_ID
+
 JSON = Mapping[str, Any]
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-OK, WARN, FAIL = "ok", "warn", "fail"
+OK, INFO, WARN, FAIL = "ok", "info", "warn", "fail"
 
 
 @dataclass(frozen=True)
 class Finding:
     check: str
-    verdict: str  # ok | warn | fail
+    verdict: str  # ok | info | warn | fail
     subject: str
     detail: str
     fix: str = ""
@@ -144,7 +151,7 @@ def check_peers(peers: Sequence[JSON], node_filter: str | None = None) -> list[F
             findings.append(Finding("peer-connected", OK, name, f"{len(transports)} peers reachable"))
         engine = status.get("engine") or ""
         if engine:
-            findings.append(Finding("engine", OK, name, engine))
+            findings.append(check_engine(name, engine))
         for cond in status.get("conditions") or []:
             if cond.get("type") == "RelayProxyEPERM" and cond.get("status") == "True":
                 findings.append(Finding(
@@ -152,6 +159,30 @@ def check_peers(peers: Sequence[JSON], node_filter: str | None = None) -> list[F
                     "Cilium's socket LB hook is blocking loopback UDP; the agent retries every 3 s. If it persists, "
                     "reboot the node once (stale BPF/iptables state, see the EKS Hybrid guide)"))
     return findings
+
+
+ENGINE_FIX = (
+    "load the wireguard kernel module on the node (built in since Linux 5.6; `modprobe wireguard`, "
+    "or install wireguard-dkms / the distribution's kernel modules package), then restart the agent; "
+    "wireguard-go works meanwhile at a higher CPU cost"
+)
+
+
+def check_engine(name: str, engine: str) -> Finding:
+    """status.engine: "kernel" is ok; userspace because it was asked for (spec.engine, --engine) or
+    adopted from a running wireguard-go is information; userspace because kernel WireGuard is
+    unavailable is a warning with the reason the agent found."""
+    kind, _, rest = engine.partition(" (")
+    reason = rest[:-1] if rest.endswith(")") else rest
+    if kind == "kernel":
+        return Finding("engine", OK, name, engine)
+    if kind != "userspace":
+        return Finding("engine", WARN, name, f"unknown engine {engine!r}", "upgrade the agent or wirekubectl")
+    if not reason:
+        return Finding("engine", INFO, name, "userspace (wireguard-go; the agent did not say why)")
+    if "engine=userspace" in reason or reason.startswith("adopted"):
+        return Finding("engine", INFO, name, f"userspace (wireguard-go): {reason}")
+    return Finding("engine", WARN, name, f"userspace (wireguard-go): {reason}", ENGINE_FIX)
 
 
 def check_clock_skew(peers: Sequence[JSON], now: dt.datetime, *, max_skew_seconds: float = 120.0) -> list[Finding]:
@@ -185,9 +216,96 @@ def check_reachability(check: str, targets: Iterable[str], probe: Callable[[str]
     return findings
 
 
+# ---- node-local state (doctor --local) ------------------------------------------------------------
+
+CLEANUP_FIX = "`wirekubectl cleanup` on this node removes it (only WireKube's own state)"
+RESTART_FIX = "or, if this node should be in the mesh, restart its agent (delete the wirekube-agent pod on this node)"
+
+
+def check_local(state: NodeState) -> list[Finding]:
+    """What is left on this node, judged against whether an agent runs here.
+
+    With no agent answering, every WireKube object still present is stale (``fail``): nothing
+    keeps the peers, routes or keys current, and the rules keep steering traffic into a tunnel no
+    one maintains.  With an agent answering, the same objects are its working dataplane.
+    """
+    agent = state.agent
+    ifname = state.interface
+    link = None
+    if state.link_kind is not None:
+        engine = {"wireguard": "kernel WireGuard", "tun": "wireguard-go"}.get(state.link_kind, state.link_kind)
+        pid = f", daemon pid {state.daemon_pid}" if state.daemon_pid is not None else ""
+        link = f"{engine} link {ifname}, {'up' if state.link_up else 'down'}{pid}"
+    elif state.daemon_pid is not None:
+        link = f"wireguard-go pid {state.daemon_pid} serves {ifname} but the link is gone"
+    owned = [r for r in state.rules if r.owned]
+    foreign = [r for r in state.rules if not r.owned]
+    items: list[tuple[str, bool | None, str, str]] = [
+        # subject, present (None: unknown), detail, fix when stale
+        (f"link {ifname}", link is not None, link or f"no link {ifname}", CLEANUP_FIX),
+        ("ip rules", bool(owned), f"{_count(len(owned), 'WireKube rule')}: " + "; ".join(r.text for r in owned)
+         if owned else "no WireKube rules", CLEANUP_FIX),
+        (f"table {ROUTE_TABLE_ID}", bool(state.routes), _routes_detail(state.routes), CLEANUP_FIX),
+        ("nft inet wirekube", state.nft.present, state.nft.detail or "no table inet wirekube", CLEANUP_FIX),
+    ]
+    findings: list[Finding] = []
+    stale = any(present for _, present, _, _ in items) or bool(foreign)
+    where = f" (netns {state.netns})" if state.netns else ""
+    if agent.healthy:
+        ready = "" if agent.ready is None else (", ready" if agent.ready else ", NOT ready")
+        if agent.ready is False:
+            findings.append(Finding("agent-running", WARN, agent.url, f"{agent.detail}{ready}{where}",
+                                    "the agent has not applied a plan yet: check its log (API server reachable? "
+                                    "WireKubeMesh 'default' present?)"))
+        else:
+            findings.append(Finding("agent-running", OK, agent.url, f"{agent.detail}{ready}{where}"))
+        for subject, present, detail, _ in items:
+            if present is None:
+                findings.append(Finding("local-dataplane", WARN, subject, detail, "run as root with nft installed"))
+            elif present or subject.startswith(("table", "nft")):
+                # no routes (no peers yet) and no nft table (not a gateway node) are both normal
+                findings.append(Finding("local-dataplane", OK, subject, detail))
+            else:
+                findings.append(Finding("local-dataplane", WARN, subject, f"{detail} although the agent runs",
+                                        "the agent sets it up on its next pass; if it stays missing, check its log"))
+    elif stale:
+        findings.append(Finding("agent-running", FAIL, agent.url, f"no agent runs here: {agent.detail}{where}",
+                                "restart the agent on this node, or remove the stale state with `wirekubectl cleanup`"))
+        for subject, present, detail, fix in items:
+            if present:
+                findings.append(Finding("stale-state", FAIL, subject, f"{detail} (and no agent runs on this node)",
+                                        f"{fix}; {RESTART_FIX}"))
+            elif present is None:
+                findings.append(Finding("stale-state", WARN, subject, detail, "run as root with nft installed"))
+    else:
+        findings.append(Finding("agent-running", OK, agent.url, f"no agent runs here ({agent.detail}){where}"))
+        for subject, present, detail, _ in items:
+            if present is None:
+                findings.append(Finding("stale-state", WARN, subject, detail, "run as root with nft installed"))
+        findings.append(Finding("stale-state", OK, "node", "no WireKube link, rules, table 22347 routes or nft table "
+                                                           "left: nothing stale"))
+    for r in foreign:
+        findings.append(Finding("foreign-rule", WARN if agent.healthy else FAIL, f"pref {r.priority}",
+                                f"a rule WireKube did not write sends traffic to table {ROUTE_TABLE_ID}: {r.text}",
+                                f"remove it by hand (`ip rule del pref {r.priority}`); cleanup leaves foreign rules"))
+    return findings
+
+
+def _routes_detail(routes: Sequence[str]) -> str:
+    if not routes:
+        return f"no routes in table {ROUTE_TABLE_ID}"
+    shown = ", ".join(routes[:3]) + (f", ... ({len(routes) - 3} more)" if len(routes) > 3 else "")
+    return f"{_count(len(routes), 'route')}: {shown}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 # ---- output ---------------------------------------------------------------------------------------
 
-_MARK = {OK: "\033[32mok\033[0m", WARN: "\033[33mwarn\033[0m", FAIL: "\033[31mFAIL\033[0m"}
+_MARK = {OK: "\033[32mok\033[0m", INFO: "\033[36minfo\033[0m", WARN: "\033[33mwarn\033[0m",
+         FAIL: "\033[31mFAIL\033[0m"}
 
 
 def render(findings: Sequence[Finding], *, colour: bool, output: str = "table") -> str:

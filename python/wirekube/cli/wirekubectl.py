@@ -2,10 +2,13 @@
 
     wirekubectl status [-o table|json|yaml] [--require-connected --timeout S]
     wirekubectl doctor [NODE] [-o table|json]
+    wirekubectl doctor --local [--interface wire_kube] [--agent-url http://127.0.0.1:9090] [--netns NS]
     wirekubectl cleanup [--interface wire_kube]     # on a node: remove WireKube's dataplane
 
 ``status`` and ``doctor`` use the user's kubeconfig like kubectl does (``--kubeconfig``,
-``$KUBECONFIG``, ``~/.kube/config``, or the in-cluster service account).
+``$KUBECONFIG``, ``~/.kube/config``, or the in-cluster service account).  ``doctor --local``
+needs no API server: it inspects the node it runs on (or the network namespace ``--netns``) for
+stale WireKube state (see :mod:`wirekube.cli.nodestate`).
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ def _doctor(args: argparse.Namespace) -> int:
     from wirekube import errors, k8s
     from wirekube.cli import doctor
 
+    if args.local:
+        return _doctor_local(args)
     kube = _kube(args)
     peers, _ = kube.list(k8s.PEERS)
     gateways, _ = kube.list(k8s.GATEWAYS)
@@ -89,6 +94,16 @@ def _doctor(args: argparse.Namespace) -> int:
                                           "allow UDP to the STUN servers; without STUN, nodes cannot find their "
                                           "public endpoints and pairs fall back to the relay")
     return doctor.print_findings(findings, args.output)
+
+
+def _doctor_local(args: argparse.Namespace) -> int:
+    from wirekube.cli import doctor, nodestate
+
+    if args.node:
+        print("wirekubectl doctor: --local inspects the node it runs on; drop NODE", file=sys.stderr)
+        return 2
+    state = nodestate.inspect(args.interface, agent_url=args.agent_url, netns=args.netns, socket_dir=args.socket_dir)
+    return doctor.print_findings(doctor.check_local(state), args.output)
 
 
 def _cleanup(args: argparse.Namespace) -> int:
@@ -119,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     dr = sub.add_parser("doctor", help="diagnose the mesh: a verdict and a fix per check; exit 1 on failure")
     dr.add_argument("node", nargs="?", help="limit per-peer checks to this node")
     dr.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    dr.add_argument("--local", action="store_true",
+                    help="inspect this node instead of the API: WireKube's link, rules, table 22347 and nft "
+                         "table, and whether an agent runs here (stale state when none does)")
+    dr.add_argument("--interface", default="wire_kube", help="with --local: the WireGuard interface name")
+    dr.add_argument("--agent-url", default="http://127.0.0.1:9090",
+                    help="with --local: the agent's --metrics-listen, for /healthz and /readyz")
+    dr.add_argument("--netns", default=None,
+                    help="with --local: inspect this network namespace (a name in /run/netns or a path)")
+    dr.add_argument("--socket-dir", type=Path, default=SOCKET_DIR, help=argparse.SUPPRESS)
     dr.set_defaults(func=_doctor)
 
     clean = sub.add_parser(
