@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +13,9 @@ from wirekube.agent import keys
 from wirekube.agent.netlink import decode_wg, encode_wg_set
 from wirekube.agent.wg import kernel, uapi
 from wirekube.agent.wg.base import PutPeer, RemovePeer, SetDevice, WgPeerConfig
-from wirekube.models import Endpoint
+from wirekube.agent.wg.select import describe_engine, select_engine
+from wirekube.agent.wg.userspace import UserspaceSettings
+from wirekube.models import Endpoint, Engine
 
 PRIV = keys.generate_private_key()
 PEER = base64.b64encode(bytes(range(32))).decode()
@@ -160,3 +163,71 @@ def test_kernel_engine_creates_once_and_sends_nothing_for_no_ops() -> None:
     assert nl.sent == []
     eng.apply([RemovePeer(PEER)], PRIV)
     assert len(nl.sent) == 1 and eng.get().public_key is None
+
+
+# ---- engine selection and why -------------------------------------------------------------------
+
+
+class SelectNetlink:
+    """link() answers from ``links`` ({name: kind}); creating a kernel link fails with ``create_error``."""
+
+    def __init__(self, links: dict[str, str] | None = None, create_error: str | None = None) -> None:
+        self.links = dict(links or {})
+        self.create_error = create_error
+        self.created: list[str] = []
+
+    def link(self, ifname: str) -> object:
+        from wirekube.agent.netlink import LinkInfo
+
+        kind = self.links.get(ifname)
+        return LinkInfo(3, ifname, kind, 1420, True) if kind is not None else None
+
+    def create_wireguard_link(self, ifname: str) -> None:
+        from wirekube.errors import DataplaneError
+
+        if self.create_error:
+            raise DataplaneError(self.create_error)
+        self.created.append(ifname)
+        self.links[ifname] = "wireguard"
+
+
+USERSPACE = UserspaceSettings(ifname="wire_kube")
+NO_MODULE = "modprobe: FATAL: Module wireguard not found in directory /lib/modules/6.1.0"
+
+
+def _pick(choice: Engine, nl: SelectNetlink, hint: str | None = None, requested_by: str = "spec.engine") -> str:
+    engine = select_engine(choice, nl, USERSPACE, hint=lambda: hint)  # type: ignore[arg-type]
+    return describe_engine(engine, requested_by)
+
+
+def test_engine_reasons() -> None:
+    assert _pick(Engine.USERSPACE, SelectNetlink()) == "userspace (spec.engine=userspace)"
+    assert _pick(Engine.USERSPACE, SelectNetlink(), requested_by="--engine") == "userspace (--engine=userspace)"
+    assert _pick(Engine.KERNEL, SelectNetlink()) == "kernel (spec.engine=kernel)"
+    nl = SelectNetlink()
+    assert _pick(Engine.AUTO, nl) == "kernel" and nl.created == ["wire_kube"]
+    assert _pick(Engine.AUTO, SelectNetlink({"wire_kube": "wireguard"})) == "kernel"
+    assert _pick(Engine.AUTO, SelectNetlink({"wire_kube": "tun"})) == \
+        "userspace (adopted the running wireguard-go interface wire_kube)"
+    err = "create wireguard link wire_kube: Operation not supported (errno 95)"
+    assert _pick(Engine.AUTO, SelectNetlink(create_error=err), hint=NO_MODULE) == \
+        f"userspace (no wireguard kernel module: {NO_MODULE})"
+    # The module exists (modprobe -n is happy) but the link still cannot be made: say what failed.
+    assert _pick(Engine.AUTO, SelectNetlink(create_error=err), hint=None) == \
+        f"userspace (kernel WireGuard unavailable: {err})"
+
+
+def test_module_hint_asks_modprobe_for_a_dry_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wirekube.agent.wg import select
+
+    calls = tmp_path / "calls"
+    fake = tmp_path / "modprobe"
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {calls}\necho "{NO_MODULE}" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(select, "SYS_MODULE", tmp_path / "no-such-module")
+    assert select.module_hint() == NO_MODULE
+    assert calls.read_text().split() == ["-n", "wireguard"], "a dry run only: nothing is loaded"
+    monkeypatch.setattr(select, "SYS_MODULE", tmp_path)  # "loaded": no hint, modprobe not asked
+    assert select.module_hint() is None and calls.read_text().count("\n") == 1
+    assert describe_engine(object()) == ""

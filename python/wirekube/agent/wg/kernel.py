@@ -147,6 +147,8 @@ def _allowed_from(a: Mapping[str, Any]) -> IPNetwork:
 
 class KernelEngine:
     name = "kernel"
+    reason = ""
+    """Why this engine was picked (set by :func:`wirekube.agent.wg.select.select_engine`)."""
 
     def __init__(self, ifname: str, netlink: KernelNetlink) -> None:
         self.ifname = ifname

@@ -49,6 +49,8 @@ class UserspaceSettings:
 
 class UserspaceEngine:
     name = "userspace"
+    reason = ""
+    """Why this engine was picked (set by :func:`wirekube.agent.wg.select.select_engine`)."""
 
     def __init__(self, settings: UserspaceSettings) -> None:
         self.settings = settings
