@@ -13,6 +13,7 @@ from wirekube.agent.registration import (
     ANNOTATION_AUTO_ALLOWED_IPS,
     NodeInfo,
     desired_registration,
+    first_discovered,
     new_peer_body,
     node_info_from_obj,
     update_patch,
@@ -138,3 +139,31 @@ def test_status_from_engine_view() -> None:
     assert (st.nat_type, st.endpoint_discovery_method) == (NatType.CONE, "stun")
     stale = own_status(d, wg, {}, now + 1000, prev)
     assert not stale.connected and stale.transport_mode is TransportMode.DIRECT
+
+
+STUN = (Endpoint.parse("198.51.100.7:40123"), EndpointDiscovery.STUN)
+IMDS = (Endpoint(ipaddress.IPv4Address("3.120.0.7"), 0), EndpointDiscovery.IMDS)
+NOTHING = (None, None)
+
+
+def _endpoint(node_obj: dict, *candidates: tuple) -> tuple[str, EndpointDiscovery | None]:
+    reg = desired_registration(node_info_from_obj(node_obj), MESH, KEY, None, [], first_discovered(*candidates))
+    return str(reg.spec.endpoint), reg.endpoint_method
+
+
+def test_endpoint_chain_annotation_stun_imds_external_internal() -> None:
+    annotated = {**NODE_OBJ, "metadata": {**NODE_OBJ["metadata"], "annotations": {"wirekube.io/endpoint": "192.0.2.9"}}}
+    internal_only = {**NODE_OBJ, "status": {"addresses": [{"type": "InternalIP", "address": "192.168.5.10"}]}}
+    assert _endpoint(annotated, STUN, IMDS) == ("192.0.2.9:51820", EndpointDiscovery.ANNOTATION)
+    assert _endpoint(NODE_OBJ, STUN, IMDS) == ("198.51.100.7:40123", EndpointDiscovery.STUN)
+    # IMDS gives an address only: published with the mesh listen port.
+    assert _endpoint(NODE_OBJ, NOTHING, IMDS) == ("3.120.0.7:51820", EndpointDiscovery.IMDS)
+    assert _endpoint(NODE_OBJ, NOTHING, NOTHING) == ("203.0.113.5:51820", EndpointDiscovery.EXTERNAL_IP)
+    assert _endpoint(internal_only, NOTHING, NOTHING) == ("192.168.5.10:51820", EndpointDiscovery.INTERNAL_IP)
+
+
+def test_a_loopback_discovery_is_skipped_for_the_next_in_the_chain() -> None:
+    loopback = (Endpoint.parse("127.0.0.1:40000"), EndpointDiscovery.STUN)
+    assert first_discovered(loopback, IMDS) == IMDS
+    assert first_discovered(loopback, NOTHING) == NOTHING
+    assert _endpoint(NODE_OBJ, loopback, NOTHING) == ("203.0.113.5:51820", EndpointDiscovery.EXTERNAL_IP)

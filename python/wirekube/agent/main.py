@@ -2,10 +2,14 @@
 
     wirekube-agent --node-name NODE [--kubeconfig PATH | --peers-file PATH] [--state-dir DIR]
                    [--engine auto|kernel|userspace] [--log-format text|json] [--once [--dry-run]]
+                   [--imds-url URL | --no-imds]
 
 SIGTERM/SIGINT stop the loop and leave the dataplane in place (the interface, wireguard-go,
 routes and rules keep carrying traffic); a new agent adopts them without a blackout.
 ``--once`` runs a single reconcile and prints the operations as JSON (``--dry-run``: plan only).
+It runs no NAT traversal, so it plans what the running loop would keep: the traversal keepalive
+on every peer (1 s unless relay.mode is never), relayed peers left on the relay proxy they use,
+LAN endpoints left in place, and the endpoint STUN published carried over (:func:`once_paths`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from urllib.parse import urlparse
@@ -27,16 +32,31 @@ from urllib.parse import urlparse
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from loguru import logger
 
+from wirekube.agent import imds as imdsmod
 from wirekube.agent import keys as keystore
 from wirekube.agent.gateway import GatewayAgent
 from wirekube.agent.netlink import Netlink
-from wirekube.agent.plan import HANDSHAKE_FRESH_SECONDS
+from wirekube.agent.plan import HANDSHAKE_FRESH_SECONDS, PeerPath
 from wirekube.agent.reconcile import Reconciler, ReconcilerSettings, Result, describe
-from wirekube.agent.traversal import Traversal
+from wirekube.agent.registration import first_discovered
+from wirekube.agent.traversal import DIRECT_KEEPALIVE, RELAY_KEEPALIVE, Traversal
+from wirekube.agent.wg.base import WgDeviceState
+from wirekube.agent.wg.select import describe_engine
 from wirekube.agent.wg.userspace import SOCKET_DIR
 from wirekube.errors import WireKubeError
 from wirekube.metrics import AgentMetrics, AgentSnapshot, PeerSample, serve
-from wirekube.models import Engine, IPAddress, PeerStatus, Transport, key_fingerprint
+from wirekube.models import (
+    Endpoint,
+    EndpointDiscovery,
+    Engine,
+    IPAddress,
+    Mesh,
+    Peer,
+    PeerStatus,
+    RelayMode,
+    Transport,
+    key_fingerprint,
+)
 
 
 @dataclass(frozen=True)
@@ -65,6 +85,8 @@ class AgentSettings:
     """host:port (or :port) for /metrics, /healthz, /readyz; empty = off."""
     traversal: bool = True
     """STUN, NAT type, relay fallback and failover (API-server source only)."""
+    imds_url: str = imdsmod.DEFAULT_URL
+    """AWS instance metadata base URL (endpoint discovery); empty = IMDS discovery off."""
 
 
 def parse_args(argv: list[str] | None = None) -> AgentSettings:
@@ -88,6 +110,11 @@ def parse_args(argv: list[str] | None = None) -> AgentSettings:
                    help="host:port or :port for /metrics, /healthz and /readyz (default off)")
     p.add_argument("--no-traversal", action="store_true",
                    help="no STUN/relay/failover: every peer direct at its published endpoint")
+    p.add_argument("--imds-url", default=os.environ.get(imdsmod.ENV_URL) or imdsmod.DEFAULT_URL,
+                   help=f"AWS IMDSv2 base URL for the public IPv4 (env {imdsmod.ENV_URL})")
+    p.add_argument("--no-imds", action="store_true",
+                   default=imdsmod.switched_off(os.environ.get(imdsmod.ENV_SWITCH)),
+                   help=f"no AWS IMDS endpoint discovery (env {imdsmod.ENV_SWITCH}=off)")
     a = p.parse_args(argv)
     if not a.node_name:
         p.error("--node-name (or NODE_NAME) is required")
@@ -108,6 +135,7 @@ def parse_args(argv: list[str] | None = None) -> AgentSettings:
         dry_run=a.dry_run,
         metrics_listen=a.metrics_listen,
         traversal=not a.no_traversal,
+        imds_url="" if a.no_imds else a.imds_url,
     )
 
 
@@ -162,8 +190,16 @@ def run(settings: AgentSettings) -> int:
             on_transition=lambda peer, old, new, reason: _transport_event(source, settings.node_name, peer, old,
                                                                           new, reason, metrics),
         )
+    imds = _imds(settings, wake)
     ready = threading.Event()
-    source, api_ips = _make_source(settings, wake, traversal)
+    source, api_ips = _make_source(settings, wake, traversal, imds)
+    paths: Callable[[], Mapping[str, PeerPath]] = dict
+    if traversal is not None:
+        paths = traversal.paths
+    elif settings.once and settings.traversal and settings.peers_file is None:
+        # --once runs no traversal: plan what the running loop keeps (see once_paths).
+        paths = lambda: _once_paths_now(reconciler, source, settings.node_name)  # noqa: E731
+    requested_by = "spec.engine" if settings.engine is Engine.AUTO else "--engine"
     reconciler = Reconciler(
         ReconcilerSettings(
             node_name=settings.node_name,
@@ -177,10 +213,10 @@ def run(settings: AgentSettings) -> int:
         keys,
         source,
         netlink,
-        paths=traversal.paths if traversal else dict,
+        paths=paths,
         on_snapshot=(lambda snap, facts: traversal.update_view(
             snap.mesh, snap.peers, tuple(str(a) for a in facts.addresses))) if traversal else None,
-        decorate_status=lambda status: _decorate(status, traversal, reconciler, metrics, ready),
+        decorate_status=lambda status: _decorate(status, traversal, reconciler, metrics, ready, requested_by),
     )
     server = None
     if settings.metrics_listen:
@@ -188,9 +224,13 @@ def run(settings: AgentSettings) -> int:
         server = serve(host or "0.0.0.0", int(port), metrics.registry, ready.is_set)
     if traversal is not None:
         traversal.start()
+    if imds is not None and not settings.once:
+        imds.start()
     gateway_agent = _gateway_agent(settings, source, metrics_resync=settings.resync_seconds)
     try:
         if settings.once:
+            if imds is not None and not settings.dry_run:
+                imds.refresh_if_due()  # one lookup, before registering (a one-shot may wait ~1 s)
             return _once(reconciler, source, settings.dry_run)
         _install_signal_handlers(stop)
         logger.info("agent started (engine {}, resync {}s)", settings.engine.value, settings.resync_seconds)
@@ -202,6 +242,8 @@ def run(settings: AgentSettings) -> int:
             gateway_agent.stop()
         if traversal is not None:
             traversal.stop()
+        if imds is not None:
+            imds.stop()
         if server is not None:
             server.shutdown()
         reconciler.close()
@@ -247,11 +289,15 @@ def _decorate(
     reconciler: Reconciler | None,
     metrics: AgentMetrics,
     ready: threading.Event,
+    requested_by: str = "spec.engine",
 ) -> PeerStatus:
-    """Add traversal's view to the published status and refresh the metrics snapshot."""
+    """Add traversal's view and the engine (and why) to the published status, and refresh the
+    metrics snapshot."""
     if traversal is not None:
         status = traversal.decorate(status)
     engine = reconciler.engine if reconciler else None
+    if engine is not None:
+        status = replace(status, engine=describe_engine(engine, requested_by))
     wg = engine.get() if engine is not None else None
     names = {}
     source = reconciler.source if reconciler else None
@@ -282,7 +328,15 @@ def _decorate(
     return status
 
 
-def _make_source(settings: AgentSettings, wake: object, traversal: Traversal | None = None) -> tuple[object, tuple[IPAddress, ...]]:
+def _imds(settings: AgentSettings, wake: Callable[[], object]) -> imdsmod.ImdsDiscovery | None:
+    """AWS IMDSv2 discovery of the public IPv4 (API-server source only, unless turned off)."""
+    if settings.peers_file is not None or not settings.imds_url:
+        return None
+    return imdsmod.ImdsDiscovery(settings.imds_url, on_change=lambda: wake())
+
+
+def _make_source(settings: AgentSettings, wake: object, traversal: Traversal | None = None,
+                 imds: imdsmod.ImdsDiscovery | None = None) -> tuple[object, tuple[IPAddress, ...]]:
     from wirekube.agent.source import FileSource, KubeSource
 
     if settings.peers_file is not None:
@@ -293,10 +347,93 @@ def _make_source(settings: AgentSettings, wake: object, traversal: Traversal | N
         kube = k8s.Kube.auto(None, host_override=settings.api_server)
     else:
         kube = k8s.Kube.auto(settings.kubeconfig)
-    discovered = (lambda: (traversal.discovery().endpoint, traversal.discovery().method)) if traversal else (
-        lambda: (None, None))
+
+    def stun() -> tuple[Endpoint | None, EndpointDiscovery | None]:
+        if traversal is not None:
+            d = traversal.discovery()
+            return d.endpoint, d.method
+        if settings.once and settings.traversal:
+            return carried_stun_endpoint(source.snapshot(), settings.node_name)
+        return None, None
+
+    def discovered() -> tuple[Endpoint | None, EndpointDiscovery | None]:
+        """annotation (in registration) > STUN > IMDS > ExternalIP > InternalIP (in registration)."""
+        return first_discovered(stun(), imds.current() if imds is not None else (None, None))
+
     source = KubeSource(kube, settings.node_name, on_change=wake, discovered=discovered).start()  # type: ignore[arg-type]
     return source, resolve_host(kube.host)
+
+
+def carried_stun_endpoint(snap: object, node_name: str) -> tuple[Endpoint | None, EndpointDiscovery | None]:
+    """--once: the endpoint the running loop found with STUN, as published (so a one-shot does not
+    replace a NAT mapping with the node's InternalIP)."""
+    peers = getattr(snap, "peers", ()) or ()
+    own = next((p for p in peers if p.name == node_name), None)
+    if own is None or own.spec.endpoint is None or own.status.endpoint_discovery_method != EndpointDiscovery.STUN.value:
+        return None, None
+    return own.spec.endpoint, EndpointDiscovery.STUN
+
+
+def once_paths(mesh: Mesh, peers: Sequence[Peer], node_name: str, wg: WgDeviceState,
+               proxy_alive: Callable[[Endpoint], bool]) -> dict[str, PeerPath]:
+    """What the running loop (traversal) would keep for each peer, without running traversal.
+
+    * relay.mode never: no override (the peer's own keepalive), as traversal does;
+    * a peer whose WireGuard endpoint is a live loopback relay proxy (``proxy_alive``: a running
+      agent holds that UDP port): left on that proxy with the relay keepalive.  The device, not
+      the published status, decides: the status may lag a failover by one pass;
+    * a direct peer currently at one of its LAN endpoints (status.hostEndpoints): left there;
+    * every other peer: direct at its published endpoint, with the direct keepalive (1 s).
+
+    A loopback endpoint nobody listens on (the agent is gone) cannot be kept (the proxy lives in
+    the agent): that peer is planned direct.
+    """
+    out: dict[str, PeerPath] = {}
+    never = mesh.spec.relay.mode is RelayMode.NEVER
+    for peer in peers:
+        if peer.name == node_name:
+            continue
+        state = wg.peers.get(peer.spec.public_key)
+        current = state.config.endpoint if state is not None else None
+        if not never and current is not None and current.ip.is_loopback and proxy_alive(current):
+            out[peer.name] = PeerPath(current, RELAY_KEEPALIVE, Transport.RELAY)
+            continue
+        lan = current if current is not None and str(current) in peer.status.host_endpoints else None
+        out[peer.name] = PeerPath(lan, None if never else DIRECT_KEEPALIVE, Transport.DIRECT)
+    return out
+
+
+def _once_paths_now(reconciler: Reconciler | None, source: object, node_name: str) -> dict[str, PeerPath]:
+    snap = source.snapshot() if hasattr(source, "snapshot") else None  # type: ignore[attr-defined]
+    if reconciler is None or snap is None:
+        return {}
+    wg = WgDeviceState()
+    if reconciler.engine is not None:
+        try:
+            wg = reconciler.engine.get()
+        except WireKubeError:  # no device yet (a dry run on a fresh node)
+            wg = WgDeviceState()
+    ports = loopback_udp_ports()
+    return once_paths(snap.mesh, snap.peers, node_name, wg, lambda ep: ep.port in ports)
+
+
+def loopback_udp_ports(proc_net: Path = Path("/proc/net")) -> set[int]:
+    """UDP ports bound on a loopback (or wildcard) address in this network namespace: the relay
+    proxies of a running agent (read from /proc/net/udp{,6}; nothing is bound or sent)."""
+    ports: set[int] = set()
+    for name, loopback in (("udp", ("0100007F", "00000000")), ("udp6", ("00000000000000000000000001000000",
+                                                                         "00000000000000000000000000000000"))):
+        try:
+            lines = (proc_net / name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 1 and ":" in fields[1]:
+                address, _, port = fields[1].rpartition(":")
+                if address in loopback:
+                    ports.add(int(port, 16))
+    return ports
 
 
 def _once(reconciler: Reconciler, source: object, dry_run: bool) -> int:

@@ -3,8 +3,9 @@
 - name = node name, label ``wirekube.io/node``, ownerReference to the Node (garbage collection);
 - spec.publicKey = this node's key;
 - spec.endpoint = annotation ``wirekube.io/endpoint`` (``ip`` or ``ip:port``), else what endpoint
-  discovery found (STUN from the WireGuard port), else the node's ExternalIP, else its
-  InternalIP, with the mesh listen port;
+  discovery found (STUN from the WireGuard port, else the AWS IMDSv2 public IPv4: see
+  :func:`first_discovered` and :mod:`wirekube.agent.imds`), else the node's ExternalIP, else its
+  InternalIP, with the mesh listen port (also for a discovered address without a port);
 - spec.allowedIPs = [mesh /32] (+ the private InternalIP when
   ``autoAllowedIPs.includeNodeInternalIP``; annotation ``wirekube.io/internal-ip`` overrides),
   followed by every entry a user added.  The entries the agent added itself are remembered in
@@ -165,12 +166,27 @@ def _endpoint(
             return _parse_endpoint(text, port), EndpointDiscovery.ANNOTATION
         except ValueError as e:
             problems.append(f"annotation {ANNOTATION_ENDPOINT}={text!r}: {e}")
-    if discovered[0] is not None and not discovered[0].ip.is_loopback:
-        return discovered
+    found, how = first_discovered(discovered)
+    if found is not None:
+        return (Endpoint(found.ip, port) if found.port == 0 else found), how
     if node.external_ips:
         return Endpoint(node.external_ips[0], port), EndpointDiscovery.EXTERNAL_IP
     if node.internal_ips:
         return Endpoint(node.internal_ips[0], port), EndpointDiscovery.INTERNAL_IP
+    return None, None
+
+
+def first_discovered(
+    *candidates: tuple[Endpoint | None, EndpointDiscovery | None],
+) -> tuple[Endpoint | None, EndpointDiscovery | None]:
+    """The first usable discovery result, in the order given (the agent passes STUN, then IMDS).
+
+    Unusable: no endpoint, or a loopback one.  Port 0 means "address only" (IMDS): the caller
+    publishes it with the mesh listen port.
+    """
+    for endpoint, method in candidates:
+        if endpoint is not None and not endpoint.ip.is_loopback:
+            return endpoint, method
     return None, None
 
 
