@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -25,7 +26,7 @@ import pytest
 
 from tests.fixtures.wait import wait_for
 from wirekube import k8s
-from wirekube.lab import orchestrate
+from wirekube.lab import orchestrate, procs
 from wirekube.lab.net import Lab
 from wirekube.lab.topology import default_topology
 
@@ -200,3 +201,83 @@ def test_agent_metrics_show_per_peer_transport_and_handshakes(lab: Any) -> None:
     assert re.search(r'wirekube_peer_transport_mode\{mode="direct",node="prc-1",peer="ec2-a"\} 1\.0', text)
     assert re.search(r'wirekube_peer_last_handshake_seconds\{node="prc-1",peer="ec2-a"\} [1-9]', text)
     assert 'wirekube_node_nat_type{node="prc-1",type="port-restricted-cone"} 1.0' in text
+
+
+def test_agents_publish_their_engine_and_why(lab: Any) -> None:
+    lab_, kube, _ = lab
+    engines = {p["metadata"]["name"]: (p.get("status") or {}).get("engine") for p in kube.list(k8s.PEERS)[0]}
+    # The lab's WireKubeMesh asks for wireguard-go (spec.engine userspace): every agent says so.
+    assert engines == {n: "userspace (spec.engine=userspace)" for n in lab_.nodes}, engines
+
+
+def test_once_dry_run_on_a_converged_node_changes_nothing(lab: Any) -> None:
+    """--once runs no traversal, but plans what the running loop keeps (1 s keepalives, relayed
+    peers on their proxies, LAN endpoints): against prc-1 (direct, relayed and LAN peers) that is
+    no operation at all."""
+    lab_, kube, name = lab
+    node = "prc-1"
+    transports = set(kube.get(k8s.PEERS, node)["status"]["peerTransports"].values())
+    assert transports == {"direct", "relay"}, transports
+    # The node's own agent command line, minus its metrics port (the running agent holds it).
+    argv = [a for a in orchestrate.agent_argv(lab_handle(name), node) if not a.startswith("--metrics-listen")]
+    argv += ["--once", "--dry-run", "--log-level=WARNING"]
+    done = lab_.exec(node, argv, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["synced"] is True and result["ops"] == 0, result
+
+
+def lab_handle(name: str) -> orchestrate.LabHandle:
+    _, kube, h = orchestrate.attach(name)
+    kube.close()
+    return h
+
+
+def _agent_record(name: str, node: str) -> procs.ProcessRecord:
+    """The agent of ``node`` as the lab recorded it (PID + start time) in its state file."""
+    state = json.loads(Path(f"/run/wirekube-lab/{name}/state.json").read_text())
+    records = [procs.ProcessRecord.from_json(r) for r in state["processes"]]
+    mine = [r for r in records if r.role == "spawn" and r.target == node
+            and any(Path(a).name == "wirekube-agent" for a in r.argv) and procs.is_alive(r)]
+    assert len(mine) == 1, mine
+    return mine[0]
+
+
+def _doctor_local(lab_: Lab, node: str) -> tuple[int, list[dict[str, Any]]]:
+    done = lab_.exec(node, [sys.executable, "-m", "wirekube.cli.wirekubectl", "doctor", "--local", "-o", "json"],
+                     timeout=60)
+    assert done.stdout, done.stderr[-2000:]
+    return done.returncode, json.loads(done.stdout)
+
+
+def test_doctor_local_flags_a_killed_agents_state_until_it_is_back(lab: Any) -> None:
+    lab_, kube, name = lab
+    node = "ec2-b"
+    code, findings = _doctor_local(lab_, node)
+    assert code == 0 and {f["verdict"] for f in findings} == {"ok"}, findings
+    record = _agent_record(name, node)
+    cmdline = Path(f"/proc/{record.pid}/cmdline").read_bytes().split(b"\0")
+    assert f"--node-name={node}".encode() in cmdline, cmdline  # the recorded PID is that node's agent
+
+    os.kill(record.pid, signal.SIGKILL)  # by the PID the lab recorded, nothing else
+    wait_for(lambda: not procs.is_alive(record), 10, f"{node}'s agent to die")
+    lab_.stop(record.pid)  # already dead: only drops the record from the lab's state
+    try:
+        code, findings = _doctor_local(lab_, node)
+        assert code == 1, findings
+        stale = {f["subject"]: f for f in findings if f["check"] == "stale-state"}
+        assert set(stale) == {"link wire_kube", "ip rules", "table 22347"}, findings  # no gateway: no nft table
+        assert all(f["verdict"] == "fail" and "wirekubectl cleanup" in f["fix"] for f in stale.values())
+        assert "wireguard-go link wire_kube" in stale["link wire_kube"]["detail"]
+        assert "daemon pid" in stale["link wire_kube"]["detail"]  # wireguard-go outlives the agent
+        assert [f["verdict"] for f in findings if f["check"] == "agent-running"] == ["fail"]
+    finally:
+        orchestrate.start_agent(lab_, lab_handle(name), node)
+
+    def clean() -> bool:
+        code, findings = _doctor_local(lab_, node)
+        return code == 0 and {f["verdict"] for f in findings} == {"ok"}
+
+    wait_for(clean, 60, f"doctor --local clean on {node} after the agent restarted", interval=0.5)
+    # Back in the mesh: every pair that can work passes traffic over the predicted transport again.
+    assert orchestrate.wait_converged(lab_, kube, timeout=120), "the mesh did not re-converge"
