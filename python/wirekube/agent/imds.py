@@ -153,7 +153,7 @@ class ImdsDiscovery:
         self,
         base_url: str = DEFAULT_URL,
         timeout: float = DEFAULT_TIMEOUT,
-        on_change: Callable[[], None] | None = None,
+        on_change: Callable[[], object] | None = None,
         policy: CachePolicy = CachePolicy(),
         clock: Callable[[], float] = time.monotonic,
         lookup: Callable[[str, float], ImdsAnswer] = public_ipv4,

@@ -404,7 +404,8 @@ def once_paths(mesh: Mesh, peers: Sequence[Peer], node_name: str, wg: WgDeviceSt
 
 
 def _once_paths_now(reconciler: Reconciler | None, source: object, node_name: str) -> dict[str, PeerPath]:
-    snap = source.snapshot() if hasattr(source, "snapshot") else None  # type: ignore[attr-defined]
+    snapshot = getattr(source, "snapshot", None)
+    snap = snapshot() if snapshot is not None else None
     if reconciler is None or snap is None:
         return {}
     wg = WgDeviceState()
