@@ -355,6 +355,7 @@ class Kube:
         namespace: str | None = None,
         *,
         label_selector: str | None = None,
+        field_selector: str | None = None,
         timeout_seconds: int = 300,
         on_open: Callable[[Any], None] | None = None,
     ) -> Iterator[WatchEvent]:
@@ -374,6 +375,7 @@ class Kube:
                     "allowWatchBookmarks": "true",
                     "timeoutSeconds": timeout_seconds,
                     "labelSelector": label_selector,
+                    "fieldSelector": field_selector,
                 },
                 timeout=(10.0, timeout_seconds + 30.0),
             ).response
@@ -465,6 +467,7 @@ class Informer:
         *,
         namespace: str | None = None,
         label_selector: str | None = None,
+        field_selector: str | None = None,
         watch_timeout_seconds: int = 300,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
@@ -474,6 +477,7 @@ class Informer:
         self._on_event = on_event
         self._namespace = namespace
         self._selector = label_selector
+        self._field_selector = field_selector
         self._watch_timeout = watch_timeout_seconds
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
@@ -540,7 +544,8 @@ class Informer:
             logger.exception("informer {} handler failed on {}", self.resource.plural, etype)
 
     def _relist(self) -> None:
-        items, rv = self._kube.list(self.resource, self._namespace, label_selector=self._selector)
+        items, rv = self._kube.list(self.resource, self._namespace, label_selector=self._selector,
+                                    field_selector=self._field_selector)
         fresh = {self._key(o): o for o in items}
         with self._lock:
             old = self._cache
@@ -587,6 +592,7 @@ class Informer:
                     self._rv,
                     self._namespace,
                     label_selector=self._selector,
+                    field_selector=self._field_selector,
                     timeout_seconds=self._watch_timeout,
                     on_open=self._opened,
                 ):

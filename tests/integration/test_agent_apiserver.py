@@ -87,6 +87,30 @@ def test_registration_creates_and_keeps_own_peer(kube: k8s.Kube, unique: str) ->
         src.stop()
 
 
+def test_own_node_is_watched_and_an_annotation_change_reaches_registration(kube: k8s.Kube, unique: str) -> None:
+    name = f"node-{unique}"
+    make_node(kube, name, "192.168.50.9")
+    make_node(kube, f"other-{unique}", "192.168.50.10")
+    woke: list[int] = []
+    src = KubeSource(kube, name, on_change=lambda: woke.append(1)).start()
+    try:
+        wait_for(lambda: src.node.wait_synced(0) and name in src.node.cache, 30, "own Node in the watch cache")
+        assert list(src.node.cache) == [name]  # only this node: the field selector holds
+        wait_for(lambda: src.snapshot() is not None, 30, "mesh in the informer cache")
+        key = public_key()
+        src.register(key)
+        assert kube.get(k8s.PEERS, name)["spec"]["endpoint"] == "192.168.50.9:51820"
+        before = len(woke)
+        kube.patch_merge(k8s.NODES, name, {"metadata": {"annotations": {"wirekube.io/endpoint": "203.0.113.9:51820"}}})
+        wait_for(lambda: (src.node.cache.get(name, {}).get("metadata", {}).get("annotations") or {})
+                 .get("wirekube.io/endpoint"), 30, "annotation in the watch cache")
+        assert len(woke) > before  # the agent's loop is woken by its Node changing
+        src.register(key)
+        assert kube.get(k8s.PEERS, name)["spec"]["endpoint"] == "203.0.113.9:51820"
+    finally:
+        src.stop()
+
+
 def test_mesh_ip_moves_off_an_address_an_older_peer_holds(kube: k8s.Kube, unique: str) -> None:
     name = f"late-{unique}"
     make_node(kube, name, "192.168.50.8")

@@ -153,6 +153,9 @@ class KubeSource:
         self.peers = k8s.Informer(kube, k8s.PEERS, on_event=self._event)
         self.meshes = k8s.Informer(kube, k8s.MESHES, on_event=self._event)
         self.gateways = k8s.Informer(kube, k8s.GATEWAYS, on_event=self._gateway_event)
+        # This node's own Node object (annotations, addresses): registration reads it every pass,
+        # so it is watched rather than fetched (one GET per event pass at 1,000 peers adds up).
+        self.node = k8s.Informer(kube, k8s.NODES, on_event=self._event, field_selector=f"metadata.name={node_name}")
         self.on_gateway_change: Callable[[], None] = lambda: None
         """Also told when a WireKubeGateway changes (the gateway agent's wake-up)."""
         self._reported: dict[str, str] = {}
@@ -165,11 +168,12 @@ class KubeSource:
         self.peers.start()
         self.meshes.start()
         self.gateways.start()
+        self.node.start()
         return self
 
     def stop(self) -> None:
         # Side by side: each informer may take a while to leave a blocked watch.
-        stoppers = [threading.Thread(target=i.stop, daemon=True) for i in (self.peers, self.meshes, self.gateways)]
+        stoppers = [threading.Thread(target=i.stop, daemon=True) for i in (self.peers, self.meshes, self.gateways, self.node)]
         for t in stoppers:
             t.start()
         for t in stoppers:
@@ -215,7 +219,11 @@ class KubeSource:
         if snap is None:
             return
         try:
-            node = node_info_from_obj(self.kube.get(self._k8s.NODES, self.node_name))
+            if self.node.wait_synced(0):
+                obj = self.node.cache.get(self.node_name)
+                node = node_info_from_obj(obj) if obj is not None else NodeInfo(self.node_name)
+            else:
+                node = node_info_from_obj(self.kube.get(self._k8s.NODES, self.node_name))
         except NotFound:
             node = NodeInfo(self.node_name)
         except ApiError as e:
