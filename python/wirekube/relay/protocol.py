@@ -28,8 +28,8 @@ hands out a :class:`DataRun`, all the consecutive Data frames for one key that a
 buffered, as a view of the receive buffer (no copy), optionally with the key already rewritten.
 Per frame that costs one ``startswith`` (header and key compared at once) and, when rewriting, one
 slice assignment.  The receive buffer is a series of fixed-size chunks that are never resized or
-reused, so a view stays valid for as long as it is held, and a socket can read straight into
-the decoder (:meth:`FrameDecoder.get_buffer` / :meth:`FrameDecoder.buffer_updated`).
+reused while anyone holds a view of them, so a view stays valid for as long as it is held, and a
+socket can read straight into the decoder (:meth:`FrameDecoder.get_buffer` / :meth:`FrameDecoder.buffer_updated`).
 
 Nothing here does I/O or reads the clock.
 """
@@ -40,6 +40,8 @@ import enum
 import functools
 import ipaddress
 import struct
+from collections import deque
+from itertools import repeat
 from typing import Final, NamedTuple
 
 LENGTH_PREFIX_LEN: Final = 4
@@ -56,6 +58,12 @@ MIN_DATA_BODY_LEN: Final = KEY_LEN + 1  # a Data frame carries a non-empty datag
 
 _HEADER = struct.Struct(">IB")
 _LENGTH = struct.Struct(">I")
+DATA_HEADER: Final = struct.Struct(">IB32s")
+"""What precedes the datagram in a Data frame: ``DATA_HEADER.pack_into(buf, offset, 1 + KEY_LEN +
+len(datagram), FrameType.DATA, key)`` frames a datagram already placed at ``offset + DATA_PREFIX_LEN``."""
+DATA_PREFIX_LEN: Final = 4 + 1 + 32
+MAX_DATAGRAM: Final = 65536 - 1 - 32
+"""The largest datagram a Data frame carries (L is at most 65536)."""
 _KEY = struct.Struct("32s")
 _NAT_PROBE = struct.Struct(">4sH")
 
@@ -146,6 +154,12 @@ BLOCK_FRAMES: Final = 64
 BLOCK_MAX_FRAME: Final = 512
 """Frames up to this size take the block path; beyond it copying payloads costs more than the
 per-frame loop saves."""
+
+
+@functools.lru_cache(maxsize=64)
+def _check_struct(size: int) -> struct.Struct:
+    """BLOCK_FRAMES frames of ``size`` bytes: their 37-byte prefixes, payloads skipped (not copied)."""
+    return struct.Struct(f"{HEADER_LEN + KEY_LEN}s{size - HEADER_LEN - KEY_LEN}x" * BLOCK_FRAMES)
 
 
 @functools.lru_cache(maxsize=64)
@@ -307,8 +321,9 @@ class FrameDecoder:
     ``min_chunk``) while they use a sliver of it, so a busy connection reads 256 KiB at a time and
     a quiet one holds 16 KiB.  A chunk is larger only to fit a frame that straddles chunks (at
     most :data:`MAX_FRAME_LENGTH` + 4).  A new chunk starts when the current one has less than a
-    quarter of the target size left, taking over the unfinished frame; chunks are never resized or
-    reused, so old ones live on only while someone holds a view of them.
+    quarter of the target size left, taking over the unfinished frame.  A chunk is never resized, and
+    it is filled again from the start only when no view of it is held any more (otherwise a fresh
+    one is allocated, and the old one lives on only while someone holds a view of it).
     """
 
     __slots__ = (
@@ -382,11 +397,34 @@ class FrameDecoder:
         if pending >= LENGTH_PREFIX_LEN:  # room for the whole unfinished frame, copied only once
             (length,) = _LENGTH.unpack_from(self._buf, self._off)
             size = max(size, LENGTH_PREFIX_LEN + min(length, MAX_FRAME_LENGTH) + want)
+        old = self._buf
+        if size <= len(old) <= 2 * size:
+            tail = bytes(self._view[self._off : self._end])
+            if self._unshared():
+                old[:pending] = tail
+                self._view = memoryview(old)
+                self._off, self._end = 0, pending
+                return
         chunk = bytearray(size)
         chunk[:pending] = self._view[self._off : self._end]
         self._buf = chunk
         self._view = memoryview(chunk)
         self._off, self._end = 0, pending
+
+    def _unshared(self) -> bool:
+        """Whether nobody else holds a view of the current chunk, so it can be filled again from
+        the start (saving the allocation and zeroing of a new one).  Releases our own view; a
+        bytearray refuses to change size while any view of it exists, so shrinking it by one
+        byte and growing it back (within its allocation: no copy) tells."""
+        buf = self._buf
+        self._view.release()
+        try:
+            last = buf.pop()
+        except BufferError:
+            self._view = memoryview(buf)  # still shared: the caller takes a new chunk
+            return False
+        buf.append(last)
+        return True
 
     def next_frame(self) -> Frame | NeedData:
         """The next complete frame, one at a time, whatever its type (the body is a copy)."""
@@ -459,9 +497,14 @@ class FrameDecoder:
         checked); return where the run ends and how many frames it holds.
 
         Anything else (another type or key, a bad length, a partial frame) ends the run; the next
-        call deals with it.  The inner loop is the relay's per-frame cost: frames of the same
-        length and key share their first 37 bytes, so one ``startswith`` checks length, type and
-        key together.
+        call deals with it.  This is the relay's per-frame cost: frames of the same length and
+        key share their first 37 bytes, so comparing those checks length, type and key at once,
+        for :data:`BLOCK_FRAMES` frames per ``struct`` call where that many are buffered, else one
+        ``startswith`` per frame.  If every prefix in a block equals the first, each of those
+        frames really has that length, so the framing assumed is the framing there is (only
+        prefixes at the computed offsets are compared: nothing in a payload can fake it).  The
+        key is then rewritten at the known offsets, by ``map`` for longer runs (no Python-level
+        loop).
         """
         buf, view, limit = self._buf, self._view, self._end
         startswith = buf.startswith
@@ -485,19 +528,28 @@ class FrameDecoder:
             ):
                 break
             prefix = bytes(view[off : off + key_end])
-            # then every following frame of the same length and key: one comparison each
-            start, last = off, limit - size
-            if rewrite is None:
+            # then every following frame of the same length and key: first BLOCK_FRAMES at a
+            # time (one struct call returns their 37-byte prefixes, skipping the payloads), then
+            # one comparison each
+            start = off
+            step = BLOCK_FRAMES * size
+            if limit - off >= step:
+                check = _check_struct(size).unpack_from
+                while off <= limit - step and check(buf, off).count(prefix) == BLOCK_FRAMES:
+                    off += step
+            last = limit - size
+            if off == start:
+                off += size  # the first frame is checked already
+            while off <= last and startswith(prefix, off):
                 off += size
-                while off <= last and startswith(prefix, off):
-                    off += size
-            else:
-                put_key(view, off + key_at, rewrite)
-                off += size
-                while off <= last and startswith(prefix, off):
-                    put_key(view, off + key_at, rewrite)
-                    off += size
-            count += (off - start) // size
+            frames = (off - start) // size
+            count += frames
+            if rewrite is not None:
+                if frames < 8:
+                    for at in range(start + key_at, off, size):
+                        put_key(view, at, rewrite)
+                else:  # the loop in C: map() calls pack_into for each offset
+                    deque(map(put_key, repeat(view), range(start + key_at, off, size), repeat(rewrite)), 0)
         return off, count
 
     def _peek_header(self) -> tuple[int, int] | NeedData:
