@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-limit-bytes", type=int, default=512 * 1024, metavar="BYTES",
                    help="cap on bytes waiting for one client; beyond it that client's packets are dropped "
                         "(default 524288)")
+    p.add_argument("--backpressure-hold", type=float, default=0.02, metavar="SECONDS",
+                   help="longest a client whose packets all go to congested peers is left unread, so TCP slows "
+                        "it instead of the relay dropping what it sends (default 0.02; 0 never holds)")
     p.add_argument("--max-connections", type=int, default=10_000, help="connections beyond this are refused")
     p.add_argument("--log-format", choices=("json", "text"), default="json", help="json (default) or text")
     p.add_argument("--log-level", default="INFO", help="loguru level (default INFO)")
@@ -111,6 +114,7 @@ def settings_from_args(args: argparse.Namespace) -> CliSettings:
             handshake_timeout=args.handshake_timeout,
             idle_timeout=args.idle_timeout,
             queue_limit_bytes=args.queue_limit_bytes,
+            backpressure_hold=args.backpressure_hold,
             max_connections=args.max_connections,
         ),
         metrics_host=args.metrics_listen[0],

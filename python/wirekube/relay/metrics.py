@@ -51,6 +51,8 @@ class RelayCollector(Collector):
         yield _labelled("nat_probes", "NATProbe requests by result.", "result", stats.nat_probes)
         yield _counter("relay_probes", "RelayProbe frames echoed.", stats.relay_probes)
         yield _counter("keepalives", "Keepalive frames received.", stats.keepalives)
+        yield _counter("backpressure_holds", "Reads after which a sender feeding only congested peers was held.",
+                       stats.backpressure_holds)
         yield _labelled("stun_requests", "STUN datagrams by result.", "result", stats.stun)
         yield GaugeMetricFamily(
             PREFIX + "queue_bytes", "Bytes waiting to be written to clients.", value=self._relay.queued_bytes()

@@ -12,6 +12,15 @@ destination has a byte budget (``queue_limit_bytes`` minus what its transport al
 frames beyond it are dropped and counted, so a reader that stalls loses its own packets and costs
 the relay no more than the limit (plus, at most, one receive chunk held by a partly written
 view).  Counters are plain integers read by the metrics collector at scrape time.
+
+Pushback: a read whose frames all went to destinations that are congested (more than half
+their budget waiting in user space, so their sockets are full too) holds the sender: its socket
+is not read again until one of those destinations drains (below an eighth of the budget) or
+``backpressure_hold`` seconds pass, whichever comes first.  A sender that only feeds congested
+peers is then slowed down by TCP instead of having the relay read, scan and drop what it sends;
+a sender with traffic for any uncongested peer is never held, and a held one is read again
+within ``backpressure_hold`` whatever happens, so a stalled peer delays a sender's other traffic
+by at most that long.  Frames that still exceed a budget are dropped as before.
 """
 
 from __future__ import annotations
@@ -81,6 +90,8 @@ class RelaySettings:
     """Which NAT probe targets are refused; tests may inject a looser one, production never."""
     close_grace: float = 2.0
     """How long a connection closed with an Error may take to drain before it is aborted."""
+    backpressure_hold: float = 0.02
+    """Longest a sender feeding only congested destinations is left unread (0: never held)."""
 
 
 @dataclass
@@ -98,6 +109,8 @@ class RelayStats:
     nat_probes: Counter[str] = field(default_factory=Counter)
     relay_probes: int = 0
     keepalives: int = 0
+    backpressure_holds: int = 0
+    """Reads after which the sender was held because every destination it fed was congested."""
     stun: Counter[str] = field(default_factory=Counter)
 
     def drop(self, reason: str, frames: int, nbytes: int) -> None:
@@ -135,6 +148,12 @@ class RelayConnection(asyncio.BufferedProtocol):
         self._pending: list[memoryview | bytes] = []
         self._budget = 0
         self._zero_copy = False
+        # Pushback: as a destination, whether its transport is over the high-water mark and the
+        # senders held until it drains; as a sender, the destinations it waits for and its timer.
+        self._congested = False
+        self._held_senders: set[RelayConnection] = set()
+        self._holding_for: list[RelayConnection] = []
+        self._hold_timer: asyncio.TimerHandle | None = None
         self._log = _log
 
     # -- asyncio callbacks ------------------------------------------------------------------
@@ -145,6 +164,8 @@ class RelayConnection(asyncio.BufferedProtocol):
         self.peer = f"{peername[0]}:{peername[1]}" if peername else "?"
         self._log = _log.bind(conn=self.peer)
         _set_nodelay(transport)
+        limit = self._settings.queue_limit_bytes
+        self.transport.set_write_buffer_limits(high=max(limit // 2, 1), low=limit // 8)
         self._stats.connections_accepted += 1
         if not self._relay._admit(self):
             self.close_with_error("relay is at its connection limit", "connection_limit")
@@ -260,6 +281,45 @@ class RelayConnection(asyncio.BufferedProtocol):
         finally:
             for dest in touched:
                 dest._flush()
+        if touched and self._settings.backpressure_hold > 0 and all(d._congested for d in touched):
+            self._hold(touched)
+
+    # -- pushback ---------------------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        self._congested = True
+
+    def resume_writing(self) -> None:
+        self._congested = False
+        self._release_held()
+
+    def _hold(self, dests: list[RelayConnection]) -> None:
+        """Stop reading this sender until one of ``dests`` drains or the hold time passes."""
+        if self._hold_timer is not None or self.state is not ConnState.REGISTERED or self.transport is None:
+            return
+        self._stats.backpressure_holds += 1
+        self._holding_for = dests
+        for dest in dests:
+            dest._held_senders.add(self)
+        self._hold_timer = self._loop.call_later(self._settings.backpressure_hold, self._unhold)
+        self.transport.pause_reading()
+
+    def _unhold(self) -> None:
+        if self._hold_timer is None:
+            return
+        self._hold_timer.cancel()
+        self._hold_timer = None
+        for dest in self._holding_for:
+            dest._held_senders.discard(self)
+        self._holding_for = []
+        if not self._lost and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def _release_held(self) -> None:
+        """This destination drained (or went away): read its held senders again."""
+        if self._held_senders:
+            for sender in list(self._held_senders):
+                sender._unhold()
 
     def _accept(self, run: DataRun) -> None:
         """Take a run (already carrying the source key) addressed to this connection, within its
@@ -369,6 +429,9 @@ class RelayConnection(asyncio.BufferedProtocol):
         was_registered = self.state is ConnState.REGISTERED
         self.state = ConnState.CLOSED
         self._pending = []
+        self._congested = False
+        self._release_held()
+        self._unhold()
         self._cancel_timer()
         self._stats.disconnects[reason] += 1
         self._relay._unbind(self)
