@@ -33,7 +33,9 @@ from wirekube.relay.protocol import (
     FrameDecoder,
     FrameType,
     encode_challenge,
+    encode_data,
     encode_registered,
+    frame_bounds,
     parse_nat_probe_datagram,
 )
 
@@ -208,6 +210,25 @@ def test_a_failing_on_data_handler_does_not_cut_the_link() -> None:
             a.send_many(b.public_key, [b"boom", b"after"])
             await wait_until(lambda: got == [b"after"], what="the datagram after the failure")
             assert b.callback_errors == 1 and not b.closed
+            await a.close()
+            await b.close()
+
+    run(scenario())
+
+
+def test_batch_forms_send_prebuilt_frames_and_hand_over_wire_form_runs() -> None:
+    async def scenario() -> None:
+        async with running_relay() as relay:
+            runs: list[tuple[bytes, bytes]] = []
+            a = await RelayClient.connect(*relay.address, X25519PrivateKey.generate())
+            b = await RelayClient.connect(*relay.address, X25519PrivateKey.generate(),
+                                          on_frames=lambda src, frames: runs.append((src, bytes(frames))))
+            datagrams = [b"one", b"two" * 500, b"3"]
+            a.send_frames(b"".join(encode_data(b.public_key, d) for d in datagrams))
+            await wait_until(lambda: sum(len(frame_bounds(f)) for _, f in runs) == 3, what="three frames")
+            # the frames arrive as the relay forwards them: the source's key in place of ours
+            assert {src for src, _ in runs} == {a.public_key}
+            assert b"".join(f for _, f in runs) == b"".join(encode_data(a.public_key, d) for d in datagrams)
             await a.close()
             await b.close()
 

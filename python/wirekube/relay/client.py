@@ -10,8 +10,16 @@
 
 ``connect`` returns only after the relay answered Registered: the proof of key ownership is done
 (:mod:`wirekube.relay.auth`).  Received Data goes to ``on_data(source_key, datagram)`` when given
-(the fast path: called from the event loop, must not block), else into a bounded queue read with
+(called from the event loop, must not block), else into a bounded queue read with
 :meth:`RelayClient.recv` (overflow drops the newest datagram and counts it).
+
+The data path (the agent's relay proxy) uses the batch forms instead: ``on_frames(source_key,
+frames)`` receives every Data frame from one source that a read brought, still in wire form, as a
+view of the receive buffer (the socket reads straight into the frame decoder; nothing is copied
+or allocated per datagram), and :meth:`RelayClient.send_frames` writes a batch of Data frames the
+caller already encoded (``protocol.DATA_HEADER``).  ``on_flow(paused)`` reports the transport's
+write flow control: ``True`` once more than ``write_high_water`` bytes wait to be sent, ``False``
+when it has drained, so a sender can stop reading its own input instead of queueing without bound.
 
 The client sends a Keepalive every ``keepalive_interval``; the relay answers each one, so a relay
 that stays silent for ``dead_after`` seconds is taken as gone and the client closes.  Reconnecting
@@ -56,6 +64,10 @@ from wirekube.relay.protocol import (
 
 DataHandler = Callable[[bytes, bytes], None]
 """``on_data(source_key, datagram)``."""
+FramesHandler = Callable[[bytes, memoryview], None]
+"""``on_frames(source_key, frames)``: whole Data frames from one source, in wire form."""
+FlowHandler = Callable[[bool], None]
+"""``on_flow(paused)``."""
 
 
 class RelayError(WireKubeError):
@@ -87,6 +99,10 @@ class RelayClientSettings:
     """Seconds without any frame from the relay before the connection is given up."""
     receive_queue: int = 4096
     """Datagrams held for :meth:`RelayClient.recv` when there is no ``on_data`` callback."""
+    write_high_water: int = 256 * 1024
+    """Bytes queued in the transport beyond which ``on_flow(True)`` is reported."""
+    socket_buffer: int = 1 << 20
+    """SO_SNDBUF and SO_RCVBUF asked for the TCP socket (the kernel caps them at wmem_max/rmem_max)."""
 
 
 def backoff_delays(initial: float = 1.0, maximum: float = 30.0) -> Iterator[float]:
@@ -97,7 +113,9 @@ def backoff_delays(initial: float = 1.0, maximum: float = 30.0) -> Iterator[floa
         delay = min(delay * 2, maximum)
 
 
-class _ClientProtocol(asyncio.Protocol):
+class _ClientProtocol(asyncio.BufferedProtocol):
+    """The socket reads straight into the frame decoder's buffer (no per-read ``bytes``)."""
+
     def __init__(self, client: RelayClient) -> None:
         self._client = client
         self._decoder = FrameDecoder()
@@ -105,30 +123,46 @@ class _ClientProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        settings = self._client.settings
+        self.transport.set_write_buffer_limits(high=settings.write_high_water)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # asyncio and uvloop both default to it; a relayed WireGuard packet must not wait
             # for Nagle, so say it explicitly.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, option, settings.socket_buffer)
 
-    def data_received(self, data: bytes) -> None:
-        self._client._last_rx = time.monotonic()
-        self._decoder.feed(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._decoder.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        client = self._client
+        client._last_rx = time.monotonic()
+        decoder = self._decoder
+        decoder.buffer_updated(nbytes)
         try:
             while True:
-                item = self._decoder.next_run()
+                item = decoder.next_run()
                 if item is NEED_DATA:
                     return
                 if type(item) is DataRun:
-                    self._client._on_run(item)
+                    client._on_run(item)  # type: ignore[arg-type]
                 else:
-                    assert isinstance(item, Frame)
-                    self._client._on_frame(item)
-                if self._client.closed:
+                    client._on_frame(item)  # type: ignore[arg-type]
+                if client.closed:
+                    decoder.clear()
                     return
         except RemoteProtocolError as e:
-            self._client._fail(f"relay broke the protocol: {e}", send_error=True)
+            client._fail(f"relay broke the protocol: {e}", send_error=True)
+
+    def pause_writing(self) -> None:
+        self._client._flow(True)
+
+    def resume_writing(self) -> None:
+        self._client._flow(False)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._client._fail(f"connection lost: {exc}" if exc else "connection closed by relay")
@@ -142,12 +176,17 @@ class RelayClient:
         private_key: X25519PrivateKey,
         *,
         on_data: DataHandler | None = None,
+        on_frames: FramesHandler | None = None,
+        on_flow: FlowHandler | None = None,
         settings: RelayClientSettings = RelayClientSettings(),
     ) -> None:
         self._private_key = private_key
         self.public_key = public_bytes(private_key)
         self.fingerprint = fingerprint(self.public_key)
         self._on_data = on_data
+        self._on_frames = on_frames
+        self._on_flow = on_flow
+        self.writing_paused = False
         self.settings = settings
         self._loop = asyncio.get_running_loop()
         self._protocol: _ClientProtocol | None = None
@@ -173,11 +212,17 @@ class RelayClient:
         private_key: X25519PrivateKey,
         *,
         on_data: DataHandler | None = None,
+        on_frames: FramesHandler | None = None,
+        on_flow: FlowHandler | None = None,
         settings: RelayClientSettings = RelayClientSettings(),
     ) -> RelayClient:
         """Connect and register; raises :class:`RelayRejected`, :class:`RelayError` or
-        ``OSError``, and ``TimeoutError`` after ``settings.connect_timeout``."""
-        client = cls(private_key, on_data=on_data, settings=settings)
+        ``OSError``, and ``TimeoutError`` after ``settings.connect_timeout``.
+
+        ``on_frames``, when given, takes received Data instead of ``on_data``/:meth:`recv`: it is
+        called with the source key and a view of the Data frames (wire form: length, type, the
+        source key, the datagram) from that source, from the event loop; it must not block."""
+        client = cls(private_key, on_data=on_data, on_frames=on_frames, on_flow=on_flow, settings=settings)
         try:
             await asyncio.wait_for(client._open(host, port), settings.connect_timeout)
         except BaseException:
@@ -203,6 +248,12 @@ class RelayClient:
     def send_many(self, destination: bytes, datagrams: Iterable[bytes]) -> None:
         """Queue several datagrams for one destination in one write."""
         self._transport().writelines([encode_data(destination, d) for d in datagrams])
+
+    def send_frames(self, frames: bytes) -> None:
+        """Queue Data frames already in wire form (each ``protocol.DATA_HEADER`` + datagram), in one
+        write; never blocks.  The caller vouches for the framing: the relay closes a connection
+        that breaks it."""
+        self._transport().write(frames)
 
     def write_buffer_size(self) -> int:
         """Bytes queued locally and not yet handed to the kernel."""
@@ -257,20 +308,38 @@ class RelayClient:
             self._fail("relay sent Data before Registered", send_error=True)
             return
         source = run.key
+        if self._on_frames is not None:
+            try:
+                self._on_frames(source, run.frames)
+            except Exception:  # noqa: BLE001 - a handler bug must not cut the relay link
+                self._handler_failed("on_frames")
+            return
         datagrams = run_datagrams(run)
         if self._on_data is not None:
             for datagram in datagrams:
                 try:
                     self._on_data(source, datagram)
                 except Exception:  # noqa: BLE001 - a handler bug must not cut the relay link
-                    self.callback_errors += 1
-                    if self.callback_errors == 1:
-                        self._log.exception("on_data handler failed (later failures are only counted)")
+                    self._handler_failed("on_data")
             return
         room = self.settings.receive_queue - len(self._inbox)
         self._inbox.extend((source, d) for d in datagrams[: max(room, 0)])
         self.received_dropped += max(0, len(datagrams) - max(room, 0))
         self._inbox_ready.set()
+
+    def _handler_failed(self, name: str) -> None:
+        """Called from an ``except`` block: count, and log the first failure with its traceback."""
+        self.callback_errors += 1
+        if self.callback_errors == 1:
+            self._log.exception("{} handler failed (later failures are only counted)", name)
+
+    def _flow(self, paused: bool) -> None:
+        self.writing_paused = paused
+        if self._on_flow is not None:
+            try:
+                self._on_flow(paused)
+            except Exception:  # noqa: BLE001 - as for on_data
+                self._handler_failed("on_flow")
 
     def _on_frame(self, frame: Frame) -> None:
         ftype = frame.type
@@ -379,6 +448,8 @@ class RelayClient:
 
 __all__ = [
     "DataHandler",
+    "FlowHandler",
+    "FramesHandler",
     "RelayClient",
     "RelayClientSettings",
     "RelayClosed",
