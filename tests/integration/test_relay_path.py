@@ -100,11 +100,11 @@ def test_eperm_recreates_the_socket_on_the_same_port() -> None:
             peer = X25519PrivateKey.generate()
             port = await path.ensure_proxy(public_bytes(peer))
             proxy = path._proxies[public_bytes(peer)]
-            old = proxy.transport
+            old = proxy.sock
             proxy.on_eperm()  # what error_received does when the socket-LB hook refuses sendto
             proxy.on_eperm()
             await wait_until(lambda: path.stats.eperm_recoveries == 1, what="recreated")
-            assert proxy.transport is not old and proxy.port == port and path.stats.eperm_events == 2
+            assert proxy.sock is not old and proxy.sock is not None and proxy.port == port and path.stats.eperm_events == 2
             assert path.eperm_active() == []
         finally:
             await path.close()
