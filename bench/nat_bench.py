@@ -12,13 +12,15 @@ Writes three result files:
   (mesh relay.mode switched to always and back), runs interleaved, 1 and 4 streams; the ratio
   relayed/direct is the figure (goal >= 0.8 with one stream, >= 0.75 with four).
 
-    python bench/nat_bench.py [--cuts 10] [--seconds 8] [--rounds 2]
+    python bench/nat_bench.py [--cuts 10] [--seconds 8] [--rounds 2] [--only iperf]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import re
 import statistics
 import sys
@@ -96,6 +98,7 @@ def iperf(lab: Any, src: str, dst_ip: str, seconds: int, streams: int) -> dict[s
                    timeout=seconds + 30, check=True).stdout
     data = json.loads(out)["end"]
     return {"mbit_s": round(data["sum_received"]["bits_per_second"] / 1e6, 1),
+            "bytes": int(data["sum_received"]["bytes"]),
             "retransmits": data["sum_sent"].get("retransmits", 0)}
 
 
@@ -103,34 +106,151 @@ def set_relay_mode(kube: k8s.Kube, mode: str) -> None:
     kube.patch_merge(k8s.MESHES, "default", {"spec": {"relay": {"mode": mode}}})
 
 
+# ---- CPU accounting: which process spent how much per GB carried -------------------------------
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _netns_inode(name: str) -> int:
+    return os.stat(f"/var/run/netns/{name}").st_ino
+
+
+def _pids_in(inode: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{entry}/ns/net").st_ino == inode:
+                    out.append(int(entry))
+    return out
+
+
+def _proc_cpu(pid: int) -> tuple[str, float] | None:
+    """(name, user + system CPU seconds) of a live process; python programs by their script."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    name = Path(argv[0].decode(errors="replace")).name
+    if name.startswith("python") and len(argv) > 1:
+        name = Path(argv[1].decode(errors="replace")).name
+    return name, (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+class CpuMeter:
+    """CPU seconds per (namespace, program) over a window: wireguard-go, the agent (and so its
+    relay proxy), the relay, iperf3.  CPU seconds per GB carried do not depend on how busy the
+    machine is, unlike Mbit/s."""
+
+    def __init__(self, lab: Any, targets: dict[str, str]) -> None:
+        self.inodes = {label: _netns_inode(lab.netns(t)) for label, t in targets.items()}
+
+    def sample(self) -> dict[tuple[str, int], tuple[str, float]]:
+        out = {}
+        for label, inode in self.inodes.items():
+            for pid in _pids_in(inode):
+                got = _proc_cpu(pid)
+                if got is not None and got[0] not in ("nsenter", "unshare", "sleep", "ss", "ping"):
+                    out[(label, pid)] = got
+        return out
+
+    @staticmethod
+    def delta(before: dict[tuple[str, int], tuple[str, float]],
+              after: dict[tuple[str, int], tuple[str, float]]) -> dict[str, float]:
+        spent: dict[str, float] = {}
+        for (label, pid), (name, cpu) in after.items():
+            start = before.get((label, pid), (name, 0.0))[1]
+            key = f"{label}/{name}"
+            spent[key] = round(spent.get(key, 0.0) + cpu - start, 3)
+        return spent
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's waited-for children (the iperf3 client lab.exec runs)."""
+    t = os.times()
+    return t.children_user + t.children_system
+
+
+def _loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def throughput(lab: Any, kube: k8s.Kube, seconds: int, rounds: int) -> dict[str, Any]:
+    """Relayed vs direct iperf3, interleaved: each round runs direct then relayed or relayed then
+    direct (alternating, so a drift in machine load hits both alike); the ratio is taken per round
+    and the median of the per-round ratios is the figure.  Each run also records the CPU seconds
+    each process on the path spent per GB delivered, and the load average."""
     a, b = "ec2-a", "ec2-b"
     dst = mesh_ip(lab, kube, b)
     server = lab.spawn(b, ["iperf3", "-s", "-B", dst])
     wait_for(lambda: f"{dst}:5201" in lab.exec(b, ["ss", "-Hltn"]).stdout, 15, "iperf3 server listening")
-    runs: dict[str, dict[int, list[float]]] = {"direct": {1: [], 4: []}, "relay": {1: [], 4: []}}
+    meter = CpuMeter(lab, {"a": a, "b": b, "relay": "internet"})
+    runs: list[dict[str, Any]] = []
+    load_at_start = _loadavg()
     try:
         for r in range(rounds):
-            for mode, want in (("auto", "direct"), ("always", "relay")):
+            order = (("auto", "direct"), ("always", "relay"))
+            for mode, want in order if r % 2 == 0 else order[::-1]:
                 set_relay_mode(kube, mode)
                 wait_for(lambda: transport(kube, a, b) == want and orchestrate.ping(lab, a, dst) is not None,
                          90, f"{want} before iperf")
                 for streams in (1, 4):
+                    before, t0, children0 = meter.sample(), time.monotonic(), _children_cpu()
                     res = iperf(lab, a, dst, seconds, streams)
-                    runs[want][streams].append(res["mbit_s"])
-                    print(f"round {r + 1} {want} P{streams}: {res['mbit_s']} Mbit/s", file=sys.stderr)
+                    after, elapsed = meter.sample(), time.monotonic() - t0
+                    cpu = CpuMeter.delta(before, after)
+                    cpu["a/iperf3 (client)"] = round(_children_cpu() - children0, 3)
+                    gb = res["bytes"] / 1e9
+                    runs.append({"round": r + 1, "transport": want, "streams": streams, **res,
+                                 "transport_after": transport(kube, a, b),
+                                 "load_average": _loadavg(), "window_s": round(elapsed, 2),
+                                 "cpu_s": {k: v for k, v in sorted(cpu.items()) if v > 0.005},
+                                 "cpu_s_per_gb": {k: round(v / gb, 2) for k, v in sorted(cpu.items())
+                                                  if v > 0.005 and gb > 0},
+                                 "path_cpu_s_per_gb": round(sum(cpu.values()) / gb, 2) if gb > 0 else None})
+                    print(f"round {r + 1} {want} P{streams}: {res['mbit_s']} Mbit/s, "
+                          f"{runs[-1]['path_cpu_s_per_gb']} CPU s/GB, load {runs[-1]['load_average'][0]}",
+                          file=sys.stderr)
     finally:
         set_relay_mode(kube, "auto")
         lab.stop(server)
-    out: dict[str, Any] = {"description": "iperf3 ec2-a -> ec2-b over wire_kube (wireguard-go), direct vs relayed, "
-                                          "interleaved in one run", "seconds_per_run": seconds, "rounds": rounds}
+    out: dict[str, Any] = {
+        "description": "iperf3 ec2-a -> ec2-b over wire_kube (wireguard-go), direct vs relayed (mesh relay.mode "
+                       "always), interleaved in one run: per round direct and relayed back to back, the order "
+                       "alternating between rounds; ratio = relayed / direct within a round, the figure is the "
+                       "median over rounds",
+        "seconds_per_run": seconds, "rounds": rounds,
+        "conditions": {"cpus": os.cpu_count(), "load_average_at_start": load_at_start,
+                       "load_average_at_end": _loadavg(),
+                       "note": "the lab (8 nodes, API server, etcd, 2 relays) and the iperf3 pair share these "
+                               "CPUs with whatever else runs on the machine (the load average counts this run's "
+                               "own busy processes too: ~4-5 on the relayed path); Mbit/s varies with contention, "
+                               "CPU s/GB (per process, in each run's cpu_s_per_gb; the iperf3 client is "
+                               "a/iperf3 (client)) much less"},
+    }
     for streams in (1, 4):
-        d, rl = statistics.median(runs["direct"][streams]), statistics.median(runs["relay"][streams])
-        out[f"streams_{streams}"] = {"direct": {"mbit_s": d, "runs": runs["direct"][streams]},
-                                     "relay": {"mbit_s": rl, "runs": runs["relay"][streams]},
-                                     "ratio": round(rl / d, 3) if d else None}
+        mine = [x for x in runs if x["streams"] == streams]
+        direct = {x["round"]: x for x in mine if x["transport"] == "direct"}
+        relay = {x["round"]: x for x in mine if x["transport"] == "relay"}
+        ratios = [round(relay[k]["mbit_s"] / direct[k]["mbit_s"], 3) for k in sorted(direct)
+                  if k in relay and direct[k]["mbit_s"]]
+        d = statistics.median(x["mbit_s"] for x in direct.values())
+        rl = statistics.median(x["mbit_s"] for x in relay.values())
+        out[f"streams_{streams}"] = {
+            "direct": {"mbit_s": d, "runs": [direct[k]["mbit_s"] for k in sorted(direct)],
+                       "path_cpu_s_per_gb": statistics.median(x["path_cpu_s_per_gb"] for x in direct.values())},
+            "relay": {"mbit_s": rl, "runs": [relay[k]["mbit_s"] for k in sorted(relay)],
+                      "path_cpu_s_per_gb": statistics.median(x["path_cpu_s_per_gb"] for x in relay.values())},
+            "ratio_per_round": ratios,
+            "ratio": statistics.median(ratios) if ratios else None,
+        }
     out["goals"] = {"streams_1_ratio": 0.8, "streams_4_ratio": 0.75}
+    out["runs"] = runs
     return out
+
+
+PARTS = ("convergence", "failover", "iperf")
 
 
 def main() -> int:
@@ -138,7 +258,13 @@ def main() -> int:
     p.add_argument("--cuts", type=int, default=10)
     p.add_argument("--seconds", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--only", default=",".join(PARTS),
+                   help="comma-separated parts to run (convergence, failover, iperf); the lab always comes up, "
+                        "and only the named parts write their result files")
     args = p.parse_args()
+    parts = set(args.only.split(","))
+    if not parts <= set(PARTS):
+        p.error(f"--only takes {', '.join(PARTS)}")
     RESULTS.mkdir(exist_ok=True)
     name = f"bench{uuid.uuid4().hex[:4]}"
     overrides = {"relay": {"handshakeTimeoutSeconds": 10, "directRetryIntervalSeconds": 10}}
@@ -147,14 +273,17 @@ def main() -> int:
         orchestrate.up(default_topology(), name, wait=120, mesh_overrides=overrides)
         st = orchestrate.state(name)
         lab, kube, _ = orchestrate.attach(name)
-        (RESULTS / "convergence.json").write_text(json.dumps({
-            "description": "agents started -> every ordered pair on its predicted transport (default lab)",
-            "nodes": len(lab.nodes), "pairs": len(lab.nodes) * (len(lab.nodes) - 1),
-            "convergence_seconds": st.get("convergence_seconds"), "goal_seconds": 30,
-            "lab_up_total_seconds": round(time.monotonic() - started, 1)}, indent=2) + "\n")
-        (RESULTS / "failover.json").write_text(json.dumps(failover(lab, kube, args.cuts), indent=2) + "\n")
-        (RESULTS / "relay_throughput.json").write_text(
-            json.dumps(throughput(lab, kube, args.seconds, args.rounds), indent=2) + "\n")
+        if "convergence" in parts:
+            (RESULTS / "convergence.json").write_text(json.dumps({
+                "description": "agents started -> every ordered pair on its predicted transport (default lab)",
+                "nodes": len(lab.nodes), "pairs": len(lab.nodes) * (len(lab.nodes) - 1),
+                "convergence_seconds": st.get("convergence_seconds"), "goal_seconds": 30,
+                "lab_up_total_seconds": round(time.monotonic() - started, 1)}, indent=2) + "\n")
+        if "failover" in parts:
+            (RESULTS / "failover.json").write_text(json.dumps(failover(lab, kube, args.cuts), indent=2) + "\n")
+        if "iperf" in parts:
+            (RESULTS / "relay_throughput.json").write_text(
+                json.dumps(throughput(lab, kube, args.seconds, args.rounds), indent=2) + "\n")
         kube.close()
     finally:
         orchestrate.down(name)
