@@ -44,11 +44,11 @@ else
   say 3 "helm and kubectl present in $TOOLS"
 fi
 
-say 4 "Python virtualenv .venv with wirekube[test,bench]"
+say 4 "Python virtualenv .venv with wirekube[aws,test,bench]"
 if [[ ! -x .venv/bin/python ]]; then python3 -m venv .venv; fi
 stamp=.venv/.wirekube-installed
 if [[ ! -f $stamp || python/pyproject.toml -nt $stamp ]]; then
-  .venv/bin/pip install -q --disable-pip-version-check -e "python[test,bench]"
+  .venv/bin/pip install -q --disable-pip-version-check -e "python[aws,test,bench]"
   touch "$stamp"
 fi
 echo "setup done: binaries in $CACHE/bin and $TOOLS, Python in $ROOT/.venv" >&2

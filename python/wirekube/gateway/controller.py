@@ -7,6 +7,10 @@ Threads:
   their CRD exists, CiliumNodes.  Every change wakes the worker;
 * the leader elector (with ``leader_elect``): renews a Lease every ``retry_period``; only the
   holder writes anything;
+* the AWS route follower (:mod:`~wirekube.gateway.awsfollower`), only busy while some gateway
+  has ``spec.awsVPCRoutes``: moves VPC routes to the active peer's ENI, outside the worker so a
+  slow AWS call never delays an election; the worker hands it targets and reads its outcome into
+  the ``VPCRoutesSynced`` condition;
 * the worker: a level-triggered full pass over the caches on every wake-up, at the earliest time
   the plan can change by itself (a health report turning stale, a handover timing out), and at
   least every ``resync_period``.  A pass writes only differences, so a second pass writes
@@ -21,14 +25,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from loguru import logger
 
 from wirekube import errors, k8s
+from wirekube.gateway import awsroutes
 from wirekube.gateway import conditions as cond
+from wirekube.gateway.awsfollower import DISABLED, SYNCING, AWSSettings, EC2Api, RouteFollower, SyncResult
 from wirekube.gateway.cidrs import OwnedCIDR
 from wirekube.gateway.clients import own_addresses
 from wirekube.gateway.metrics import ControllerMetrics, GatewaySummary, Summary
@@ -51,6 +57,7 @@ CILIUM_CRD = "ciliumnodes.cilium.io"
 COMPONENT = "gateway-controller"
 RELAY_READY = "RelayEndpointsReady"
 POD_CIDR_SYNC = "PodCIDRSync"
+VPC_ROUTES_SYNCED = "VPCRoutesSynced"
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,8 @@ class ControllerSettings:
     watch_timeout: int = 300
     """Server-side timeout of each watch request (informers re-watch after it)."""
     plan: PlanSettings = field(default_factory=PlanSettings)
+    aws: AWSSettings = field(default_factory=AWSSettings)
+    """The AWS route follower (WireKubeGateway spec.awsVPCRoutes)."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,7 @@ class GatewayController:
         *,
         clock: Callable[[], float] = time.time,
         metrics: ControllerMetrics | None = None,
+        aws_ec2: Callable[[str], EC2Api] | None = None,
     ) -> None:
         self.kube = kube
         self.settings = settings
@@ -123,6 +133,11 @@ class GatewayController:
         self._reported_refusals: set[Refusal] = set()
         self._was_leader = False
         self._reset_memory = False
+        self.aws = (RouteFollower(settings.aws, on_change=self._wake.set, ec2=aws_ec2)
+                    if settings.aws.enabled else None)
+        self._aws_followed: dict[str, str] = {}
+        self._aws_reported: dict[str, int] = {}
+        self._aws_warned: dict[str, tuple[str, str]] = {}
         self.heartbeat = 0.0
         self.writes = 0
         self.summary = Summary()
@@ -145,6 +160,8 @@ class GatewayController:
     def start(self) -> GatewayController:
         for informer in self._informers.values():
             informer.start()
+        if self.aws is not None:
+            self.aws.start()
         self._spawn("gateway-worker", self._work)
         if self._elector is not None:
             self._spawn("gateway-leader", self._lead)
@@ -173,6 +190,8 @@ class GatewayController:
         self._wake.set()
         for thread in self._threads:
             thread.join(timeout)
+        if self.aws is not None:
+            self.aws.stop(timeout)
         if self._elector is not None:
             self._elector.release()
         for informer in [*self._informers.values(), *([self._cilium] if self._cilium else [])]:
@@ -230,6 +249,8 @@ class GatewayController:
             self.heartbeat = self._clock()
             if not self.is_leader:
                 self.summary = Summary(leader=False)
+                if self.aws is not None:
+                    self.aws.set_targets({})  # only the leader touches AWS
                 next_at = self._clock() + self.settings.resync_period
                 continue
             started = time.monotonic()
@@ -254,10 +275,13 @@ class GatewayController:
         routes: list[OwnedCIDR] = []
         summaries: dict[str, GatewaySummary] = {}
         view = self._view(snap)
+        aws = _AWSPass.of(snap.gateways)
         for obj in snap.gateways:
-            due = self._reconcile_gateway(obj, view, routes, summaries, now)
+            due = self._reconcile_gateway(obj, view, routes, summaries, now, snap.nodes, aws)
             if due is not None:
                 next_at = min(next_at, due)
+        if self.aws is not None:
+            self.aws.set_targets(aws.targets)
         self._forget_deleted(snap)
         pod_plan, pod_problem = self._sync_pod_cidrs(snap, routes)
         relay = self._reconcile_mesh(snap, pod_plan, pod_problem, now)
@@ -320,6 +344,8 @@ class GatewayController:
         routes: list[OwnedCIDR],
         summaries: dict[str, GatewaySummary],
         now: float,
+        nodes: Mapping[str, JSON] | None = None,
+        aws: _AWSPass | None = None,
     ) -> float | None:
         name = obj["metadata"]["name"]
         status = obj.get("status") or {}
@@ -332,10 +358,19 @@ class GatewayController:
         plan = plan_gateway(gateway, status, view, routes, self._memory.get(name, GatewayMemory()), now,
                             self.settings.plan)
         routes.extend(OwnedCIDR(r, f"WireKubeGateway {name}") for r in plan.routes)
-        if plan.patch and not self._write_status("gateways", k8s.GATEWAYS, name, plan.patch):
+        patch = plan.patch
+        vpc = self._vpc_routes(obj, gateway, plan, nodes or {}, aws or _AWSPass.of([obj]))
+        conditions = status.get("conditions") or []
+        if vpc is not None or cond.find(conditions, VPC_ROUTES_SYNCED) is not None:
+            conditions = [c for c in plan.status["conditions"] if c.get("type") != VPC_ROUTES_SYNCED]
+            if vpc is not None:
+                conditions = cond.set_condition(conditions, VPC_ROUTES_SYNCED, vpc[0], vpc[1], vpc[2], now, _gen(obj))
+            patch = cond.merge_patch(status, {**plan.status, "conditions": conditions})
+        if patch and not self._write_status("gateways", k8s.GATEWAYS, name, patch):
             return now + self.settings.error_backoff
         self._memory[name] = plan.memory
         self._record(obj, gateway, plan)
+        self._record_vpc_routes(obj, name)
         summaries[name] = _summary(plan)
         return plan.recheck_at
 
@@ -355,6 +390,68 @@ class GatewayController:
         names = {o["metadata"]["name"] for o in snap.gateways}
         for gone in set(self._memory) - names:
             del self._memory[gone]
+        for memo in (self._aws_followed, self._aws_reported, self._aws_warned):
+            for gone in set(memo) - names:
+                del memo[gone]
+
+    # ------------------------------------------------------------------ AWS VPC routes
+
+    def _vpc_routes(
+        self, obj: JSON, gateway: Gateway, plan: GatewayPlan, nodes: Mapping[str, JSON], aws: _AWSPass
+    ) -> tuple[bool, str, str] | None:
+        """The VPCRoutesSynced condition (status, reason, message), or None without spec.awsVPCRoutes.
+
+        Adds the gateway's target to ``aws.targets`` when its routes may move (see
+        :func:`wirekube.gateway.awsroutes.target_for`).
+        """
+        name = gateway.name
+        spec = aws.specs.get(name)
+        if spec is None:
+            self._aws_followed.pop(name, None)
+            return None
+        if isinstance(spec, errors.InvalidObject):
+            return False, "InvalidSpec", str(spec)
+        if self.aws is None:
+            return False, DISABLED, "the controller runs with --aws-vpc-routes=off: nothing is done in AWS"
+        if name in aws.conflicts:
+            return False, awsroutes.CONFLICT, aws.conflicts[name]
+        target = awsroutes.target_for(
+            name, spec, gateway.spec.peer_refs, str(plan.status["activePeer"]), gateway.status.forwarding,
+            plan.routes, nodes, followed_peer=self._aws_followed.get(name, ""),
+            default_region=self.settings.aws.default_region,
+        )
+        if isinstance(target, awsroutes.Waiting):
+            return False, target.reason, target.message
+        aws.targets[name] = target
+        self._aws_followed[name] = target.active.node
+        result = self.aws.result(name)
+        if result is None or result.target != target:
+            return False, SYNCING, (f"pointing the VPC routes at Node {target.active.node} "
+                                    f"({target.active.instance_id}, {target.region})")
+        return result.ok, result.reason, result.message
+
+    def _record_vpc_routes(self, obj: JSON, name: str) -> None:
+        """Events for the follower's latest outcome: routes moved, or a new failure."""
+        result: SyncResult | None = self.aws.result(name) if self.aws is not None else None
+        if result is None or self._aws_reported.get(name, 0) >= result.seq:
+            return
+        self._aws_reported[name] = result.seq
+        regarding = _regarding(obj, "WireKubeGateway")
+        if result.applied:
+            moved = any(a.op == awsroutes.REPLACE for a in result.applied)
+            t = result.target
+            note = (f"VPC routes now point at {result.eni} (Node {t.active.node}, {t.active.instance_id}): "
+                    + "; ".join(str(a) for a in result.applied))
+            self._log.bind(gateway=name).info("{}", note)
+            self.kube.emit_event(regarding, "VPCRoutesMoved" if moved else "VPCRoutesCreated", note,
+                                 action="SyncVPCRoutes", component=COMPONENT, namespace=self.settings.event_namespace)
+        if result.ok:
+            self._aws_warned.pop(name, None)
+        elif self._aws_warned.get(name) != (result.reason, result.message):
+            self._aws_warned[name] = (result.reason, result.message)
+            self.kube.emit_event(regarding, "VPCRoutesNotSynced", f"{result.reason}: {result.message}",
+                                 type_="Warning", action="SyncVPCRoutes", component=COMPONENT,
+                                 namespace=self.settings.event_namespace)
 
     # ------------------------------------------------------------------ pod CIDR sync
 
@@ -495,6 +592,29 @@ class GatewayController:
             del self._overlay[key]
             return cached
         return written
+
+
+@dataclass
+class _AWSPass:
+    """One pass's view of every gateway's spec.awsVPCRoutes, and the targets it collects."""
+
+    specs: dict[str, awsroutes.VPCRoutes | errors.InvalidObject]
+    conflicts: dict[str, str]
+    targets: dict[str, awsroutes.Target] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, gateways: Sequence[JSON]) -> _AWSPass:
+        specs: dict[str, awsroutes.VPCRoutes | errors.InvalidObject] = {}
+        for obj in gateways:  # in precedence order: oldest first
+            try:
+                spec = awsroutes.vpc_routes_from_cr(obj)
+            except errors.InvalidObject as e:
+                specs[obj["metadata"]["name"]] = e
+                continue
+            if spec is not None:
+                specs[obj["metadata"]["name"]] = spec
+        valid = [(n, s) for n, s in specs.items() if isinstance(s, awsroutes.VPCRoutes)]
+        return cls(specs, awsroutes.conflicts(valid))
 
 
 def _pod_condition(

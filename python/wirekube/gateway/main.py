@@ -1,10 +1,13 @@
 """``wirekube-gateway``: the gateway controller.
 
     wirekube-gateway [--kubeconfig PATH] [--namespace wirekube-system] [--relay-service wirekube-relay]
-                     [--metrics-listen 0.0.0.0:9090] [--leader-elect] [...]
+                     [--metrics-listen 0.0.0.0:9090] [--leader-elect] [--aws-vpc-routes auto|off] [...]
 
 Elects each WireKubeGateway's active peer with make-before-break handover, syncs pod CIDRs
 into WireKubePeers, and publishes the relay's reachable addresses in the WireKubeMesh status.
+For gateways with ``spec.awsVPCRoutes`` it points the AWS VPC route tables at the active peer's
+ENI (credentials from botocore's default chain; region from the field, else ``$AWS_REGION``,
+else the node's zone).
 Runs until SIGTERM or SIGINT, then releases its Lease so a standby replica takes over at once.
 """
 
@@ -22,6 +25,7 @@ from types import FrameType
 from loguru import logger
 
 from wirekube import k8s
+from wirekube.gateway.awsfollower import AWSSettings
 from wirekube.gateway.controller import ControllerSettings, GatewayController
 from wirekube.gateway.metrics import ControllerMetrics, MetricsServer
 from wirekube.gateway.plan import PlanSettings
@@ -68,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--failback-delay", type=float, default=30.0,
                    help="seconds a preferred peer must stay healthy before it takes over from a healthy "
                         "active peer (default 30)")
+    p.add_argument("--aws-vpc-routes", choices=("auto", "off"),
+                   default=os.environ.get("WIREKUBE_AWS_VPC_ROUTES", "auto"),
+                   help="auto: follow spec.awsVPCRoutes of the gateways that have it (AWS is called only for "
+                        "them); off: never call AWS (default $WIREKUBE_AWS_VPC_ROUTES or auto)")
+    p.add_argument("--aws-endpoint-url", default=os.environ.get("WIREKUBE_AWS_ENDPOINT_URL", ""),
+                   help="EC2 endpoint URL override, e.g. an emulator in tests (default $WIREKUBE_AWS_ENDPOINT_URL)")
+    p.add_argument("--aws-verify-period", type=float, default=60.0,
+                   help="seconds between checks that synced VPC routes are still right (default 60)")
     p.add_argument("--event-namespace", default="default", help="namespace for Events about cluster-scoped objects")
     p.add_argument("--log-format", choices=("json", "text"), default="json")
     p.add_argument("--log-level", default="INFO")
@@ -77,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     if args.renew_deadline >= args.lease_duration:
         raise SystemExit("--renew-deadline must be shorter than --lease-duration")
+    if args.aws_verify_period < 5:
+        raise SystemExit("--aws-verify-period must be at least 5 seconds")
     host, port = args.metrics_listen if isinstance(args.metrics_listen, tuple) else parse_listen(args.metrics_listen)
     return Settings(
         controller=ControllerSettings(
@@ -90,6 +104,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             retry_period=args.retry_period,
             resync_period=args.resync_period,
             plan=PlanSettings(handover_timeout=args.handover_timeout, failback_after=args.failback_delay),
+            aws=AWSSettings(
+                enabled=args.aws_vpc_routes != "off",
+                endpoint_url=args.aws_endpoint_url,
+                default_region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "",
+                verify_period=args.aws_verify_period,
+            ),
         ),
         kubeconfig=args.kubeconfig,
         metrics_host=host,
