@@ -8,7 +8,10 @@ keeps the Dockerfiles honest instead:
     builds the wheel from python/ in a first stage and installs only that wheel;
   - ENTRYPOINT is one of the wheel's console scripts;
   - relay and gateway run as a non-root USER; the agent image carries wireguard-go, iproute2
-    and nftables.
+    and nftables;
+  - an image that needs an optional dependency group of python/pyproject.toml (the gateway: `aws`,
+    botocore for the VPC route follower) builds and installs the wheel with that extra, and the
+    extra exists.
 Exit status 1 with one line per problem.
 """
 
@@ -24,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = {"agent": "wirekube-agent", "relay": "wirekube-relay", "gateway": "wirekube-gateway"}
+EXTRAS = {"gateway": ("aws",)}
 PINNED_FROM = re.compile(r"^FROM\s+\S+:\d+\.\d+\.\d+[^\s]*(\s+AS\s+\S+)?$", re.IGNORECASE)
 
 
@@ -41,7 +45,26 @@ def wheel_scripts() -> set[str]:
     return set(parser["console_scripts"]) if parser.has_section("console_scripts") else set()
 
 
-def check_dockerfile(image: str, entrypoint: str, scripts: set[str]) -> list[str]:
+def pyproject_extras() -> set[str]:
+    import tomllib
+
+    data = tomllib.loads((ROOT / "python" / "pyproject.toml").read_text())
+    return set(data.get("project", {}).get("optional-dependencies", {}))
+
+
+def check_extras(image: str, path: Path, lines: list[str], extras: set[str]) -> list[str]:
+    problems = []
+    for extra in EXTRAS.get(image, ()):
+        if extra not in extras:
+            problems.append(f"{path}: needs the extra [{extra}], which python/pyproject.toml does not define")
+        if not any("pip wheel" in ln and f"./python[{extra}]" in ln for ln in lines):
+            problems.append(f"{path}: must build the wheel with its extra: pip wheel ... \"./python[{extra}]\"")
+        if not any("pip install" in ln and f"wirekube[{extra}]" in ln and "/wheels" in ln for ln in lines):
+            problems.append(f"{path}: must install \"wirekube[{extra}]\" from /wheels")
+    return problems
+
+
+def check_dockerfile(image: str, entrypoint: str, scripts: set[str], extras: set[str] | None = None) -> list[str]:
     path = ROOT / "images" / image / "Dockerfile"
     text = path.read_text()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
@@ -63,6 +86,7 @@ def check_dockerfile(image: str, entrypoint: str, scripts: set[str]) -> list[str
                 problems.append(f"{path}: the agent image must install {pkg}")
     elif not any(re.match(r"USER\s+[1-9][0-9]*(:[0-9]+)?$", ln) for ln in lines):
         problems.append(f"{path}: must run as a numeric non-root USER")
+    problems.extend(check_extras(image, path, lines, pyproject_extras() if extras is None else extras))
     return problems
 
 

@@ -14,3 +14,21 @@ def test_dockerfiles_install_the_wheel_and_run_its_console_scripts() -> None:
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "wirekube-agent" in proc.stdout and "wirekube-gateway" in proc.stdout and "wirekube-relay" in proc.stdout
+
+
+def test_the_gateway_image_must_install_the_aws_extra() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_images", ROOT / "ci" / "check-images.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    path = ROOT / "images" / "gateway" / "Dockerfile"
+    plain = ["RUN pip wheel --no-cache-dir --wheel-dir /wheels ./python", "RUN pip install /wheels/*.whl"]
+    problems = mod.check_extras("gateway", path, plain, {"aws"})
+    assert len(problems) == 2 and all("[aws]" in p for p in problems)
+    with_extra = ['RUN pip wheel --wheel-dir /wheels "./python[aws]"',
+                  'RUN pip install --no-index --find-links=/wheels/ "wirekube[aws]"']
+    assert mod.check_extras("gateway", path, with_extra, {"aws"}) == []
+    assert "does not define" in mod.check_extras("gateway", path, with_extra, set())[0]
+    assert mod.check_extras("relay", path, plain, set()) == []
