@@ -145,6 +145,7 @@ class NetnsLab:
             *source,
             "--state-dir", str(node.state_dir),
             "--engine", "userspace",
+            "--no-imds",  # test traffic stays in the test's namespaces
             *extra,
         )
 

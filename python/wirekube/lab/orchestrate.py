@@ -186,7 +186,8 @@ def start_controller(lab: Lab, h: LabHandle) -> subprocess.Popen[Any]:
 def agent_argv(h: LabHandle, node: str) -> list[str]:
     return [_bin("wirekube-agent"), f"--node-name={node}", f"--kubeconfig={h.node_kubeconfig}",
             f"--state-dir={h.workdir / 'nodes' / node}", "--metrics-listen=127.0.0.1:9090",
-            "--resync-seconds=10", "--log-format=text"]
+            # No EC2 metadata service in the lab: never send to 169.254.169.254 from a lab node.
+            "--resync-seconds=10", "--log-format=text", "--no-imds"]
 
 
 def start_agent(lab: Lab, h: LabHandle, node: str) -> subprocess.Popen[Any]:
