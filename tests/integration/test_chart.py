@@ -139,6 +139,9 @@ def test_eks_hybrid_example_expresses_the_guide() -> None:
     assert mesh["podCIDRSync"] == "cilium" and mesh["natTraversal"]["birthdayAttack"] == "enabled"
     gw = next(d for d in docs if d["kind"] == "WireKubeGateway")
     assert [r["cidr"] for r in gw["spec"]["routes"]] == ["10.100.0.0/24", "10.100.1.0/24"]
+    assert gw["spec"]["awsVPCRoutes"]["destinationCIDRs"] == ["172.20.0.0/16", "10.20.0.0/16", "10.200.0.0/16"]
+    sa = next(d for d in docs if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == "wk-wirekube-controller")
+    assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
     env = next(d for d in docs if d["kind"] == "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "KUBERNETES_SERVICE_HOST", "value": "ABCDEF0123456789.gr7.us-west-2.eks.amazonaws.com"} in env
     svc = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "wk-wirekube-relay")

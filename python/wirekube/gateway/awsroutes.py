@@ -37,7 +37,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from wirekube.errors import InvalidObject
 from wirekube.gateway.contract import acknowledged
 from wirekube.models import ForwardingAck, IPNetwork, _Ctx
 
