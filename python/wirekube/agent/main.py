@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
@@ -336,7 +337,7 @@ def _imds(settings: AgentSettings, wake: Callable[[], object]) -> imdsmod.ImdsDi
 
 
 def _make_source(settings: AgentSettings, wake: object, traversal: Traversal | None = None,
-                 imds: imdsmod.ImdsDiscovery | None = None) -> tuple[object, tuple[IPAddress, ...]]:
+                 imds: imdsmod.ImdsDiscovery | None = None) -> tuple[Any, tuple[IPAddress, ...]]:
     from wirekube.agent.source import FileSource, KubeSource
 
     if settings.peers_file is not None:

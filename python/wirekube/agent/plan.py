@@ -39,6 +39,7 @@ import bisect
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from wirekube.agent.wg.base import PutPeer, RemovePeer, SetDevice, WgDeviceState, WgOp, WgPeerConfig, sorted_nets
 from wirekube.models import (
@@ -498,7 +499,7 @@ def _claim_reason(
         where = f"spec.allowedIPs[{i}] {entry}"
         if entry.prefixlen == entry.max_prefixlen and entry.network_address in node.addresses:
             return f"{where} claims this node's own address"
-        if entry.version != 4 or not entry.subnet_of(mesh_cidr):  # type: ignore[arg-type]
+        if entry.version != 4 or not entry.subnet_of(mesh_cidr):
             continue
         if own_ip is not None and own_ip in entry:
             return f"{where} contains this node's mesh IP {own_ip}"
@@ -520,7 +521,7 @@ def _static_drop(entry: IPNetwork, node: NodeFacts, routing: RoutingSpec) -> tup
     if any(a in entry for a in node.api_server_ips):
         return "contains the API server's address", False
     local = (s for s in node.subnets if s.version == entry.version)
-    if routing.local_subnet_policy is LocalSubnetPolicy.SKIP and any(entry.overlaps(s) for s in local):  # type: ignore[arg-type]
+    if routing.local_subnet_policy is LocalSubnetPolicy.SKIP and any(entry.overlaps(s) for s in local):
         return "overlaps one of this node's own subnets (routing.localSubnetPolicy=skip)", False
     return "", True
 
@@ -530,7 +531,7 @@ def _subtract(entry: IPNetwork, excludes: Sequence[IPNetwork]) -> list[IPNetwork
     for ex in excludes:
         nxt: list[IPNetwork] = []
         for piece in pieces:
-            if piece.version != ex.version or not piece.overlaps(ex):  # type: ignore[arg-type]
+            if piece.version != ex.version or not piece.overlaps(ex):
                 nxt.append(piece)
             elif not piece.subnet_of(ex):  # type: ignore[arg-type]
                 nxt.extend(piece.address_exclude(ex))  # type: ignore[arg-type]
@@ -586,7 +587,7 @@ def _local(peer: Peer, mesh: Mesh, node: NodeFacts, own_ip: ipaddress.IPv4Addres
         if entry.prefixlen == entry.max_prefixlen and entry.network_address in node.addresses:
             claim = f"{where} claims this node's own address"
             break
-        if entry.version != 4 or not entry.subnet_of(spec.mesh_cidr):  # type: ignore[arg-type]
+        if entry.version != 4 or not entry.subnet_of(spec.mesh_cidr):
             continue
         if own_ip is not None and own_ip in entry:
             claim = f"{where} contains this node's mesh IP {own_ip}"
@@ -804,9 +805,9 @@ class IncrementalPlanner:
             seed(old)
             self._wide.discard(name)
         for name in changed:
-            if (old := self._local.get(name)) is not None:
-                self._unindex_identity(name, old)
-                seed(old)
+            if (previous := self._local.get(name)) is not None:
+                self._unindex_identity(name, previous)
+                seed(previous)
             new = _local(current[name], mesh, node, own_ip)
             self._local[name] = new
             self._peers[name] = current[name]
@@ -1020,7 +1021,7 @@ class IncrementalPlanner:
         if out.get("rules_key") != rules_key:
             out["rules_key"] = rules_key
             out["rules"] = frozenset(desired_rules(node.api_server_ips, families))
-        peers, names = out["peers"]  # type: ignore[misc]
+        peers, names = cast(tuple[dict[str, WgPeerConfig], dict[str, str]], out["peers"])
         return Desired(
             link=_link_config(mesh, own_ip),
             listen_port=mesh.spec.listen_port,
@@ -1102,7 +1103,7 @@ def _link_ops(want: LinkConfig, have: LinkState) -> list[Op]:
         if have.sysctls.get(name) != value:
             ops.append(SetSysctl(name, value))
     wanted = {want.address} if want.address is not None else set()
-    ops.extend(AddAddress(a) for a in sorted(wanted - have.addresses, key=str))  # type: ignore[operator]
+    ops.extend(AddAddress(a) for a in sorted(wanted - have.addresses, key=str))
     if not have.up:
         ops.append(SetUp())
     ops.extend(DelAddress(a) for a in sorted(have.addresses - wanted, key=str))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from loguru import logger
@@ -67,7 +67,7 @@ def parse_peers(
             except InvalidObject as e:
                 parsed = Skipped(e.name or "?", f"{e.field}: {e.reason}")
         if memoable:
-            seen[name] = (rv, parsed)  # type: ignore[index]
+            seen[cast(str, name)] = (cast(str, rv), parsed)
         if type(parsed) is Skipped:
             rejected.append(parsed)
         else:

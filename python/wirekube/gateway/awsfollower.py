@@ -99,7 +99,7 @@ class BotocoreEC2:
         self._client = client
 
     def _call(self, op: str, **params: Any) -> dict[str, Any]:
-        from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return dict(getattr(self._client, _snake(op))(**params))
@@ -155,8 +155,8 @@ def botocore_factory(settings: AWSSettings) -> Callable[[str], EC2Api]:
 
     def make(region: str) -> EC2Api:
         try:
-            import botocore.session  # type: ignore[import-untyped]
-            from botocore.config import Config  # type: ignore[import-untyped]
+            import botocore.session
+            from botocore.config import Config
         except ImportError:
             raise AWSCallError("", "BotocoreMissing", "botocore is not installed (pip install 'wirekube[aws]'; "
                                                       "the gateway image has it)") from None

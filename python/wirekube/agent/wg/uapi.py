@@ -13,6 +13,7 @@ import base64
 import binascii
 import ipaddress
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 from wirekube.agent.keys import public_key_of
 from wirekube.agent.wg.base import (
@@ -114,7 +115,7 @@ def parse_get(answer: bytes) -> WgDeviceState:
         elif key == "public_key":
             peers.append({"public_key": value, "allowed_ip": []})
         elif key == "allowed_ip" and peers:
-            peers[-1]["allowed_ip"].append(value)  # type: ignore[union-attr]
+            cast(list[str], peers[-1]["allowed_ip"]).append(value)
         elif peers:
             peers[-1][key] = value
         else:
@@ -145,7 +146,7 @@ def _peer_state(p: dict[str, object]) -> WgPeerState:
     except ValueError:
         raise UapiProtocolError(f"bad endpoint {endpoint_text!r}") from None
     nets: list[IPNetwork] = []
-    for text in p["allowed_ip"]:  # type: ignore[union-attr]
+    for text in cast(list[str], p["allowed_ip"]):
         try:
             nets.append(ipaddress.ip_network(str(text), strict=False))
         except ValueError:
