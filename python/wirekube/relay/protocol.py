@@ -156,10 +156,13 @@ BLOCK_MAX_FRAME: Final = 512
 per-frame loop saves."""
 
 
-@functools.lru_cache(maxsize=64)
-def _check_struct(size: int) -> struct.Struct:
-    """BLOCK_FRAMES frames of ``size`` bytes: their 37-byte prefixes, payloads skipped (not copied)."""
-    return struct.Struct(f"{HEADER_LEN + KEY_LEN}s{size - HEADER_LEN - KEY_LEN}x" * BLOCK_FRAMES)
+_CHECK_BLOCKS: Final = (BLOCK_FRAMES, 16, 4)
+
+
+@functools.lru_cache(maxsize=192)
+def _check_struct(size: int, count: int) -> struct.Struct:
+    """``count`` frames of ``size`` bytes: their 37-byte prefixes, payloads skipped (not copied)."""
+    return struct.Struct(f"{HEADER_LEN + KEY_LEN}s{size - HEADER_LEN - KEY_LEN}x" * count)
 
 
 @functools.lru_cache(maxsize=64)
@@ -499,7 +502,7 @@ class FrameDecoder:
         Anything else (another type or key, a bad length, a partial frame) ends the run; the next
         call deals with it.  This is the relay's per-frame cost: frames of the same length and
         key share their first 37 bytes, so comparing those checks length, type and key at once,
-        for :data:`BLOCK_FRAMES` frames per ``struct`` call where that many are buffered, else one
+        for 64, then 16, then 4 frames per ``struct`` call while that many are buffered, then one
         ``startswith`` per frame.  If every prefix in a block equals the first, each of those
         frames really has that length, so the framing assumed is the framing there is (only
         prefixes at the computed offsets are compared: nothing in a payload can fake it).  The
@@ -532,11 +535,12 @@ class FrameDecoder:
             # time (one struct call returns their 37-byte prefixes, skipping the payloads), then
             # one comparison each
             start = off
-            step = BLOCK_FRAMES * size
-            if limit - off >= step:
-                check = _check_struct(size).unpack_from
-                while off <= limit - step and check(buf, off).count(prefix) == BLOCK_FRAMES:
-                    off += step
+            for block in _CHECK_BLOCKS:  # 64 at a time, then 16, then 4
+                step = block * size
+                if limit - off >= step:
+                    check = _check_struct(size, block).unpack_from
+                    while off <= limit - step and check(buf, off).count(prefix) == block:
+                        off += step
             last = limit - size
             if off == start:
                 off += size  # the first frame is checked already
