@@ -170,7 +170,7 @@ class _Ctx:
         try:
             return cls(value)
         except ValueError:
-            allowed = ", ".join(repr(m.value) for m in cls)  # type: ignore[attr-defined]
+            allowed = ", ".join(repr(m.value) for m in cls)
             raise self.fail(path, f"must be one of {allowed}, got {value!r}") from None
 
     def cidr(self, value: Any, path: str) -> IPNetwork:

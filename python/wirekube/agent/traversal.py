@@ -26,8 +26,10 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Any, TypeVar
 
 import uvloop
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -50,7 +52,8 @@ from wirekube.models import (
     Transport,
 )
 from wirekube.relay.protocol import PROBE_FROM_ALTERNATE_PORT
-from wirekube.traversal import nat, pathsm, rawudp, reflection
+from wirekube.traversal import birthday, birthdaypath, nat, pathsm, probe, rawudp, reflection
+from wirekube.traversal.birthday import BirthdaySettings, Do, Phase
 from wirekube.traversal.probe import ProbeListener
 from wirekube.traversal.relaypath import RelayPath
 
@@ -63,6 +66,7 @@ from wirekube.traversal.relaypath import RelayPath
 DIRECT_KEEPALIVE = 1
 RELAY_KEEPALIVE = 1
 HEARTBEAT_SECONDS = 0.5
+T = TypeVar("T")
 
 # Status condition: the relay proxy's loopback sendto() keeps failing with EPERM (Cilium's socket
 # LB); `wirekubectl doctor` reports it. Present only once it has been True (False = recovered).
@@ -95,6 +99,28 @@ class _PeerState:
     probing: bool = False
 
 
+BIRTHDAY_PENDING = "peer symmetric and local symmetric: birthday attack pending"
+# After a won round the two agents switch WireGuard over one after the other (the follower a
+# little later): meanwhile the peer's packets still come through the relay and our WireGuard roams
+# to the relay proxy. That is not the peer falling back, so it is not followed for this long.
+BIRTHDAY_SETTLE_SECONDS = 5.0
+
+
+@dataclass
+class _Birthday:
+    """One symmetric peer's birthday attack: coordination, the running round, the won path."""
+
+    key: str
+    session: birthday.Session
+    cancel: threading.Event = field(default_factory=threading.Event)
+    busy: bool = False  # a round's thread is running
+    proxy: birthdaypath.WonPathProxy | None = None
+    proxy_port: int = 0
+    won_at: float = float("-inf")  # monotonic
+    own_pool: int = 0
+    last_stats: birthdaypath.ProbeStats | None = None
+
+
 @dataclass
 class _View:
     mesh: Mesh | None = None
@@ -114,6 +140,7 @@ class Traversal:
         settings: TraversalSettings = TraversalSettings(),
         on_failover: Callable[[str, float], None] | None = None,
         on_transition: Callable[[str, str, str, str], None] | None = None,
+        birthday_settings: BirthdaySettings = BirthdaySettings(),
     ) -> None:
         self.node = node_name
         self._private = private_key
@@ -135,6 +162,8 @@ class Traversal:
         self._threads: list[threading.Thread] = []
         self._discovered_once = threading.Event()
         self._eperm_last: set[int] = set()
+        self.birthday_settings = birthday_settings
+        self._bday: dict[str, _Birthday] = {}
         self._reflected: Endpoint | None = None
         self._reflected_basis: Endpoint | None = None  # the STUN endpoint when the reflection was adopted
         self._log = logger.bind(component="traversal", node=node_name)
@@ -188,10 +217,14 @@ class Traversal:
 
         t = threading.Thread(target=guarded, name=name, daemon=True)
         t.start()
-        self._threads.append(t)
+        # Probe and birthday-round threads come and go every retry interval: keep only live ones.
+        self._threads = [x for x in self._threads if x.is_alive()] + [t]
 
     def stop(self) -> None:
         self._stop.set()
+        with self._lock:
+            for name in list(self._bday):
+                self._end_birthday(name)
         if self._listener is not None:
             self._listener.close()
         if self._loop is not None and self._relay is not None:
@@ -200,9 +233,9 @@ class Traversal:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
 
-    def _call(self, coro: object, timeout: float = 5.0) -> object:
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float = 5.0) -> T:
         assert self._loop is not None
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)  # type: ignore[arg-type]
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     # ------------------------------------------------------------------ inputs
 
@@ -234,11 +267,11 @@ class Traversal:
         with self._lock:
             name = next((n for n, s in self._peers.items() if s.key == text), None)
             state = self._peers.get(name) if name else None
-            if state is None or state.path.transport is not Transport.RELAY or state.path.relay_by_matrix \
-                    or state.probing:
+            if name is None or state is None or state.path.transport is not Transport.RELAY \
+                    or state.path.relay_by_matrix or state.probing:
                 return
             state.probing = True
-        self._spawn(lambda: self._probe(name), f"probe-back-{name}")
+        self._spawn(partial(self._probe, name), f"probe-back-{name}")
 
     def _known_peer(self, key: bytes) -> bool:
         text = base64.b64encode(key).decode()
@@ -284,9 +317,14 @@ class Traversal:
         return nat.NodeFacts(d.nat.nat_type, d.nat.public_ip, d.udp_blocked, bool(d.host_endpoints))
 
     def _birthday(self, mesh: Mesh, peer: Peer) -> bool:
-        override = peer.annotations.get(ANNOTATION_BIRTHDAY, "")
-        if override in ("enabled", "disabled"):
-            return override == "enabled"
+        """Birthday attack toward ``peer``: the annotation on either node of the pair decides
+        ("disabled" wins), else the mesh. Both agents compute the same answer for the pair."""
+        own = self._view.own
+        values = {peer.annotations.get(ANNOTATION_BIRTHDAY, ""), own.annotations.get(ANNOTATION_BIRTHDAY, "") if own else ""}
+        if "disabled" in values:
+            return False
+        if "enabled" in values:
+            return True
         return mesh.spec.birthday_attack is Toggle.ENABLED
 
     def _sync_peers(self) -> None:
@@ -300,21 +338,21 @@ class Traversal:
             local = self._local_facts()
             for name in list(self._peers):
                 if name not in self._view.peers:
-                    state = self._peers.pop(name)
-                    self._drop_proxy(state.key)
+                    gone = self._peers.pop(name)
+                    self._drop_proxy(gone.key)
                     changed = True
             for name, peer in self._view.peers.items():
                 decision = nat.choose_path(local, self._facts_of(peer), relay_mode=mesh.spec.relay.mode,
                                            birthday=self._birthday(mesh, peer))
-                if decision.path is nat.Path.BIRTHDAY:
-                    # Port prediction is not attempted yet: symmetric<->symmetric stays relayed.
-                    decision = nat.Decision(nat.Path.RELAY, decision.reason.replace(": birthday attack", "")
-                                            + " (birthday attack not available)")
                 state = self._peers.get(name)
                 if state is None or state.decision != decision or state.key != peer.spec.public_key:
-                    if decision.relayed:
+                    if decision.path is nat.Path.BIRTHDAY:
+                        # Relayed (traffic flows) while rounds of the birthday attack look for a direct path.
+                        path = pathsm.PeerPath.start_relay(now, BIRTHDAY_PENDING, by_matrix=True, timing=timing)
+                    elif decision.relayed:
                         path = pathsm.PeerPath.start_relay(now, decision.reason, by_matrix=True, timing=timing)
-                    elif state is not None and state.decision.relayed is False and state.key == peer.spec.public_key:
+                    elif (state is not None and state.decision.path not in (nat.Path.RELAY, nat.Path.BIRTHDAY)
+                          and state.key == peer.spec.public_key):
                         path = state.path  # same direct-ish decision: keep the running state machine
                     else:
                         path = pathsm.PeerPath.start_direct(now)
@@ -323,6 +361,7 @@ class Traversal:
                     changed = True
                 if mesh.spec.relay.mode is not RelayMode.NEVER and self._peers[name].proxy_port == 0:
                     self._ensure_proxy(name)
+            self._sync_birthdays()
         self._report_transitions()
         if changed:
             self._wake()
@@ -348,7 +387,7 @@ class Traversal:
             return
         state = self._peers[name]
         try:
-            state.proxy_port = int(self._call(self._relay.ensure_proxy(_raw(state.key))))  # type: ignore[arg-type]
+            state.proxy_port = int(self._call(self._relay.ensure_proxy(_raw(state.key))))
         except Exception as e:  # noqa: BLE001 - keep deciding for the other peers
             self._log.warning("cannot open relay proxy for {}: {}", name, e)
 
@@ -378,13 +417,190 @@ class Traversal:
                                              RELAY_KEEPALIVE, Transport.RELAY)
                     continue
                 endpoint = None
-                if state.decision.path is nat.Path.DIRECT_LAN:
+                won = self._bday.get(name)
+                if won is not None and won.proxy_port:
+                    endpoint = Endpoint(ipaddress.ip_address("127.0.0.1"), won.proxy_port)
+                elif state.decision.path is nat.Path.DIRECT_LAN:
                     peer = self._view.peers.get(name)
                     if peer and peer.status.host_endpoints:
                         endpoint = Endpoint.parse(peer.status.host_endpoints[0])
                 keepalive = None if mesh and mesh.spec.relay.mode is RelayMode.NEVER else DIRECT_KEEPALIVE
                 out[name] = PeerPath(endpoint, keepalive, Transport.DIRECT)
         return out
+
+    # ------------------------------------------------------------------ birthday attack
+
+    def _sync_birthdays(self) -> None:
+        """One session per peer decided BIRTHDAY (called with the lock held)."""
+        for name in list(self._bday):
+            state = self._peers.get(name)
+            if state is None or state.decision.path is not nat.Path.BIRTHDAY or state.key != self._bday[name].key:
+                self._end_birthday(name)
+        for name, state in self._peers.items():
+            if state.decision.path is nat.Path.BIRTHDAY and name not in self._bday:
+                self._bday[name] = _Birthday(state.key, birthday.Session(leader=self.node < name))
+
+    def _end_birthday(self, name: str) -> None:
+        b = self._bday.pop(name, None)
+        if b is None:
+            return
+        b.cancel.set()
+        self._close_won_proxy(b)
+
+    def _close_won_proxy(self, b: _Birthday) -> None:
+        proxy, b.proxy, b.proxy_port = b.proxy, None, 0
+        if proxy is not None:
+            self._close_proxy(proxy)
+
+    def _close_proxy(self, proxy: birthdaypath.WonPathProxy) -> None:
+        if self._loop is not None and self._loop.is_running():
+            self._loop.call_soon_threadsafe(proxy.close)
+        else:
+            proxy.close()
+
+    def _birthday_lost(self, name: str, wall: float) -> None:
+        """The won path stalled (lock held): back to rounds after the retry interval."""
+        b, mesh = self._bday.get(name), self._view.mesh
+        if b is None or mesh is None:
+            return
+        b.session = birthday.lost(b.session, wall, float(mesh.spec.relay.direct_retry_interval_seconds))
+        self._close_won_proxy(b)
+
+    def _birthday_tick(self, wall: float) -> None:
+        """Advance every session: propose/join rounds, start probing at notBefore, give up."""
+        starts: list[tuple[str, _Birthday]] = []
+        changed = False
+        with self._lock:
+            mesh = self._view.mesh
+            if mesh is None or not self._bday:
+                return
+            retry = float(mesh.spec.relay.direct_retry_interval_seconds)
+            for name, b in self._bday.items():
+                if b.busy and b.session.phase is Phase.IDLE:
+                    continue  # the last round's thread is still finishing
+                peer = self._view.peers.get(name)
+                entry = peer.status.birthday.get(self.node) if peer is not None else None
+                before = b.session
+                b.session, do = birthday.step(b.session, wall, entry, self.birthday_settings, retry)
+                if do is Do.PREPARE:
+                    b.busy = True
+                    starts.append((name, b))
+                elif do is Do.GAVE_UP:
+                    self._birthday_relay_reason(name, b)
+                    self._log.warning("peer {}: {}", name, b.session.reason)
+                changed = changed or b.session.own != before.own or b.session.reason != before.reason
+        for name, b in starts:
+            self._spawn(partial(self._birthday_round, name, b), f"birthday-{name}")
+        if changed:
+            self._wake()
+
+    def _birthday_relay_reason(self, name: str, b: _Birthday) -> None:
+        state = self._peers.get(name)
+        if state is not None and state.path.transport is Transport.RELAY and b.session.reason:
+            state.path = replace(state.path, reason=b.session.reason)
+
+    def _birthday_round(self, name: str, b: _Birthday) -> None:
+        """One round's I/O (its own thread): measure the own window, publish, wait, probe, adopt."""
+        settings = self.birthday_settings
+        try:
+            with self._lock:
+                mesh = self._view.mesh
+            ports = birthdaypath.measure_ports(rawudp.resolve(self.stun_servers(mesh)) if mesh else [],
+                                               settings.window_samples, timeout=self.settings.stun_timeout)
+            window = birthday.own_window(ports, settings.flows)
+            with self._lock:
+                if self._bday.get(name) is not b or b.cancel.is_set() or b.session.phase is not Phase.PREPARING:
+                    return
+                b.session = birthday.prepared(b.session, time.time(), window, settings)
+                b.own_pool = birthday.pool_estimate(min(ports, default=0), max(ports, default=0), len(ports))
+                self._log.info("peer {}: birthday round {} at {} (own NAT maps new flows to {}-{}, {})", name,
+                               b.session.round, b.session.own.not_before if b.session.own else "?", *window,
+                               "leading" if b.session.leader else "joining")
+            self._wake()
+            while not (self._stop.is_set() or b.cancel.is_set()):
+                with self._lock:
+                    phase = b.session.phase
+                if phase is Phase.PROBING:
+                    break
+                if phase not in (Phase.PROPOSED, Phase.ARMED):
+                    return  # given up before notBefore (the ticker said why)
+                time.sleep(0.02)
+            else:
+                return
+            self._birthday_probe(name, b)
+        except Exception:  # noqa: BLE001 - a failed round must not stay "probing" forever
+            self._log.exception("peer {}: birthday round crashed", name)
+            self._birthday_finished(name, b, None, "round crashed")
+        finally:
+            with self._lock:
+                b.busy = False
+
+    def _birthday_probe(self, name: str, b: _Birthday) -> None:
+        settings = self.birthday_settings
+        with self._lock:
+            peer = self._view.peers.get(name)
+            entry = peer.status.birthday.get(self.node) if peer is not None else None
+            session = b.session
+        if peer is None or peer.spec.endpoint is None:
+            self._birthday_finished(name, b, None, "peer has no published endpoint")
+            return
+        peer_window = (entry.port_min, entry.port_max) if entry is not None else (0, 0)
+        candidates = birthday.candidate_ports(peer_window, settings.candidates, peer.spec.endpoint.port)
+        targets = birthday.plan_targets(settings.sockets, settings.ports_per_socket, candidates)
+        peer_pool = birthday.pool_estimate(peer_window[0], peer_window[1], settings.window_samples)
+        estimate = birthday.success_probability(settings.flows, settings.flows, b.own_pool or peer_pool, peer_pool)
+        raw_peer = _raw(b.key)
+        prober = birthdaypath.Prober(settings, session.round, session.leader, _raw(self.public_key), raw_peer,
+                                     probe.shared_secret(self._private, raw_peer), str(peer.spec.endpoint.ip), targets,
+                                     cancelled=lambda: self._stop.is_set() or b.cancel.is_set())
+        result = prober.run(session.not_before)
+        st = result.stats
+        b.last_stats = st
+        self._log.info("peer {}: birthday round {} {}: {} sockets, {} flows, {} datagrams sent, {} pings and {} pongs "
+                       "received, {:.1f}s (estimated success {:.1%})", name, session.round,
+                       "won" if result.won else "failed", st.sockets, st.flows, st.probes_sent, st.pings_received,
+                       st.pongs_received, st.elapsed, estimate)
+        self._birthday_finished(name, b, result, f"round {session.round}: {result.detail}, "
+                                                 f"{st.flows} flows, estimated success {estimate:.1%}")
+
+    def _birthday_finished(self, name: str, b: _Birthday, result: birthdaypath.ProbeResult | None, detail: str) -> None:
+        proxy = None
+        remote = result.remote if result is not None and result.won and result.sock is not None else None
+        if result is not None and result.sock is not None and remote is not None:
+            with self._lock:
+                mesh = self._view.mesh
+            proxy = birthdaypath.WonPathProxy(result.sock, remote,
+                                              mesh.spec.listen_port if mesh else 51820)
+            try:
+                self._call(proxy.open())
+            except Exception as e:  # noqa: BLE001 - no proxy, no path
+                self._log.warning("peer {}: cannot open the won path's proxy: {}", name, e)
+                proxy.close()
+                proxy, detail = None, f"{detail}; proxy failed"
+        with self._lock:
+            mesh = self._view.mesh
+            retry = float(mesh.spec.relay.direct_retry_interval_seconds) if mesh else 120.0
+            state = self._peers.get(name)
+            if self._bday.get(name) is not b or b.cancel.is_set() or state is None:
+                self._log.info("peer {}: birthday round {} ended after its session did ({})", name,
+                               b.session.round, "won path closed" if proxy is not None else detail)
+                if proxy is not None:
+                    self._close_proxy(proxy)
+                return
+            b.session = birthday.finished(b.session, time.time(), proxy is not None, retry, detail)
+            if proxy is not None:
+                now = time.monotonic()
+                b.proxy, b.proxy_port, b.won_at = proxy, proxy.port, now
+                # Proven both ways just now: established, so the 2 Hz heartbeat's rx keeps it (or the
+                # stall detector hands the peer back to the relay within stall_after).
+                state.path = pathsm.PeerPath(Transport.DIRECT, since=now, established=True, last_rx_at=now)
+                self._log.info("peer {}: birthday attack won: direct over 127.0.0.1:{} <-> {}", name,
+                               b.proxy_port, f"{proxy.remote[0]}:{proxy.remote[1]}")
+            else:
+                self._birthday_relay_reason(name, b)
+                self._log.warning("peer {}: {}", name, b.session.reason)
+        self._report_transitions()
+        self._wake()
 
     # ------------------------------------------------------------------ the ticker
 
@@ -393,6 +609,7 @@ class Traversal:
             self.tick(time.monotonic(), time.time())
 
     def tick(self, now: float, wall: float) -> None:
+        self._birthday_tick(wall)
         wg = self._engine_state()
         if wg is None:
             return
@@ -405,10 +622,14 @@ class Traversal:
             for name, state in self._peers.items():
                 ws = wg.peers.get(state.key)
                 rx = ws.rx_bytes if ws is not None else 0
-                if (state.path.transport is Transport.DIRECT and state.proxy_port and ws is not None
+                settling = name in self._bday and now - self._bday[name].won_at < BIRTHDAY_SETTLE_SECONDS
+                if (state.path.transport is Transport.DIRECT and state.proxy_port and ws is not None and not settling
                         and ws.config.endpoint is not None and ws.config.endpoint.ip.is_loopback
                         and ws.config.endpoint.port == state.proxy_port and self.relay_available()):
                     state.path = pathsm.follow_to_relay(state.path, now, timing)
+                    if name in self._bday:
+                        state.path = replace(state.path, relay_by_matrix=True)
+                        self._birthday_lost(name, wall)
                     self._log.warning("peer {}: it now reaches us through the relay; following it", name)
                     changed = True
                     continue
@@ -417,6 +638,9 @@ class Traversal:
                     if not state.proxy_port or not self.relay_available():
                         continue  # no relay path to fail over to: keep trying direct
                     self._log.warning("peer {}: {} -> relay", name, new.reason)
+                    if name in self._bday:  # a won birthday path died: new rounds after the retry interval
+                        new = replace(new, relay_by_matrix=True)
+                        self._birthday_lost(name, wall)
                     if new.failovers > state.path.failovers and self._on_failover:
                         self._on_failover(name, new.last_failover_detect_s)
                     changed = True
@@ -425,7 +649,7 @@ class Traversal:
                     probes.append(name)
                 state.path = new
         for name in probes:
-            self._spawn(lambda n=name: self._probe(n), f"probe-{name}")
+            self._spawn(partial(self._probe, name), f"probe-{name}")
         if changed:
             self._report_transitions()
             self._wake()
@@ -589,6 +813,7 @@ class Traversal:
         with self._lock:
             reasons = {n: s.path.reason or s.decision.reason for n, s in self._peers.items()
                        if s.path.transport is Transport.RELAY}
+            rounds = {n: b.session.own for n, b in sorted(self._bday.items()) if b.session.own is not None}
         return replace(
             status,
             nat_type=d.nat.nat_type,
@@ -599,6 +824,7 @@ class Traversal:
             udp_blocked=d.udp_blocked,
             conditions=self._eperm_condition(status.conditions, wall),
             observed_endpoints=observed,
+            birthday=rounds,
         )
 
     # ------------------------------------------------------------------ EPERM condition
@@ -613,7 +839,7 @@ class Traversal:
                 return relay.eperm_active()
 
             try:
-                return list(self._call(read(), timeout=2.0))  # type: ignore[call-overload]
+                return self._call(read(), timeout=2.0)
             except Exception:  # noqa: BLE001 - a slow loop must not block publishing the status
                 return sorted(self._eperm_last)
         return list(relay.eperm_active())

@@ -13,7 +13,11 @@ What each kind does (WAN interface ``wan``, LAN bridge ``lan``):
   (endpoint-independent mapping) and conntrack lets in only replies from the exact address and
   port contacted (address-and-port-dependent filtering).
 - ``symmetric``: ``masquerade fully-random``: a new random port for every destination (the same
-  destination keeps its port while the conntrack entry lives).
+  destination keeps its port while the conntrack entry lives).  With ``ports=(P1, P2)``
+  (:func:`router_ruleset`), UDP is mapped into that range only (``masquerade to :P1-P2
+  fully-random``; other protocols as before): a symmetric NAT with a small pool, the kind a
+  birthday attack can beat (256 ports: 98% per round with the agent's defaults, see
+  ``wirekube.traversal.birthday``), where the full-range one defeats it.
 - ``full-cone``: masquerade as above, plus a dynamic map ``fullcone`` from each mapped WAN port to
   the LAN address and port behind it, filled from the packet path after source NAT; inbound UDP
   to a mapped port is DNATed to its owner from any source (endpoint-independent filtering).
@@ -54,8 +58,14 @@ def cut_rules(proto: str, peer: str | None, wan: str = "wan") -> str:
                    for sel in selectors)
 
 
-def router_ruleset(nat: NatKind, wan: str = "wan") -> str:
-    """The nft rule set for a router of this NAT kind."""
+def router_ruleset(nat: NatKind, wan: str = "wan", *, ports: tuple[int, int] | None = None) -> str:
+    """The nft rule set for a router of this NAT kind (``ports``: symmetric only, the UDP pool)."""
+    if ports is not None:
+        low, high = ports
+        if nat is not NatKind.SYMMETRIC:
+            raise ValueError(f"a port range applies to symmetric NAT only, not {nat.value}")
+        if not 1024 <= low <= high <= 65535:
+            raise ValueError(f"port range {low}-{high}: need 1024 <= low <= high <= 65535")
     lines = [
         f"table ip {TABLE} {{",
         f"  chain {IMPAIR_CHAIN} {{",
@@ -105,6 +115,10 @@ def router_ruleset(nat: NatKind, wan: str = "wan") -> str:
         "  }",
         "  chain outbound_nat {",
         "    type nat hook postrouting priority srcnat; policy accept;",
+    ]
+    if ports is not None:
+        lines.append(f'    oifname "{wan}" meta l4proto udp masquerade to :{ports[0]}-{ports[1]} fully-random')
+    lines += [
         f'    oifname "{wan}" {masquerade}',
         "  }",
         "}",

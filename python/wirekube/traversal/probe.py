@@ -9,7 +9,7 @@ move WireGuard's endpoint. The same exchange punches the holes for port-restrict
 
 Probe datagram (62 bytes)::
 
-    b"WKDP" | version (1) | kind (1: ping, 2: pong) | sender public key (32) | nonce (8)
+    b"WKDP" | version (1) | kind (1: ping, 2: pong, 3: choose, 4: chosen) | sender public key (32) | nonce (8)
     | HMAC-SHA256(X25519(own private, peer public), header + key + nonce)[:16]
 
 The MAC uses the static-static X25519 secret both peers can compute from the keys they already
@@ -40,6 +40,7 @@ from wirekube.traversal.rawudp import PortSocket, parse_ipv4_udp
 MAGIC = b"WKDP"
 VERSION = 1
 PING, PONG = 1, 2
+CHOOSE, CHOSEN = 3, 4  # birthday attack: the leader settles on one proven flow, the peer confirms
 LENGTH = 62
 _HEADER = struct.Struct("!4sBB")
 STUN_COOKIE = 0x2112A442
@@ -66,12 +67,13 @@ def encode(kind: int, sender: bytes, nonce: bytes, secret: bytes) -> bytes:
     return body + _mac(secret, body)
 
 
-def decode(payload: bytes, secret_for: Callable[[bytes], bytes | None]) -> Probe | None:
-    """A verified probe, or None (not a probe, unknown sender, bad MAC)."""
+def decode(payload: bytes, secret_for: Callable[[bytes], bytes | None],
+           kinds: tuple[int, ...] = (PING, PONG)) -> Probe | None:
+    """A verified probe of one of ``kinds``, or None (not a probe, unknown sender, bad MAC)."""
     if len(payload) != LENGTH or not payload.startswith(MAGIC):
         return None
     _, version, kind = _HEADER.unpack_from(payload)
-    if version != VERSION or kind not in (PING, PONG):
+    if version != VERSION or kind not in kinds:
         return None
     sender, nonce, mac = payload[6:38], payload[38:46], payload[46:]
     secret = secret_for(sender)

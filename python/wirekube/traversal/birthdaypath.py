@@ -1,0 +1,285 @@
+"""The birthday attack's I/O: where the own NAT maps new flows, the probing round, the won path's proxy.
+
+* :func:`measure_ports`: a few fresh UDP sockets ask STUN for their mapping (the samples
+  :func:`wirekube.traversal.birthday.own_window` turns into the published window).
+* :class:`Prober`: one round. Opens ``sockets`` UDP sockets, sends authenticated pings (the
+  62-byte probe of :mod:`wirekube.traversal.probe`, nonce = round + flow number) along the
+  :func:`~wirekube.traversal.birthday.send_schedule`, answers the peer's pings, and settles on one
+  flow: the leader sends CHOOSE over the first flow that proved itself (a ping or a pong from the
+  peer arrived on it), the follower answers CHOSEN; each side then keeps that one socket and
+  closes the rest. Hard limits: ``settings.sockets`` sockets, ``settings.max_probes`` datagrams,
+  ``settings.budget`` seconds after notBefore (checked on every loop pass; :class:`ProbeStats`
+  reports what was used).
+* :class:`WonPathProxy`: the won socket cannot be WireGuard's listen socket (that one has its own
+  NAT mapping), so WireGuard's endpoint for the peer becomes ``127.0.0.1:<won socket's port>`` and
+  this proxy, reading the won socket itself, forwards WireGuard's datagrams to the peer's mapped
+  address and the peer's datagrams to WireGuard; anything from elsewhere is dropped.
+
+Probing never touches WireGuard or the relay: while a round runs, the peer's traffic keeps using
+the relay path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import select
+import socket
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from aioice import stun
+from loguru import logger
+
+from wirekube.models import FWMARK
+from wirekube.traversal import birthday, probe
+from wirekube.traversal.rawudp import SO_MARK, StunTarget
+
+ALL_KINDS = (probe.PING, probe.PONG, probe.CHOOSE, probe.CHOSEN)
+
+
+def _udp_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with contextlib.suppress(OSError):  # needs CAP_NET_ADMIN; keeps the probes out of the tunnel
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, FWMARK)
+    sock.bind(("0.0.0.0", 0))
+    sock.setblocking(False)
+    return sock
+
+
+def measure_ports(targets: Sequence[StunTarget], samples: int, *, timeout: float = 2.0,
+                  attempts: int = 3) -> list[int]:
+    """Mapped ports of ``samples`` fresh sockets (socket i asks ``targets[i % n]``), in socket order."""
+    if not targets:
+        return []
+    socks = [_udp_socket() for _ in range(samples)]
+    try:
+        requests = {}
+        for i, sock in enumerate(socks):
+            msg = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
+            requests[i] = (msg.transaction_id, bytes(msg), targets[i % len(targets)])
+        mapped: dict[int, int] = {}
+        for _ in range(attempts):
+            for i, (_, raw, t) in requests.items():
+                if i not in mapped:
+                    with contextlib.suppress(OSError):
+                        socks[i].sendto(raw, (t.ip, t.port))
+            window_end = time.monotonic() + timeout / attempts
+            while len(mapped) < len(socks) and time.monotonic() < window_end:
+                ready, _, _ = select.select(socks, [], [], max(0.0, window_end - time.monotonic()))
+                for sock in ready:
+                    i = socks.index(sock)
+                    with contextlib.suppress(OSError):
+                        data = sock.recv(2048)
+                        try:
+                            response = stun.parse_message(data)
+                        except (ValueError, struct.error, IndexError):
+                            continue
+                        if response.transaction_id != requests[i][0]:
+                            continue
+                        addr = response.attributes.get("XOR-MAPPED-ADDRESS") or response.attributes.get("MAPPED-ADDRESS")
+                        if addr:
+                            mapped[i] = int(addr[1])
+            if len(mapped) == len(socks):
+                break
+        return [mapped[i] for i in sorted(mapped)]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+@dataclass
+class ProbeStats:
+    sockets: int = 0
+    flows: int = 0
+    probes_sent: int = 0
+    pings_received: int = 0
+    pongs_received: int = 0
+    elapsed: float = 0.0
+    """Seconds from notBefore to the end of the round."""
+
+
+@dataclass
+class ProbeResult:
+    won: bool
+    stats: ProbeStats
+    sock: socket.socket | None = None
+    remote: tuple[str, int] | None = None
+    detail: str = ""
+
+
+@dataclass
+class Prober:
+    """One birthday round toward one peer (blocking; run it on its own thread)."""
+
+    settings: birthday.BirthdaySettings
+    round: int
+    leader: bool
+    own_public: bytes
+    peer_public: bytes
+    secret: bytes
+    peer_ip: str
+    targets: Sequence[Sequence[int]]
+    clock: Callable[[], float] = time.time
+    cancelled: Callable[[], bool] = lambda: False
+    socket_factory: Callable[[], socket.socket] = _udp_socket
+    stats: ProbeStats = field(default_factory=ProbeStats)
+
+    def _nonce(self, flow: int) -> bytes:
+        return struct.pack("!II", self.round & 0xFFFFFFFF, flow & 0xFFFFFFFF)
+
+    def _send(self, sock: socket.socket, kind: int, nonce: bytes, addr: tuple[str, int]) -> None:
+        if self.stats.probes_sent >= self.settings.max_probes:
+            return
+        self.stats.probes_sent += 1
+        with contextlib.suppress(OSError):  # a full buffer or an ICMP error: the next pass tries again
+            sock.sendto(probe.encode(kind, self.own_public, nonce, self.secret), addr)
+
+    def run(self, start_at: float) -> ProbeResult:
+        """Wait for ``start_at`` (wall clock), probe, and return the won socket or nothing."""
+        s = self.settings
+        while self.clock() < start_at:
+            if self.cancelled():
+                return ProbeResult(False, self.stats, detail="cancelled")
+            time.sleep(min(0.05, max(0.0, start_at - self.clock())))
+        schedule = birthday.send_schedule(s, self.targets)
+        socks = [self.socket_factory() for _ in range(min(s.sockets, len(self.targets)))]
+        self.stats.sockets = len(socks)
+        self.stats.flows = len({(i, port) for _, i, port in schedule})
+        flow_id = {(i, port): n for n, (i, port) in enumerate(dict.fromkeys((i, p) for _, i, p in schedule))}
+        index = {sock.fileno(): i for i, sock in enumerate(socks)}
+        deadline = start_at + s.budget
+        proven: list[tuple[int, tuple[str, int]]] = []
+        choice: tuple[int, tuple[str, int]] | None = None
+        choice_sent, choice_at, choices = 0, 0.0, 0
+        won: tuple[int, tuple[str, int]] | None = None
+        settle_until = 0.0
+        replies = 0
+        due = 0
+        try:
+            while True:
+                now = self.clock()
+                if now >= deadline or self.cancelled():
+                    break
+                if won is not None and (self.leader or now >= settle_until):
+                    break
+                if won is None:
+                    while due < len(schedule) and start_at + schedule[due][0] <= now:
+                        _, i, port = schedule[due]
+                        self._send(socks[i], probe.PING, self._nonce(flow_id[(i, port)]), (self.peer_ip, port))
+                        due += 1
+                if self.leader and won is None:
+                    if choice is not None and choice_sent >= s.choose_attempts and now - choice_at >= s.choose_interval:
+                        choice = None  # never confirmed: try the next proven flow
+                    if choice is None and proven and choices < s.max_choices:
+                        choice, choice_sent, choices = proven.pop(0), 0, choices + 1
+                    if choice is not None and choice_sent < s.choose_attempts and now - choice_at >= s.choose_interval:
+                        self._send(socks[choice[0]], probe.CHOOSE, self._nonce(0), choice[1])
+                        choice_sent, choice_at = choice_sent + 1, now
+                next_due = start_at + schedule[due][0] if due < len(schedule) and won is None else now + 0.05
+                wait = max(0.0, min(next_due - now, 0.02, deadline - now))
+                ready, _, _ = select.select(socks, [], [], wait)
+                for sock in ready:
+                    i = index[sock.fileno()]
+                    while True:
+                        try:
+                            data, addr = sock.recvfrom(2048)
+                        except (BlockingIOError, InterruptedError):
+                            break
+                        except OSError:
+                            break  # e.g. ICMP port unreachable from an unaligned flow
+                        if addr[0] != self.peer_ip:
+                            continue
+                        msg = probe.decode(data, lambda k: self.secret if k == self.peer_public else None, ALL_KINDS)
+                        if msg is None or struct.unpack("!I", msg.nonce[:4])[0] != self.round & 0xFFFFFFFF:
+                            continue
+                        flow = (i, (addr[0], addr[1]))
+                        if msg.kind == probe.PING:
+                            self.stats.pings_received += 1
+                            if replies < s.max_replies:
+                                replies += 1
+                                self._send(sock, probe.PONG, msg.nonce, flow[1])
+                            if self.leader and flow not in proven and flow != choice:
+                                proven.append(flow)
+                        elif msg.kind == probe.PONG:
+                            self.stats.pongs_received += 1
+                            if self.leader and flow not in proven and flow != choice:
+                                proven.append(flow)
+                        elif msg.kind == probe.CHOOSE and not self.leader:
+                            if won is None or won == flow:
+                                self._send(sock, probe.CHOSEN, msg.nonce, flow[1])
+                                if won is None:
+                                    won, settle_until = flow, self.clock() + s.linger
+                        elif msg.kind == probe.CHOSEN and self.leader and flow == choice:
+                            won = flow
+        finally:
+            self.stats.elapsed = max(0.0, self.clock() - start_at)
+            keep = socks[won[0]] if won is not None else None
+            for sock in socks:
+                if sock is not keep:
+                    sock.close()
+        if won is None:
+            return ProbeResult(False, self.stats, detail="cancelled" if self.cancelled() else "no aligned flow")
+        assert keep is not None
+        keep.setblocking(False)
+        return ProbeResult(True, self.stats, keep, won[1])
+
+
+class _ProxyProtocol(asyncio.DatagramProtocol):
+    def __init__(self, proxy: WonPathProxy) -> None:
+        self.proxy = proxy
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        p, t = self.proxy, self.transport
+        if t is None:
+            return
+        source = (addr[0], addr[1])
+        if source == p.remote:
+            p.from_peer += 1
+            t.sendto(data, ("127.0.0.1", p.wireguard_port))
+        elif source == ("127.0.0.1", p.wireguard_port):
+            p.to_peer += 1
+            t.sendto(data, p.remote)
+        else:
+            p.dropped += 1
+
+    def error_received(self, exc: Exception) -> None:
+        logger.debug("birthday proxy on port {}: {}", self.proxy.port, exc)
+
+
+@dataclass(eq=False)
+class WonPathProxy:
+    """WireGuard <-> 127.0.0.1:<port> = the won socket <-> the peer's mapped address."""
+
+    sock: socket.socket
+    remote: tuple[str, int]
+    wireguard_port: int
+    from_peer: int = 0
+    to_peer: int = 0
+    dropped: int = 0
+    port: int = 0
+    _transport: asyncio.DatagramTransport | None = None
+
+    def __post_init__(self) -> None:
+        self.port = int(self.sock.getsockname()[1])
+
+    async def open(self) -> int:
+        """Start forwarding (on the running loop, which then owns the socket)."""
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(lambda: _ProxyProtocol(self), sock=self.sock)
+        self._transport = transport
+        return self.port
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+        else:
+            self.sock.close()
+
