@@ -540,16 +540,18 @@ def _mean(runs: list[dict[str, Any]], *path: str) -> float:
 
 # Where the relay's time goes, by the function that spends it (cProfile "own" time).
 _PROFILE_GROUPS: list[tuple[str, tuple[str, ...]]] = [
-    ("frame scan and key rewrite (the decoder: per-frame loop, or 64-frame struct blocks for small frames)",
+    ("frame scan and key rewrite (the decoder: prefixes checked 64/16/4 frames per struct call, keys rewritten "
+     "by map; 64-frame copies for small frames)",
      ("(_scan_run)", "(_block_run)", "'startswith'", "'pack_into'", "'unpack_from'", "'join' of 'bytes'",
-      "'count' of 'tuple'", "'count' of 'list'", "(_block_struct)")),
+      "'count' of 'tuple'", "'count' of 'list'", "(_block_struct)", "(_check_struct)")),
     ("writes to destinations (time in writelines, i.e. the writev syscalls)", ("(_flush)",)),
     ("event loop and reads (uvloop's own time, i.e. epoll and the recv syscalls)",
      ("runners.py", "run_until_complete", "(run)")),
-    ("new receive chunks (allocating and zeroing)", ("(_new_chunk)",)),
-    ("per-read and per-run bookkeeping (routing, budgets, header checks)",
+    ("new receive chunks (allocating and zeroing, or refilling one nobody holds)", ("(_new_chunk)", "(_unshared)")),
+    ("per-read and per-run bookkeeping (routing, budgets, header checks, pushback)",
      ("(buffer_updated)", "(get_buffer)", "(_forward_frames)", "(next_run)", "(_peek_header)",
-      "(_check_header)", "(_accept)", "(_queued_bytes)", "'get_write_buffer_size'", "'time'")),
+      "(_check_header)", "(_accept)", "(_queued_bytes)", "'get_write_buffer_size'", "'time'", "(_hold)",
+      "(_unhold)", "(_release_held)", "(pause_writing)", "(resume_writing)")),
 ]
 
 
@@ -735,6 +737,12 @@ def _summary(results: dict[str, Any], sizes: list[int]) -> dict[str, Any]:
             "relay_added_latency_us_at_light_load": lat["added_us"]["relay"],
             "socat_added_latency_us_at_light_load": lat["added_us"]["socat"],
             "relay_cpu_s_per_run": [r["forwarder"]["cpu_s"] for r in relay_runs],
+            # CPU per delivered frame: unlike frames/s, barely moved by what else the machine runs
+            "relay_cpu_us_per_delivered_frame": [_cpu_us_per_frame(r) for r in relay_runs],
+            "socat_cpu_us_per_delivered_frame": [_cpu_us_per_frame(r) for r in socat_runs],
+            "relay_over_socat_cpu_per_frame_median": round(
+                statistics.median(_cpu_us_per_frame(r) for r in relay_runs)
+                / statistics.median(_cpu_us_per_frame(r) for r in socat_runs), 3),
             "relay_cpu_utilisation": [r["forwarder"]["cpu_utilisation"] for r in relay_runs],
             "relay_user_vs_system_cpu_s": [[r["forwarder"]["user_cpu_s"], r["forwarder"]["system_cpu_s"]]
                                            for r in relay_runs],
@@ -757,6 +765,11 @@ def _summary(results: dict[str, Any], sizes: list[int]) -> dict[str, Any]:
             },
         }
     return out
+
+
+def _cpu_us_per_frame(run: dict[str, Any]) -> float:
+    frames = run["frames_per_s"] * run["seconds"]
+    return round(run["forwarder"]["cpu_s"] / frames * 1e6, 3) if frames else float("nan")
 
 
 def _setup(args: argparse.Namespace, elapsed: float) -> dict[str, Any]:
@@ -786,10 +799,12 @@ def _setup(args: argparse.Namespace, elapsed: float) -> dict[str, Any]:
                   "2 x pairs generator processes and the kernel's loopback TCP work.  Compare the ratio, "
                   "not the absolutes; see each run's saturation, forwarder and generator CPU to tell which "
                   "side saturated.  The load is open-loop (senders never slow down).  socat answers a slow "
-                  "receiver by reading less; the relay, as its protocol requires, keeps reading and drops "
-                  "what a full destination queue cannot take (relay_dropped_share), so on a saturated "
-                  "machine part of its CPU goes to frames it then drops.  WireGuard carrying TCP backs off "
-                  "on those drops; this generator does not.",
+                  "receiver by reading less; the relay drops what a full destination queue cannot take "
+                  "(relay_dropped_share) and stops reading a sender whose frames all go to congested "
+                  "destinations until one drains or --backpressure-hold (20 ms) passes, so it spends little "
+                  "CPU on frames it would drop.  WireGuard carrying TCP backs off on drops; this generator "
+                  "does not.  The relay is one thread; socat is one process per pair, so on these 2 CPUs "
+                  "socat can use both and the relay at most one.",
         "bounded_by": "rounds x sizes x 2 targets x (warm-up + measured seconds + ~1.5 s set-up), at most one "
                       "repeat per disturbed run, paced latency runs, and two profiled runs: about 3 minutes",
     }
