@@ -126,7 +126,9 @@ def proc_cpu(pid: int, part: str = "all") -> float:
 
 
 class Harness:
-    def __init__(self, relay_args: list[str]) -> None:
+    def __init__(self, relay_args: list[str], relay_pythonpath: str = "", agent_pythonpath: str = "") -> None:
+        self.relay_pythonpath = relay_pythonpath
+        self.agent_pythonpath = agent_pythonpath
         self.tag = f"wkrp{uuid.uuid4().hex[:6]}"
         self.ns = {n: f"{self.tag}-{n}" for n in "abr"}
         self.ifname = {n: f"{self.tag}{n}" for n in "ab"}
@@ -164,9 +166,10 @@ class Harness:
             self.ip("r", "link", "set", f"to{n}", "up")
         sh(*self.exec_argv("r", ["sysctl", "-qw", "net.ipv4.ip_forward=1"]))
         relay_log = open(self.tmp / "relay.log", "w")
+        env = {**os.environ, "PYTHONPATH": self.relay_pythonpath} if self.relay_pythonpath else None
         self.spawn("relay", "r", [sys.executable, "-m", "wirekube.relay.cli", "--listen", "10.77.1.1:3478",
                                   "--stun-listen", "10.77.1.1:3478", "--metrics-listen", "10.77.1.1:9100",
-                                  *self.relay_args], stderr=relay_log, stdout=relay_log)
+                                  *self.relay_args], stderr=relay_log, stdout=relay_log, env=env)
         deadline = time.monotonic() + 20
         while "10.77.1.1:3478" not in sh(*self.exec_argv("r", ["ss", "-Hltn"])):
             if time.monotonic() > deadline or self.procs["relay"].poll() is not None:
@@ -193,9 +196,10 @@ class Harness:
             self.ip(n, "link", "set", self.ifname[n], "mtu", str(MTU), "up")
         for n in "ab":
             other = "b" if n == "a" else "a"
+            env = {**os.environ, "PYTHONPATH": self.agent_pythonpath} if self.agent_pythonpath else None
             p = self.spawn(f"agent-{n}", n, [sys.executable, __file__, "--agent", "--private-key", self.keys[n],
                                              "--peer-key", self.pubs[other], "--relay", "10.77.1.1:3478"],
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
             assert p.stdout is not None
             line = p.stdout.readline()
             if not line:
@@ -398,11 +402,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=("direct", "relay"), help="run one transport only")
     p.add_argument("--profile", type=Path, help="directory for py-spy raw profiles of one relayed run")
     p.add_argument("--out", type=Path, help="write the runs and the summary here (JSON)")
+    p.add_argument("--relay-args", default="", help="extra wirekube-relay arguments, e.g. '--backpressure-hold 0'")
+    p.add_argument("--relay-pythonpath", default="",
+                   help="run the relay from another source tree (PYTHONPATH), for before/after comparisons")
+    p.add_argument("--agent-pythonpath", default="", help="the same for the stand-in agents")
     args = p.parse_args(argv)
     if args.agent:
         return agent_main(args)
     streams_list = [int(s) for s in args.streams.split(",")]
-    h = Harness(["--log-level", "WARNING"])
+    h = Harness(["--log-level", "WARNING", *args.relay_args.split()], args.relay_pythonpath, args.agent_pythonpath)
     runs: list[dict[str, Any]] = []
     load_start = [round(x, 2) for x in os.getloadavg()]
     try:
