@@ -20,6 +20,12 @@ Against a NAT that picks among all 64512 ports (the lab's default symmetric NAT,
 carrier NATs): mu = 6.3e-5, P = 0.006%: the attack is for NATs with small pools or predictable
 (sequential) allocation, which is why it is off by default.
 
+Measured between two real 256-port NATs in network namespaces (tests/integration/
+test_traversal_birthday.py's topology, one round per trial, conntrack flushed in between):
+512 flows 49/50 rounds won (predicted 98.2%), 256 flows 43/70 (63.2%), 128 flows 12/70 (22.1%).
+A won round settles in 0.1-0.4 s after notBefore (the follower 1 s later: it lingers to answer a
+repeated CHOOSE); a lost one ends at the budget, 10 s.
+
 **Where to aim.** Just before a round each side opens a few fresh sockets and asks STUN where its
 NAT maps them (:func:`own_window`): a NAT that allocates sequentially shows a step, and the next
 flows land just above the last sample; a random one shows ports spread over its pool, and every
