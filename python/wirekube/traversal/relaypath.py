@@ -22,7 +22,8 @@
     segments, or its ACKs) go to WireGuard in one ``sendmsg`` with UDP GSO (``UDP_SEGMENT``):
     the kernel splits the batch into the same datagrams WireGuard would have received one by
     one, at a fraction of the per-datagram cost.  Where GSO is refused, plain ``send``.
-  - TCP_NODELAY and 1 MiB socket buffers on the relay connection, 1 MiB on the proxy sockets.
+  - TCP_NODELAY on the relay connection (its buffers left to TCP autotuning), 1 MiB buffers on
+    the proxy sockets (UDP has no autotuning; a burst from WireGuard must fit).
 
 * **Bounded**: the relay connection's write queue is held under
   ``RelayClientSettings.write_high_water``: above it the proxies stop reading (their kernel
