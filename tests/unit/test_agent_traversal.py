@@ -193,3 +193,18 @@ def test_eperm_condition_keeps_other_conditions() -> None:
     t._relay.eperm = [t._peers["sym"].proxy_port]  # type: ignore[union-attr]
     out = t.decorate(PeerStatus(conditions=(other,)), now=1_700_000_000)
     assert [c["type"] for c in out.conditions] == ["RelayProxyEPERM", "Zeta"] and out.conditions[1] == other
+
+
+def test_eperm_read_racing_a_new_proxy_keeps_the_last_answer() -> None:
+    t = traversal(NatType.SYMMETRIC, [peer("sym", NatType.SYMMETRIC, "203.0.113.1")])
+    relay = t._relay
+    port = t._peers["sym"].proxy_port
+    relay.eperm = [port]  # type: ignore[union-attr]
+    assert t.decorate(PeerStatus(), now=1_700_000_000).conditions[0]["status"] == "True"
+
+    def racing() -> list[int]:
+        raise RuntimeError("dictionary changed size during iteration")
+
+    relay.eperm_active = racing  # type: ignore[union-attr,method-assign]
+    (c,) = t.decorate(PeerStatus(), now=1_700_000_001).conditions
+    assert c["status"] == "True" and str(port) in c["message"]

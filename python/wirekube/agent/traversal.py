@@ -830,19 +830,16 @@ class Traversal:
     # ------------------------------------------------------------------ EPERM condition
 
     def _eperm_ports(self) -> list[int]:
-        """Relay proxy ports whose EPERM persists (read on the relay's loop: it owns the proxies)."""
+        """Relay proxy ports whose EPERM persists. Read from this thread without waiting for the
+        relay's loop (publishing the status must never queue behind the data path); a proxy added
+        at that very moment makes the read fail, and the last answer stands until the next pass."""
         relay = self._relay
         if relay is None:
             return []
-        if self._loop is not None and self._loop.is_running():
-            async def read() -> list[int]:
-                return relay.eperm_active()
-
-            try:
-                return self._call(read(), timeout=2.0)
-            except Exception:  # noqa: BLE001 - a slow loop must not block publishing the status
-                return sorted(self._eperm_last)
-        return list(relay.eperm_active())
+        try:
+            return list(relay.eperm_active())
+        except RuntimeError:  # the proxies changed while being read
+            return sorted(self._eperm_last)
 
     def _eperm_condition(self, conditions: tuple[Mapping[str, object], ...], wall: float) -> tuple[Mapping[str, object], ...]:
         ports = sorted(set(self._eperm_ports()))
