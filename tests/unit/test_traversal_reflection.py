@@ -54,6 +54,12 @@ def test_disagreement_symmetric_nat_and_no_change_publish_nothing() -> None:
     assert reflect(LAN, [ep("203.0.113.5:1"), ep("203.0.113.5:1")], NatType.CONE)[0] == ep("203.0.113.5:1")
 
 
+def test_a_stun_answer_is_never_overridden() -> None:
+    got, why = reflect(PUBLIC, [ep("203.0.113.5:40001")], NatType.PORT_RESTRICTED_CONE, stun_endpoint=PUBLIC)
+    assert got is None and why.startswith("STUN found")
+    assert reflect(PUBLIC, [ep("203.0.113.5:40001")], NatType.PORT_RESTRICTED_CONE)[0] == ep("203.0.113.5:40001")
+
+
 def test_observer_reports_only_healthy_direct_non_lan_paths_that_differ() -> None:
     seen = ep("203.0.113.5:40001")
     assert observation(PUBLIC, seen, direct=True, healthy=True, lan_path=False) == seen
@@ -88,7 +94,7 @@ def test_agent_observes_a_healthy_direct_peer_at_its_roamed_endpoint() -> None:
     assert t.decorate(PeerStatus()).observed_endpoints == {}
 
 
-def test_agent_publishes_what_peers_see_and_keeps_it_until_discovery_changes() -> None:
+def test_agent_publishes_what_peers_see_and_keeps_it_until_discovery_changes(monkeypatch: pytest.MonkeyPatch) -> None:
     me = Peer("me", PeerSpec(public_key(), LAN, (ipaddress.ip_network("10.255.0.1/32"),)))
     seen = "198.51.100.9:40001"
     watcher = peer("open", NatType.OPEN, "203.0.113.3", observed_endpoints={"me": seen})
@@ -112,6 +118,33 @@ def test_agent_publishes_what_peers_see_and_keeps_it_until_discovery_changes() -
     lan_seen = Peer(quiet.name, watcher.spec, PeerStatus(nat_type=NatType.OPEN, observed_endpoints={"me": str(LAN)}))
     t.update_view(mesh, (me2, lan_seen), ("192.168.1.5",))
     assert str(t.discovery().endpoint) == seen
+    # STUN answers again (STUN servers back): its finding replaces the reflection.
+    from wirekube.traversal import rawudp
+    from wirekube.traversal.nat import StunSample
+
+    monkeypatch.setattr(rawudp, "resolve", lambda servers: [rawudp.StunTarget("a", "198.18.0.2", 3478)] * 2)
+    monkeypatch.setattr(rawudp, "stun_probe", lambda targets, port, timeout: [
+        StunSample("a", "198.51.100.20", 51820), StunSample("b", "198.51.100.20", 51820)])
+    t.stun_servers = lambda m: ["198.18.0.2:3478", "198.18.0.3:3478"]  # type: ignore[method-assign]
+    before = len(wakes)
+    t.discover(mesh, ("192.168.1.5",))
+    d = t.discovery()
+    assert str(d.endpoint) == "198.51.100.20:51820" and d.method is EndpointDiscovery.STUN and len(wakes) > before
+
+
+def test_agent_with_a_stun_endpoint_ignores_observations() -> None:
+    from dataclasses import replace
+
+    me = Peer("me", PeerSpec(public_key(), PUBLIC, (ipaddress.ip_network("10.255.0.1/32"),)))
+    watcher = peer("open", NatType.OPEN, "203.0.113.3", observed_endpoints={"me": "203.0.113.5:40001"})
+    t = traversal(NatType.PORT_RESTRICTED_CONE, [watcher])
+    t._discovery = replace(t._discovery, endpoint=PUBLIC, method=EndpointDiscovery.STUN)
+    t._ensure_io = lambda m: None  # type: ignore[method-assign]
+    t._sync_relays = lambda m: None  # type: ignore[method-assign]
+    assert t._view.mesh is not None
+    t.update_view(t._view.mesh, (me, watcher), ("192.168.1.5",))
+    d = t.discovery()
+    assert d.endpoint == PUBLIC and d.method is EndpointDiscovery.STUN
 
 
 def test_relayed_and_lan_peers_are_not_observed() -> None:

@@ -770,7 +770,8 @@ class Traversal:
                 if text:
                     with contextlib.suppress(ValueError):
                         observed.append(Endpoint.parse(text))
-            candidate, _why = reflection.reflect(published, observed, self._discovery.nat.nat_type)
+            candidate, _why = reflection.reflect(published, observed, self._discovery.nat.nat_type,
+                                                 self._discovery.endpoint)
             if candidate is None or candidate == self._reflected:
                 return False
             self._reflected, self._reflected_basis = candidate, self._discovery.endpoint

@@ -17,10 +17,14 @@ Guards (the issue's two, plus the conservative ones that make them meaningful):
    unspecified, multicast or link-local one;
 2. never public -> private: a public published endpoint is not replaced by a private one (a peer
    on our LAN sees our LAN address; publishing it would cut off everyone outside);
-3. observations must agree (two observers seeing us at different addresses means a per-destination
-   mapping: nothing single to publish), and a node behind a symmetric NAT never reflects (its
-   mapping is per destination by definition);
-4. observers skip LAN paths (``direct-lan``) and loopback-proxied paths (relay, birthday).
+3. only without a STUN answer: when STUN from the WireGuard port found the endpoint, that mapping
+   is the one every destination shares, and a peer seeing us elsewhere means the mapping depends
+   on the destination (a symmetric NAT, or a second node behind one masquerading NAT whose port
+   was taken): nothing single to publish. Reflection is for STUN-less nodes (no STUN servers,
+   STUN filtered while peers get through), which otherwise publish an address without the NAT's
+   port (IMDS, ExternalIP, InternalIP);
+4. observations must agree, and a node classified symmetric never reflects;
+5. observers skip LAN paths (``direct-lan``) and loopback-proxied paths (relay, birthday).
 
 Pure module: no I/O, no clock.
 """
@@ -63,11 +67,16 @@ def observation(published: Endpoint | None, engine_endpoint: Endpoint | None, *,
     return engine_endpoint
 
 
-def reflect(published: Endpoint | None, observed: Iterable[Endpoint], own_nat: NatType) -> tuple[Endpoint | None, str]:
-    """Subject side: (endpoint to publish instead of ``published``, or None; why not, for logs)."""
+def reflect(published: Endpoint | None, observed: Iterable[Endpoint], own_nat: NatType,
+            stun_endpoint: Endpoint | None = None) -> tuple[Endpoint | None, str]:
+    """Subject side: (endpoint to publish instead of ``published``, or None; why not, for logs).
+
+    ``stun_endpoint``: what STUN from the WireGuard port found, if anything (guard 3)."""
     seen = set(observed)
     if not seen:
         return None, "no peer reports a different endpoint"
+    if stun_endpoint is not None:
+        return None, f"STUN found {stun_endpoint}: a different view is a per-destination mapping"
     if own_nat is NatType.SYMMETRIC:
         return None, "symmetric NAT: the mapping is per destination"
     if len(seen) > 1:
