@@ -425,9 +425,10 @@ class RelayPath:
         return {k: p.port for k, p in self._proxies.items()}
 
     def eperm_active(self) -> list[int]:
-        """Proxy ports whose EPERM has lasted longer than ``eperm_persistent_after``."""
+        """Proxy ports whose EPERM has lasted longer than ``eperm_persistent_after``.  Safe to call
+        from another thread: it reads a snapshot of the proxies (taken in one C call)."""
         now = time.monotonic()
-        return [p.port for p in self._proxies.values()
+        return [p.port for p in list(self._proxies.values())
                 if p.eperm_since is not None and now - p.eperm_since > self.eperm_persistent_after]
 
     def _watch(self, proxy: PeerProxy) -> None:
