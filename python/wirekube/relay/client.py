@@ -150,10 +150,10 @@ class _ClientProtocol(asyncio.BufferedProtocol):
                 item = decoder.next_run()
                 if item is NEED_DATA:
                     return
-                if type(item) is DataRun:
-                    client._on_run(item)  # type: ignore[arg-type]
+                if isinstance(item, DataRun):
+                    client._on_run(item)
                 else:
-                    client._on_frame(item)  # type: ignore[arg-type]
+                    client._on_frame(item)  # type: ignore[arg-type]  # a Frame: NEED_DATA returned above
                 if client.closed:
                     decoder.clear()
                     return
