@@ -139,8 +139,13 @@ def test_off_relay_on_direct_then_fallback_and_retry(lab: Any) -> None:
     finally:
         if pinger.poll() is None:
             lab_.stop(pinger)
-    sent, received = (int(x) for x in re.search(r"(\d+) packets transmitted, (\d+) received", out).groups())
-    assert sent >= 20 and sent - received <= 1, out[-400:]  # relay -> direct without a gap
+    sent = int(re.search(r"(\d+) packets transmitted", out).group(1))
+    replies = sorted({int(m) for m in re.findall(r"icmp_seq=(\d+) ", out)})
+    assert sent >= 20 and replies, out[-400:]
+    missing = [q for q in range(replies[0], sent + 1) if q not in replies]  # from the first reply on
+    print(f"relay -> birthday switch: {sent} echoes sent, unanswered after the first reply: {missing}")
+    # relay -> direct without a gap (one echo lost to a loaded machine is tolerated, not a switch)
+    assert len(missing) <= 1, (missing, out[-400:])
 
     for node, other in ((A, B), (B, A)):
         ep = wg_endpoint(lab_, node, keys[other])

@@ -364,3 +364,72 @@ def test_prober_cancelled_before_start_opens_nothing() -> None:
     assert result.detail == "cancelled" and result.stats.sockets == 0 and len(a.socks) == 2
     for s in a.socks + b.socks:
         s.close()
+
+
+def test_data_before_chosen_is_kept_and_a_repeated_choose_is_answered_by_the_proxy() -> None:
+    """The follower adopts at CHOOSE and its WireGuard may send before our CHOSEN arrives (or its
+    CHOSEN is lost): that data reaches WireGuard, and the proxy answers the repeated CHOOSE."""
+    import asyncio
+    import time
+
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    settings = BirthdaySettings(sockets=1, ports_per_socket=1, candidates=1, budget=5.0, lead=2.0,
+                                pass_interval=0.5, pass_spread=0.1)
+    ka, kb = X25519PrivateKey.generate(), X25519PrivateKey.generate()
+    pa = ka.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    pb = kb.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    secret_b = probe.shared_secret(kb, pa)
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the follower, scripted
+    peer.bind(("127.0.0.1", 0))
+    peer.settimeout(5)
+    a = Sockets(1)
+    lead = birthdaypath.Prober(settings, 9, True, pa, pb, probe.shared_secret(ka, pb), "127.0.0.1",
+                               [(peer.getsockname()[1],)], socket_factory=a.factory)
+    lead_port = a.ports[0]
+    nonce = (9).to_bytes(4, "big") + (0).to_bytes(4, "big")
+    seen: list[int] = []
+
+    def follower() -> None:
+        peer.sendto(probe.encode(probe.PING, pb, nonce, secret_b), ("127.0.0.1", lead_port))
+        while True:
+            data, _ = peer.recvfrom(2048)
+            msg = probe.decode(data, lambda k: secret_b, birthdaypath.ALL_KINDS)
+            if msg is not None:
+                seen.append(msg.kind)
+            if msg is not None and msg.kind == probe.CHOOSE:
+                peer.sendto(b"wireguard-first", ("127.0.0.1", lead_port))  # our WireGuard switched already
+                peer.sendto(probe.encode(probe.CHOSEN, pb, msg.nonce, secret_b), ("127.0.0.1", lead_port))
+                return
+
+    th = threading.Thread(target=follower)
+    th.start()
+    result = lead.run(time.time())
+    th.join(5)
+    assert result.won and result.pending == [b"wireguard-first"] and probe.CHOOSE in seen
+
+    wg = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    wg.bind(("127.0.0.1", 0))
+    wg.settimeout(3)
+
+    async def run() -> tuple[bytes, bytes, int]:
+        assert result.sock is not None and result.remote is not None
+        proxy = birthdaypath.WonPathProxy(result.sock, result.remote, wg.getsockname()[1],
+                                          control=birthdaypath.chosen_answerer(9, pa, pb, probe.shared_secret(ka, pb)),
+                                          pending=result.pending)
+        await proxy.open()
+        loop = asyncio.get_running_loop()
+        first, _ = await loop.run_in_executor(None, wg.recvfrom, 2048)  # the kept datagram, delivered first
+        peer.sendto(probe.encode(probe.CHOOSE, pb, nonce, secret_b), result.sock.getsockname())  # repeated
+        answer, _ = await loop.run_in_executor(None, peer.recvfrom, 2048)
+        forwarded = proxy.from_peer
+        proxy.close()
+        return first, answer, forwarded
+
+    first, answer, forwarded = asyncio.run(run())
+    chosen = probe.decode(answer, lambda k: secret_b, birthdaypath.ALL_KINDS)
+    assert first == b"wireguard-first" and chosen is not None and chosen.kind == probe.CHOSEN
+    assert forwarded == 1  # the CHOOSE went back as CHOSEN, not to WireGuard
+    peer.close()
+    wg.close()

@@ -569,8 +569,11 @@ class Traversal:
         if result is not None and result.sock is not None and remote is not None:
             with self._lock:
                 mesh = self._view.mesh
-            proxy = birthdaypath.WonPathProxy(result.sock, remote,
-                                              mesh.spec.listen_port if mesh else 51820)
+            peer_key = _raw(b.key)
+            answer = birthdaypath.chosen_answerer(b.session.round, _raw(self.public_key), peer_key,
+                                                  probe.shared_secret(self._private, peer_key))
+            proxy = birthdaypath.WonPathProxy(result.sock, remote, mesh.spec.listen_port if mesh else 51820,
+                                              control=answer, pending=result.pending)
             try:
                 self._call(proxy.open())
             except Exception as e:  # noqa: BLE001 - no proxy, no path

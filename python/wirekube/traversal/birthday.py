@@ -23,8 +23,7 @@ carrier NATs): mu = 6.3e-5, P = 0.006%: the attack is for NATs with small pools 
 Measured between two real 256-port NATs in network namespaces (tests/integration/
 test_traversal_birthday.py's topology, one round per trial, conntrack flushed in between):
 512 flows 49/50 rounds won (predicted 98.2%), 256 flows 43/70 (63.2%), 128 flows 12/70 (22.1%).
-A won round settles in 0.1-0.4 s after notBefore (the follower 1 s later: it lingers to answer a
-repeated CHOOSE); a lost one ends at the budget, 10 s.
+A won round settles in 0.1-0.4 s after notBefore; a lost one ends at the budget, 10 s.
 
 **Where to aim.** Just before a round each side opens a few fresh sockets and asks STUN where its
 NAT maps them (:func:`own_window`): a NAT that allocates sequentially shows a step, and the next
@@ -93,8 +92,6 @@ class BirthdaySettings:
     choose_interval: float = 0.2
     max_choices: int = 3
     """Leader: proven flows it tries to settle on (CHOOSE, answered by CHOSEN), at most."""
-    linger: float = 1.0
-    """Follower: seconds it keeps answering a repeated CHOOSE after settling."""
 
     def __post_init__(self) -> None:
         checks = [

@@ -6,14 +6,18 @@
   62-byte probe of :mod:`wirekube.traversal.probe`, nonce = round + flow number) along the
   :func:`~wirekube.traversal.birthday.send_schedule`, answers the peer's pings, and settles on one
   flow: the leader sends CHOOSE over the first flow that proved itself (a ping or a pong from the
-  peer arrived on it), the follower answers CHOSEN; each side then keeps that one socket and
-  closes the rest. Hard limits: ``settings.sockets`` sockets, ``settings.max_probes`` datagrams,
+  peer arrived on it), the follower answers CHOSEN and adopts the flow at once; the leader adopts
+  it on CHOSEN. Each side then keeps that one socket and closes the rest. Datagrams that are not
+  probes arriving on the adopted flow before the proxy takes over (the peer's WireGuard switched
+  first) are kept and handed to WireGuard by the proxy: nothing is lost in the switch. Hard limits: ``settings.sockets`` sockets, ``settings.max_probes`` datagrams,
   ``settings.budget`` seconds after notBefore (checked on every loop pass; :class:`ProbeStats`
   reports what was used).
 * :class:`WonPathProxy`: the won socket cannot be WireGuard's listen socket (that one has its own
   NAT mapping), so WireGuard's endpoint for the peer becomes ``127.0.0.1:<won socket's port>`` and
   this proxy, reading the won socket itself, forwards WireGuard's datagrams to the peer's mapped
-  address and the peer's datagrams to WireGuard; anything from elsewhere is dropped.
+  address and the peer's datagrams to WireGuard; anything from elsewhere is dropped. A repeated
+  CHOOSE from the peer (its CHOSEN was lost) is answered by the proxy (:func:`chosen_answerer`),
+  not forwarded.
 
 Probing never touches WireGuard or the relay: while a round runs, the peer's traffic keeps using
 the relay path.
@@ -101,6 +105,10 @@ class ProbeStats:
     """Seconds from notBefore to the end of the round."""
 
 
+MAX_PENDING = 64
+"""Datagrams kept for WireGuard between adopting the flow and the proxy taking over, at most."""
+
+
 @dataclass
 class ProbeResult:
     won: bool
@@ -108,6 +116,8 @@ class ProbeResult:
     sock: socket.socket | None = None
     remote: tuple[str, int] | None = None
     detail: str = ""
+    pending: list[bytes] = field(default_factory=list)
+    """Non-probe datagrams from the peer on the won flow, in arrival order (for WireGuard)."""
 
 
 @dataclass
@@ -155,7 +165,7 @@ class Prober:
         choice: tuple[int, tuple[str, int]] | None = None
         choice_sent, choice_at, choices = 0, 0.0, 0
         won: tuple[int, tuple[str, int]] | None = None
-        settle_until = 0.0
+        pending: dict[tuple[int, tuple[str, int]], list[bytes]] = {}
         replies = 0
         due = 0
         try:
@@ -163,7 +173,7 @@ class Prober:
                 now = self.clock()
                 if now >= deadline or self.cancelled():
                     break
-                if won is not None and (self.leader or now >= settle_until):
+                if won is not None:
                     break
                 if won is None:
                     while due < len(schedule) and start_at + schedule[due][0] <= now:
@@ -192,10 +202,15 @@ class Prober:
                             break  # e.g. ICMP port unreachable from an unaligned flow
                         if addr[0] != self.peer_ip:
                             continue
-                        msg = probe.decode(data, lambda k: self.secret if k == self.peer_public else None, ALL_KINDS)
-                        if msg is None or struct.unpack("!I", msg.nonce[:4])[0] != self.round & 0xFFFFFFFF:
-                            continue
                         flow = (i, (addr[0], addr[1]))
+                        msg = probe.decode(data, lambda k: self.secret if k == self.peer_public else None, ALL_KINDS)
+                        if msg is None:
+                            kept = pending.setdefault(flow, []) if flow in (won, choice) else None
+                            if kept is not None and len(kept) < MAX_PENDING:
+                                kept.append(data)  # the peer's WireGuard already uses this flow
+                            continue
+                        if struct.unpack("!I", msg.nonce[:4])[0] != self.round & 0xFFFFFFFF:
+                            continue
                         if msg.kind == probe.PING:
                             self.stats.pings_received += 1
                             if replies < s.max_replies:
@@ -207,11 +222,9 @@ class Prober:
                             self.stats.pongs_received += 1
                             if self.leader and flow not in proven and flow != choice:
                                 proven.append(flow)
-                        elif msg.kind == probe.CHOOSE and not self.leader:
-                            if won is None or won == flow:
-                                self._send(sock, probe.CHOSEN, msg.nonce, flow[1])
-                                if won is None:
-                                    won, settle_until = flow, self.clock() + s.linger
+                        elif msg.kind == probe.CHOOSE and not self.leader and won is None:
+                            self._send(sock, probe.CHOSEN, msg.nonce, flow[1])
+                            won = flow  # adopted at once; the proxy answers a repeated CHOOSE
                         elif msg.kind == probe.CHOSEN and self.leader and flow == choice:
                             won = flow
         finally:
@@ -224,7 +237,7 @@ class Prober:
             return ProbeResult(False, self.stats, detail="cancelled" if self.cancelled() else "no aligned flow")
         assert keep is not None
         keep.setblocking(False)
-        return ProbeResult(True, self.stats, keep, won[1])
+        return ProbeResult(True, self.stats, keep, won[1], pending=pending.get(won, []))
 
 
 class _ProxyProtocol(asyncio.DatagramProtocol):
@@ -241,6 +254,11 @@ class _ProxyProtocol(asyncio.DatagramProtocol):
             return
         source = (addr[0], addr[1])
         if source == p.remote:
+            if p.control is not None and len(data) == probe.LENGTH and data.startswith(probe.MAGIC):
+                reply = p.control(data)
+                if reply is not None:
+                    t.sendto(reply, p.remote)
+                return
             p.from_peer += 1
             t.sendto(data, ("127.0.0.1", p.wireguard_port))
         elif source == ("127.0.0.1", p.wireguard_port):
@@ -260,6 +278,10 @@ class WonPathProxy:
     sock: socket.socket
     remote: tuple[str, int]
     wireguard_port: int
+    control: Callable[[bytes], bytes | None] | None = None
+    """Answers the peer's probe-format datagrams (a repeated CHOOSE); they never reach WireGuard."""
+    pending: Sequence[bytes] = ()
+    """Delivered to WireGuard first (what arrived before the proxy took over)."""
     from_peer: int = 0
     to_peer: int = 0
     dropped: int = 0
@@ -274,6 +296,10 @@ class WonPathProxy:
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(lambda: _ProxyProtocol(self), sock=self.sock)
         self._transport = transport
+        for data in self.pending:
+            self.from_peer += 1
+            transport.sendto(data, ("127.0.0.1", self.wireguard_port))
+        self.pending = ()
         return self.port
 
     def close(self) -> None:
@@ -283,3 +309,14 @@ class WonPathProxy:
         else:
             self.sock.close()
 
+
+def chosen_answerer(round_: int, own_public: bytes, peer_public: bytes, secret: bytes) -> Callable[[bytes], bytes | None]:
+    """The won path's answer to the peer's CHOOSE of this round (its first CHOSEN was lost)."""
+
+    def answer(data: bytes) -> bytes | None:
+        msg = probe.decode(data, lambda k: secret if k == peer_public else None, (probe.CHOOSE,))
+        if msg is None or struct.unpack("!I", msg.nonce[:4])[0] != round_ & 0xFFFFFFFF:
+            return None
+        return probe.encode(probe.CHOSEN, own_public, msg.nonce, secret)
+
+    return answer
