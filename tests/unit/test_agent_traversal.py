@@ -208,3 +208,30 @@ def test_eperm_read_racing_a_new_proxy_keeps_the_last_answer() -> None:
     relay.eperm_active = racing  # type: ignore[union-attr,method-assign]
     (c,) = t.decorate(PeerStatus(), now=1_700_000_001).conditions
     assert c["status"] == "True" and str(port) in c["message"]
+
+
+def test_ticker_survives_an_unreadable_engine() -> None:
+    """wireguard-go's UAPI socket is missing while it (re)starts: that tick fails, the ticker lives on."""
+    import threading
+
+    from wirekube.agent.traversal import TraversalSettings
+    from tests.fixtures.wait import wait_for
+    from wirekube.errors import DataplaneError
+
+    calls: list[int] = []
+
+    def engine_state() -> None:
+        calls.append(1)
+        if len(calls) <= 3:
+            raise DataplaneError("cannot connect to /var/run/wireguard/wire_kube.sock: No such file or directory")
+
+    t = Traversal("me", X25519PrivateKey.generate(), public_key(), engine_state=engine_state, wake=lambda: None,
+                  settings=TraversalSettings(tick=0.01))
+    runner = threading.Thread(target=t._tick_loop, daemon=True)
+    runner.start()
+    try:
+        wait_for(lambda: len(calls) >= 6, 10, "ticks after the engine came back")
+        assert runner.is_alive()
+    finally:
+        t._stop.set()
+        runner.join(5)

@@ -608,8 +608,24 @@ class Traversal:
     # ------------------------------------------------------------------ the ticker
 
     def _tick_loop(self) -> None:
+        # The ticker must outlive any one failed tick: the engine's state is unreadable while
+        # wireguard-go (re)starts, and a dead ticker silently ends failover, recovery and the
+        # birthday attack for the life of the agent. A failure is logged when it starts or
+        # changes, not ten times a second.
+        failing = ""
         while not self._stop.wait(self.settings.tick):
-            self.tick(time.monotonic(), time.time())
+            try:
+                self.tick(time.monotonic(), time.time())
+            except Exception as e:  # noqa: BLE001
+                what = f"{type(e).__name__}: {e}"
+                if what != failing:
+                    self._log.opt(exception=True).warning("traversal tick failed (retrying every {}s): {}",
+                                                          self.settings.tick, what)
+                failing = what
+            else:
+                if failing:
+                    self._log.info("traversal tick works again")
+                failing = ""
 
     def tick(self, now: float, wall: float) -> None:
         self._birthday_tick(wall)
