@@ -28,6 +28,8 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.stun import stun_server_script
+
 from wirekube.lab.nat import router_ruleset
 from wirekube.lab.topology import NatKind
 from wirekube.traversal import birthday
@@ -88,19 +90,7 @@ WORKER = textwrap.dedent("""
                           "stats": vars(r.stats)}), flush=True)
 """)
 
-STUN_SERVER = textwrap.dedent("""
-    import socket, select
-    from wirekube.relay.stun import answer
-    socks = []
-    for ip in ("198.18.90.10", "198.18.90.11"):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((ip, 3478)); socks.append(s)
-    print("ready", flush=True)
-    while True:
-        for s in select.select(socks, [], [])[0]:
-            data, addr = s.recvfrom(2048)
-            reply, _ = answer(data, addr)
-            if reply: s.sendto(reply, addr)
-""")
+STUN_SERVER = stun_server_script("198.18.90.10", "198.18.90.11")
 
 
 class Net:

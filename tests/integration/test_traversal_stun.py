@@ -16,11 +16,12 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
+
+from tests.fixtures.stun import stun_server_script
 
 from wirekube.models import NatType
 
@@ -94,19 +95,7 @@ class Net:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-STUN_SERVER = textwrap.dedent("""
-    import socket, select, sys
-    from wirekube.relay.stun import answer
-    socks = []
-    for ip in ("198.18.77.10", "198.18.77.11"):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((ip, 3478)); socks.append(s)
-    print("ready", flush=True)
-    while True:
-        for s in select.select(socks, [], [])[0]:
-            data, addr = s.recvfrom(2048)
-            reply, _ = answer(data, addr)
-            if reply: s.sendto(reply, addr)
-""")
+STUN_SERVER = stun_server_script("198.18.77.10", "198.18.77.11")
 
 PROBE = textwrap.dedent("""
     import json, socket
