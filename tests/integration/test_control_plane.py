@@ -44,6 +44,9 @@ def test_valid_objects_are_admitted_with_defaults(kube: k8s.Kube, unique: str) -
     assert gw["spec"]["snat"] if "snat" in gw["spec"] else True
     g = models.gateway_from_cr(gw)
     assert g.spec.health_check.interval_seconds == 30 and g.spec.health_check.failure_threshold == 3
+    # The cluster is shared with the gateway tests: a leftover 10.100.0.0/16 route would win every
+    # later gateway's overlapping route (the controller rejects the newer one, correctly).
+    kube.delete(k8s.GATEWAYS, f"gw-{unique}")
 
 
 def test_mesh_singleton_and_defaults(kube: k8s.Kube) -> None:
