@@ -233,16 +233,6 @@ def lab_handle(name: str) -> orchestrate.LabHandle:
     return h
 
 
-def _agent_record(name: str, node: str) -> procs.ProcessRecord:
-    """The agent of ``node`` as the lab recorded it (PID + start time) in its state file."""
-    state = json.loads(Path(f"/run/wirekube-lab/{name}/state.json").read_text())
-    records = [procs.ProcessRecord.from_json(r) for r in state["processes"]]
-    mine = [r for r in records if r.role == "spawn" and r.target == node
-            and any(Path(a).name == "wirekube-agent" for a in r.argv) and procs.is_alive(r)]
-    assert len(mine) == 1, mine
-    return mine[0]
-
-
 def _doctor_local(lab_: Lab, node: str) -> tuple[int, list[dict[str, Any]]]:
     done = lab_.exec(node, [sys.executable, "-m", "wirekube.cli.wirekubectl", "doctor", "--local", "-o", "json"],
                      timeout=60)
@@ -255,7 +245,9 @@ def test_doctor_local_flags_a_killed_agents_state_until_it_is_back(lab: Any) -> 
     node = "ec2-b"
     code, findings = _doctor_local(lab_, node)
     assert code == 0 and {f["verdict"] for f in findings} == {"ok"}, findings
-    record = _agent_record(name, node)
+    running = orchestrate.running_agents(lab_, node)
+    assert len(running) == 1, running
+    record = running[0]
     cmdline = Path(f"/proc/{record.pid}/cmdline").read_bytes().split(b"\0")
     assert f"--node-name={node}".encode() in cmdline, cmdline  # the recorded PID is that node's agent
 

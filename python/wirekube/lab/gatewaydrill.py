@@ -28,7 +28,6 @@ from typing import Any
 from wirekube import k8s
 from wirekube.lab import orchestrate
 from wirekube.lab.net import Lab
-from wirekube.lab.procs import ProcessRecord, is_alive
 from wirekube.lab.topology import builtin_topology
 from wirekube.waiting import wait_for
 
@@ -105,11 +104,8 @@ def kubelet_from_vpc(lab: Lab, node: str) -> bool:
 
 def agent_pid(lab: Lab, node: str) -> int | None:
     """The PID of ``node``'s running agent, from the lab's own process records (never by name)."""
-    for p in (lab._state.read() or {}).get("processes", []):  # noqa: SLF001 - the lab records every process
-        rec = ProcessRecord.from_json(p)
-        if f"--node-name={node}" in rec.argv and any(a.endswith("wirekube-agent") for a in rec.argv) and is_alive(rec):
-            return rec.pid
-    return None
+    running = orchestrate.running_agents(lab, node)
+    return running[0].pid if running else None
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ from typing import Any
 from wirekube import errors, k8s
 from wirekube.lab.cluster import ControlPlane, write_kubeconfig
 from wirekube.lab.net import Lab, LabNotFound, default_workdir
+from wirekube.lab.procs import ProcessRecord, is_alive
 from wirekube.lab.topology import Topology
 from wirekube.progress import step
 
@@ -188,6 +189,13 @@ def agent_argv(h: LabHandle, node: str) -> list[str]:
             f"--state-dir={h.workdir / 'nodes' / node}", "--metrics-listen=127.0.0.1:9090",
             # No EC2 metadata service in the lab: never send to 169.254.169.254 from a lab node.
             "--resync-seconds=10", "--log-format=text", "--no-imds"]
+
+
+def running_agents(lab: Lab, node: str) -> list[ProcessRecord]:
+    """The live agent processes of ``node``, from the lab's own records (PID + start time; never by name)."""
+    records = [ProcessRecord.from_json(r) for r in (lab._state.read() or {}).get("processes", [])]  # noqa: SLF001
+    return [r for r in records if r.role == "spawn" and r.target == node
+            and any(Path(a).name == "wirekube-agent" for a in r.argv) and is_alive(r)]
 
 
 def start_agent(lab: Lab, h: LabHandle, node: str) -> subprocess.Popen[Any]:
