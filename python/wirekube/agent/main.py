@@ -33,6 +33,7 @@ from urllib.parse import urlparse
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from loguru import logger
 
+from wirekube import logsetup
 from wirekube.agent import imds as imdsmod
 from wirekube.agent import keys as keystore
 from wirekube.agent.gateway import GatewayAgent
@@ -141,9 +142,7 @@ def parse_args(argv: list[str] | None = None) -> AgentSettings:
 
 
 def configure_logging(settings: AgentSettings) -> None:
-    logger.remove()
-    logger.add(sys.stderr, level=settings.log_level, serialize=settings.log_format == "json", backtrace=False)
-    logger.configure(extra={"node": settings.node_name})
+    logsetup.configure_logging(settings.log_format, settings.log_level, node=settings.node_name)
 
 
 def resolve_host(url: str) -> tuple[IPAddress, ...]:

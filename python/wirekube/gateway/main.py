@@ -24,7 +24,7 @@ from types import FrameType
 
 from loguru import logger
 
-from wirekube import k8s
+from wirekube import k8s, logsetup
 from wirekube.gateway.awsfollower import AWSSettings
 from wirekube.gateway.controller import ControllerSettings, GatewayController
 from wirekube.gateway.metrics import ControllerMetrics, MetricsServer
@@ -120,8 +120,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def configure_logging(fmt: str, level: str) -> None:
-    logger.remove()
-    logger.add(sys.stderr, level=level, serialize=(fmt == "json"), backtrace=False, diagnose=False)
+    logsetup.configure_logging(fmt, level)
 
 
 def run(settings: Settings) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 import uvloop
 from loguru import logger
 
+from wirekube import logsetup
 from wirekube.relay.authz import PeerAuthorizer, keys_from_peers
 from wirekube.relay.metrics import build_registry, serve_metrics
 from wirekube.relay.server import RelayServer, RelaySettings
@@ -127,8 +128,7 @@ def settings_from_args(args: argparse.Namespace) -> CliSettings:
 
 
 def configure_logging(fmt: str, level: str) -> None:
-    logger.remove()
-    logger.add(sys.stderr, level=level, serialize=(fmt == "json"), backtrace=False, diagnose=False)
+    logsetup.configure_logging(fmt, level)
 
 
 def watch_peers(authorizer: PeerAuthorizer, kubeconfig: str | None) -> Callable[[], None]:
