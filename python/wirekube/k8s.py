@@ -33,6 +33,7 @@ import kubernetes.client
 import kubernetes.config
 import tenacity
 import urllib3
+import yaml
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 from loguru import logger
@@ -77,6 +78,7 @@ class Resource:
 PEERS = Resource("wirekube.io", "v1alpha1", "wirekubepeers", "WireKubePeer")
 MESHES = Resource("wirekube.io", "v1alpha1", "wirekubemeshes", "WireKubeMesh")
 GATEWAYS = Resource("wirekube.io", "v1alpha1", "wirekubegateways", "WireKubeGateway")
+ROUTE_GRANTS = Resource("wirekube.io", "v1alpha1", "wirekuberoutegrants", "WireKubeRouteGrant")
 NODES = Resource("", "v1", "nodes", "Node")
 NAMESPACES = Resource("", "v1", "namespaces", "Namespace")
 SERVICES = Resource("", "v1", "services", "Service", namespaced=True)
@@ -85,7 +87,7 @@ LEASES = Resource("coordination.k8s.io", "v1", "leases", "Lease", namespaced=Tru
 CRDS = Resource("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition")
 CILIUMNODES = Resource("cilium.io", "v2", "ciliumnodes", "CiliumNode")
 
-RESOURCES = {r.plural: r for r in (PEERS, MESHES, GATEWAYS, NODES, NAMESPACES, SERVICES, EVENTS, LEASES, CRDS, CILIUMNODES)}
+RESOURCES = {r.plural: r for r in (PEERS, MESHES, GATEWAYS, ROUTE_GRANTS, NODES, NAMESPACES, SERVICES, EVENTS, LEASES, CRDS, CILIUMNODES)}
 
 _ERROR_BY_STATUS: dict[int, type[errors.ApiError]] = {
     401: errors.Unauthorized,
@@ -160,9 +162,24 @@ class Kube:
 
     @classmethod
     def from_kubeconfig(cls, path: str | None = None, context: str | None = None) -> Kube:
+        """Raises :class:`errors.InvalidConfig` naming the file when it is missing, unreadable
+        or not a kubeconfig (the client library's own errors never reach a caller)."""
+        where = f"kubeconfig {path}" if path else "kubeconfig (~/.kube/config)"
+        if path and not os.path.isfile(path):
+            raise errors.InvalidConfig(f"{where}: no such file")
         cfg = kubernetes.client.Configuration()
-        kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
-            config_file=path, context=context, client_configuration=cfg)
+        try:
+            kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=path, context=context, client_configuration=cfg)
+        except OSError as e:
+            raise errors.InvalidConfig(f"{where}: {e.strerror or e}") from e
+        except kubernetes.config.ConfigException as e:
+            raise errors.InvalidConfig(f"{where}: {(str(e).strip() or 'invalid').splitlines()[0]}") from e
+        except yaml.YAMLError as e:
+            raise errors.InvalidConfig(f"{where}: not valid YAML") from e
+        except (TypeError, AttributeError, KeyError, ValueError) as e:
+            raise errors.InvalidConfig(f"{where}: not a kubeconfig (expected a YAML mapping with clusters, "
+                                       f"users and contexts)") from e
         cfg.connection_pool_maxsize = CONNECTION_POOL_SIZE
         return cls(kubernetes.client.ApiClient(cfg))
 
@@ -171,7 +188,10 @@ class Kube:
         """In a pod.  ``host_override`` (https://host:port) serves nodes that cannot reach the
         Service ClusterIP before the CNI is up (e.g. the EKS public endpoint)."""
         cfg = kubernetes.client.Configuration()
-        kubernetes.config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+        try:
+            kubernetes.config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+        except (kubernetes.config.ConfigException, OSError) as e:
+            raise errors.InvalidConfig(f"in-cluster configuration: {e}") from e
         if host_override:
             cfg.host = host_override
         cfg.connection_pool_maxsize = CONNECTION_POOL_SIZE
@@ -489,6 +509,8 @@ class Informer:
         self._thread: threading.Thread | None = None
         self.relists = 0
         self.reconnects = 0
+        self.last_error: errors.ApiError | None = None
+        """The last failure to list or watch (None once a list succeeded again)."""
         self._response: Any = None
 
     # -- public ---------------------------------------------------------------------------------
@@ -561,6 +583,7 @@ class Informer:
             if key not in fresh:
                 self._emit("DELETED", obj)
         self.relists += 1
+        self.last_error = None
         self._synced.set()
 
     def _apply(self, ev: WatchEvent) -> None:
@@ -607,6 +630,7 @@ class Informer:
                 if self._stop.is_set():
                     return  # stop() shut the watch down
                 self.reconnects += 1
+                self.last_error = e
                 logger.warning(
                     "informer {}: {} ({}); retrying in {:.1f}s", self.resource.plural, type(e).__name__, e, delay
                 )

@@ -893,3 +893,57 @@ def _name(obj: Mapping[str, Any]) -> str:
         kind = obj.get("kind", "object")
         raise InvalidObject(str(kind), "", "metadata.name", "required")
     return name
+
+
+# ---------------------------------------------------------------------------- WireKubeRouteGrant
+
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+GRANT_MANAGER = "wirekube-gateway"
+"""``app.kubernetes.io/managed-by`` of the grants the controller derives from Node objects."""
+GRANT_NODE_PREFIX = "node."
+"""Controller-managed grants are named ``node.<node name>``."""
+
+
+@dataclass(frozen=True)
+class RouteGrant:
+    """Who may route what: the peers of ``nodes`` may carry ``cidrs`` (and anything inside them).
+
+    Written by administrators, and by the gateway controller for what the Node objects say
+    (InternalIP, pod CIDRs); agents can only read grants.
+    """
+
+    name: str
+    nodes: tuple[str, ...]
+    cidrs: tuple[IPNetwork, ...]
+    description: str = ""
+    managed: bool = False
+    """Derived by the controller from a Node (``node.<name>``), not written by a person."""
+
+
+def route_grant_from_cr(obj: Mapping[str, Any]) -> RouteGrant:
+    name = _name(obj)
+    c = _Ctx("WireKubeRouteGrant", name)
+    meta = c.mapping(obj.get("metadata"), "metadata")
+    labels = c.mapping(meta.get("labels"), "metadata.labels")
+    spec = c.mapping(obj.get("spec"), "spec")
+    nodes = tuple(c.string(x, f"spec.nodes[{i}]") for i, x in enumerate(c.list(spec.get("nodes"), "spec.nodes")))
+    if not nodes or any(not n for n in nodes):
+        raise c.fail("spec.nodes", "needs at least one node name")
+    cidrs = tuple(c.cidr(x, f"spec.cidrs[{i}]") for i, x in enumerate(c.list(spec.get("cidrs"), "spec.cidrs")))
+    return RouteGrant(
+        name=name,
+        nodes=nodes,
+        cidrs=cidrs,
+        description=c.string(spec.get("description"), "spec.description"),
+        managed=labels.get(LABEL_MANAGED_BY) == GRANT_MANAGER and name.startswith(GRANT_NODE_PREFIX),
+    )
+
+
+def route_grant_to_cr(grant: RouteGrant) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": grant.name}
+    if grant.managed:
+        meta["labels"] = {LABEL_MANAGED_BY: GRANT_MANAGER, LABEL_NODE: grant.nodes[0]}
+    spec: dict[str, Any] = {"nodes": list(grant.nodes), "cidrs": [str(n) for n in grant.cidrs]}
+    if grant.description:
+        spec["description"] = grant.description
+    return {"apiVersion": "wirekube.io/v1alpha1", "kind": "WireKubeRouteGrant", "metadata": meta, "spec": spec}

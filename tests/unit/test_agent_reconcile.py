@@ -17,7 +17,8 @@ from wirekube.agent.plan import LinkState, Route, Rule, Skipped
 from wirekube.agent.reconcile import Reconciler, ReconcilerSettings, Snapshot
 from wirekube.agent.wg.base import PutPeer, RemovePeer, SetDevice, WgDeviceState, WgOp, WgPeerConfig, WgPeerState
 from wirekube.errors import DataplaneError
-from wirekube.models import Endpoint, Mesh, MeshSpec, Peer, PeerSpec, PeerStatus
+from wirekube.authority import Refusal
+from wirekube.models import Endpoint, IPNetwork, Mesh, MeshSpec, Peer, PeerSpec, PeerStatus
 
 MY_KEY = base64.b64encode(bytes([1]) * 32).decode()
 NOW = 1_700_000_000.0
@@ -141,12 +142,17 @@ class FakeEngine:
 
 
 class FakeSource:
-    def __init__(self, peers: list[Peer]) -> None:
+    def __init__(self, peers: list[Peer], granted: dict[str, tuple[IPNetwork, ...]] | None = None) -> None:
         self.peers = peers
+        self.granted = granted
         self.published: list[tuple[PeerStatus, list[Skipped]]] = []
+        self.refusals: list[tuple[Refusal, ...]] = []
 
     def snapshot(self) -> Snapshot:
-        return Snapshot(MESH, tuple(self.peers))
+        return Snapshot(MESH, tuple(self.peers), granted=self.granted)
+
+    def report_refusals(self, refusals: Sequence[Refusal]) -> None:
+        self.refusals.append(tuple(refusals))
 
     def register(self, public_key: str) -> None:
         pass
@@ -155,7 +161,7 @@ class FakeSource:
         self.published.append((status, list(skipped)))
 
     def own_status(self) -> PeerStatus:
-        return PeerStatus()
+        return self.published[-1][0] if self.published else PeerStatus()
 
 
 @dataclass
@@ -277,3 +283,54 @@ def test_the_published_status_uses_the_device_read_by_the_pass(agent: Agent) -> 
     assert agent.engine.gets == gets + 1  # one device read per pass, not two
     status, skipped = agent.source.published[-1]
     assert set(status.peer_transports) == {"b", "c"} and skipped == []
+
+
+# ---- route authority (wirekube.authority) through the reconciler ------------------------------
+
+
+def test_ungranted_entries_are_not_routed_and_are_reported(agent: Agent) -> None:
+    """With grants from the API server, only granted entries carry traffic; the refused ones are
+    told to the source (Events) and, for this node's own peer, put in a RoutesGranted condition."""
+    agent.source.granted = {"c": (ipaddress.ip_network("10.50.0.0/16"),)}
+    agent.source.peers[0] = peer("me", 1, "172.31.0.0/24")  # this node claims what it was not granted
+    agent.source.peers.append(peer("evil", 9, "10.50.0.0/25", "0.0.0.0/1"))  # inside c's grant: not evil's
+    result = agent.once()
+    routes = {str(op.route.dst) for op in result.ops if isinstance(op, P.AddRoute)}
+    assert routes == {"10.255.0.2/32", "10.255.0.3/32", "10.255.0.9/32", "10.50.0.0/24"}
+    assert result.desired.peers[key(9)].allowed_ips == (ipaddress.ip_network("10.255.0.9/32"),)
+    refused = {(r.peer, str(r.entry)) for r in agent.source.refusals[-1]}
+    assert refused == {("evil", "10.50.0.0/25"), ("evil", "0.0.0.0/1"), ("me", "172.31.0.0/24")}
+    assert all("WireKubeRouteGrant" in r.fix for r in agent.source.refusals[-1])
+    status = agent.source.published[-1][0]
+    (c,) = [c for c in status.conditions if c["type"] == R.CONDITION_ROUTES]
+    assert c["status"] == "False" and "172.31.0.0/24" in c["message"]
+    # The grant arrives: routed, and the condition turns True.
+    agent.source.granted = {**agent.source.granted, "me": (ipaddress.ip_network("172.31.0.0/24"),),
+                            "evil": (ipaddress.ip_network("10.50.0.0/25"),)}
+    result = agent.once()
+    assert P.AddRoute(Route(ipaddress.ip_network("10.50.0.0/25"), "wire_kube")) in result.ops
+    (c,) = [c for c in agent.source.published[-1][0].conditions if c["type"] == R.CONDITION_ROUTES]
+    assert c["status"] == "True"
+    # ... and is withdrawn again: so is the route.
+    agent.source.granted = {"c": (ipaddress.ip_network("10.50.0.0/16"),)}
+    result = agent.once()
+    assert P.DelRoute(Route(ipaddress.ip_network("10.50.0.0/25"), "wire_kube")) in result.ops
+    assert full_diff_authorized(agent) == ()
+
+
+def test_a_granted_entry_holding_a_guarded_address_is_not_routed(agent: Agent) -> None:
+    """The relay, the API server, a peer's endpoint: never captured, whatever is granted."""
+    agent.source.granted = {"c": (ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("10.50.0.0/24"))}
+    agent.source.peers[2] = peer("c", 3, "10.50.0.0/24", "192.0.2.0/25")  # holds b's endpoint 192.0.2.2
+    result = agent.once()
+    assert result.desired.peers[key(3)].allowed_ips == tuple(
+        ipaddress.ip_network(n) for n in ("10.50.0.0/24", "10.255.0.3/32"))
+    (r,) = agent.source.refusals[-1]
+    assert r.peer == "c" and r.entry == ipaddress.ip_network("192.0.2.0/25")
+    assert "contains 192.0.2.1, the endpoint of peer me" in r.reason  # the lowest guarded address inside
+
+
+def full_diff_authorized(a: Agent) -> tuple[P.Op, ...]:
+    observed = P.Observed(a.netlink.link, a.engine.state, a.netlink.rules(), tuple(a.netlink.route_list))
+    snap, _ = a.reconciler._authorize(a.source.snapshot(), a.reconciler._facts("wire_kube"))
+    return P.diff(P.plan(MESH, snap.peers, a.reconciler._facts("wire_kube")), observed, NOW)

@@ -18,6 +18,7 @@ Two kinds of pass, so that reacting to one changed peer does not cost a rebuild 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +29,7 @@ from typing import Protocol
 from loguru import logger
 
 from wirekube.agent import plan as planner
+from wirekube.authority import Authorizer, Guarded, Refusal, guarded_addresses
 from wirekube.agent.keys import KeyPair
 from wirekube.agent.netlink import Netlink
 from wirekube.agent.plan import Desired, NodeFacts, Observed, Op, PeerPath, Skipped
@@ -36,7 +38,8 @@ from wirekube.agent.wg.select import select_engine
 from wirekube.agent.wg.base import PutPeer, RemovePeer, SetDevice, WgDeviceState, WireGuardEngine
 from wirekube.agent.wg.userspace import SOCKET_DIR, UserspaceSettings
 from wirekube.errors import DataplaneError, WireKubeError
-from wirekube.models import ROUTE_TABLE, Engine, IPAddress, Mesh, Peer, PeerStatus, key_fingerprint
+from wirekube.gateway import conditions as cond
+from wirekube.models import ROUTE_TABLE, Engine, IPAddress, IPNetwork, Mesh, Peer, PeerStatus, key_fingerprint
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,10 @@ class Snapshot:
     peers: tuple[Peer, ...]
     rejected: tuple[Skipped, ...] = ()
     """Objects that could not even be read as peers (models.InvalidObject)."""
+    granted: Mapping[str, tuple[IPNetwork, ...]] | None = None
+    """What each node may route beyond its mesh IP (WireKubeRouteGrants and the routes of the
+    gateways it is active for; see ``wirekube.authority``).  None: the source is the
+    administrator's own word (a peers file), so every entry it lists is granted."""
 
 
 class Source(Protocol):
@@ -61,6 +68,9 @@ class Source(Protocol):
 
     def own_status(self) -> PeerStatus:
         """The status currently published (to carry over fields this loop does not own)."""
+
+    def report_refusals(self, refusals: Sequence[Refusal]) -> None:
+        """Tell the cluster which route claims this node does not route (only on change)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,7 @@ class Result:
 @dataclass
 class _Memory:
     skipped: frozenset[Skipped] = frozenset()
+    refused: frozenset[Refusal] = frozenset()
     engine_key: tuple[str, Engine] | None = None
     applied: Desired | None = None
     """The plan the dataplane was last brought to by a pass that applied without error; None
@@ -109,6 +120,7 @@ class Reconciler:
         on_snapshot: Callable[[Snapshot, NodeFacts], None] | None = None,
         decorate_status: Callable[[PeerStatus], PeerStatus] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        guarded: Callable[[], Sequence[Guarded]] = tuple,
     ) -> None:
         self.settings = settings
         self.keys = keys
@@ -124,6 +136,11 @@ class Reconciler:
         self.wake = threading.Event()
         self.engine: WireGuardEngine | None = None
         self.monotonic = monotonic
+        self.guarded = guarded
+        """Addresses only the agent knows to guard (the relay and STUN hosts it resolved)."""
+        self.authorizer = Authorizer()
+        self.refusals: tuple[Refusal, ...] = ()
+        """The route claims the last pass did not route (wirekube.authority)."""
         self.planner = planner.IncrementalPlanner()
         self._mem = _Memory()
         self._restarted = False
@@ -163,7 +180,8 @@ class Reconciler:
             if not full:
                 link = self.netlink.link_state(ifname, tuple(planner.INTERFACE_SYSCTLS))
                 full = not link.exists  # the interface went away: everything must be rewritten
-            desired = self._plan(snap, facts, paths, full)
+            authorized, refusals = self._authorize(snap, facts)
+            desired = self._plan(authorized, facts, paths, full)
             self._mem.applied = None  # until this pass has applied without error
             if full or link is None or previous is None:
                 observed = self.observe(ifname, engine)
@@ -179,8 +197,16 @@ class Reconciler:
             self._mem.applied = desired
             if full:
                 self._mem.next_full = self.monotonic() + self.settings.resync_seconds
-            self._report(snap, desired, paths, observed.wg)
+            self._report(snap, desired, paths, observed.wg, refusals)
             return Result(ops, desired, observed, full)
+
+    def _authorize(self, snap: Snapshot, facts: NodeFacts) -> tuple[Snapshot, tuple[Refusal, ...]]:
+        """The snapshot with only the AllowedIPs entries each peer is granted (wirekube.authority)."""
+        granted = snap.granted if snap.granted is not None else {p.name: p.spec.allowed_ips for p in snap.peers}
+        guarded = guarded_addresses(snap.mesh, snap.peers, facts.api_server_ips, facts.addresses, self.guarded())
+        peers, refusals = self.authorizer.authorize(snap.mesh, snap.peers, granted, guarded)
+        self.refusals = refusals
+        return dataclasses.replace(snap, peers=peers), refusals
 
     def _plan(self, snap: Snapshot, facts: NodeFacts, paths: Mapping[str, PeerPath], full: bool) -> Desired:
         """The incremental plan; a full pass also plans from scratch and keeps that one if they
@@ -253,7 +279,8 @@ class Reconciler:
         self._restarted = True  # everything is new: the next pass is a full one
         self.wake.set()
 
-    def _report(self, snap: Snapshot, desired: Desired, paths: Mapping[str, PeerPath], wg: WgDeviceState) -> None:
+    def _report(self, snap: Snapshot, desired: Desired, paths: Mapping[str, PeerPath], wg: WgDeviceState,
+                refusals: Sequence[Refusal] = ()) -> None:
         """Log skip changes and publish the status.
 
         ``wg`` is the device as this pass read it, before applying: the status only uses the
@@ -266,10 +293,20 @@ class Reconciler:
         for s in sorted(self._mem.skipped - skipped, key=lambda s: s.peer):
             self._log.info("peer {} no longer skipped", s.peer)
         self._mem.skipped = skipped
-        status = own_status(desired, wg, paths, self.clock(), self.source.own_status())
+        refused = frozenset(refusals)
+        for r in sorted(refused - self._mem.refused, key=lambda r: (r.peer, str(r.entry))):
+            self._log.warning("not routing {} of peer {}: {}", r.entry, r.peer, r.reason)
+        for r in sorted(self._mem.refused - refused, key=lambda r: (r.peer, str(r.entry))):
+            self._log.info("{} of peer {} is no longer refused", r.entry, r.peer)
+        self._mem.refused = refused
+        now = self.clock()
+        status = own_status(desired, wg, paths, now, self.source.own_status())
+        status = dataclasses.replace(status, conditions=routes_condition(
+            status.conditions, [r for r in refusals if r.peer == self.settings.node_name], now))
         if self.decorate_status is not None:
             status = self.decorate_status(status)
         self.source.publish(status, sorted(skipped, key=lambda s: s.peer))
+        self.source.report_refusals(refusals)
 
     # ------------------------------------------------------------------ loop
 
@@ -355,3 +392,20 @@ def describe(op: Op) -> str:
     name = type(op).__name__
     fields = " ".join(str(v) for v in vars(op).values())
     return f"{name} {fields}".strip()
+
+
+CONDITION_ROUTES = "RoutesGranted"
+
+
+def routes_condition(
+    conditions: Sequence[Mapping[str, object]], own: Sequence[Refusal], now: float
+) -> tuple[Mapping[str, object], ...]:
+    """``RoutesGranted`` on the node's own peer: False naming each of its entries this node's view
+    of the grants refuses; True once they are all granted (absent while never refused)."""
+    if own:
+        message = "; ".join(f"{r.reason} (fix: {r.fix})" for r in own)
+        return tuple(cond.set_condition(conditions, CONDITION_ROUTES, False, "NotGranted", message, now, 0))
+    if cond.find(conditions, CONDITION_ROUTES) is not None:
+        return tuple(cond.set_condition(conditions, CONDITION_ROUTES, True, "Granted",
+                                        "every spec.allowedIPs entry is granted", now, 0))
+    return tuple(conditions)

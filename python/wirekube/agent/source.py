@@ -20,6 +20,7 @@ import yaml
 from loguru import logger
 
 from wirekube.agent.gateway import augment_peers, parse_gateways
+from wirekube.authority import Refusal, grants_by_node, merge_grants
 from wirekube.agent.plan import Skipped
 from wirekube.agent.reconcile import Snapshot
 from wirekube.agent.registration import (
@@ -30,13 +31,16 @@ from wirekube.agent.registration import (
     update_patch,
 )
 from wirekube.errors import AlreadyExists, ApiError, InvalidObject, NotFound
+from wirekube.gateway.contract import client_allowed_ips
 from wirekube.models import (
     MESH_SINGLETON,
+    IPNetwork,
     Peer,
     PeerStatus,
     mesh_from_cr,
     peer_from_cr,
     peer_status_to_cr,
+    route_grant_from_cr,
 )
 
 
@@ -132,6 +136,9 @@ class FileSource:
     def own_status(self) -> PeerStatus:
         return self._status
 
+    def report_refusals(self, refusals: Sequence[Refusal]) -> None:
+        """A peers file has nobody to tell; the reconciler logs refusals."""
+
 
 class KubeSource:
     """Mesh and peers from the API server, through informers (``wirekube.k8s``)."""
@@ -153,12 +160,15 @@ class KubeSource:
         self.peers = k8s.Informer(kube, k8s.PEERS, on_event=self._event)
         self.meshes = k8s.Informer(kube, k8s.MESHES, on_event=self._event)
         self.gateways = k8s.Informer(kube, k8s.GATEWAYS, on_event=self._gateway_event)
+        self.grants = k8s.Informer(kube, k8s.ROUTE_GRANTS, on_event=self._event)
         # This node's own Node object (annotations, addresses): registration reads it every pass,
         # so it is watched rather than fetched (one GET per event pass at 1,000 peers adds up).
         self.node = k8s.Informer(kube, k8s.NODES, on_event=self._event, field_selector=f"metadata.name={node_name}")
         self.on_gateway_change: Callable[[], None] = lambda: None
         """Also told when a WireKubeGateway changes (the gateway agent's wake-up)."""
         self._reported: dict[str, str] = {}
+        self._refusals_reported: set[Refusal] = set()
+        self._grants_missing_logged = False
         self._parsed: dict[str, tuple[str, Peer | Skipped]] = {}
         """Parsed peers by name, with the resourceVersion they were parsed from."""
         self._parse_lock = threading.Lock()
@@ -168,12 +178,13 @@ class KubeSource:
         self.peers.start()
         self.meshes.start()
         self.gateways.start()
+        self.grants.start()
         self.node.start()
         return self
 
     def stop(self) -> None:
         # Side by side: each informer may take a while to leave a blocked watch.
-        stoppers = [threading.Thread(target=i.stop, daemon=True) for i in (self.peers, self.meshes, self.gateways, self.node)]
+        stoppers = [threading.Thread(target=i.stop, daemon=True) for i in (self.peers, self.meshes, self.gateways, self.grants, self.node)]
         for t in stoppers:
             t.start()
         for t in stoppers:
@@ -200,9 +211,36 @@ class KubeSource:
             return None
         with self._parse_lock:  # snapshot() is called from the reconciler and the status decorator
             peers, rejected = parse_peers(list(self.peers.cache.values()), self._parsed)
+        granted = self._granted()
+        if granted is None:
+            return None
         # Gateways are not waited for (the CRD may be absent): routes appear once they are known.
-        peers = augment_peers(peers, parse_gateways(self.gateways.cache.values()), self.node_name)
-        return Snapshot(mesh, peers, rejected)
+        gateways = parse_gateways(self.gateways.cache.values())
+        peers = augment_peers(peers, gateways, self.node_name)
+        granted = merge_grants(granted, client_allowed_ips(gateways, self.node_name))
+        return Snapshot(mesh, peers, rejected, granted)
+
+    def _granted(self) -> dict[str, tuple[IPNetwork, ...]] | None:
+        """Route grants by node; None while they are not known yet.
+
+        Fail closed: without the WireKubeRouteGrant CRD (an old install) nothing beyond mesh IPs
+        and gateway routes is routed, and that is said once.  Until the first list answers, the
+        snapshot waits (so a restarting agent does not withdraw routes it is about to re-grant)."""
+        if not self.grants.wait_synced(0):
+            if not isinstance(self.grants.last_error, NotFound):
+                return None
+            if not self._grants_missing_logged:
+                self._log.error("WireKubeRouteGrant is not served (install the chart's CRDs): only mesh IPs "
+                                "and gateway routes are routed")
+                self._grants_missing_logged = True
+            return {}
+        grants = []
+        for obj in self.grants.cache.values():
+            try:
+                grants.append(route_grant_from_cr(obj))
+            except InvalidObject as e:
+                self._log.warning("ignoring {}", e)
+        return grants_by_node(grants)
 
     def interface_name(self) -> str | None:
         """The mesh's WireGuard interface, once the mesh is known."""
@@ -296,3 +334,18 @@ class KubeSource:
                 component="agent",
             )
         self._reported = current
+
+    def report_refusals(self, refusals: Sequence[Refusal]) -> None:
+        """One Warning Event per newly refused claim, on the peer that made it."""
+        current = set(refusals)
+        for r in sorted(current - self._refusals_reported, key=lambda r: (r.peer, str(r.entry))):
+            regarding = self.peers.cache.get(r.peer) or {"metadata": {"name": r.peer}}
+            regarding = {"apiVersion": "wirekube.io/v1alpha1", "kind": "WireKubePeer", **regarding}
+            try:
+                self.kube.emit_event(regarding, "RouteNotGranted",
+                                     f"node {self.node_name} does not route {r.entry} of peer {r.peer}: {r.reason}; "
+                                     f"fix: {r.fix}", type_="Warning", component="agent")
+            except ApiError as e:
+                self._log.warning("cannot record an Event for {} of {}: {}", r.entry, r.peer, e)
+                current.discard(r)  # told again on the next pass
+        self._refusals_reported = current
