@@ -75,5 +75,10 @@ class Temporary(ApiError):
     temporary = True
 
 
+class InvalidConfig(WireKubeError, ValueError):
+    """A program's configuration cannot be used (a missing or malformed kubeconfig, an unknown
+    log level, ...).  Also a ``ValueError``, for callers that validated settings that way."""
+
+
 class DataplaneError(WireKubeError):
     """A netlink, nftables or WireGuard engine operation failed."""

@@ -13,7 +13,10 @@ from typing import Any, TextIO
 
 from loguru import logger
 
+from wirekube.errors import InvalidConfig
+
 FORMATS = ("text", "json")
+LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 
 
 def configure_logging(fmt: str = "text", level: str = "INFO", *, sink: TextIO | None = None,
@@ -23,7 +26,11 @@ def configure_logging(fmt: str = "text", level: str = "INFO", *, sink: TextIO | 
     ``extra`` is bound to every record (e.g. ``node=...``).
     """
     if fmt not in FORMATS:
-        raise ValueError(f"log format {fmt!r}: expected one of {', '.join(FORMATS)}")
+        raise InvalidConfig(f"log format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    try:
+        logger.level(level.upper())
+    except ValueError:
+        raise InvalidConfig(f"log level {level!r}: expected one of {', '.join(LEVELS)}") from None
     logger.remove()
     logger.add(sink or sys.stderr, level=level.upper(), serialize=(fmt == "json"),
                backtrace=False, diagnose=False)

@@ -45,6 +45,7 @@ from wirekube.agent.traversal import DIRECT_KEEPALIVE, RELAY_KEEPALIVE, Traversa
 from wirekube.agent.wg.base import WgDeviceState
 from wirekube.agent.wg.select import describe_engine
 from wirekube.agent.wg.userspace import SOCKET_DIR
+from wirekube.entrypoint import console_script
 from wirekube.errors import WireKubeError
 from wirekube.metrics import AgentMetrics, AgentSnapshot, PeerSample, serve
 from wirekube.models import (
@@ -160,6 +161,7 @@ def resolve_host(url: str) -> tuple[IPAddress, ...]:
     return tuple(dict.fromkeys(ipaddress.ip_address(i[4][0]) for i in infos))
 
 
+@console_script("wirekube-agent")
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
     configure_logging(settings)

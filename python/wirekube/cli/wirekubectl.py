@@ -22,6 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from wirekube.entrypoint import console_script
 from wirekube.errors import WireKubeError
 
 
@@ -153,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@console_script("wirekubectl")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:

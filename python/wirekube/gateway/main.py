@@ -25,6 +25,7 @@ from types import FrameType
 from loguru import logger
 
 from wirekube import k8s, logsetup
+from wirekube.entrypoint import console_script
 from wirekube.gateway.awsfollower import AWSSettings
 from wirekube.gateway.controller import ControllerSettings, GatewayController
 from wirekube.gateway.metrics import ControllerMetrics, MetricsServer
@@ -148,6 +149,7 @@ def run(settings: Settings) -> int:
     return 0
 
 
+@console_script("wirekube-gateway")
 def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from_args(build_parser().parse_args(argv))
     configure_logging(settings.log_format, settings.log_level)

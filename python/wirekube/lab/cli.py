@@ -1,7 +1,8 @@
 """``wirekube-lab``: whole clusters of nodes behind real NATs on one Linux machine.
 
-    wirekube-lab up [TOPOLOGY.yaml] [--name N]   # network + real API server + relay + agents
-    wirekube-lab status [--json] [--name N]      # nodes (NAT, mesh IP) and every pair (transport, RTT)
+    wirekube-lab up [NAME|FILE] [--name N]       # network, API server, relay, agents, gateway, pods
+    wirekube-lab topologies                      # the built-in topologies (NAME for `up`)
+    wirekube-lab status [--json] [--name N]      # nodes, every pair, gateways and the four planes
     wirekube-lab exec NAME -- CMD...             # NAME: a node, SITE-router, internet, a host or pod
     wirekube-lab ping FROM TO                    # mesh IP to mesh IP
     wirekube-lab down [--name N]                 # removes everything; safe to run twice
@@ -16,8 +17,11 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
+from wirekube.entrypoint import console_script, fail
 from wirekube.errors import WireKubeError
 from wirekube.lab.cluster import ControlPlane, ControlPlaneError
 
@@ -49,31 +53,82 @@ def _cluster_down(args: argparse.Namespace) -> int:
     return 0
 
 
-def _up(args: argparse.Namespace) -> int:
-    from wirekube.lab import orchestrate
-    from wirekube.lab.topology import default_topology, load_topology
+def _topologies(args: argparse.Namespace) -> int:
+    from wirekube.lab.topology import BUILTIN_DESCRIPTIONS
 
-    topology = load_topology(args.topology) if args.topology else default_topology()
-    h = orchestrate.up(topology, args.name, wait=args.wait)
+    width = max(map(len, BUILTIN_DESCRIPTIONS))
+    for name, description in BUILTIN_DESCRIPTIONS.items():
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from wirekube.lab import orchestrate, scenario
+    from wirekube.lab.topology import TopologyError, UnknownTopology, resolve_topology
+
+    try:
+        topology = resolve_topology(args.topology)
+    except UnknownTopology as e:
+        return fail("wirekube-lab up", e, 2)
+    except TopologyError as e:  # every problem on its own line, each message on one line
+        count = len(e.problems)
+        print(f"wirekube-lab up: {e.source}: {count} problem{'s' if count != 1 else ''}:", file=sys.stderr)
+        for path, message in e.problems:
+            print(f"  {path + ': ' if path else ''}{' '.join(message.split())}", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    h = scenario.up(topology, args.name, wait=args.wait)
     lab, kube, _ = orchestrate.attach(args.name)
-    print(orchestrate.render_status(orchestrate.collect(lab, kube), lab.log_dir))
-    print(f"explore:  wirekube-lab exec prc-1 -- ip -br addr     wirekube-lab ping prc-1 sym1-1\n"
+    data = _full_status(lab, kube, planes_timeout=60)
+    print(_render(data, lab))
+    elapsed = time.monotonic() - started
+    ok = all(p["result"] != "fail" for p in data["planes"])
+    nodes = sorted(lab.nodes)
+    a, b = nodes[0], nodes[-1]
+    print(f"{'all four planes pass' if ok else 'NOT every plane passes (see above)'}; "
+          f"{elapsed:.0f}s from the start of `up`\n"
+          f"explore:  wirekube-lab exec {a} -- ip -br addr     wirekube-lab ping {a} {b}\n"
           f"          KUBECONFIG={h.admin_kubeconfig} wirekubectl status\n"
           f"remove:   wirekube-lab down" + ("" if args.name == DEFAULT_NAME else f" --name {args.name}"))
-    return 0
+    return 0 if ok else 1
+
+
+def _full_status(lab: Any, kube: Any, planes_timeout: float = 0.0) -> dict[str, Any]:
+    """Nodes, pairs, gateways and planes; ``planes_timeout`` > 0 waits that long for the planes
+    to pass (right after `up`, a pod path may still be settling)."""
+    from wirekube.lab import orchestrate, scenario
+
+    data = orchestrate.collect(lab, kube)
+    planes = scenario.check_planes(lab, kube, data["pairs"])
+    if planes_timeout > 0 and not all(p.ok or p.total == 0 for p in planes):
+        planes = scenario.wait_planes(lab, kube, planes_timeout)
+    data["gateways"] = scenario.collect_gateways(kube)
+    data["planes"] = [p.to_json() for p in planes]
+    return data
+
+
+def _render(data: dict[str, Any], lab: Any) -> str:
+    from wirekube.lab import orchestrate, scenario
+
+    out = orchestrate.render_status(data, lab.log_dir)
+    gateways = scenario.render_gateways(data["gateways"])
+    planes = scenario.render_planes([scenario.Plane(p["name"], p["path"], p["total"], p["passed"], p["rttMs"],
+                                                    p["failures"]) for p in data["planes"]])
+    return out + ("\n" + gateways if gateways else "") + "\n" + planes
 
 
 def _status(args: argparse.Namespace) -> int:
     from wirekube.lab import orchestrate
 
     lab, kube, _ = orchestrate.attach(args.name)
-    data = orchestrate.collect(lab, kube)
+    data = _full_status(lab, kube)
     if args.json:
         print(json.dumps({"nodes": [{k: n[k] for k in ("name", "site", "natType", "meshIP")} for n in data["nodes"]],
                           "pairs": [{k: p[k] for k in ("from", "to", "transport", "rttMs")} for p in data["pairs"]],
+                          "gateways": data["gateways"], "planes": data["planes"],
                           "logs": str(lab.log_dir)}, indent=2))
     else:
-        print(orchestrate.render_status(data, lab.log_dir), end="")
+        print(_render(data, lab), end="")
     return 0
 
 
@@ -112,20 +167,34 @@ def _down(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lab_name(text: str) -> str:
+    from wirekube.lab.plan import check_lab_name
+
+    try:
+        check_lab_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wirekube-lab", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def named(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--name", default=DEFAULT_NAME, help="lab name (default %(default)s)")
+        p.add_argument("--name", default=DEFAULT_NAME, type=_lab_name, help="lab name (default %(default)s)")
         return p
 
     up = named(sub.add_parser("up", help="bring the whole lab up and wait for convergence"))
-    up.add_argument("topology", nargs="?", help="topology YAML (default: the built-in EKS Hybrid picture)")
+    up.add_argument("topology", nargs="?", default="default", metavar="NAME|FILE",
+                    help="a built-in topology (`wirekube-lab topologies`) or a topology YAML file "
+                         "(default: %(default)s)")
     up.add_argument("--wait", type=float, default=120.0, help="seconds to wait for convergence")
     up.set_defaults(func=_up)
-    st = named(sub.add_parser("status", help="nodes and every ordered pair with transport and RTT"))
+    tp = sub.add_parser("topologies", help="list the built-in topologies, one line each")
+    tp.set_defaults(func=_topologies)
+    st = named(sub.add_parser("status", help="nodes, every ordered pair, gateways and the four planes"))
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_status)
     ex = named(sub.add_parser("exec", help="run a command inside a lab namespace"))
@@ -152,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@console_script("wirekube-lab")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:

@@ -99,7 +99,8 @@ def up(topology: Topology, name: str = "default", *, wait: float = 90.0, mesh_ov
         kube.close()
         (h.workdir / STATE).write_text(json.dumps({
             "cluster": str(h.cluster_dir), "converged": converged,
-            "convergence_seconds": round(time.monotonic() - started, 2) if converged else None}))
+            "convergence_seconds": round(time.monotonic() - started, 2) if converged else None,
+            "agents_started_at": round(time.time() - (time.monotonic() - started), 3)}))
         if not converged:
             print("lab: not every expected pair converged in time; see `wirekube-lab status`", file=sys.stderr)
     except BaseException:

@@ -863,7 +863,9 @@ def _check_overlaps(
 # Built-in topologies
 
 DEFAULT_TOPOLOGY_YAML = """\
-# The default lab: the EKS Hybrid picture with every NAT kind on the on-premises side.
+# The default lab (`make lab`): the EKS Hybrid picture with every NAT kind on the on-premises
+# side, a pod behind every node (EC2 pods in the VPC's 10.100.0.0/16, hybrid pods in 10.200.0.0/16)
+# and a VPC host that reaches the hybrid nodes through the VPC gateway.
 internet:
   relay: 198.18.0.2:3478            # the relay (TCP) and its built-in STUN (UDP)
   stun: [198.18.0.2:3478, 198.18.0.3:3478]
@@ -873,37 +875,41 @@ sites:
   - name: cloud                     # "EC2": public addresses, no NAT
     nat: none
     lan: 198.19.1.0/24
-    nodes: [{name: ec2-a}, {name: ec2-b}]
+    nodes:
+      - {name: ec2-a, podCIDR: 10.100.1.0/24, pods: 1}
+      - {name: ec2-b, podCIDR: 10.100.2.0/24, pods: 1}
   - name: prc                       # two nodes behind one port-restricted cone
     nat: port-restricted-cone
     lan: 192.168.2.0/24
-    nodes: [{name: prc-1}, {name: prc-2}]
+    nodes:
+      - {name: prc-1, podCIDR: 10.200.2.0/24, pods: 1}
+      - {name: prc-2, podCIDR: 10.200.3.0/24, pods: 1}
   - name: fullcone
     nat: full-cone
     lan: 192.168.3.0/24
-    nodes: [{name: fullcone-1}]
+    nodes: [{name: fullcone-1, podCIDR: 10.200.4.0/24, pods: 1}]
   - name: sym1
     nat: symmetric
     lan: 192.168.4.0/24
-    nodes: [{name: sym1-1}]
+    nodes: [{name: sym1-1, podCIDR: 10.200.5.0/24, pods: 1}]
   - name: sym2
     nat: symmetric
     lan: 192.168.5.0/24
-    nodes: [{name: sym2-1}]
+    nodes: [{name: sym2-1, podCIDR: 10.200.6.0/24, pods: 1}]
   - name: udpblock
     nat: udp-blocked
     lan: 192.168.6.0/24
-    nodes: [{name: udpblock-1}]
+    nodes: [{name: udpblock-1, podCIDR: 10.200.7.0/24, pods: 1}]
 networks:
   - name: vpc                       # both EC2 nodes on one VPC subnet; ec2-a is the gateway
     cidr: 10.100.0.0/24
     nodes: [ec2-a, ec2-b]
     gateway: ec2-a
     hosts:
-      - name: vpc-host              # a plain VPC host; hybrid node LANs route via the gateway
+      - name: vpc-host              # a plain VPC host; hybrid node LANs and pods route via the gateway
         address: 10.100.0.100
         routes: [192.168.2.0/24, 192.168.3.0/24, 192.168.4.0/24, 192.168.5.0/24,
-                 192.168.6.0/24]
+                 192.168.6.0/24, 10.200.0.0/16]
 """
 
 EKS_HYBRID_TOPOLOGY_YAML = """\
@@ -960,3 +966,36 @@ def builtin_topology(name: str = "default") -> Topology:
 
 def default_topology() -> Topology:
     return builtin_topology("default")
+BUILTIN_DESCRIPTIONS: Mapping[str, str] = {
+    "default": "what `make lab` runs: 2 EC2 nodes + a VPC host, 6 hybrid nodes behind every NAT kind, "
+               "a pod per node",
+    "eks-hybrid": "the EKS Hybrid guide's CIDRs: 2 EC2 nodes + a VPC host, 3 hybrid nodes behind "
+                  "port-restricted cone and symmetric NAT, a pod per node",
+}
+
+
+class UnknownTopology(WireKubeError):
+    """Neither a built-in topology's name nor a readable file."""
+
+
+
+def resolve_topology(ref: str) -> Topology:
+    """``ref`` names a built-in topology or is the path of a topology file.
+
+    Raises :class:`UnknownTopology` (neither, or the file cannot be read) or
+    :class:`TopologyError` (the file has mistakes).
+    """
+    if ref in BUILTIN_TOPOLOGIES:
+        return builtin_topology(ref)
+    choices = f"built-in topologies: {', '.join(BUILTIN_TOPOLOGIES)}, or the path of a topology file"
+    path = Path(ref)
+    if not path.exists():
+        raise UnknownTopology(f"no topology {ref!r}: {choices}")
+    if not path.is_file():
+        raise UnknownTopology(f"topology {ref!r} is not a file: {choices}")
+    try:
+        return load_topology(path)
+    except OSError as e:
+        raise UnknownTopology(f"cannot read topology file {ref}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise UnknownTopology(f"topology file {ref} is not UTF-8 text ({e.reason} at byte {e.start})") from e

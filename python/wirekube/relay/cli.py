@@ -22,6 +22,7 @@ import uvloop
 from loguru import logger
 
 from wirekube import logsetup
+from wirekube.entrypoint import console_script
 from wirekube.relay.authz import PeerAuthorizer, keys_from_peers
 from wirekube.relay.metrics import build_registry, serve_metrics
 from wirekube.relay.server import RelayServer, RelaySettings
@@ -210,6 +211,7 @@ def _addr(addr: tuple[str, int] | None) -> str:
     return f"{addr[0]}:{addr[1]}" if addr else ""
 
 
+@console_script("wirekube-relay")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = settings_from_args(args)
