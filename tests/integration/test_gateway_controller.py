@@ -253,6 +253,13 @@ def test_killed_gateway_agent_fails_over_within_the_staleness_window(
         assert "HealthReportStale" in event["note"]
 
 
+def _get(kube: k8s.Kube, res: k8s.Resource, name: str) -> dict[str, Any] | None:
+    try:
+        return kube.get(res, name)
+    except errors.NotFound:
+        return None
+
+
 def test_pod_cidr_sync_from_node_spec(
     kube: k8s.Kube, objects: Objects, controllers: Callable[..., GatewayController], unique: str
 ) -> None:
@@ -277,11 +284,17 @@ def test_pod_cidr_sync_from_node_spec(
         mesh_cond = wait_for(lambda: condition(status(kube, k8s.MESHES, "default"), "PodCIDRSync").get("reason")
                              == "Refused" and condition(status(kube, k8s.MESHES, "default"), "PodCIDRSync"))
         assert n2 in mesh_cond["message"]
+        # What the Node says is granted to that node (and only that): the agents' authority.
+        grant = wait_for(lambda: _get(kube, k8s.ROUTE_GRANTS, f"node.{n1}"), what="route grant of n1")
+        assert grant["spec"] == {"nodes": [n1], "cidrs": [pod1], "description": f"kept by the gateway controller from Node {n1}"}
+        assert grant["metadata"]["labels"][models.LABEL_MANAGED_BY] == models.GRANT_MANAGER
+        assert _get(kube, k8s.ROUTE_GRANTS, f"node.{n2}") is None  # its pod CIDR was refused: nothing granted
 
         objects.set_mesh(podCIDRSync="none")  # turning it off removes only what was synced
         peer = wait_for(lambda: (p := kube.get(k8s.PEERS, n1))["spec"]["allowedIPs"][-1] == user and p,
                         what="synced pod CIDR removed")
         assert ANNOTATION_POD_CIDRS not in (peer["metadata"].get("annotations") or {})
+        wait_for(lambda: _get(kube, k8s.ROUTE_GRANTS, f"node.{n1}") is None, what="grant removed with the sync")
     finally:
         objects.set_mesh(podCIDRSync="none")
 
