@@ -86,8 +86,11 @@ EVENTS = Resource("events.k8s.io", "v1", "events", "Event", namespaced=True)
 LEASES = Resource("coordination.k8s.io", "v1", "leases", "Lease", namespaced=True)
 CRDS = Resource("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition")
 CILIUMNODES = Resource("cilium.io", "v2", "ciliumnodes", "CiliumNode")
+ENDPOINTSLICES = Resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", namespaced=True)
+"""The relay replicas find each other through their headless Service's slices."""
 
 RESOURCES = {r.plural: r for r in (PEERS, MESHES, GATEWAYS, ROUTE_GRANTS, NODES, NAMESPACES, SERVICES, EVENTS, LEASES, CRDS, CILIUMNODES)}
+RESOURCES[ENDPOINTSLICES.plural] = ENDPOINTSLICES
 
 _ERROR_BY_STATUS: dict[int, type[errors.ApiError]] = {
     401: errors.Unauthorized,

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from wirekube.relay.protocol import (
     FIXED_BODY_LEN,
+    MIN_BODY_LEN,
     HEADER_LEN,
     KEY_LEN,
     MAX_BODY_LEN,
@@ -45,8 +46,10 @@ def frames(draw: st.DrawFn) -> Frame:
     ftype = draw(st.sampled_from(list(FrameType)))
     if ftype is FrameType.DATA:
         body = draw(KEYS) + draw(st.binary(min_size=1, max_size=300))
-    elif ftype is FrameType.ERROR:
+    elif ftype in (FrameType.ERROR, FrameType.GOAWAY):
         body = draw(st.binary(max_size=100))
+    elif ftype in MIN_BODY_LEN:  # the mesh's variable-size frames
+        body = draw(st.binary(min_size=MIN_BODY_LEN[ftype], max_size=MIN_BODY_LEN[ftype] + 80))
     else:
         body = draw(st.binary(min_size=FIXED_BODY_LEN[ftype], max_size=FIXED_BODY_LEN[ftype]))
     return Frame(int(ftype), body)

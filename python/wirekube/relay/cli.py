@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ from loguru import logger
 from wirekube import logsetup
 from wirekube.entrypoint import console_script
 from wirekube.relay.authz import PeerAuthorizer, keys_from_peers
+from wirekube.relay.mesh import DEFAULT_MESH_PORT, MeshSettings, RelayMesh, peers_from_slices
 from wirekube.relay.metrics import build_registry, serve_metrics
 from wirekube.relay.server import RelayServer, RelaySettings
 
@@ -33,6 +35,10 @@ DEFAULT_METRICS_PORT = 9478
 
 class StartupError(RuntimeError):
     """The relay cannot start as configured."""
+
+
+class UsageError(StartupError):
+    """The command line is inconsistent (exit code 2, one line)."""
 
 
 class AdapterMissing(StartupError):
@@ -48,6 +54,9 @@ class CliSettings:
     kubeconfig: str | None = None
     log_format: str = "json"
     log_level: str = "INFO"
+    mesh: MeshSettings | None = None
+    mesh_service: str | None = None
+    mesh_namespace: str | None = None
 
 
 def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
@@ -65,6 +74,12 @@ def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int
     if not 0 <= number <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r}: port out of range")
     return host, number
+
+
+def _hostport_list(text: str) -> tuple[tuple[str, int], ...]:
+    from wirekube.relay.mesh import DEFAULT_MESH_PORT
+
+    return tuple(parse_hostport(part.strip(), DEFAULT_MESH_PORT) for part in text.split(",") if part.strip())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest a client whose packets all go to congested peers is left unread, so TCP slows "
                         "it instead of the relay dropping what it sends (default 0.02; 0 never holds)")
     p.add_argument("--max-connections", type=int, default=10_000, help="connections beyond this are refused")
+    p.add_argument("--max-pending-per-ip", type=int, default=64, metavar="N",
+                   help="connections from one source address that may be unregistered at once (default 64); "
+                        "registered clients do not count, so many nodes behind one NAT are fine")
+    p.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="on SIGTERM, how long clients told to reconnect elsewhere (GoAway) have before the "
+                        "rest are closed (default 10)")
+    m = p.add_argument_group("replica mesh", "relay replicas behind one load balancer act as one relay")
+    m.add_argument("--mesh-secret-file", default=None, metavar="PATH",
+                   help="the secret every replica shares (at least 16 bytes); turns the mesh on")
+    m.add_argument("--mesh-listen", type=parse_hostport, default=None, metavar=hp,
+                   help="TCP address for links from other replicas (default 0.0.0.0:3480)")
+    m.add_argument("--mesh-peers", type=_hostport_list, default=(), metavar="HOST:PORT,...",
+                   help="other replicas' mesh addresses (may include this one's own)")
+    m.add_argument("--mesh-service", default=None, metavar="NAME",
+                   help="find the replicas in the EndpointSlices of this (headless) Service instead")
+    m.add_argument("--mesh-namespace", default=None, metavar="NAMESPACE",
+                   help="the Service's namespace (default: $POD_NAMESPACE, else the pod's own namespace)")
     p.add_argument("--log-format", choices=("json", "text"), default="json", help="json (default) or text")
     p.add_argument("--log-level", default="INFO", help="loguru level (default INFO)")
     return p
@@ -118,7 +150,12 @@ def settings_from_args(args: argparse.Namespace) -> CliSettings:
             queue_limit_bytes=args.queue_limit_bytes,
             backpressure_hold=args.backpressure_hold,
             max_connections=args.max_connections,
+            max_pending_per_ip=args.max_pending_per_ip,
+            drain_timeout=args.drain_timeout,
         ),
+        mesh=_mesh_settings(args),
+        mesh_service=args.mesh_service,
+        mesh_namespace=args.mesh_namespace,
         metrics_host=args.metrics_listen[0],
         metrics_port=args.metrics_listen[1],
         authorize_peers=args.authorize_peers,
@@ -126,6 +163,70 @@ def settings_from_args(args: argparse.Namespace) -> CliSettings:
         log_format=args.log_format,
         log_level=args.log_level.upper(),
     )
+
+
+def _mesh_settings(args: argparse.Namespace) -> MeshSettings | None:
+    from wirekube.relay.meshwire import check_secret
+
+    wants_mesh = args.mesh_peers or args.mesh_service or args.mesh_listen
+    if args.mesh_secret_file is None:
+        if wants_mesh:
+            raise UsageError("--mesh-peers, --mesh-service and --mesh-listen need --mesh-secret-file")
+        return None
+    try:
+        with open(args.mesh_secret_file, "rb") as f:
+            secret = check_secret(f.read())
+    except OSError as e:
+        raise UsageError(f"--mesh-secret-file: cannot read {args.mesh_secret_file}: {e.strerror}") from e
+    except ValueError as e:
+        raise UsageError(f"--mesh-secret-file {args.mesh_secret_file}: {e}") from e
+    host, port = args.mesh_listen or ("0.0.0.0", DEFAULT_MESH_PORT)
+    return MeshSettings(secret=secret, listen_host=host, listen_port=port, peers=tuple(args.mesh_peers))
+
+
+def _pod_namespace(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"]
+    try:
+        with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
+            return f.read().strip()
+    except OSError:
+        raise StartupError("--mesh-service: no namespace (set --mesh-namespace or $POD_NAMESPACE)") from None
+
+
+def watch_mesh_peers(mesh: RelayMesh, service: str, namespace: str, kubeconfig: str | None) -> Callable[[], None]:
+    """Keep the mesh dialing every replica listed in ``service``'s EndpointSlices; returns a stopper."""
+    try:
+        from wirekube import k8s
+    except ImportError as e:
+        raise AdapterMissing("--mesh-service needs the Kubernetes adapter") from e
+    loop = asyncio.get_running_loop()
+    scheduled = False
+    informer: Any = None
+
+    def refresh() -> None:
+        nonlocal scheduled
+        scheduled = False
+        peers = peers_from_slices(informer.cache.values(), "mesh", mesh.settings.listen_port)
+        logger.bind(component="relay-mesh").info("replicas in Service {}/{}: {}", namespace, service,
+                                                 ", ".join(f"{h}:{p}" for h, p in peers) or "none")
+        mesh.set_peers(peers)
+
+    def changed(*_: object) -> None:  # on the informer's thread
+        nonlocal scheduled
+        if not scheduled:
+            scheduled = True
+            loop.call_soon_threadsafe(refresh)
+
+    try:
+        kube = k8s.Kube.auto(kubeconfig)
+    except Exception as e:  # noqa: BLE001 - kubeconfig/in-cluster loading raises many types
+        raise StartupError(f"--mesh-service: no usable Kubernetes client: {e}") from e
+    informer = k8s.Informer(kube, k8s.ENDPOINTSLICES, on_event=changed, namespace=namespace,
+                            label_selector=f"kubernetes.io/service-name={service}").start()
+    return informer.stop  # type: ignore[no-any-return]
 
 
 def configure_logging(fmt: str, level: str) -> None:
@@ -183,7 +284,14 @@ async def serve(settings: CliSettings) -> None:
     authorizer = PeerAuthorizer() if settings.authorize_peers else None
     stop_watch = watch_peers(authorizer, settings.kubeconfig) if authorizer is not None else None
     relay = RelayServer(settings.relay, authorizer=authorizer)
+    mesh = RelayMesh(relay, settings.mesh) if settings.mesh is not None else None
     await relay.start()
+    stop_mesh_watch = None
+    if mesh is not None:
+        await mesh.start()
+        if settings.mesh_service:
+            stop_mesh_watch = watch_mesh_peers(mesh, settings.mesh_service, _pod_namespace(settings.mesh_namespace),
+                                               settings.kubeconfig)
     metrics = await serve_metrics(build_registry(relay), settings.metrics_host, settings.metrics_port)
     metrics_addr = metrics.sockets[0].getsockname()
     logger.bind(
@@ -193,6 +301,8 @@ async def serve(settings: CliSettings) -> None:
         nat_probe=_addr(relay.nat_probe_address),
         metrics=f"{metrics_addr[0]}:{metrics_addr[1]}",
         authorize_peers=settings.authorize_peers,
+        mesh=_addr(mesh.address) if mesh is not None else "",
+        replica=mesh.id.hex()[:8] if mesh is not None else "",
     ).info("relay ready")
 
     stopping = asyncio.Event()
@@ -200,11 +310,19 @@ async def serve(settings: CliSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
-    logger.bind(component="relay").info("signal received, shutting down")
+    if mesh is not None and mesh.links:  # another replica can take the clients: hand them over
+        logger.bind(component="relay").info("signal received: draining (clients told to reconnect elsewhere)")
+        await relay.drain()
+    else:
+        logger.bind(component="relay").info("signal received, shutting down")
     if stop_watch is not None:
         stop_watch()
+    if stop_mesh_watch is not None:
+        stop_mesh_watch()
     metrics.close()
     await relay.close()
+    if mesh is not None:
+        await mesh.close()
 
 
 def _addr(addr: tuple[str, int] | None) -> str:
@@ -213,8 +331,12 @@ def _addr(addr: tuple[str, int] | None) -> str:
 
 @console_script("wirekube-relay")
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    settings = settings_from_args(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except UsageError as e:
+        parser.exit(2, f"wirekube-relay: {e}\n")
     configure_logging(settings.log_format, settings.log_level)
     try:
         uvloop.run(serve(settings))

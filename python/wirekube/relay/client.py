@@ -23,7 +23,15 @@ when it has drained, so a sender can stop reading its own input instead of queue
 
 The client sends a Keepalive every ``keepalive_interval``; the relay answers each one, so a relay
 that stays silent for ``dead_after`` seconds is taken as gone and the client closes.  Reconnecting
-is the caller's business; :func:`backoff_delays` gives the reference schedule (1 s doubling to 30 s).
+is the caller's business; :func:`backoff_delays` gives the reference schedule (the first retry
+within 250 ms, jittered, growing to 30 s): behind a load balancer a retry usually lands on a
+live replica, so the first one should come at once.
+
+A relay that is shutting down sends GoAway: the client then opens a new connection to the same
+address (the load balancer picks another replica), registers there, switches its traffic to it
+and closes the old one, all inside this object (make before break); until the new one is
+registered, the old one keeps carrying traffic.  ``fwmark`` (``SO_MARK``, set before connecting)
+lets a caller keep the relay connection out of routing tables that would capture it.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import socket
 import time
 from collections import deque
@@ -105,23 +114,36 @@ class RelayClientSettings:
     """SO_SNDBUF and SO_RCVBUF for the TCP socket; 0 (the default) leaves them to the kernel's
     autotuning, which grows them with the path's bandwidth-delay product (a fixed 1 MiB would cap
     one connection at ~160 Mbit/s over 50 ms)."""
+    fwmark: int | None = None
+    """SO_MARK for the TCP socket, set before connecting (needs CAP_NET_ADMIN); None: unmarked."""
+    migrate_for: float = 8.0
+    """After a GoAway, how long the client keeps trying to register again while the old
+    connection still works."""
 
 
-def backoff_delays(initial: float = 1.0, maximum: float = 30.0) -> Iterator[float]:
-    """Reconnect delays: ``initial`` doubling up to ``maximum``, forever."""
-    delay = initial
+def backoff_delays(initial: float = 0.25, maximum: float = 30.0, factor: float = 1.6,
+                   rng: random.Random | None = None) -> Iterator[float]:
+    """Reconnect delays: each one a random value between half and all of a bound that starts at
+    ``initial`` and grows by ``factor`` up to ``maximum`` (so the first retry comes within
+    ``initial`` seconds, and many clients that lost the same relay do not retry in step)."""
+    uniform = (rng or random).uniform
+    bound = initial
     while True:
-        yield delay
-        delay = min(delay * 2, maximum)
+        yield uniform(bound / 2, bound)
+        bound = min(bound * factor, maximum)
 
 
 class _ClientProtocol(asyncio.BufferedProtocol):
-    """The socket reads straight into the frame decoder's buffer (no per-read ``bytes``)."""
+    """One TCP connection of a client (a client has a second one while it moves after GoAway).
+    The socket reads straight into the frame decoder's buffer (no per-read ``bytes``)."""
 
     def __init__(self, client: RelayClient) -> None:
         self._client = client
         self._decoder = FrameDecoder()
         self.transport: asyncio.Transport | None = None
+        self.registered: asyncio.Future[None] = client._loop.create_future()
+        self.lost = False
+        self.told_to_go = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -150,24 +172,84 @@ class _ClientProtocol(asyncio.BufferedProtocol):
                 item = decoder.next_run()
                 if item is NEED_DATA:
                     return
-                if isinstance(item, DataRun):
+                if not self.registered.done():
+                    if not self._handshake(item):  # type: ignore[arg-type]  # NEED_DATA returned above
+                        decoder.clear()
+                        return
+                elif isinstance(item, DataRun):
                     client._on_run(item)
                 else:
-                    client._on_frame(item)  # type: ignore[arg-type]  # a Frame: NEED_DATA returned above
-                if client.closed:
+                    client._on_frame(self, item)  # type: ignore[arg-type]  # a Frame: NEED_DATA returned above
+                if client.closed or self.lost:
                     decoder.clear()
                     return
         except RemoteProtocolError as e:
-            client._fail(f"relay broke the protocol: {e}", send_error=True)
+            self.fail(f"relay broke the protocol: {e}", send_error=True)
+
+    def _handshake(self, item: Frame | DataRun) -> bool:
+        """A frame before Registered; False once the connection is given up."""
+        if isinstance(item, Frame) and item.type == FrameType.CHALLENGE:
+            try:
+                self.write(encode_auth(prove(self._client._private_key, item.body)))
+            except ValueError as e:
+                self.fail(f"relay sent an unusable challenge: {e}", send_error=True)
+                return False
+            return True
+        if isinstance(item, Frame) and item.type == FrameType.REGISTERED:
+            self.registered.set_result(None)
+            return True
+        if isinstance(item, Frame) and item.type == FrameType.ERROR:
+            self.fail(parse_error(item.body), rejected=True)
+            return False
+        name = "Data" if isinstance(item, DataRun) else _type_name(item.type)
+        self.fail(f"relay sent {name} before Registered", send_error=True)
+        return False
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def fail(self, reason: str, *, rejected: bool = False, send_error: bool = False) -> None:
+        """This connection is over: close it and tell the client."""
+        if self.lost:
+            return
+        self.lost = True
+        if not self.registered.done():
+            self.registered.set_exception(RelayRejected(reason) if rejected else RelayError(reason))
+            self.registered.exception()  # retrieved: whoever awaits it re-raises it
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if send_error:
+                transport.write(encode_error(reason))
+            transport.close()
+        self._client._connection_over(self, reason, rejected)
+
+    def retire(self) -> None:
+        """Traffic moved to another connection: close this one quietly."""
+        self.lost = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.fail("aborted")
+        if self.transport is not None:
+            self.transport.abort()
 
     def pause_writing(self) -> None:
-        self._client._flow(True)
+        self._client._flow(self, True)
 
     def resume_writing(self) -> None:
-        self._client._flow(False)
+        self._client._flow(self, False)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._client._fail(f"connection lost: {exc}" if exc else "connection closed by relay")
+        self.fail(f"connection lost: {exc}" if exc else "connection closed by relay")
+
+
+def _type_name(ftype: int) -> str:
+    try:
+        return FrameType(ftype).name
+    except ValueError:
+        return f"0x{ftype:02x}"
 
 
 class RelayClient:
@@ -192,7 +274,14 @@ class RelayClient:
         self.settings = settings
         self._loop = asyncio.get_running_loop()
         self._protocol: _ClientProtocol | None = None
-        self._registered: asyncio.Future[None] = self._loop.create_future()
+        """The connection traffic goes through."""
+        self._moving: _ClientProtocol | None = None
+        """The connection being registered after a GoAway (it replaces ``_protocol`` once registered)."""
+        self._old_lost: str | None = None
+        self._migration: asyncio.Task[None] | None = None
+        self._address: tuple[str, int] = ("", 0)
+        self.migrations = 0
+        """Times this client moved to another connection after a GoAway."""
         self._closed: asyncio.Future[str] = self._loop.create_future()
         self._inbox: deque[tuple[bytes, bytes]] = deque()
         self._inbox_ready = asyncio.Event()
@@ -225,21 +314,58 @@ class RelayClient:
         called with the source key and a view of the Data frames (wire form: length, type, the
         source key, the datagram) from that source, from the event loop; it must not block."""
         client = cls(private_key, on_data=on_data, on_frames=on_frames, on_flow=on_flow, settings=settings)
+        client._address = (host, port)
         try:
-            await asyncio.wait_for(client._open(host, port), settings.connect_timeout)
+            client._protocol = await asyncio.wait_for(client._dial(), settings.connect_timeout)
         except BaseException:
             client._abort()
             raise
+        if client._protocol.lost:  # lost between Registered and now
+            client._fail("connection lost right after registering")
+            raise RelayClosed("connection lost right after registering")
         client._keepalive = asyncio.get_running_loop().create_task(
             client._keepalive_loop(), name=f"relay-keepalive-{client.fingerprint}"
         )
         return client
 
-    async def _open(self, host: str, port: int) -> None:
-        transport, protocol = await self._loop.create_connection(lambda: _ClientProtocol(self), host, port)
-        self._protocol = protocol
-        transport.write(encode_register(self.public_key))
-        await self._registered
+    async def _dial(self, *, moving: bool = False) -> _ClientProtocol:
+        """A new connection to the relay address, registered (or an exception)."""
+        protocol = _ClientProtocol(self)
+        if moving:
+            self._moving = protocol
+        try:
+            host, port = self._address
+            sock = await self._connected_socket(host, port)
+            await self._loop.create_connection(lambda: protocol, sock=sock)
+            protocol.write(encode_register(self.public_key))
+            await protocol.registered
+        except BaseException:
+            protocol.abort()
+            raise
+        finally:
+            if moving:
+                self._moving = None
+        return protocol
+
+    async def _connected_socket(self, host: str, port: int) -> socket.socket:
+        """A connected TCP socket, marked with ``fwmark`` before connecting when one is set."""
+        infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+        error: OSError = OSError(f"no address for {host}")
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setblocking(False)
+                if self.settings.fwmark is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.settings.fwmark)
+                await self._loop.sock_connect(sock, address)
+                return sock
+            except OSError as e:
+                sock.close()
+                error = e
+            except BaseException:
+                sock.close()
+                raise
+        raise error
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -306,9 +432,6 @@ class RelayClient:
         return self._inbox.popleft()
 
     def _on_run(self, run: DataRun) -> None:
-        if not self._registered.done():
-            self._fail("relay sent Data before Registered", send_error=True)
-            return
         source = run.key
         if self._on_frames is not None:
             try:
@@ -335,7 +458,9 @@ class RelayClient:
         if self.callback_errors == 1:
             self._log.exception("{} handler failed (later failures are only counted)", name)
 
-    def _flow(self, paused: bool) -> None:
+    def _flow(self, protocol: _ClientProtocol, paused: bool) -> None:
+        if protocol is not self._protocol or paused == self.writing_paused:
+            return
         self.writing_paused = paused
         if self._on_flow is not None:
             try:
@@ -343,21 +468,12 @@ class RelayClient:
             except Exception:  # noqa: BLE001 - as for on_data
                 self._handler_failed("on_flow")
 
-    def _on_frame(self, frame: Frame) -> None:
+    def _on_frame(self, protocol: _ClientProtocol, frame: Frame) -> None:
         ftype = frame.type
-        if ftype == FrameType.CHALLENGE and not self._registered.done():
-            self._write(encode_auth(prove(self._private_key, frame.body)))
-        elif ftype == FrameType.REGISTERED and not self._registered.done():
-            self._registered.set_result(None)
-            self._log.debug("registered with the relay")
-        elif ftype == FrameType.ERROR:
-            self._fail(parse_error(frame.body), rejected=True)
-        elif not self._registered.done():
-            self._fail(f"relay sent {FrameType(ftype).name} before Registered", send_error=True)
-        elif ftype == FrameType.RELAY_PROBE:
+        if ftype == FrameType.RELAY_PROBE:
             waiter = self._probes.get(frame.body)
             if waiter is None:
-                self._write(encode_relay_probe(frame.body))  # the relay asks: echo it
+                protocol.write(encode_relay_probe(frame.body))  # the relay asks: echo it
             elif not waiter.done():
                 waiter.set_result(None)
         elif ftype == FrameType.NAT_PROBE:
@@ -366,8 +482,67 @@ class RelayClient:
                 ack.set_result(None)
         elif ftype == FrameType.KEEPALIVE:
             pass
+        elif ftype == FrameType.GOAWAY:
+            protocol.told_to_go = True
+            self._log.info("relay draining ({}): moving to another connection", parse_error(frame.body))
+            if protocol is self._protocol:
+                self._start_migration()
+        elif ftype == FrameType.ERROR:
+            protocol.fail(parse_error(frame.body), rejected=True)
         else:
-            self._fail(f"relay sent an unexpected {FrameType(ftype).name}", send_error=True)
+            protocol.fail(f"relay sent an unexpected {_type_name(ftype)}", send_error=True)
+
+    # -- moving after GoAway ------------------------------------------------------------------
+
+    def _start_migration(self) -> None:
+        if self._migration is None and not self.closed:
+            self._migration = self._loop.create_task(self._migrate(), name=f"relay-move-{self.fingerprint}")
+
+    async def _migrate(self) -> None:
+        """Register a new connection through the same address, then switch to it (the old one
+        keeps carrying traffic until then)."""
+        deadline = time.monotonic() + self.settings.migrate_for
+        delays = backoff_delays(0.1, 1.0)
+        try:
+            while not self.closed:
+                try:
+                    protocol = await asyncio.wait_for(self._dial(moving=True), self.settings.connect_timeout)
+                except (OSError, RelayError, TimeoutError) as e:
+                    if self._old_lost is not None:
+                        self._fail(self._old_lost)
+                        return
+                    if time.monotonic() > deadline:  # stay on the old connection while it lasts
+                        self._log.warning("could not move after GoAway: {}", e or type(e).__name__)
+                        return
+                    await asyncio.sleep(next(delays))
+                    continue
+                if self.closed:
+                    protocol.abort()
+                    return
+                if protocol.lost:
+                    continue
+                old, self._protocol = self._protocol, protocol
+                self._old_lost = None
+                self.migrations += 1
+                if old is not None:
+                    old.retire()
+                if self.writing_paused:
+                    self._flow(protocol, False)
+                self._log.info("moved to a new relay connection")
+                if protocol.told_to_go:
+                    self._loop.call_soon(self._start_migration)
+                return
+        finally:
+            self._migration = None
+
+    def _connection_over(self, protocol: _ClientProtocol, reason: str, rejected: bool) -> None:
+        """One of our connections ended (``_ClientProtocol.fail``)."""
+        if protocol is not self._protocol:
+            return  # a connection being set up (its dialer sees the failure) or a retired one
+        if self._migration is not None:
+            self._old_lost = reason  # the move decides
+            return
+        self._fail(reason, rejected=rejected)
 
     # -- keepalive and closing --------------------------------------------------------------
 
@@ -410,26 +585,23 @@ class RelayClient:
         if self._closed.done():
             return
         self._closed.set_result(reason)
-        if not self._registered.done():
-            self._registered.set_exception(RelayRejected(reason) if rejected else RelayError(reason))
-            self._registered.exception()  # retrieved: connect() re-raises it
         for waiter in [*self._probes.values(), *self._nat_acks.values()]:
             if not waiter.done():
                 waiter.set_exception(RelayClosed(reason))
                 waiter.exception()
         self._inbox_ready.set()
-        transport = self._protocol.transport if self._protocol else None
-        if transport is not None and not transport.is_closing():
-            if send_error:
-                transport.write(encode_error(reason))
-            transport.close()
+        for protocol in (self._protocol, self._moving):
+            if protocol is not None:
+                protocol.fail(reason, rejected=rejected, send_error=send_error)
+        if self._migration is not None and self._migration is not asyncio.current_task():
+            self._migration.cancel()
         self._log.debug("relay connection closed: {}", reason)
 
     def _abort(self) -> None:
         self._fail("connect failed")
-        transport = self._protocol.transport if self._protocol else None
-        if transport is not None:
-            transport.abort()
+        for protocol in (self._protocol, self._moving):
+            if protocol is not None:
+                protocol.abort()
         if self._keepalive is not None:
             self._keepalive.cancel()
 
@@ -443,9 +615,8 @@ class RelayClient:
         return self._protocol.transport
 
     def _write(self, data: bytes) -> None:
-        transport = self._protocol.transport if self._protocol else None
-        if transport is not None and not transport.is_closing():
-            transport.write(data)
+        if self._protocol is not None:
+            self._protocol.write(data)
 
 
 __all__ = [

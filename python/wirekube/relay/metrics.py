@@ -55,12 +55,57 @@ class RelayCollector(Collector):
                        stats.backpressure_holds)
         yield _labelled("stun_requests", "STUN datagrams by result.", "result", stats.stun)
         yield GaugeMetricFamily(
+            PREFIX + "pending_handshakes", "Connections between accept and Registered.",
+            value=sum(self._relay.pending_by_ip.values()),
+        )
+        yield _counter("pending_refused", "Connections refused: their source address had too many handshakes pending.",
+                       stats.pending_refused)
+        yield _counter("goaways", "GoAway frames sent while draining.", stats.goaways)
+        yield from _mesh_metrics(self._relay)
+        yield GaugeMetricFamily(
             PREFIX + "queue_bytes", "Bytes waiting to be written to clients.", value=self._relay.queued_bytes()
         )
         yield GaugeMetricFamily(
             PREFIX + "queue_limit_bytes", "Per-connection cap on waiting bytes.",
             value=self._relay.settings.queue_limit_bytes,
         )
+
+
+def _mesh_metrics(relay: RelayServer) -> Iterator[Metric]:
+    from wirekube.relay.mesh import RelayMesh
+
+    mesh = relay.mesh
+    if not isinstance(mesh, RelayMesh):
+        return
+    yield GaugeMetricFamily(PREFIX + "mesh_links", "Mesh links up to other replicas.", value=len(mesh.links))
+    yield GaugeMetricFamily(PREFIX + "mesh_remote_keys", "Keys this replica forwards to another replica.",
+                            value=len(relay.remote_routes))
+    yield _counter("mesh_auth_failures", "Mesh links refused for a wrong proof of the mesh secret.",
+                   mesh.stats.auth_failures)
+    yield _counter("mesh_evictions", "Registrations dropped because another replica holds a newer one.",
+                   mesh.stats.evictions)
+    yield _labelled("mesh_link_closes", "Mesh links ended, by reason.", "reason", mesh.stats.closed)
+    frames = CounterMetricFamily(PREFIX + "mesh_frames", "Data frames over mesh links, per peer replica.",
+                                 labels=["peer", "direction"])
+    nbytes = CounterMetricFamily(PREFIX + "mesh_bytes", "Bytes of Data frames over mesh links, per peer replica.",
+                                 labels=["peer", "direction"])
+    drops = CounterMetricFamily(PREFIX + "mesh_dropped_frames", "Data frames dropped on a mesh link, per peer.",
+                                labels=["peer", "reason"])
+    keys = GaugeMetricFamily(PREFIX + "mesh_keys", "Keys each linked replica holds (learned over the mesh).",
+                             labels=["peer"])
+    for peer, link_stats in sorted(mesh.stats.per_peer.items()):
+        frames.add_metric([peer, "out"], link_stats.frames_out)
+        frames.add_metric([peer, "in"], link_stats.frames_in)
+        nbytes.add_metric([peer, "out"], link_stats.bytes_out)
+        nbytes.add_metric([peer, "in"], link_stats.bytes_in)
+        for reason, count in sorted(link_stats.drops.items()):
+            drops.add_metric([peer, reason], count)
+    for row in mesh.replicas()[1:]:
+        keys.add_metric([str(row["replica"])], float(str(row["keys"])))
+    yield keys
+    yield frames
+    yield nbytes
+    yield drops
 
 
 def _counter(name: str, doc: str, value: int) -> CounterMetricFamily:

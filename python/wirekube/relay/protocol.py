@@ -13,7 +13,20 @@ type    name         body
 0x03    Keepalive    empty; the relay answers each one with a Keepalive
 0x04    NATProbe     IPv4 (4) + port (2); the relay echoes the frame once both UDP probes are sent
 0x06    RelayProbe   8-byte token, echoed
+0x0A    GoAway       relay -> client: UTF-8 reason; the relay is draining: register elsewhere
+                     (through the same address) now; this connection keeps working until the
+                     relay closes it or the client does
 0xFF    Error        UTF-8 reason; the sender closes the connection after it
+======  ===========  ==========================================================================
+
+Between relay replicas (the replica mesh, :mod:`wirekube.relay.mesh`; never on a client port):
+
+======  ===========  ==========================================================================
+0x20    MeshHello    version (1) + replica id (16) + nonce (16); each side sends one first
+0x21    MeshAuth     HMAC-SHA256 proof of the shared mesh secret (32), see :mod:`wirekube.relay.meshwire`
+0x22    MeshHold     one or more (key 32 + stamp u64): the sender holds these keys
+0x23    MeshRelease  one or more (key 32 + stamp u64): the sender no longer holds these keys
+0x24    MeshForward  destination key (32) + one or more whole Data frames carrying the source key
 ======  ===========  ==========================================================================
 
 The decoder follows h11's shape: a ``bytearray`` receive buffer with a read offset, an explicit
@@ -55,6 +68,10 @@ TOKEN_LEN: Final = 8
 NAT_PROBE_BODY_LEN: Final = 6
 CHALLENGE_BODY_LEN: Final = KEY_LEN + NONCE_LEN
 MIN_DATA_BODY_LEN: Final = KEY_LEN + 1  # a Data frame carries a non-empty datagram
+REPLICA_ID_LEN: Final = 16
+MESH_HELLO_BODY_LEN: Final = 1 + REPLICA_ID_LEN + NONCE_LEN
+MESH_ENTRY_LEN: Final = KEY_LEN + 8  # key + u64 stamp, in MeshHold / MeshRelease
+MIN_MESH_FORWARD_BODY_LEN: Final = KEY_LEN + HEADER_LEN + MIN_DATA_BODY_LEN
 
 _HEADER = struct.Struct(">IB")
 _LENGTH = struct.Struct(">I")
@@ -77,6 +94,12 @@ class FrameType(enum.IntEnum):
     CHALLENGE = 0x07
     AUTH = 0x08
     REGISTERED = 0x09
+    GOAWAY = 0x0A
+    MESH_HELLO = 0x20
+    MESH_AUTH = 0x21
+    MESH_HOLD = 0x22
+    MESH_RELEASE = 0x23
+    MESH_FORWARD = 0x24
     ERROR = 0xFF
 
 
@@ -92,6 +115,16 @@ FIXED_BODY_LEN: Final[dict[FrameType, int]] = {
     FrameType.CHALLENGE: CHALLENGE_BODY_LEN,
     FrameType.AUTH: MAC_LEN,
     FrameType.REGISTERED: 0,
+    FrameType.MESH_HELLO: MESH_HELLO_BODY_LEN,
+    FrameType.MESH_AUTH: MAC_LEN,
+}
+
+# Shortest bodies of the variable-size types (longest: MAX_BODY_LEN).
+MIN_BODY_LEN: Final[dict[FrameType, int]] = {
+    FrameType.DATA: MIN_DATA_BODY_LEN,
+    FrameType.MESH_HOLD: MESH_ENTRY_LEN,
+    FrameType.MESH_RELEASE: MESH_ENTRY_LEN,
+    FrameType.MESH_FORWARD: MIN_MESH_FORWARD_BODY_LEN,
 }
 
 
@@ -224,6 +257,11 @@ def encode_relay_probe(token: bytes) -> bytes:
     return encode_frame(FrameType.RELAY_PROBE, token)
 
 
+def encode_goaway(reason: str) -> bytes:
+    """A GoAway frame (relay -> client): register elsewhere now; truncated to fit one frame."""
+    return encode_frame(FrameType.GOAWAY, reason.encode("utf-8", "replace")[:MAX_BODY_LEN])
+
+
 def encode_error(reason: str) -> bytes:
     """An Error frame; the reason is truncated to fit one frame."""
     body = reason.encode("utf-8", "replace")[:MAX_BODY_LEN]
@@ -272,6 +310,49 @@ def run_datagrams(run: DataRun) -> list[bytes]:
     return [bytes(frames[start + skip : end]) for start, end in frame_bounds(frames)]
 
 
+def count_data_frames(frames: memoryview | bytes | bytearray) -> int:
+    """How many Data frames ``frames`` holds; :class:`RemoteProtocolError` unless it is nothing
+    but whole, valid Data frames (the check a relay makes on a batch another replica forwards)."""
+    count, start, size = 0, 0, len(frames)
+    unpack_from = _HEADER.unpack_from
+    while start < size:
+        if size - start < HEADER_LEN:
+            raise RemoteProtocolError("bad_length", "a forwarded batch ends inside a frame header")
+        length, ftype = unpack_from(frames, start)
+        if ftype != _DATA or not MIN_DATA_BODY_LEN < length <= MAX_FRAME_LENGTH:
+            raise RemoteProtocolError("bad_frame", "a forwarded batch holds something other than Data frames")
+        start += LENGTH_PREFIX_LEN + length
+        if start > size:
+            raise RemoteProtocolError("bad_length", "a forwarded batch ends inside a frame")
+        count += 1
+    return count
+
+
+def split_frames(frames: memoryview, limit: int) -> tuple[list[memoryview], int, int]:
+    """Cut whole frames into pieces of at most ``limit`` bytes each (views, no copy).
+
+    Returns the pieces and how many frames (and bytes) did not fit any piece (a single frame
+    longer than ``limit``)."""
+    pieces: list[memoryview] = []
+    dropped = dropped_bytes = 0
+    piece_start = end = 0
+    for start, stop in frame_bounds(frames):
+        if stop - start > limit:
+            if end > piece_start:
+                pieces.append(frames[piece_start:end])
+            dropped += 1
+            dropped_bytes += stop - start
+            piece_start = end = stop
+            continue
+        if stop - piece_start > limit:
+            pieces.append(frames[piece_start:end])
+            piece_start = start
+        end = stop
+    if end > piece_start:
+        pieces.append(frames[piece_start:end])
+    return pieces, dropped, dropped_bytes
+
+
 def truncate_run(run: DataRun, limit: int) -> tuple[DataRun, int]:
     """Keep the leading frames of ``run`` that fit in ``limit`` bytes.
 
@@ -302,9 +383,10 @@ def _check_body_len(
         raise error(
             "bad_length", f"{ftype.name} body must be {expected} bytes, not {body_len}"
         )
-    if ftype is FrameType.DATA and body_len < MIN_DATA_BODY_LEN:
+    shortest = MIN_BODY_LEN.get(ftype)
+    if shortest is not None and body_len < shortest:
         raise error(
-            "bad_length", f"DATA body must be at least {MIN_DATA_BODY_LEN} bytes, not {body_len}"
+            "bad_length", f"{ftype.name} body must be at least {shortest} bytes, not {body_len}"
         )
 
 
@@ -441,6 +523,20 @@ class FrameDecoder:
             return NEED_DATA
         self._off = end
         return Frame(ftype, bytes(self._view[start:end]))
+
+    def next_frame_view(self) -> tuple[int, memoryview] | NeedData:
+        """Like :meth:`next_frame`, but the body is a read-write view of the receive buffer (no
+        copy); it stays valid however long it is held."""
+        header = self._peek_header()
+        if header is NEED_DATA:
+            return NEED_DATA
+        length, ftype = header  # type: ignore[misc]
+        start = self._off + HEADER_LEN
+        end = self._off + LENGTH_PREFIX_LEN + length
+        if end > self._end:
+            return NEED_DATA
+        self._off = end
+        return ftype, self._view[start:end]
 
     def next_run(self, rewrite: bytes | None = None) -> Frame | DataRun | NeedData:
         """Like :meth:`next_frame`, but consecutive Data frames with one key come as one
@@ -589,7 +685,7 @@ def _body_limits(ftype: FrameType) -> tuple[int, int]:
     fixed = FIXED_BODY_LEN.get(ftype)
     if fixed is not None:
         return fixed, fixed
-    return (MIN_DATA_BODY_LEN if ftype is FrameType.DATA else 0), MAX_BODY_LEN
+    return MIN_BODY_LEN.get(ftype, 0), MAX_BODY_LEN
 
 
 # (shortest, longest) body per type, by the type's integer value: the per-frame check is a lookup.

@@ -33,7 +33,7 @@ import socket
 from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from loguru import logger
 
@@ -52,6 +52,7 @@ from wirekube.relay.protocol import (
     encode_challenge,
     encode_error,
     encode_frame,
+    encode_goaway,
     encode_registered,
     nat_probe_datagram,
     parse_nat_probe,
@@ -92,6 +93,20 @@ class RelaySettings:
     """How long a connection closed with an Error may take to drain before it is aborted."""
     backpressure_hold: float = 0.02
     """Longest a sender feeding only congested destinations is left unread (0: never held)."""
+    max_pending_per_ip: int = 64
+    """Connections from one source address that may be between accept and Registered at once
+    (each Register costs the relay an X25519 operation); registered clients do not count, so any
+    number of nodes behind one NAT can be connected."""
+    drain_timeout: float = 10.0
+    """On shutdown: how long clients told to go (GoAway) have before the rest are closed."""
+
+
+class MeshHooks(Protocol):
+    """What the relay tells its replica mesh (see :mod:`wirekube.relay.mesh`)."""
+
+    def local_registered(self, key: bytes) -> None: ...
+
+    def local_released(self, key: bytes) -> None: ...
 
 
 @dataclass
@@ -111,6 +126,10 @@ class RelayStats:
     keepalives: int = 0
     backpressure_holds: int = 0
     """Reads after which the sender was held because every destination it fed was congested."""
+    pending_refused: int = 0
+    """Connections refused because their source address had too many handshakes pending."""
+    goaways: int = 0
+    """GoAway frames sent (draining)."""
     stun: Counter[str] = field(default_factory=Counter)
 
     def drop(self, reason: str, frames: int, nbytes: int) -> None:
@@ -125,24 +144,20 @@ class ConnState(enum.Enum):
     CLOSED = "closed"
 
 
-class RelayConnection(asyncio.BufferedProtocol):
-    """One client connection.  The socket reads straight into the frame decoder's buffer."""
+class FrameSink(asyncio.BufferedProtocol):
+    """What every connection of the relay shares, client or mesh link: being a destination of
+    forwarded runs within a byte budget, and pushback in both roles (see the module docstring)."""
 
-    def __init__(self, relay: RelayServer) -> None:
+    def __init__(self, relay: RelayServer, queue_limit: int) -> None:
         self._relay = relay
         self._settings = relay.settings
         self._stats = relay.stats
         self._loop = asyncio.get_running_loop()
         self._decoder = FrameDecoder()
         self.transport: asyncio.Transport | None = None
-        self.state = ConnState.AWAIT_REGISTER
-        self.key: bytes | None = None
-        self.peer = "?"
-        self.last_rx = self._loop.time()
-        self._challenge: Challenge | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self.queue_limit = queue_limit
         self._lost = False
-        self._nat_bucket = TokenBucket(self._settings.nat_probe_rate, self._settings.nat_probe_burst)
+        self._closed = False
         # As a destination: runs waiting for this call's writelines, the bytes still allowed, and
         # whether the transport's queue was empty (then views can be written without a copy).
         self._pending: list[memoryview | bytes] = []
@@ -151,29 +166,150 @@ class RelayConnection(asyncio.BufferedProtocol):
         # Pushback: as a destination, whether its transport is over the high-water mark and the
         # senders held until it drains; as a sender, the destinations it waits for and its timer.
         self._congested = False
-        self._held_senders: set[RelayConnection] = set()
-        self._holding_for: list[RelayConnection] = []
+        self._held_senders: set[FrameSink] = set()
+        self._holding_for: list[FrameSink] = []
         self._hold_timer: asyncio.TimerHandle | None = None
+
+    def _setup_transport(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        _set_nodelay(transport)
+        limit = self.queue_limit
+        self.transport.set_write_buffer_limits(high=max(limit // 2, 1), low=limit // 8)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._decoder.get_buffer()
+
+    # -- as a destination -------------------------------------------------------------------
+
+    def _prepare(self, touched: list[FrameSink]) -> None:
+        """First run for this destination in the current read: take its budget."""
+        touched.append(self)
+        queued = self._queued_bytes()
+        self._budget = self.queue_limit - queued
+        self._zero_copy = queued == 0
+
+    def _accept(self, run: DataRun) -> None:
+        """Take a run (already carrying the source key) addressed to this connection, within its
+        byte budget.
+
+        A view of the sender's receive buffer goes to the transport as is when this transport's
+        queue was empty: it is then usually written at once, and at worst one partly written view
+        holds one chunk of the sender's buffer.  Otherwise the run is copied, so queued data never
+        pins more memory than the bytes counted against the budget."""
+        size = len(run.frames)
+        if size > self._budget:
+            run, cut = truncate_run(run, max(self._budget, 0))
+            self._stats.drop("queue_full", cut, size - len(run.frames))
+            size = len(run.frames)
+            if not size:
+                return
+        self._budget -= size
+        frames = run.frames
+        # A read-only view is over bytes the decoder made for this run alone (small frames are
+        # rewritten into a new object): it pins nothing else, so it needs no copy either.
+        self._pending.append(frames if self._zero_copy or frames.readonly else bytes(frames))
+        self._stats.frames_forwarded += run.frame_count
+        self._stats.bytes_forwarded += size
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if self._closed or self.transport is None:
+            return
+        self.transport.writelines(pending)
+
+    def _queued_bytes(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
+    # -- pushback ---------------------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        self._congested = True
+
+    def resume_writing(self) -> None:
+        self._congested = False
+        self._release_held()
+
+    def _after_read(self, touched: list[FrameSink]) -> None:
+        for dest in touched:
+            dest._flush()
+        if touched and self._settings.backpressure_hold > 0 and all(d._congested for d in touched):
+            self._hold(touched)
+
+    def _hold(self, dests: list[FrameSink]) -> None:
+        """Stop reading this sender until one of ``dests`` drains or the hold time passes."""
+        if self._hold_timer is not None or self._closed or self.transport is None:
+            return
+        self._stats.backpressure_holds += 1
+        self._holding_for = dests
+        for dest in dests:
+            dest._held_senders.add(self)
+        self._hold_timer = self._loop.call_later(self._settings.backpressure_hold, self._unhold)
+        self.transport.pause_reading()
+
+    def _unhold(self) -> None:
+        if self._hold_timer is None:
+            return
+        self._hold_timer.cancel()
+        self._hold_timer = None
+        for dest in self._holding_for:
+            dest._held_senders.discard(self)
+        self._holding_for = []
+        if not self._lost and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def _release_held(self) -> None:
+        """This destination drained (or went away): read its held senders again."""
+        if self._held_senders:
+            for sender in list(self._held_senders):
+                sender._unhold()
+
+    def _sink_closed(self) -> None:
+        self._closed = True
+        self._pending = []
+        self._congested = False
+        self._release_held()
+        self._unhold()
+
+    def _abort_if_open(self) -> None:
+        if not self._lost and self.transport is not None:
+            self.transport.abort()
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+
+class RelayConnection(FrameSink):
+    """One client connection.  The socket reads straight into the frame decoder's buffer."""
+
+    def __init__(self, relay: RelayServer) -> None:
+        super().__init__(relay, relay.settings.queue_limit_bytes)
+        self.state = ConnState.AWAIT_REGISTER
+        self.key: bytes | None = None
+        self.peer = "?"
+        self.source_ip = ""
+        self.last_rx = self._loop.time()
+        self._challenge: Challenge | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._nat_bucket = TokenBucket(self._settings.nat_probe_rate, self._settings.nat_probe_burst)
+        self._pending_counted = False
         self._log = _log
 
     # -- asyncio callbacks ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self._setup_transport(transport)
         peername = transport.get_extra_info("peername")
         self.peer = f"{peername[0]}:{peername[1]}" if peername else "?"
+        self.source_ip = str(peername[0]) if peername else ""
         self._log = _log.bind(conn=self.peer)
-        _set_nodelay(transport)
-        limit = self._settings.queue_limit_bytes
-        self.transport.set_write_buffer_limits(high=max(limit // 2, 1), low=limit // 8)
         self._stats.connections_accepted += 1
-        if not self._relay._admit(self):
-            self.close_with_error("relay is at its connection limit", "connection_limit")
+        refusal = self._relay._admit(self)
+        if refusal is not None:
+            message, reason = refusal
+            self.close_with_error(message, reason)
             return
         self._timer = self._loop.call_later(self._settings.handshake_timeout, self._handshake_expired)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._decoder.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
         self._decoder.buffer_updated(nbytes)
@@ -233,11 +369,14 @@ class RelayConnection(asyncio.BufferedProtocol):
         self._cancel_timer()
         self.key = key
         self.state = ConnState.REGISTERED
+        self._relay._handshake_done(self)
         self._log = self._log.bind(peer=fingerprint(key))
-        self._relay._bind(self)
         self._write(encode_registered())
+        self._relay._bind(self)
         self._stats.registrations["ok"] += 1
         self._log.info("registered")
+        if self._relay.draining:
+            self._write(_GOAWAY)
 
     def _handshake_expired(self) -> None:
         self._timer = None
@@ -254,104 +393,30 @@ class RelayConnection(asyncio.BufferedProtocol):
     def _forward_frames(self) -> None:
         decoder = self._decoder
         routes = self._relay.routes
+        remote = self._relay.remote_routes
         source = self.key
         stats = self._stats
-        limit = self._settings.queue_limit_bytes
-        touched: list[RelayConnection] = []
+        touched: list[FrameSink] = []
+        dest: FrameSink | None
         try:
             while True:
                 item = decoder.next_run(source)
                 if item is NEED_DATA:
                     break
                 if type(item) is DataRun:
-                    dest = routes.get(item.key)
+                    dest = routes.get(item.key) or remote.get(item.key)
                     if dest is None:
                         stats.drop("unknown_destination", item.frame_count, len(item.frames))
                         continue
                     if not dest._pending:
-                        touched.append(dest)
-                        queued = dest._queued_bytes()
-                        dest._budget = limit - queued
-                        dest._zero_copy = queued == 0
+                        dest._prepare(touched)
                     dest._accept(item)
                 else:
                     self._control(item)  # type: ignore[arg-type]
                     if self.state is not ConnState.REGISTERED:
                         break
         finally:
-            for dest in touched:
-                dest._flush()
-        if touched and self._settings.backpressure_hold > 0 and all(d._congested for d in touched):
-            self._hold(touched)
-
-    # -- pushback ---------------------------------------------------------------------------
-
-    def pause_writing(self) -> None:
-        self._congested = True
-
-    def resume_writing(self) -> None:
-        self._congested = False
-        self._release_held()
-
-    def _hold(self, dests: list[RelayConnection]) -> None:
-        """Stop reading this sender until one of ``dests`` drains or the hold time passes."""
-        if self._hold_timer is not None or self.state is not ConnState.REGISTERED or self.transport is None:
-            return
-        self._stats.backpressure_holds += 1
-        self._holding_for = dests
-        for dest in dests:
-            dest._held_senders.add(self)
-        self._hold_timer = self._loop.call_later(self._settings.backpressure_hold, self._unhold)
-        self.transport.pause_reading()
-
-    def _unhold(self) -> None:
-        if self._hold_timer is None:
-            return
-        self._hold_timer.cancel()
-        self._hold_timer = None
-        for dest in self._holding_for:
-            dest._held_senders.discard(self)
-        self._holding_for = []
-        if not self._lost and self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
-
-    def _release_held(self) -> None:
-        """This destination drained (or went away): read its held senders again."""
-        if self._held_senders:
-            for sender in list(self._held_senders):
-                sender._unhold()
-
-    def _accept(self, run: DataRun) -> None:
-        """Take a run (already carrying the source key) addressed to this connection, within its
-        byte budget.
-
-        A view of the sender's receive buffer goes to the transport as is when this transport's
-        queue was empty: it is then usually written at once, and at worst one partly written view
-        holds one chunk of the sender's buffer.  Otherwise the run is copied, so queued data never
-        pins more memory than the bytes counted against the budget."""
-        size = len(run.frames)
-        if size > self._budget:
-            run, cut = truncate_run(run, max(self._budget, 0))
-            self._stats.drop("queue_full", cut, size - len(run.frames))
-            size = len(run.frames)
-            if not size:
-                return
-        self._budget -= size
-        frames = run.frames
-        # A read-only view is over bytes the decoder made for this run alone (small frames are
-        # rewritten into a new object): it pins nothing else, so it needs no copy either.
-        self._pending.append(frames if self._zero_copy or frames.readonly else bytes(frames))
-        self._stats.frames_forwarded += run.frame_count
-        self._stats.bytes_forwarded += size
-
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, []
-        if self.state is ConnState.CLOSED or self.transport is None:
-            return
-        self.transport.writelines(pending)
-
-    def _queued_bytes(self) -> int:
-        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+            self._after_read(touched)
 
     def _control(self, frame: Frame) -> None:
         ftype = frame.type
@@ -374,7 +439,7 @@ class RelayConnection(asyncio.BufferedProtocol):
         """Answer a control frame, unless this client leaves its answers unread: replies are held
         to the same byte cap as Data, so a client that floods keepalives without reading cannot
         grow the relay."""
-        if self._queued_bytes() + len(frame) > self._settings.queue_limit_bytes:
+        if self._queued_bytes() + len(frame) > self.queue_limit:
             self._stats.drop("reply_queue_full", 1, len(frame))
             return
         self._write(frame)
@@ -419,19 +484,14 @@ class RelayConnection(asyncio.BufferedProtocol):
         if not self._lost:
             self._loop.call_later(self._settings.close_grace, self._abort_if_open)
 
-    def _abort_if_open(self) -> None:
-        if not self._lost and self.transport is not None:
-            self.transport.abort()
-
     def _disconnected(self, reason: str) -> None:
         if self.state is ConnState.CLOSED:
             return
         was_registered = self.state is ConnState.REGISTERED
+        if not was_registered:
+            self._relay._handshake_done(self)
         self.state = ConnState.CLOSED
-        self._pending = []
-        self._congested = False
-        self._release_held()
-        self._unhold()
+        self._sink_closed()
         self._cancel_timer()
         self._stats.disconnects[reason] += 1
         self._relay._unbind(self)
@@ -443,12 +503,9 @@ class RelayConnection(asyncio.BufferedProtocol):
             self._timer.cancel()
             self._timer = None
 
-    def _write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
 
 _KEEPALIVE = encode_frame(FrameType.KEEPALIVE)
+_GOAWAY = encode_goaway("relay draining: register again through the same address")
 
 
 def _type_name(ftype: int) -> str:
@@ -480,7 +537,13 @@ class RelayServer:
         self.stats = RelayStats()
         self.authorizer = authorizer
         self.routes: dict[bytes, RelayConnection] = {}
+        """Keys registered here."""
+        self.remote_routes: dict[bytes, FrameSink] = {}
+        """Keys registered with another replica: the mesh link to it (kept by the mesh)."""
+        self.mesh: MeshHooks | None = None
         self.connections: set[RelayConnection] = set()
+        self.pending_by_ip: Counter[str] = Counter()
+        self.draining = False
         self._server: asyncio.Server | None = None
         self._stun: asyncio.DatagramTransport | None = None
         self._alternate: asyncio.DatagramTransport | None = None
@@ -512,6 +575,23 @@ class RelayServer:
             _fmt(self.stun_address),
             _fmt(self.nat_probe_address),
         )
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop accepting and tell every client to register elsewhere (GoAway), then wait until
+        they have gone or ``timeout`` (default ``settings.drain_timeout``) passes.  Forwarding
+        goes on meanwhile, so a client moves without losing its traffic; :meth:`close` after."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            if conn.state is ConnState.REGISTERED:
+                conn._write(_GOAWAY)
+                self.stats.goaways += 1
+        limit = self.settings.drain_timeout if timeout is None else timeout
+        deadline = asyncio.get_running_loop().time() + limit
+        while self.routes and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        _log.info("drained: {} clients still here", len(self.routes))
 
     async def close(self, reason: str = "relay shutting down", timeout: float = 5.0) -> None:
         """Stop accepting, tell every client why, and wait (bounded) for them to go."""
@@ -557,12 +637,27 @@ class RelayServer:
 
     # -- called by connections --------------------------------------------------------------
 
-    def _admit(self, conn: RelayConnection) -> bool:
+    def _admit(self, conn: RelayConnection) -> tuple[str, str] | None:
+        """Add a new connection, or say why not: (message for the client, reason for metrics)."""
         if len(self.connections) >= self.settings.max_connections:
-            return False
+            return "relay is at its connection limit", "connection_limit"
+        if self.pending_by_ip[conn.source_ip] >= self.settings.max_pending_per_ip:
+            self.stats.pending_refused += 1
+            return "too many unfinished registrations from this address", "pending_limit"
+        self.pending_by_ip[conn.source_ip] += 1
+        conn._pending_counted = True
         self.connections.add(conn)
         self._all_gone.clear()
-        return True
+        return None
+
+    def _handshake_done(self, conn: RelayConnection) -> None:
+        """``conn`` left the handshake (registered or gone): it no longer counts as pending."""
+        if conn._pending_counted:
+            conn._pending_counted = False
+            ip = conn.source_ip
+            self.pending_by_ip[ip] -= 1
+            if self.pending_by_ip[ip] <= 0:
+                del self.pending_by_ip[ip]
 
     def _forget(self, conn: RelayConnection) -> None:
         self.connections.discard(conn)
@@ -582,10 +677,20 @@ class RelayServer:
         self.routes[conn.key] = conn
         if previous is not None and previous is not conn:
             previous.close_with_error("replaced by a newer connection for this key", "replaced")
+        if self.mesh is not None:
+            self.mesh.local_registered(conn.key)
 
     def _unbind(self, conn: RelayConnection) -> None:
         if conn.key is not None and self.routes.get(conn.key) is conn:
             del self.routes[conn.key]
+            if self.mesh is not None:
+                self.mesh.local_released(conn.key)
+
+    def evict(self, key: bytes) -> None:
+        """Another replica holds a newer registration of ``key``: drop ours."""
+        conn = self.routes.get(key)
+        if conn is not None:
+            conn.close_with_error("registered again through another relay replica", "replaced_elsewhere")
 
     def _revoke(self, keys: frozenset[bytes]) -> None:
         for key in keys:
