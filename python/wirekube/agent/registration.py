@@ -140,6 +140,13 @@ def _mesh_ip(node: NodeInfo, mesh: Mesh, existing: Peer | None, others: Sequence
     return ipam.choose_mesh_ip(node.name, cidr, {ip: ps[0].name for ip, ps in claims.items()})
 
 
+def node_internal_ip(node: NodeInfo, mesh: Mesh, problems: list[str] | None = None) -> IPAddress | None:
+    """The address ``autoAllowedIPs.includeNodeInternalIP`` adds for ``node`` (None: none).
+
+    The gateway controller grants the same address (``wirekube.gateway.grants``)."""
+    return _internal_ip(node, mesh, problems if problems is not None else [])
+
+
 def _internal_ip(node: NodeInfo, mesh: Mesh, problems: list[str]) -> IPAddress | None:
     if not mesh.spec.include_node_internal_ip:
         return None

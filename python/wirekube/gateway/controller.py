@@ -39,9 +39,12 @@ from wirekube.gateway.cidrs import OwnedCIDR
 from wirekube.gateway.clients import own_addresses
 from wirekube.gateway.metrics import ControllerMetrics, GatewaySummary, Summary
 from wirekube.gateway.plan import ClusterView, GatewayMemory, GatewayPlan, PlanSettings, invalid_gateway_patch, plan_gateway
+from wirekube.gateway.grants import plan_grants
 from wirekube.gateway.podcidr import PodCIDRPlan, Refusal, cilium_pod_cidrs, node_pod_cidrs, plan_pod_cidrs
 from wirekube.gateway.relay import RelayDiscovery, discover_relay
 from wirekube.models import (
+    GRANT_MANAGER,
+    LABEL_MANAGED_BY,
     MESH_SINGLETON,
     Gateway,
     Mesh,
@@ -50,6 +53,8 @@ from wirekube.models import (
     gateway_from_cr,
     mesh_from_cr,
     peer_from_cr,
+    route_grant_from_cr,
+    route_grant_to_cr,
 )
 
 JSON = dict[str, Any]
@@ -155,6 +160,9 @@ class GatewayController:
             "meshes": self._informer(k8s.MESHES),
             "nodes": self._informer(k8s.NODES),
             "services": self._informer(k8s.SERVICES, self.settings.namespace),
+            "grants": k8s.Informer(self.kube, k8s.ROUTE_GRANTS, self._changed,
+                                   label_selector=f"{LABEL_MANAGED_BY}={GRANT_MANAGER}",
+                                   watch_timeout_seconds=self.settings.watch_timeout),
         }
 
     def start(self) -> GatewayController:
@@ -284,6 +292,7 @@ class GatewayController:
             self.aws.set_targets(aws.targets)
         self._forget_deleted(snap)
         pod_plan, pod_problem = self._sync_pod_cidrs(snap, routes)
+        self._sync_grants(snap, pod_plan)
         relay = self._reconcile_mesh(snap, pod_plan, pod_problem, now)
         self.summary = Summary(
             leader=True,
@@ -485,6 +494,40 @@ class GatewayController:
             )
         self._report_refusals(plan.refused, snap)
         return plan, ("Retry", "a peer changed while its AllowedIPs were updated") if retry else None
+
+    def _sync_grants(self, snap: Snapshot, pod_plan: PodCIDRPlan | None) -> None:
+        """Keep one WireKubeRouteGrant per node saying what its Node object lets it route."""
+        if snap.mesh is None:
+            return
+        informer = self._informers["grants"]
+        if not informer.wait_synced(0):
+            return
+        existing = []
+        for obj in informer.cache.values():
+            try:
+                existing.append(route_grant_from_cr(obj))
+            except errors.InvalidObject as e:
+                self._log.warning("ignoring {}", e)
+        plan = plan_grants(snap.mesh, snap.nodes, pod_plan.synced if pod_plan else {}, existing)
+        for grant in plan.apply:
+            try:
+                self.kube.apply(k8s.ROUTE_GRANTS, route_grant_to_cr(grant))
+            except errors.ApiError as e:
+                self.metrics.errors.labels("route-grant").inc()
+                self._log.warning("cannot write WireKubeRouteGrant {}: {}", grant.name, e)
+                continue
+            self._count_write("grants")
+            self._log.info("route grant {} now {}", grant.name, ",".join(map(str, grant.cidrs)))
+        for name in plan.delete:
+            try:
+                self.kube.delete(k8s.ROUTE_GRANTS, name)
+            except errors.NotFound:
+                pass
+            except errors.ApiError as e:
+                self.metrics.errors.labels("route-grant").inc()
+                self._log.warning("cannot delete WireKubeRouteGrant {}: {}", name, e)
+                continue
+            self._log.info("route grant {} deleted (its node has nothing to grant)", name)
 
     def _pod_cidr_sources(self, mesh: Mesh, snap: Snapshot) -> dict[str, Any] | tuple[str, str]:
         mode = mesh.spec.pod_cidr_sync
