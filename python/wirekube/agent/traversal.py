@@ -40,6 +40,7 @@ from wirekube.agent.wg.base import WgDeviceState
 from wirekube.gateway import conditions as cond
 from wirekube.models import (
     ANNOTATION_BIRTHDAY,
+    FWMARK,
     Endpoint,
     EndpointDiscovery,
     Mesh,
@@ -254,7 +255,7 @@ class Traversal:
 
     def _ensure_io(self, mesh: Mesh) -> None:
         port = mesh.spec.listen_port
-        self._relay = RelayPath(self._private, port)
+        self._relay = RelayPath(self._private, port, fwmark=FWMARK)
         try:
             self._listener = ProbeListener(self._private, _raw(self.public_key), port, self._known_peer,
                                            on_ping=self._peer_probed_us).start()

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from loguru import logger
 
-from wirekube.relay.client import RelayClient, RelayError, backoff_delays
+from wirekube.relay.client import RelayClient, RelayClientSettings, RelayError, backoff_delays
 from wirekube.relay.protocol import DATA_HEADER, DATA_PREFIX_LEN, KEY_LEN, MAX_DATAGRAM, FrameType
 
 BATCH_BYTES = 128 * 1024
@@ -317,6 +317,9 @@ class RelayPath:
     gso: bool = True
     """Send runs of equal-sized datagrams to WireGuard with UDP GSO (turned off by itself if the
     kernel refuses it)."""
+    fwmark: int | None = None
+    """SO_MARK of the relay connections: the agent passes WireGuard's fwmark, so policy routing
+    keeps them in the main table whatever a peer's AllowedIPs would capture."""
     _slots: dict[tuple[str, int], _RelaySlot] = field(default_factory=dict)
     _proxies: dict[bytes, PeerProxy] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -352,7 +355,8 @@ class RelayPath:
         while True:
             try:
                 client = await RelayClient.connect(slot.address[0], slot.address[1], self.private_key,
-                                                   on_frames=self._from_relay_frames, on_flow=self._on_flow)
+                                                   on_frames=self._from_relay_frames, on_flow=self._on_flow,
+                                                   settings=RelayClientSettings(fwmark=self.fwmark))
             except (OSError, RelayError, TimeoutError) as e:
                 slot.last_error = str(e) or type(e).__name__
                 delay = next(delays)
