@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -28,7 +30,7 @@ from wirekube import errors, k8s
 from wirekube.lab.cluster import ControlPlane, write_kubeconfig
 from wirekube.lab.net import Lab, LabNotFound, default_workdir
 from wirekube.lab.procs import ProcessRecord, is_alive
-from wirekube.lab.topology import Topology
+from wirekube.lab.topology import Endpoint, Topology
 from wirekube.progress import step
 
 PY = sys.executable
@@ -88,7 +90,9 @@ def up(topology: Topology, name: str = "default", *, wait: float = 90.0, mesh_ov
             kube.apply(k8s.GATEWAYS, {"apiVersion": "wirekube.io/v1alpha1", "kind": "WireKubeGateway", **gw})
         if controller:
             start_controller(lab, h)
-        step("lab", 4, steps, f"starting the relay on {lab.relay} and STUN on {', '.join(map(str, lab.stun))}")
+        replicas = lab.topology.internet.relay_replicas
+        behind = f" ({len(replicas)} replicas behind a load balancer)" if replicas else ""
+        step("lab", 4, steps, f"starting the relay on {lab.relay}{behind} and STUN on {', '.join(map(str, lab.stun))}")
         _start_relays(lab)
         step("lab", 5, steps, f"starting {len(lab.nodes)} agents")
         started = time.monotonic()
@@ -143,9 +147,32 @@ def _create_mesh(kube: k8s.Kube, lab: Lab, overrides: dict[str, Any]) -> None:
                             "metadata": {"name": "default"}, "spec": spec})
 
 
+RELAY_MESH_PORT = 3480
+
+
 def relay_endpoints(lab: Lab) -> list[Any]:
-    """The relay, plus a second relay/STUN server for every other STUN address."""
-    return [lab.relay, *[s for s in lab.stun if s.host != lab.relay.host]]
+    """Where each relay process listens: the relay replicas behind the load balancer (or the one
+    relay), then a plain relay/STUN server for every other STUN address."""
+    internet = lab.topology.internet
+    relays = [Endpoint(a, internet.relay.port) for a in internet.relay_replicas] or [lab.relay]
+    taken = {lab.relay.host, *internet.relay_replicas}
+    return [*relays, *[s for s in lab.stun if s.host not in taken]]
+
+
+def relay_replicas(lab: Lab) -> list[int]:
+    """The indexes (in :func:`relay_endpoints`) of the relay replicas behind the load balancer."""
+    return list(range(len(lab.topology.internet.relay_replicas)))
+
+
+def _relay_mesh_secret(lab: Lab) -> Path:
+    """One secret for the lab's relay replicas, made once (in the lab's private directory)."""
+    path = lab.workdir / "net" / "relay-mesh-secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+    return path
 
 
 def start_relay(lab: Lab, index: int) -> subprocess.Popen[Any]:
@@ -153,6 +180,10 @@ def start_relay(lab: Lab, index: int) -> subprocess.Popen[Any]:
     argv = [_bin("wirekube-relay"), f"--listen={ep.host}:{ep.port}", f"--stun-listen={ep.host}:{ep.port}",
             f"--nat-probe-listen={ep.host}:{ep.port + 1}", f"--metrics-listen={ep.host}:9478",
             "--log-format=text", "--log-level=INFO"]
+    if index in relay_replicas(lab):
+        peers = ",".join(f"{a}:{RELAY_MESH_PORT}" for a in lab.topology.internet.relay_replicas)
+        argv += [f"--mesh-listen={ep.host}:{RELAY_MESH_PORT}", f"--mesh-peers={peers}",
+                 f"--mesh-secret-file={_relay_mesh_secret(lab)}", "--drain-timeout=5"]
     proc = lab.spawn("internet", argv, lab.log_dir / f"relay-{index}.log")
     _wait_tcp(lab, "internet", str(ep.host), ep.port)
     return proc
@@ -319,3 +350,7 @@ def down(name: str = "default") -> None:
     for leftover in (h.workdir / STATE, h.node_kubeconfig):
         leftover.unlink(missing_ok=True)
     shutil.rmtree(h.workdir / "nodes", ignore_errors=True)
+    try:
+        h.workdir.rmdir()  # only when nothing else is left in it
+    except OSError:
+        pass

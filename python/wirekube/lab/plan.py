@@ -221,6 +221,41 @@ _QUIET_SYSCTLS = (
 )
 
 
+def relay_load_balancer_nft(topology: Topology) -> str | None:
+    """The relay's "NLB" in the internet namespace, when ``internet.relay`` has replicas: each
+    new TCP connection and each new UDP flow (STUN) to the relay's address goes to a replica picked
+    at random (``numgen random``), for packets from the sites and from the internet namespace
+    itself; UDP the replicas start (the two NAT probes) leaves from the relay's address, as it does
+    from a single relay, so a NAT sees the probes' ports, not the replicas' addresses."""
+    internet = topology.internet
+    replicas = internet.relay_replicas
+    if not replicas:
+        return None
+    lb = internet.relay.host
+    pick = f"numgen random mod {len(replicas)} map {{ " + ", ".join(
+        f"{i} : {addr}" for i, addr in enumerate(replicas)) + " }"
+    udp_ports = sorted({e.port for e in internet.stun if e.host == lb})
+    rules = [f"ip daddr {lb} tcp dport {internet.relay.port} dnat to {pick}"]
+    rules += [f"ip daddr {lb} udp dport {port} dnat to {pick}" for port in udp_ports]
+    body = "\n".join(f"    {r}" for r in rules)
+    backends = ", ".join(str(a) for a in replicas)
+    return f"""table ip wirekube_lab_lb {{
+  chain prerouting {{
+    type nat hook prerouting priority dstnat; policy accept;
+{body}
+  }}
+  chain output {{
+    type nat hook output priority -100; policy accept;
+{body}
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    ip saddr {{ {backends} }} meta l4proto udp snat to {lb}
+  }}
+}}
+"""
+
+
 def plan_lab(topology: Topology, lab: str) -> LabPlan:
     check_lab_name(lab)
 
@@ -406,6 +441,7 @@ def plan_lab(topology: Topology, lab: str) -> LabPlan:
         links=tuple(inet_links),
         routes=tuple(inet_routes),
         sysctls=_QUIET_SYSCTLS + _ROUTER_SYSCTLS,
+        nft=relay_load_balancer_nft(topology),
     ))
     namespaces.insert(1, Namespace(
         key=MGMT,

@@ -2,7 +2,8 @@
 
 A topology describes one lab (see ``wirekube.lab.net`` for how it is built):
 
-- ``internet``: the public segment.  It holds the relay's address and at least two STUN
+- ``internet``: the public segment.  It holds the relay's address (optionally a load balancer
+  with ``replicas`` behind it, each a relay process meshed with the others) and at least two STUN
   endpoints, all inside ``198.18.0.0/24`` (the lab's "services" block of the benchmarking range
   198.18.0.0/15, which the lab uses as its whole public address space).
 - ``sites``: each a LAN behind one router, with ``nat`` one of ``none`` (public addresses on the
@@ -119,7 +120,11 @@ class Endpoint:
 @dataclass(frozen=True)
 class Internet:
     relay: Endpoint
+    """The address nodes use for the relay: the load balancer when there are replicas."""
     stun: tuple[Endpoint, ...]
+    relay_replicas: tuple[IPv4, ...] = ()
+    """Addresses of the relay replicas behind ``relay`` (a load balancer that picks one replica
+    per new connection, TCP and UDP, as an NLB does); empty: one relay at ``relay`` itself."""
 
     @property
     def addresses(self) -> tuple[IPv4, ...]:
@@ -127,7 +132,17 @@ class Internet:
         seen: dict[IPv4, None] = {self.relay.host: None}
         for endpoint in self.stun:
             seen.setdefault(endpoint.host, None)
+        for replica in self.relay_replicas:
+            seen.setdefault(replica, None)
         return tuple(seen)
+
+    def relay_dict(self) -> str | dict[str, Any]:
+        if not self.relay_replicas:
+            return str(self.relay)
+        return {"address": str(self.relay), "replicas": [str(a) for a in self.relay_replicas]}
+
+
+NODE_ENGINES = ("userspace", "kernel")
 
 
 @dataclass(frozen=True)
@@ -229,7 +244,7 @@ class Topology:
         """A plain document (YAML-ready) that :func:`parse_topology` turns back into ``self``."""
         return {
             "internet": {
-                "relay": str(self.internet.relay),
+                "relay": self.internet.relay_dict(),
                 "stun": [str(s) for s in self.internet.stun],
             },
             "management": {"cidr": str(self.management.cidr)},
@@ -497,7 +512,10 @@ def _parse_internet(raw: Any, problems: _Problems) -> Internet | None:
         return None
     _keys(doc, "internet", ("relay", "stun"), problems)
     relay = default_relay
-    if "relay" in doc:
+    replicas: tuple[IPv4, ...] = ()
+    if isinstance(doc.get("relay"), Mapping):
+        relay, replicas = _parse_relay_replicas(doc["relay"], default_relay, problems)
+    elif "relay" in doc:
         relay = _endpoint(doc["relay"], "internet.relay", problems) or default_relay
     stun: tuple[Endpoint, ...] = default_stun
     if "stun" in doc:
@@ -509,7 +527,50 @@ def _parse_internet(raw: Any, problems: _Problems) -> Internet | None:
         for i, endpoint in enumerate(stun):
             if endpoint in stun[:i]:
                 problems.add(f"internet.stun[{i}]", f"{endpoint} is listed twice")
-    return Internet(relay, stun)
+    for i, replica in enumerate(replicas):
+        if any(replica == e.host for e in stun):
+            problems.add(f"internet.relay.replicas[{i}]", f"{replica} is also a STUN server's address")
+    return Internet(relay, stun, replicas)
+
+
+MAX_RELAY_REPLICAS = 8
+FIRST_REPLICA_HOST = 20  # replicas: N puts them at 198.18.0.20, .21, ...
+
+
+def _parse_relay_replicas(raw: Mapping[str, Any], default: Endpoint,
+                          problems: _Problems) -> tuple[Endpoint, tuple[IPv4, ...]]:
+    """``relay: {address: LB:PORT, replicas: N | [ADDRESS, ...]}``."""
+    path = "internet.relay"
+    _keys(raw, path, ("address", "replicas"), problems)
+    relay = _endpoint(raw["address"], f"{path}.address", problems) if "address" in raw else default
+    relay = relay or default
+    value = raw.get("replicas")
+    replicas: list[IPv4] = []
+    if isinstance(value, bool) or value is None:
+        problems.add(f"{path}.replicas", "must be a count or a list of addresses (the load balancer's backends)")
+    elif isinstance(value, int):
+        if not 1 <= value <= MAX_RELAY_REPLICAS:
+            problems.add(f"{path}.replicas", f"must be from 1 to {MAX_RELAY_REPLICAS}, not {value}")
+        else:
+            replicas = [SERVICES_NET.network_address + FIRST_REPLICA_HOST + i for i in range(value)]
+    else:
+        items = _list(value, f"{path}.replicas", problems) or []
+        if not 1 <= len(items) <= MAX_RELAY_REPLICAS:
+            problems.add(f"{path}.replicas", f"needs 1 to {MAX_RELAY_REPLICAS} addresses, not {len(items)}")
+        for i, item in enumerate(items):
+            addr = _address(item, f"{path}.replicas[{i}]", problems) if isinstance(item, str) else None
+            if not isinstance(item, str):
+                problems.add(f"{path}.replicas[{i}]", f"must be an address string, got {_kind(item)}")
+            elif addr is not None and not _is_host_of(addr, SERVICES_NET):
+                problems.add(f"{path}.replicas[{i}]", f"{addr} must be a host address in the internet's {SERVICES_NET}")
+            elif addr is not None and addr in replicas:
+                problems.add(f"{path}.replicas[{i}]", f"{addr} is listed twice")
+            elif addr is not None:
+                replicas.append(addr)
+    for i, addr in enumerate(replicas):
+        if addr == relay.host:
+            problems.add(f"{path}.replicas[{i}]", f"{addr} is the load balancer's own address")
+    return relay, tuple(replicas)
 
 
 def _parse_management(raw: Any, problems: _Problems) -> Management | None:
@@ -867,7 +928,9 @@ DEFAULT_TOPOLOGY_YAML = """\
 # side, a pod behind every node (EC2 pods in the VPC's 10.100.0.0/16, hybrid pods in 10.200.0.0/16)
 # and a VPC host that reaches the hybrid nodes through the VPC gateway.
 internet:
-  relay: 198.18.0.2:3478            # the relay (TCP) and its built-in STUN (UDP)
+  relay:                            # the relay (TCP) and its built-in STUN (UDP) ...
+    address: 198.18.0.2:3478        # ... behind a load balancer (one replica per connection)
+    replicas: 2                     # 198.18.0.20 and .21, meshed with each other
   stun: [198.18.0.2:3478, 198.18.0.3:3478]
 management:
   cidr: 10.254.0.0/24               # nodes reach the API server at 10.254.0.1
@@ -918,7 +981,7 @@ EKS_HYBRID_TOPOLOGY_YAML = """\
 # CIDRs follow the EKS Hybrid guide: VPC 10.100.0.0/16, hybrid subnets 172.20.0.0/16 and
 # 10.20.0.0/16, hybrid pods 10.200.0.0/16.
 internet:
-  relay: 198.18.0.2:3478
+  relay: {address: 198.18.0.2:3478, replicas: 2}   # 2 relay replicas behind an "NLB"
   stun: [198.18.0.2:3478, 198.18.0.3:3478]
 management:
   cidr: 10.254.0.0/24
