@@ -1,7 +1,9 @@
 """The default lab end to end: real API server, real NATs, real relay, real agents and wireguard-go.
 
-One lab for the whole module (bringing it up is the expensive part). Covers the acceptance of
-the lab (every pair that can work passes traffic; down leaves nothing) and of NAT traversal
+One lab for the whole module (bringing it up is the expensive part): what `make lab` builds
+(:func:`wirekube.lab.scenario.up` on the default topology: also the gateway controller, the VPC
+WireKubeGateway, pods and stand-in kubelets). Covers the acceptance of the lab (every pair that
+can work passes traffic; the four planes pass; down leaves nothing) and of NAT traversal
 (the transport the matrix predicts, within 30 s of the agents starting; cutting UDP between two
 direct peers moves them to the relay within 2 s and back to direct after the cut is lifted; a
 relay restart is survived without restarting agents).
@@ -26,7 +28,7 @@ import pytest
 
 from tests.fixtures.wait import wait_for
 from wirekube import k8s
-from wirekube.lab import orchestrate, procs
+from wirekube.lab import orchestrate, procs, scenario
 from wirekube.lab.net import Lab
 from wirekube.lab.topology import default_topology
 
@@ -44,7 +46,7 @@ def lab() -> Iterator[tuple[Lab, k8s.Kube, str]]:
         pytest.skip("needs root for network namespaces (skipped: not running as root)")
     name = f"e2e{uuid.uuid4().hex[:5]}"
     try:
-        orchestrate.up(default_topology(), name, wait=90)
+        scenario.up(default_topology(), name, wait=90)
         lab_, kube, _ = orchestrate.attach(name)
         yield lab_, kube, name
         kube.close()
@@ -83,16 +85,64 @@ def test_nat_types_are_detected(lab: Any) -> None:
     assert udp_blocked["udpBlocked"] is True
 
 
+PLANES = ["node -> node", "hybrid pod -> hybrid pod", "EC2 pod -> hybrid pod", "VPC host -> hybrid kubelet"]
+
+
+def test_the_four_planes_all_pass(lab: Any) -> None:
+    """What `make lab` ends with: node to node (every pair), hybrid pod to hybrid pod, EC2 pod to
+    hybrid pod, and the VPC host to every hybrid node's kubelet port through the gateway."""
+    lab_, kube, _ = lab
+    planes = scenario.wait_planes(lab_, kube, 60)
+    table = scenario.render_planes(planes)
+    print("\n" + table)
+    assert [p.name for p in planes] == PLANES
+    assert all(p.ok for p in planes), table
+    nodes, hybrid = len(lab_.nodes), scenario.hybrid_nodes(lab_)
+    assert planes[0].total == nodes * (nodes - 1)
+    assert planes[1].total == len(hybrid) * (len(hybrid) - 1)  # one pod per node in the default lab
+    assert planes[2].total == len(scenario.ec2_nodes(lab_)) * len(hybrid)
+    assert planes[3].total == len(hybrid) and planes[3].path == "TCP 10250 via gateway vpc"
+    assert all(len(p.rtt_ms) == p.total for p in planes)
+
+
+def test_the_vpc_host_reaches_kubelets_through_the_active_gateway_only(lab: Any) -> None:
+    """The kubelet plane really crosses the gateway: the VPC host routes hybrid LANs to the
+    virtual IP, which only the active peer (ec2-a) holds."""
+    lab_, kube, _ = lab
+    st = scenario.gateway_status(kube, "vpc")
+    assert st["activePeer"] == "ec2-a" and st["ready"] is True, st
+    vip = "10.100.0.250"
+    assert f"{vip}/" in lab_.exec("ec2-a", ["ip", "-4", "addr"], check=True).stdout
+    assert f"{vip}/" not in lab_.exec("ec2-b", ["ip", "-4", "addr"], check=True).stdout
+    route = lab_.exec("vpc-host", ["ip", "route", "get", str(lab_.nodes["sym1-1"].lan_ip)], check=True).stdout
+    assert f"via {vip}" in route, route
+
+
 def test_status_json_shape(lab: Any) -> None:
     _, _, name = lab
     out = subprocess.run([sys.executable, "-m", "wirekube.lab.cli", "status", "--json", "--name", name],
                          capture_output=True, text=True, check=True, timeout=120).stdout
     data = json.loads(out)
-    assert set(data) >= {"nodes", "pairs"}
+    assert set(data) >= {"nodes", "pairs", "gateways", "planes"}
     assert set(data["nodes"][0]) == {"name", "site", "natType", "meshIP"}
     assert set(data["pairs"][0]) == {"from", "to", "transport", "rttMs"}
     assert len(data["pairs"]) == len(data["nodes"]) * (len(data["nodes"]) - 1)
     assert all(p["transport"] in ("direct", "relay", "none") for p in data["pairs"])
+    [gw] = data["gateways"]
+    assert (gw["name"], gw["activePeer"], gw["ready"], gw["peers"]) == ("vpc", "ec2-a", True, ["ec2-a", "ec2-b"])
+    assert gw["peerHealth"] == {"ec2-a": "healthy", "ec2-b": "healthy"}, gw
+    assert [p["name"] for p in data["planes"]] == PLANES
+    assert all({"result", "passed", "total", "medianMs", "maxMs", "failures"} <= set(p) for p in data["planes"])
+
+
+def test_status_text_shows_the_gateway_and_the_plane_table(lab: Any) -> None:
+    _, _, name = lab
+    out = subprocess.run([sys.executable, "-m", "wirekube.lab.cli", "status", "--name", name],
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    assert re.search(r"^vpc\s+ec2-a\s+true\s+10\.100\.0\.250/24\s+ec2-a=healthy,ec2-b=healthy$", out, re.M), out
+    table = out[out.index("PLANE "):]
+    for plane in PLANES:
+        assert re.search(rf"^{re.escape(plane)}\s+pass \d+/\d+\s+\d+\.\d+\s+\d+\.\d+  ", table, re.M), table
 
 
 PINGER = textwrap.dedent("""

@@ -82,11 +82,15 @@ def _up(args: argparse.Namespace) -> int:
     data = _full_status(lab, kube, planes_timeout=60)
     print(_render(data, lab))
     elapsed = time.monotonic() - started
+    st = orchestrate.state(args.name)
+    since_agents = f"{time.time() - st['agents_started_at']:.0f}s after the agents started, " \
+        if st.get("agents_started_at") else ""
+    converged = f"; the mesh converged in {st['convergence_seconds']:.0f}s" if st.get("convergence_seconds") else ""
     ok = all(p["result"] != "fail" for p in data["planes"])
     nodes = sorted(lab.nodes)
     a, b = nodes[0], nodes[-1]
-    print(f"{'all four planes pass' if ok else 'NOT every plane passes (see above)'}; "
-          f"{elapsed:.0f}s from the start of `up`\n"
+    print(f"{'all four planes pass' if ok else 'NOT every plane passes (see above)'}: "
+          f"checked {since_agents}{elapsed:.0f}s after `up` began{converged}\n"
           f"explore:  wirekube-lab exec {a} -- ip -br addr     wirekube-lab ping {a} {b}\n"
           f"          KUBECONFIG={h.admin_kubeconfig} wirekubectl status\n"
           f"remove:   wirekube-lab down" + ("" if args.name == DEFAULT_NAME else f" --name {args.name}"))

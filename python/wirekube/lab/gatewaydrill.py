@@ -8,8 +8,9 @@ traffic in *both* directions follows ``status.activePeer``:
 
 - hybrid -> VPC ("echo"): a hybrid node connects to an echo service on the VPC host, which
   answers with the source address it saw: the active gateway's VPC address (SNAT).
-- VPC -> hybrid ("kubelet"): the VPC host fetches a page from a hybrid node's InternalIP port
-  10250, the path ``kubectl exec/logs`` takes in EKS Hybrid Nodes.
+- VPC -> hybrid ("kubelet"): the VPC host connects to a hybrid node's InternalIP port 10250
+  (the scenario's stand-in kubelet answers with its node name), the path ``kubectl exec/logs``
+  takes in EKS Hybrid Nodes.
 
 A drill samples both every ~50 ms while it breaks the active gateway (its agent stopped, or its
 health target made unreachable) and reports how long each direction was dark.
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from wirekube import k8s
-from wirekube.lab import orchestrate
+from wirekube.lab import orchestrate, scenario
 from wirekube.lab.net import Lab
 from wirekube.lab.topology import builtin_topology
 from wirekube.waiting import wait_for
@@ -34,8 +35,7 @@ from wirekube.waiting import wait_for
 GW = "vpc"
 VPC = "10.100.0.0/24"
 VIP = "10.100.0.250/24"  # nodes take .10, .11 ... on the VPC subnet
-HYBRID_CIDRS = ("172.20.0.0/16", "10.20.0.0/16", "10.200.0.0/16")
-KUBELET = 10250
+KUBELET = scenario.KUBELET
 ECHO = 18080
 PY = orchestrate.PY
 
@@ -49,31 +49,23 @@ while True:
 
 
 def gateway_object() -> dict[str, Any]:
-    return {"metadata": {"name": GW}, "spec": {
-        "peerRefs": ["ec2-a", "ec2-b"], "routes": [{"cidr": VPC, "description": "VPC subnet"}],
-        "snat": {"enabled": True}, "virtualIP": VIP,
-        "healthCheck": {"enabled": True, "target": "10.100.0.100", "intervalSeconds": 1, "timeoutSeconds": 1,
-                        "failureThreshold": 2}}}
+    """The scenario's gateway for eks-hybrid: ec2-a then ec2-b, the VPC subnet, SNAT, VIP, health
+    check on the VPC host (:func:`wirekube.lab.scenario.gateway_object`)."""
+    gw = scenario.gateway_object(builtin_topology("eks-hybrid"))
+    assert gw is not None and gw["metadata"]["name"] == GW and gw["spec"]["virtualIP"] == VIP, gw
+    return gw
 
 
 def up(name: str | None = None) -> tuple[Lab, k8s.Kube, Any]:
-    """Start the gateway lab (see the module docstring); returns ``(lab, kube, handle)``."""
+    """Start the gateway lab (see the module docstring); returns ``(lab, kube, handle)``.
+
+    The lab is :func:`wirekube.lab.scenario.up` on ``eks-hybrid`` (what ``wirekube-lab up
+    eks-hybrid`` builds: the VPC host already routes the hybrid CIDRs to the virtual IP, and every
+    hybrid node runs a stand-in kubelet) plus the echo service on the VPC host."""
     name = name or f"gw{uuid.uuid4().hex[:5]}"
-    orchestrate.up(builtin_topology("eks-hybrid"), name, wait=90, controller=True, gateways=[gateway_object()],
-                   mesh_overrides={"autoAllowedIPs": {"includeNodeInternalIP": True}, "podCIDRSync": "node"})
+    scenario.up(builtin_topology("eks-hybrid"), name, wait=90)
     lab, kube, h = orchestrate.attach(name)
-    for node in ("hybrid-a1", "hybrid-b1"):
-        lab.spawn_in_node(node, [PY, "-m", "http.server", str(KUBELET), "--bind", "0.0.0.0"],
-                          lab.log_dir / f"kubelet-{node}.log")
     lab.spawn("vpc-host", [PY, "-c", ECHO_SERVER], lab.log_dir / "echo-vpc-host.log")
-    # The VPC host's "route table": the hybrid CIDRs go to the gateway's virtual IP, which the
-    # active gateway peer holds (on-premises style; an AWS route table would name an ENI).
-    vip = VIP.split("/")[0]
-    for cidr in HYBRID_CIDRS:
-        lab.exec("vpc-host", ["ip", "route", "replace", cidr, "via", vip], check=True)
-    # The first healthy peer at start-up wins; the controller fails back to ec2-a (first in
-    # peerRefs) once it has been healthy for the failback delay.
-    wait_for(lambda: (s := status(kube)).get("ready") and s.get("activePeer") == "ec2-a", 60, "ec2-a active and ready")
     return lab, kube, h
 
 
@@ -97,9 +89,9 @@ def echo_from(lab: Lab, node: str) -> str:
 
 
 def kubelet_from_vpc(lab: Lab, node: str) -> bool:
-    code = (f"import urllib.request\n"
-            f"urllib.request.urlopen('http://{lab.nodes[node].lan_ip}:{KUBELET}/', timeout=1).read()")
-    return lab.exec("vpc-host", [PY, "-c", code], check=False, timeout=5).returncode == 0
+    """The VPC host reached ``node``'s stand-in kubelet (it answers with its node name)."""
+    out = lab.exec("vpc-host", [PY, "-c", _client(str(lab.nodes[node].lan_ip), KUBELET)], check=False, timeout=5)
+    return out.returncode == 0 and out.stdout.strip() == node
 
 
 def agent_pid(lab: Lab, node: str) -> int | None:
