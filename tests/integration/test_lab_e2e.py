@@ -11,6 +11,7 @@ relay restart is survived without restarting agents).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -430,3 +431,146 @@ def test_doctor_local_flags_a_killed_agents_state_until_it_is_back(lab: Any) -> 
     wait_for(clean, 60, f"doctor --local clean on {node} after the agent restarted", interval=0.5)
     # Back in the mesh: every pair that can work passes traffic over the predicted transport again.
     assert orchestrate.wait_converged(lab_, kube, timeout=120), "the mesh did not re-converge"
+
+
+# ---- who may route what (wirekube.authority) ----------------------------------------------------
+
+ROUTE_PINGER = textwrap.dedent("""
+    import subprocess, sys
+    subprocess.run(["ping", "-n", "-i", "0.1", "-W", "1", "-w", sys.argv[2], sys.argv[1]])
+""")
+
+
+def _missing_seqs(output: str) -> list[int]:
+    seqs = sorted({int(m) for m in re.findall(r"icmp_seq=(\d+)", output)})
+    assert len(seqs) > 20, output[-500:]
+    return sorted(set(range(seqs[0], seqs[-1] + 1)) - set(seqs))
+
+
+def _table(lab_: Lab, node: str) -> str:
+    return lab_.exec(node, ["ip", "-4", "route", "show", "table", "22347"], check=True).stdout
+
+
+def _allowed(lab_: Lab, node: str) -> str:
+    return lab_.exec(node, ["wg", "show", "wire_kube", "allowed-ips"], check=True).stdout
+
+
+def _grant(name: str, nodes: list[str], cidrs: list[str]) -> dict[str, Any]:
+    return {"apiVersion": "wirekube.io/v1alpha1", "kind": "WireKubeRouteGrant", "metadata": {"name": name},
+            "spec": {"nodes": nodes, "cidrs": cidrs}}
+
+
+def _refusal_notes(kube: k8s.Kube, peer: str) -> list[str]:
+    return [e["note"] for e in kube.list(k8s.EVENTS, "default")[0]
+            if e["regarding"]["name"] == peer and e["reason"] == "RouteNotGranted"]
+
+
+def test_route_claims_without_authority_capture_nothing(lab: Any) -> None:
+    """Hostile peers claim the relay, a STUN server, the management network, another node's
+    endpoint, another peer's mesh IP, the mesh CIDR, 0/1 + 128/1 and two halves of a gateway
+    route: no node routes any of it, each claim gets an Event, and a relayed and a direct pair
+    lose no ping meanwhile.  Granting the guarded ones changes nothing; an administrator's grant
+    of an ordinary network does get routed, until it is withdrawn."""
+    from tests.fixtures.keys import public_key
+    from wirekube import ipam
+
+    lab_, kube, _ = lab
+    expected = orchestrate.expected_pairs(lab_)
+    relayed, direct = ("udpblock-1", "ec2-a"), ("fullcone-1", "prc-1")
+    assert expected[relayed] == "relay" and expected[direct] == "direct"
+    peers = {p["metadata"]["name"]: p for p in kube.list(k8s.PEERS)[0]}
+    mesh = kube.get(k8s.MESHES, "default")
+    mesh_cidr = mesh["spec"]["meshCIDR"]
+    transports_before = {n: (peers[n].get("status") or {}).get("peerTransports") for n in lab_.nodes}
+    relay_ip, stun2_ip = str(lab_.relay.host), str(lab_.stun[-1].host)
+    prc_endpoint = peers["prc-1"]["spec"]["endpoint"].rsplit(":", 1)[0]
+    claims = {
+        "hostile-relay": [f"{relay_ip}/32"],
+        "hostile-stun": [f"{stun2_ip}/32"],
+        "hostile-mgmt": [str(lab_.topology.management.cidr)],
+        "hostile-endpoint": [f"{prc_endpoint}/32"],
+        "hostile-meship": [peers["ec2-b"]["spec"]["allowedIPs"][0]],
+        "hostile-meshcidr": [mesh_cidr],
+        "hostile-halves": ["0.0.0.0/1", "128.0.0.0/1"],
+        "hostile-gwsplit": ["10.100.0.0/25", "10.100.0.128/25"],
+    }
+    guarded = {"hostile-relay", "hostile-stun", "hostile-mgmt", "hostile-endpoint"}
+    ip_of = {n: next(x["meshIP"] for x in orchestrate.collect_nodes(lab_, kube) if x["name"] == n)
+             for n in (relayed[1], direct[1])}
+    pingers = {pair: lab_.spawn(pair[0], [sys.executable, "-c", ROUTE_PINGER, ip_of[pair[1]], "45"], pipe=True)
+               for pair in (relayed, direct)}
+    made: list[tuple[k8s.Resource, str]] = []
+    try:
+        for name, entries in claims.items():
+            mesh_ip = f"{ipam.mesh_ip(name, ipaddress.ip_network(mesh_cidr))}/32"
+            kube.create(k8s.PEERS, {"apiVersion": "wirekube.io/v1alpha1", "kind": "WireKubePeer",
+                                    "metadata": {"name": name, "labels": {"wirekube.io/node": name}},
+                                    "spec": {"publicKey": public_key(), "allowedIPs": [mesh_ip, *entries]}})
+            made.append((k8s.PEERS, name))
+        # Every claim is refused, with an Event naming the entry and why.
+        for name, entries in claims.items():
+            for entry in entries:
+                wait_for(lambda: any(entry in n and "not granted" in n for n in _refusal_notes(kube, name)),
+                         60, f"RouteNotGranted event for {entry} of {name}")
+        # Granting the guarded ones does not make them routable: the control path is never captured.
+        kube.create(k8s.ROUTE_GRANTS, _grant("hostile-guarded", sorted(guarded),
+                                             sorted({e for n in guarded for e in claims[n]})))
+        made.append((k8s.ROUTE_GRANTS, "hostile-guarded"))
+        for name in guarded:
+            wait_for(lambda: any("never routed into the mesh" in n for n in _refusal_notes(kube, name)),
+                     60, f"guarded refusal for {name}")
+        notes = {n: _refusal_notes(kube, n) for n in guarded}
+        assert any("the relay" in n for n in notes["hostile-relay"]), notes
+        assert any("the STUN server" in n for n in notes["hostile-stun"]), notes
+        assert any("the endpoint of peer prc-" in n for n in notes["hostile-endpoint"]), notes
+        assert any("the API server" in n or "own address" in n for n in notes["hostile-mgmt"]), notes
+        # No node routes any claimed entry, in table 22347 or in WireGuard.
+        claimed = {e for entries in claims.values() for e in entries if e != claims["hostile-meship"][0]}
+        for node in lab_.nodes:
+            table, allowed = _table(lab_, node), _allowed(lab_, node)
+            leaked = {e for e in claimed if re.search(rf"(^|\s){re.escape(e.removesuffix('/32'))}(/\d+)?\s", table + " ")
+                      or e in allowed}
+            assert not leaked, f"{node} routes {leaked}:\n{table}"
+            assert allowed.count(claims["hostile-meship"][0]) == (0 if node == "ec2-b" else 1)
+    finally:
+        for res, name in reversed(made):
+            kube.delete(res, name)
+        outputs = {pair: p.communicate(timeout=60)[0] for pair, p in pingers.items()}
+    for pair, out in outputs.items():
+        assert _missing_seqs(out) == [], f"{pair} lost pings while hostile claims existed"
+    peers = {p["metadata"]["name"]: p for p in kube.list(k8s.PEERS)[0]}
+    assert {n: (peers[n].get("status") or {}).get("peerTransports") for n in lab_.nodes} == transports_before
+
+    # An administrator's grant is routed (on top of the gateway's route), and withdrawn again.
+    assert "10.100.0.0/24 dev wire_kube" in _table(lab_, "prc-1")  # the VPC gateway's route
+    extra = "10.77.0.0/24"
+    kube.patch_merge(k8s.PEERS, "ec2-b", {"spec": {"allowedIPs": [*peers["ec2-b"]["spec"]["allowedIPs"], extra]}})
+    try:
+        wait_for(lambda: any(extra in n for n in _refusal_notes(kube, "ec2-b")), 60, "ungranted entry refused")
+        assert extra not in _table(lab_, "prc-1")
+        kube.create(k8s.ROUTE_GRANTS, _grant("lab-extra", ["ec2-b"], [extra]))
+        try:
+            wait_for(lambda: f"{extra} dev wire_kube" in _table(lab_, "prc-1"), 60, "granted route installed")
+            assert extra in _allowed(lab_, "prc-1")
+        finally:
+            kube.delete(k8s.ROUTE_GRANTS, "lab-extra")
+        wait_for(lambda: extra not in _table(lab_, "prc-1"), 60, "route withdrawn with the grant")
+    finally:
+        current = kube.get(k8s.PEERS, "ec2-b")["spec"]["allowedIPs"]
+        kube.patch_merge(k8s.PEERS, "ec2-b", {"spec": {"allowedIPs": [e for e in current if e != extra]}})
+
+
+def test_no_private_key_appears_in_any_log(lab: Any) -> None:
+    """Every log line the lab wrote, in any form a key can take (base64, hex)."""
+    import base64
+
+    lab_, _, name = lab
+    keys = [p.read_text().strip() for p in Path(lab_.workdir).glob("nodes/*/private.key")]
+    assert len(keys) == len(lab_.nodes), "every node's key file was found"
+    forms = [f for k in keys for f in (k, base64.b64decode(k).hex(), k.rstrip("="))]
+    logs = [p for p in lab_.log_dir.rglob("*") if p.is_file()]
+    assert logs
+    for path in logs:
+        text = path.read_text(errors="replace")
+        leaked = [f[:6] + "..." for f in forms if f in text]
+        assert not leaked, f"{path} contains private key material ({leaked})"

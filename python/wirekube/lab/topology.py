@@ -33,6 +33,7 @@ Example (the built-in default is :data:`DEFAULT_TOPOLOGY_YAML`)::
             podCIDR: 10.100.1.0/24    # optional
             pods: 1                   # optional: pod namespaces behind the node
           - {name: ec2-b, address: 198.19.1.20}
+          - {name: ec2-k, engine: kernel}   # optional: a qemu guest with kernel WireGuard
       - name: home
         nat: port-restricted-cone     # LAN defaults to 192.168.<site number>.0/24
         nodes: [{name: home-1}, {name: home-2}]
@@ -151,6 +152,9 @@ class Node:
     address: IPv4  # on the site LAN (public for `nat: none`)
     pod_cidr: Net4 | None = None
     pods: int = 0
+    engine: str = "userspace"
+    """``userspace``: a network namespace running wireguard-go; ``kernel``: a qemu guest with a real
+    WireGuard module (:mod:`wirekube.lab.vm`), in the same place of the network."""
 
 
 @dataclass(frozen=True)
@@ -286,6 +290,8 @@ def _node_dict(node: Node) -> dict[str, Any]:
         out["podCIDR"] = str(node.pod_cidr)
     if node.pods:
         out["pods"] = node.pods
+    if node.engine != "userspace":
+        out["engine"] = node.engine
     return out
 
 
@@ -639,7 +645,7 @@ def _parse_site(
         node_doc = _mapping(raw_node, npath, problems)
         if node_doc is None:
             continue
-        _keys(node_doc, npath, ("name", "address", "podCIDR", "pods"), problems)
+        _keys(node_doc, npath, ("name", "address", "podCIDR", "pods", "engine"), problems)
         fields: dict[str, Any] = {"name": _name(node_doc.get("name"), f"{npath}.name", problems)}
         if "address" in node_doc and lan is not None:
             addr = _address(node_doc["address"], f"{npath}.address", problems)
@@ -668,6 +674,13 @@ def _parse_site(
             problems.add(f"{npath}.podCIDR", f"{pod_cidr} is too small for {pods} pods")
         fields["pod_cidr"] = pod_cidr
         fields["pods"] = pods
+        engine = node_doc.get("engine", "userspace")
+        if engine not in NODE_ENGINES:
+            problems.add(f"{npath}.engine", f"must be one of {', '.join(NODE_ENGINES)}, not {engine!r}")
+        elif engine == "kernel" and pods:
+            problems.add(f"{npath}.pods", "a node with engine: kernel (a VM) cannot have pods")
+        else:
+            fields["engine"] = engine
         parsed.append((npath, fields))
     nodes: list[Node] = []
     if lan is not None:
