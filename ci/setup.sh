@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 CACHE="${WIREKUBE_CACHE:-$HOME/.cache/wirekube}"
-STEPS=4
+STEPS=5
 say() { printf '\033[1m[setup %s/%s]\033[0m %s\n' "$1" "$STEPS" "$2" >&2; }
 
 APT_PACKAGES=(wireguard-go wireguard-tools nftables iptables iproute2 iputils-ping iperf3 socat
@@ -51,4 +51,7 @@ if [[ ! -f $stamp || python/pyproject.toml -nt $stamp ]]; then
   .venv/bin/pip install -q --disable-pip-version-check -e "python[aws,test,bench]"
   touch "$stamp"
 fi
+say 5 "guest kernel and initramfs for lab kernel nodes (Debian packages, cached in $CACHE/vm)"
+bash ci/build-vm.sh
+
 echo "setup done: binaries in $CACHE/bin and $TOOLS, Python in $ROOT/.venv" >&2

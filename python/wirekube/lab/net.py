@@ -83,7 +83,7 @@ from typing import IO, Any
 from loguru import logger
 
 from wirekube.errors import WireKubeError
-from wirekube.lab import nat, procs
+from wirekube.lab import nat, procs, vm
 from wirekube.lab.plan import (
     HostInfo,
     LabPlan,
@@ -209,6 +209,13 @@ class Lab:
         self._children: dict[int, subprocess.Popen[Any]] = {}
         self._holders: dict[str, ProcessRecord] = {}
         self._api: tuple[Endpoint, Endpoint] | None = None
+        self._api_port = 6443
+        self.kernel_nodes: frozenset[str] = frozenset(
+            n.name for site in topology.sites for n in site.nodes if n.engine == "kernel")
+        """Nodes that run as qemu guests (``engine: kernel``, see :mod:`wirekube.lab.vm`)."""
+        for node in sorted(self.kernel_nodes):
+            if self.plan.nodes[node].private:
+                raise LabError(f"node {node}: a node with engine: kernel cannot join private networks (yet)")
 
     # ---------------------------------------------------------------- construction / lookup
 
@@ -319,6 +326,7 @@ class Lab:
                 {"name": n.name, "site": n.site, "nat": n.nat.value, "netns": n.netns,
                  "lanIP": str(n.lan_ip), "publicIP": str(n.public_ip),
                  "mgmtIP": str(n.mgmt_ip),
+                 "engine": "kernel" if n.name in self.kernel_nodes else "userspace",
                  "private": {k: str(v) for k, v in n.private.items()},
                  "podCIDR": str(n.pod_cidr) if n.pod_cidr else None,
                  "pods": {p.name: str(p.address) for p in n.pods}}
@@ -341,6 +349,7 @@ class Lab:
         On failure everything created so far is removed again before the error is raised.
         """
         started = time.monotonic()
+        self._api_port = api_port
         with _locked(self.workdir):
             if Lab.exists(self.name, self.workdir):
                 logger.warning("lab {}: removing what an earlier run left behind", self.name)
@@ -402,8 +411,46 @@ class Lab:
                 run(enter + ["sysctl", "-q", "-w"] + [f"{k}={v}" for k, v in namespace.sysctls])
             if namespace.nft:
                 run(enter + ["nft", "-f", "-"], input=namespace.nft)
+        for node in sorted(self.kernel_nodes):  # the VM's shell: bridges to its taps
+            info = self.plan.nodes[node]
+            run(["ip", "-n", info.netns, "-batch", "-"],
+                input="\n".join(vm.shell_links(info.interfaces["lan"], info.interfaces["mgmt"])) + "\n")
         self._start_holders()
         self._wait_links_up()
+        if self.kernel_nodes:
+            booted = vm.wait_ready(self.plan.mgmt_netns, [self.vm_config(n) for n in sorted(self.kernel_nodes)],
+                                   lambda n: n in self._holders and procs.is_alive(self._holders[n]),
+                                   console=self.console_log)
+            logger.info("lab {}: VMs ready after {}", self.name,
+                        ", ".join(f"{n} {t:.1f} s" for n, t in booted.items()))
+            self._state.update(lambda d: d.__setitem__("vmBootSeconds", booted))
+
+    # ---------------------------------------------------------------- kernel nodes (qemu guests)
+
+    def vm_config(self, node: str) -> vm.GuestConfig:
+        """What the guest of kernel node ``node`` is told (deterministic: rebuilt on attach)."""
+        info = self.plan.nodes[node]
+        sysctls = next(ns.sysctls for ns in self.plan.namespaces if ns.key == node)
+        return vm.GuestConfig(
+            node=node, lan_address=f"{info.lan_ip}/{info.lan.prefixlen}", gateway=str(info.lan_gateway),
+            mgmt_address=f"{info.mgmt_ip}/32", api_address=str(self.plan.api_address), api_port=self._api_port,
+            lan_mac=vm.mac_for(self.name, node, "lan"), mgmt_mac=vm.mac_for(self.name, node, "mgmt"),
+            token_file=str(vm.token_path(self._private_dir, node)), modules_dir=str(vm.guest_pieces().modules),
+            sysctls=tuple(sysctls))
+
+    def console_log(self, node: str) -> Path:
+        """Where a kernel node's serial console (kernel, init and guest service) is logged."""
+        return self.log_dir / f"console-{node}.log"
+
+    def _start_vm(self, node: str) -> None:
+        """qemu in the node's namespace, in the foreground: the node's holder (ended by PID)."""
+        pieces = vm.guest_pieces()
+        config = self.vm_config(node)
+        config_path = vm.write_guest_files(self._private_dir, config)
+        argv = ["ip", "netns", "exec", self.plan.nodes[node].netns,
+                *vm.qemu_argv(pieces, config, config_path, self.workdir)]
+        popen = self._popen(argv, self.console_log(node), role="holder", target=node)
+        self._holders[node] = procs.record_for(popen, "holder", node, argv, str(self.console_log(node)))
 
     def _wait_links_up(self) -> None:
         """Wait until every link is operationally up: the kernel activates a new link's queue
@@ -429,6 +476,9 @@ class Lab:
         script = ('mount -t tmpfs -o mode=0755,size=4m wirekube-lab /run/wireguard && '
                   'echo "$$" > "$1" && exec sleep infinity')
         for node in self.plan.nodes.values():
+            if node.name in self.kernel_nodes:
+                self._start_vm(node.name)
+                continue
             ready = self._private_dir / f"holder-{node.name}"
             ready.unlink(missing_ok=True)
             argv = ["ip", "netns", "exec", node.netns, "unshare", "--mount",
@@ -533,6 +583,9 @@ class Lab:
 
     def command(self, target: str, argv: Sequence[str]) -> list[str]:
         """The full argv that runs ``argv`` inside ``target``'s namespaces."""
+        if target in self.kernel_nodes:
+            self._holder(target)
+            return vm.client_argv(self.plan.mgmt_netns, self.vm_config(target), argv)
         if target in self.plan.nodes:
             holder = self._holder(target)
             return ["nsenter", "-t", str(holder.pid), "-m", "-n", "--", *argv]
