@@ -233,3 +233,28 @@ def test_in_netns_hands_back_results_and_errors() -> None:
         pytest.skip("setns needs CAP_SYS_ADMIN")
     # The current namespace by path: the thread enters it and the result comes back.
     assert nodestate.in_netns("/proc/self/ns/net", socket.gethostname) == socket.gethostname()
+
+
+def test_route_claims_list_each_ungranted_entry_with_the_grant_that_fixes_it() -> None:
+    mesh = {"metadata": {"name": "default"}, "spec": {"meshCIDR": "10.255.0.0/16",
+                                                     "relay": {"provider": "external",
+                                                               "external": {"endpoint": "203.0.113.9:3478"}}}}
+    key = "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI="
+
+    def peer(name: str, *ips: str) -> dict[str, Any]:
+        return {"metadata": {"name": name}, "spec": {"publicKey": key, "allowedIPs": list(ips)}}
+
+    peers = [peer("a", "10.255.0.1/32", "10.50.0.0/24", "10.60.0.0/24"), peer("gw", "10.255.0.2/32", "10.100.0.0/24"),
+             peer("evil", "10.255.0.3/32", "203.0.113.9/32")]
+    grants = [{"metadata": {"name": "a-sub"}, "spec": {"nodes": ["a"], "cidrs": ["10.50.0.0/16"]}},
+              {"metadata": {"name": "evil"}, "spec": {"nodes": ["evil"], "cidrs": ["203.0.113.0/24"]}}]
+    gateways = [{"metadata": {"name": "vpc"}, "spec": {"peerRefs": ["gw"], "routes": [{"cidr": "10.100.0.0/24"}]},
+                 "status": {"activePeer": "gw"}}]
+    findings = doctor.check_route_claims(mesh, peers, gateways, grants)
+    by_subject = {f.subject: f for f in findings}
+    assert set(by_subject) == {"a 10.60.0.0/24", "evil 203.0.113.9/32"}
+    assert all(f.verdict == doctor.WARN for f in findings)
+    assert "spec.nodes [a] and spec.cidrs [10.60.0.0/24]" in by_subject["a 10.60.0.0/24"].fix
+    assert "the relay 203.0.113.9:3478" in by_subject["evil 203.0.113.9/32"].detail
+    clean = doctor.check_route_claims(mesh, [peer("a", "10.255.0.1/32", "10.50.0.0/24"), peers[1]], gateways, grants)
+    assert [(f.verdict, f.subject) for f in clean] == [(doctor.OK, "cluster")]

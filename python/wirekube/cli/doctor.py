@@ -324,12 +324,51 @@ def exit_code(findings: Iterable[Finding]) -> int:
     return 1 if any(f.verdict == FAIL for f in findings) else 0
 
 
+# ---- route claims without a grant ---------------------------------------------------------------
+
+
+def check_route_claims(mesh: JSON | None, peers: Sequence[JSON], gateways: Sequence[JSON],
+                       grants: Sequence[JSON], node: str | None = None) -> list[Finding]:
+    """Every AllowedIPs entry the agents do not route (wirekube.authority), with the grant to add.
+
+    The agents' own view adds the API server and each node's addresses to the guarded set, so they
+    may refuse a little more than listed here, never less."""
+    from wirekube import authority
+    from wirekube.errors import InvalidObject
+    from wirekube.models import Mesh, MeshSpec, gateway_from_cr, mesh_from_cr, peer_from_cr, route_grant_from_cr
+
+    def parsed(objs: Sequence[JSON], parse: Callable[[JSON], Any]) -> list[Any]:
+        out = []
+        for obj in objs:
+            try:
+                out.append(parse(obj))
+            except InvalidObject:
+                pass  # reported by the API server's validation and by the agents
+        return out
+
+    try:
+        m = mesh_from_cr(mesh) if mesh is not None else Mesh("default", MeshSpec())
+    except InvalidObject:
+        m = Mesh("default", MeshSpec())
+    ps = parsed(peers, peer_from_cr)
+    active: dict[str, list[Net]] = {}
+    for gw in parsed(gateways, gateway_from_cr):
+        if gw.status.active_peer:
+            active.setdefault(gw.status.active_peer, []).extend(r.cidr for r in gw.spec.routes)
+    granted = authority.merge_grants(authority.grants_by_node(parsed(grants, route_grant_from_cr)), active)
+    _, refusals = authority.Authorizer().authorize(m, ps, granted, authority.guarded_addresses(m, ps))
+    findings = [Finding("route-claims", WARN, f"{r.peer} {r.entry}", r.reason, r.fix)
+                for r in refusals if node is None or r.peer == node]
+    return findings or [Finding("route-claims", OK, node or "cluster", "every AllowedIPs entry is granted")]
+
+
 def run_static(mesh: JSON | None, peers: Sequence[JSON], gateways: Sequence[JSON], nodes: Sequence[JSON],
-               *, node: str | None, now: dt.datetime) -> list[Finding]:
+               *, node: str | None, now: dt.datetime, grants: Sequence[JSON] = ()) -> list[Finding]:
     return [
         *check_cidr_overlaps(collect_ranges(mesh, peers, gateways, nodes)),
         *check_peers(peers, node),
         *check_clock_skew(peers, now),
+        *check_route_claims(mesh, peers, gateways, grants, node),
     ]
 
 

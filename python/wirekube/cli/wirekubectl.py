@@ -78,7 +78,12 @@ def _doctor(args: argparse.Namespace) -> int:
         mesh: dict[str, Any] | None = kube.get(k8s.MESHES, "default")
     except errors.NotFound:
         mesh = None
-    findings = doctor.run_static(mesh, peers, gateways, nodes, node=args.node, now=dt.datetime.now(dt.UTC))
+    try:
+        grants, _ = kube.list(k8s.ROUTE_GRANTS)
+    except errors.NotFound:  # CRDs from before route grants: nothing is granted
+        grants = []
+    findings = doctor.run_static(mesh, peers, gateways, nodes, node=args.node, now=dt.datetime.now(dt.UTC),
+                                 grants=grants)
     spec = (mesh or {}).get("spec") or {}
     relay = spec.get("relay") or {}
     relays = list(((mesh or {}).get("status") or {}).get("relay", {}).get("endpoints") or [])
