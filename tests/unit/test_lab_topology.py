@@ -80,7 +80,11 @@ def test_default_topology_mirrors_the_eks_hybrid_picture_with_every_nat_kind() -
     (host,) = vpc.hosts
     gateway_address = next(a.address for a in vpc.attachments if a.node == vpc.gateway)
     routed = {r.to for r in host.routes}
-    assert routed == {s.lan for s in topology.sites if s.nat is not NatKind.NONE}
+    hybrid_lans = {s.lan for s in topology.sites if s.nat is not NatKind.NONE}
+    (hybrid_pods,) = routed - hybrid_lans  # one more route: the hybrid pod CIDRs' supernet
+    assert hybrid_lans < routed
+    assert all(n.pod_cidr is not None and n.pod_cidr.subnet_of(hybrid_pods)
+               for s, n in topology.nodes() if s.nat is not NatKind.NONE)
     assert all(r.via == gateway_address for r in host.routes)
     assert len(topology.internet.stun) >= 2
     assert len({s.host for s in topology.internet.stun}) >= 2  # two STUN addresses
