@@ -177,6 +177,9 @@ def values_schema() -> Schema:
                         "stunPort": port(),
                         "natProbePort": port(),
                         "metricsPort": port(),
+                        "mesh": obj({"enabled": BOOL, "port": port(), "existingSecret": string()}),
+                        "drainSeconds": integer(0, 3600),
+                        "maxPendingPerIP": integer(1, 100000),
                         "service": obj(
                             {
                                 "type": {"type": "string", "enum": ["LoadBalancer", "NodePort", "ClusterIP"]},

@@ -149,6 +149,35 @@ def test_eks_hybrid_example_expresses_the_guide() -> None:
     assert svc["spec"]["type"] == "LoadBalancer" and svc["spec"]["loadBalancerClass"] == "service.k8s.aws/nlb"
 
 
+def test_relay_replicas_are_meshed_with_a_secret_a_headless_service_and_rbac() -> None:
+    docs = [d for d in yaml.safe_load_all(render(ROOT / "examples" / "eks-hybrid" / "values.yaml")) if d]
+    by_name = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    deploy = by_name[("Deployment", "wk-wirekube-relay")]
+    assert deploy["spec"]["replicas"] == 2  # the EKS Hybrid example: 2 replicas behind the NLB
+    pod = deploy["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert {"--mesh-listen=0.0.0.0:3480", "--mesh-service=wk-wirekube-relay-mesh",
+            "--mesh-secret-file=/etc/wirekube/relay-mesh/secret"} <= set(args)
+    assert pod["automountServiceAccountToken"] is True and pod["terminationGracePeriodSeconds"] == 15
+    assert pod["volumes"] == [{"name": "relay-mesh", "secret": {"secretName": "wk-wirekube-relay-mesh",
+                                                                "defaultMode": 0o440}}]
+    secret = by_name[("Secret", "wk-wirekube-relay-mesh")]
+    assert len(base64.b64decode(secret["data"]["secret"])) == 48
+    headless = by_name[("Service", "wk-wirekube-relay-mesh")]["spec"]
+    assert headless["clusterIP"] == "None" and headless["publishNotReadyAddresses"] is True
+    assert [p["port"] for p in headless["ports"]] == [3480]
+    lb_ports = {p["port"] for p in by_name[("Service", "wk-wirekube-relay")]["spec"]["ports"]}
+    assert 3480 not in lb_ports  # the mesh port is never on the load balancer
+    role = by_name[("Role", "wk-wirekube-relay-mesh")]
+    assert role["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                              "verbs": ["get", "list", "watch"]}]
+    assert by_name[("RoleBinding", "wk-wirekube-relay-mesh")]["roleRef"]["name"] == "wk-wirekube-relay-mesh"
+    own = [d for d in yaml.safe_load_all(render(None, "--set", "relay.mesh.existingSecret=mine")) if d]
+    assert not any(d["kind"] == "Secret" and d["metadata"]["name"] == "wk-wirekube-relay-mesh" for d in own)
+    off = [d for d in yaml.safe_load_all(render(None, "--set", "relay.mesh.enabled=false")) if d]
+    assert not any("relay-mesh" in d["metadata"]["name"] for d in off)
+
+
 # ---- against the real API server ---------------------------------------------------------------
 
 
@@ -185,11 +214,15 @@ def test_install_upgrade_uninstall_keeps_crds(chart_cluster: Any) -> None:
     try:
         mesh = kube.get(k8s.MESHES, "default")
         assert mesh["spec"]["relay"]["mode"] == "auto"
+        secrets = k8s.Resource("", "v1", "secrets", "Secret", namespaced=True)
+        mesh_secret = kube.get(secrets, "wkt-wirekube-relay-mesh", NS)["data"]["secret"]
         ds = kube.get(k8s.Resource("apps", "v1", "daemonsets", "DaemonSet", namespaced=True), "wkt-wirekube-agent", NS)
         assert ds["spec"]["template"]["spec"]["hostNetwork"] is True
         run(helm, "upgrade", "wkt", str(CHART), "-n", NS, "--set", "admissionPolicy.enabled=false",
             "--set", "mesh.relay.mode=always", env=env)
         assert kube.get(k8s.MESHES, "default")["spec"]["relay"]["mode"] == "always"
+        # generated once: the relay replicas' mesh secret survives the upgrade unchanged
+        assert kube.get(secrets, "wkt-wirekube-relay-mesh", NS)["data"]["secret"] == mesh_secret
     finally:
         run(helm, "uninstall", "wkt", "-n", NS, "--wait", env=env)
     with pytest.raises(errors.NotFound):

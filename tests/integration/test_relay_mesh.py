@@ -353,19 +353,19 @@ def test_a_draining_replica_moves_its_clients_without_losing_the_pair() -> None:
 
 
 class RelayProcess:
-    def __init__(self, tmp: Path, index: int, mesh_ports: list[int]) -> None:
+    def __init__(self, tmp: Path, index: int, mesh_ports: list[int], *extra: str, static_peers: bool = True) -> None:
         self.port = free_port()
         self.mesh_port = mesh_ports[index]
         secret = tmp / "mesh-secret"
         if not secret.exists():
             secret.write_bytes(SECRET)
-        peers = ",".join(f"{LOCALHOST}:{p}" for p in mesh_ports)
+        peers = [f"--mesh-peers={','.join(f'{LOCALHOST}:{p}' for p in mesh_ports)}"] if static_peers else []
         self.log = tmp / f"relay-{index}.log"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "wirekube.relay.cli", f"--listen={LOCALHOST}:{self.port}",
              f"--stun-listen={LOCALHOST}:0", f"--metrics-listen={LOCALHOST}:0", "--log-format=text",
-             f"--mesh-listen={LOCALHOST}:{self.mesh_port}", f"--mesh-peers={peers}", f"--mesh-secret-file={secret}",
-             "--drain-timeout=5"],
+             f"--mesh-listen={LOCALHOST}:{self.mesh_port}", *peers, f"--mesh-secret-file={secret}",
+             "--drain-timeout=5", *extra],
             stdout=subprocess.DEVNULL, stderr=open(self.log, "w"),
         )
 
