@@ -85,3 +85,29 @@ def test_plane_table_lists_failures_under_their_row() -> None:
     assert lines[1].split()[:5] == ["node", "->", "node", "pass", "2/2"]
     assert "fail 1/2" in lines[2] and lines[3].strip() == "failed: vpc -> h2"
     assert "n/a" in lines[4]
+
+
+class _Events:
+    """The one Kube call :func:`scenario._why_not_routed` makes (a unit-test seam)."""
+
+    def __init__(self, events: list[dict[str, object]]) -> None:
+        self.events = events
+
+    def list(self, resource: object, namespace: str) -> tuple[list[dict[str, object]], str]:
+        return self.events, "1"
+
+
+class _Lab:
+    nodes = {"udpblock-1": type("Info", (), {"lan_ip": "192.168.6.10"})()}
+
+
+def test_a_failed_kubelet_probe_says_why_the_gateway_does_not_route_it() -> None:
+    note = ("node ec2-a does not route 192.168.6.10/32 of peer udpblock-1: spec.allowedIPs[1] 192.168.6.10/32 "
+            "contains 192.168.6.10, the endpoint of peer udpblock-1, which is never routed into the mesh")
+    events = [{"reason": "RouteNotGranted", "regarding": {"name": "udpblock-1"}, "note": note},
+              {"reason": "RouteNotGranted", "regarding": {"name": "udpblock-1"},
+               "note": note.replace("node ec2-a", "node prc-1")}]
+    why = scenario._why_not_routed(_Events(events), _Lab(), "ec2-a", "udpblock-1")  # type: ignore[arg-type]
+    assert why == f": {note}"
+    assert scenario._why_not_routed(_Events([]), _Lab(), "ec2-a", "udpblock-1") == ""  # type: ignore[arg-type]
+    assert "no active peer" in scenario._why_not_routed(_Events([]), _Lab(), "", "udpblock-1")  # type: ignore[arg-type]

@@ -237,6 +237,18 @@ def kubelet_probe(lab: Lab, host: str, nodes: Sequence[str]) -> list[tuple[str, 
     return out
 
 
+def _why_not_routed(kube: k8s.Kube, lab: Lab, gateway: str, node: str) -> str:
+    """Why the active gateway does not route ``node``'s InternalIP into the mesh, from the
+    agents' RouteNotGranted Events ("" when none says so)."""
+    if not gateway:
+        return ": the gateway has no active peer"
+    entry = f"{lab.nodes[node].lan_ip}/32"
+    notes = [e.get("note") or "" for e in kube.list(k8s.EVENTS, "default")[0]
+             if e.get("reason") == "RouteNotGranted" and (e.get("regarding") or {}).get("name") == node]
+    why = next((n for n in reversed(notes) if n.startswith(f"node {gateway} ") and f" {entry} " in n), "")
+    return f": {why}" if why else ""
+
+
 def check_planes(lab: Lab, kube: k8s.Kube, pairs: Sequence[dict[str, Any]] | None = None) -> list[Plane]:
     """The four planes (module docstring).  ``pairs``: the pair matrix of
     :func:`orchestrate.collect` when already measured."""
@@ -255,9 +267,14 @@ def check_planes(lab: Lab, kube: k8s.Kube, pairs: Sequence[dict[str, Any]] | Non
     gateways = kube.list(k8s.GATEWAYS)[0]
     net = vpc_network(lab.topology)
     if net is not None:
-        via = next((g["metadata"]["name"] for g in gateways if g["metadata"]["name"] == net.name), None)
-        path = f"TCP {KUBELET} via gateway {via}" if via else f"TCP {KUBELET} (no WireKubeGateway {net.name})"
-        planes.append(_plane("VPC host -> hybrid kubelet", path, kubelet_probe(lab, net.hosts[0].name, hybrid)))
+        via = next((g for g in gateways if g["metadata"]["name"] == net.name), None)
+        path = f"TCP {KUBELET} via gateway {net.name}" if via else f"TCP {KUBELET} (no WireKubeGateway {net.name})"
+        probes = kubelet_probe(lab, net.hosts[0].name, hybrid)
+        if via is not None and any(rtt is None for _, rtt in probes):
+            active = (via.get("status") or {}).get("activePeer") or ""
+            probes = [(label + _why_not_routed(kube, lab, active, node) if rtt is None else label, rtt)
+                      for (label, rtt), node in zip(probes, hybrid, strict=True)]
+        planes.append(_plane("VPC host -> hybrid kubelet", path, probes))
     else:
         planes.append(Plane("VPC host -> hybrid kubelet", "no private network with a gateway in this topology", 0, 0))
     return planes
