@@ -235,14 +235,14 @@ def _peak_rss_kib(pid: int) -> int:
 class RelayProcess:
     """The real ``wirekube-relay`` console entry point, on loopback ports chosen by the kernel."""
 
-    def __init__(self, profile_to: Path | None = None) -> None:
+    def __init__(self, profile_to: Path | None = None, extra: tuple[str, ...] = ()) -> None:
         import wirekube.relay.cli as cli_module
 
         # cProfile runs a script, not a module; the CLI module runs main() under __main__.
         entry = ["-m", "cProfile", "-o", str(profile_to), str(cli_module.__file__)] if profile_to else [
             "-m", "wirekube.relay.cli"]
         cmd = [sys.executable, *entry, "--listen", f"{LOCALHOST}:0", "--stun-listen", f"{LOCALHOST}:0",
-               "--metrics-listen", f"{LOCALHOST}:0", "--log-format", "json", "--log-level", "INFO"]
+               "--metrics-listen", f"{LOCALHOST}:0", "--log-format", "json", "--log-level", "INFO", *extra]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
         self.address = self._wait_ready()
         self._drain = threading.Thread(target=self._drain_stderr, daemon=True)
@@ -264,15 +264,22 @@ class RelayProcess:
         self.stop()
         raise RuntimeError("the relay did not report ready")
 
-    def counters(self) -> dict[str, float]:
-        """The relay's own forwarded/dropped counters, from its /metrics endpoint."""
+    def metrics_text(self) -> str:
         with socket.create_connection(self.metrics_address, timeout=5) as sock:
             sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
             data = b""
             while chunk := sock.recv(65536):
                 data += chunk
+        return data.decode()
+
+    def gauge(self, name: str) -> float:
+        m = re.search(rf"^{name} ([0-9.e+]+)$", self.metrics_text(), re.M)
+        return float(m.group(1)) if m else 0.0
+
+    def counters(self) -> dict[str, float]:
+        """The relay's own forwarded/dropped counters, from its /metrics endpoint."""
         out = {}
-        for line in data.decode().splitlines():
+        for line in self.metrics_text().splitlines():
             m = re.match(r"wirekube_relay_(forwarded_frames_total|dropped_frames_total)(\{[^}]*\})? ([0-9.e+]+)$",
                          line)
             if m:
@@ -360,17 +367,19 @@ def _processes(ctx: Any, n: int, target: Any, cfgs: list[dict[str, Any]]) -> Ite
 
 def run_once(kind: str, size: int, pairs: int, warmup: float, duration: float,
              paced_rate: float = 0.0, profile_to: Path | None = None) -> dict[str, Any]:
-    """One measurement through ``kind`` (relay | socat | direct)."""
+    """One measurement through ``kind``: relay | relay-cross (two meshed replicas, every sender on
+    the first, every receiver on the second) | socat | direct."""
     ctx = mp.get_context("fork")
     keys = [(X25519PrivateKey.generate(), X25519PrivateKey.generate()) for _ in range(pairs)]
-    relay = RelayProcess(profile_to) if kind == "relay" else None
+    relays = _meshed_relays(2) if kind == "relay-cross" else [RelayProcess(profile_to)] if kind == "relay" else []
+    relay = relays[-1] if relays else None  # where the receivers are (and whose counters are read)
     socats: list[SocatPair] = []
     try:
         rcfgs = [{"register": relay is not None, "connect": relay.address if relay else None,
                   "private_key": r.private_bytes_raw()} for _, r in keys]
         with _processes(ctx, pairs, receiver_main, rcfgs) as receivers:
             if relay is not None:
-                targets = [relay.address] * pairs
+                targets = [relays[0].address] * pairs
             else:
                 ports = [conn.recv() for _, conn in receivers]
                 if kind == "socat":
@@ -386,11 +395,17 @@ def run_once(kind: str, size: int, pairs: int, warmup: float, duration: float,
                     if not conn.poll(30):
                         raise RuntimeError(f"{kind}: a generator did not get ready")
                     assert conn.recv() == "ready"
+                if len(relays) > 1:  # the senders' replica has learned where every receiver is
+                    deadline = time.monotonic() + 10
+                    while relays[0].gauge("wirekube_relay_mesh_remote_keys") < pairs:
+                        if time.monotonic() > deadline:
+                            raise RuntimeError("relay-cross: the receivers' keys did not cross the mesh")
+                        time.sleep(0.02)
                 now = time.monotonic()
                 window = Window(now + 0.2, now + 0.2 + warmup, now + 0.2 + warmup + duration)
                 for _, conn in senders + receivers:
                     conn.send((window.start, window.measure, window.end))
-                forwarder_pids = relay.pids if relay else [s.proc.pid for s in socats]
+                forwarder_pids = [pid for r in relays for pid in r.pids] if relays else [s.proc.pid for s in socats]
                 _sleep_until(window.measure)
                 cpu0 = {pid: _proc_cpu(pid) for pid in forwarder_pids}
                 ours = {os.getpid(), *forwarder_pids, *(p.pid for p, _ in senders + receivers if p.pid)}
@@ -404,8 +419,8 @@ def run_once(kind: str, size: int, pairs: int, warmup: float, duration: float,
                 sender_results = [conn.recv() for _, conn in senders]
                 receiver_results = [conn.recv() for _, conn in receivers]
     finally:
-        if relay is not None:
-            relay.stop()
+        for r in relays:
+            r.stop()
         for s in socats:
             s.stop()
     machine = {k: round((machine1[k] - machine0[k]) / CLK_TCK / duration, 2) for k in machine1}
@@ -424,6 +439,28 @@ def run_once(kind: str, size: int, pairs: int, warmup: float, duration: float,
             "dropped_by_reason": {k: v for k, v in delta.items() if k.startswith("dropped") and v},
         }
     return result
+
+
+def _meshed_relays(count: int) -> list[RelayProcess]:
+    """``count`` relay processes meshed over loopback (a shared secret in a temporary file)."""
+    secret = Path(tempfile.mkdtemp(prefix="wk-relay-bench-")) / "mesh-secret"
+    secret.write_text(os.urandom(24).hex())
+    secret.chmod(0o600)
+    ports = []
+    for _ in range(count):
+        with socket.create_server((LOCALHOST, 0)) as probe:
+            ports.append(probe.getsockname()[1])
+    peers = ",".join(f"{LOCALHOST}:{p}" for p in ports)
+    relays = [RelayProcess(extra=(f"--mesh-listen={LOCALHOST}:{p}", f"--mesh-peers={peers}",
+                                  f"--mesh-secret-file={secret}")) for p in ports]
+    deadline = time.monotonic() + 15
+    while not all(r.gauge("wirekube_relay_mesh_links") == count - 1 for r in relays):
+        if time.monotonic() > deadline:
+            for r in relays:
+                r.stop()
+            raise RuntimeError("the relay replicas did not link")
+        time.sleep(0.05)
+    return relays
 
 
 def _machine_cpu() -> dict[str, int]:
@@ -633,6 +670,49 @@ def latency_runs(size: int, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def cross_replica_runs(args: argparse.Namespace) -> dict[str, Any]:
+    """One pair through one relay replica vs the same pair with its ends on two meshed replicas
+    (every frame crosses the mesh link once): throughput ratio and added one-way p50 latency, the
+    two kinds interleaved for ``args.rounds`` rounds."""
+    size, kinds = args.cross_size, ("relay", "relay-cross")
+    tput: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
+    lat: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
+    for rnd in range(args.rounds):
+        for kind in kinds if rnd % 2 == 0 else kinds[::-1]:
+            r = run_once(kind, size, 1, args.warmup, args.duration)
+            tput[kind].append(r)
+            print(f"{size:>5} B {kind:<11} round {rnd}: {r['frames_per_s']:>9} frames/s {r['mbit_per_s']:>8} Mbit/s",
+                  file=sys.stderr)
+            lat[kind].append(run_once(kind, size, 1, 0.5, args.latency_duration, paced_rate=args.latency_rate))
+    one = _mean(tput["relay"], "frames_per_s")
+    cross = _mean(tput["relay-cross"], "frames_per_s")
+    p50 = {k: statistics.median(r["latency_us"]["p50"] for r in lat[k]) for k in kinds}
+    added = round(p50["relay-cross"] - p50["relay"], 1)
+    ratio = round(cross / one, 3) if one else None
+    print(f"{size:>5} B cross-replica: throughput ratio {ratio}, added p50 {added} us", file=sys.stderr)
+    return {
+        "size": size, "pairs": 1,
+        "one_replica": {"frames_per_s": round(one), "mbit_per_s": round(_mean(tput["relay"], "mbit_per_s"), 1)},
+        "two_replicas": {"frames_per_s": round(cross),
+                         "mbit_per_s": round(_mean(tput["relay-cross"], "mbit_per_s"), 1)},
+        "ratio": ratio,
+        "ratio_goal": 0.7,
+        "one_way_p50_us": {k: round(v, 1) for k, v in p50.items()},
+        "added_p50_us": added,
+        "added_p50_goal_us": 200,
+        "latency_run": f"{args.latency_rate:g} frames/s for {args.latency_duration:g} s, median of rounds",
+        "runs": tput,
+    }
+
+
+def _cross_summary(c: dict[str, Any]) -> dict[str, Any]:
+    return {"cross_replica_ratio": c["ratio"], "goal": c["ratio_goal"], "met": (c["ratio"] or 0) >= c["ratio_goal"],
+            "added_p50_us": c["added_p50_us"], "added_p50_goal_us": c["added_p50_goal_us"],
+            "added_p50_met": c["added_p50_us"] <= c["added_p50_goal_us"],
+            "one_replica_mbit_per_s": c["one_replica"]["mbit_per_s"],
+            "two_replicas_mbit_per_s": c["two_replicas"]["mbit_per_s"]}
+
+
 def wait_for_quiet_machine(limit_s: float = 60.0, busy_share: float = 0.3) -> float:
     """Wait (bounded) until the CPUs are mostly idle, so other work does not skew the figures;
     returns the busy share measured last."""
@@ -667,11 +747,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-rate", type=float, default=1000.0, help="frames/s per pair in the paced run")
     p.add_argument("--latency-duration", type=float, default=2.0)
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--cross-size", type=int, default=1400, help="datagram size of the cross-replica comparison")
+    p.add_argument("--cross-only", action="store_true",
+                   help="run only the cross-replica comparison and update that part of --out")
     args = p.parse_args(argv)
     if shutil.which("socat") is None:
         print("socat is missing: apt-get install -y socat", file=sys.stderr)
         return 2
     sizes = [int(s) for s in args.sizes.split(",")]
+    if args.cross_only:
+        wait_for_quiet_machine()
+        results = json.loads(args.out.read_text()) if args.out.exists() else {}
+        results["cross_replica"] = cross_replica_runs(args)
+        results["cross_replica_ratio"] = results["cross_replica"]["ratio"]
+        results.setdefault("summary", {})["cross_replica"] = _cross_summary(results["cross_replica"])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(results["summary"]["cross_replica"], indent=2))
+        return 0
     busy_before = wait_for_quiet_machine()
     started = time.monotonic()
     load_before = os.getloadavg()
@@ -699,12 +792,16 @@ def main(argv: list[str] | None = None) -> int:
     for size in sizes:
         results["added_latency"][str(size)] = latency_runs(size, args)
 
+    results["cross_replica"] = cross_replica_runs(args)
+    results["cross_replica_ratio"] = results["cross_replica"]["ratio"]
+
     if not args.no_profile:
         results["where_the_time_goes_profiled"] = {
             f"{size}B": profile_relay(size, args.pairs, args.warmup, min(args.duration, 4)) for size in sizes
         }
 
     results["summary"] = _summary(results, sizes)
+    results["summary"]["cross_replica"] = _cross_summary(results["cross_replica"])
     results["goals"] = {
         f"{size}B": {"ratio_goal": goal, "ratio": results["throughput"][str(size)]["ratio"],
                      "met": (results["throughput"][str(size)]["ratio"] or 0) >= goal}
