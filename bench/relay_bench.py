@@ -235,13 +235,13 @@ def _peak_rss_kib(pid: int) -> int:
 class RelayProcess:
     """The real ``wirekube-relay`` console entry point, on loopback ports chosen by the kernel."""
 
-    def __init__(self, profile_to: Path | None = None, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, profile_to: Path | None = None, extra: tuple[str, ...] = (), port: int = 0) -> None:
         import wirekube.relay.cli as cli_module
 
         # cProfile runs a script, not a module; the CLI module runs main() under __main__.
         entry = ["-m", "cProfile", "-o", str(profile_to), str(cli_module.__file__)] if profile_to else [
             "-m", "wirekube.relay.cli"]
-        cmd = [sys.executable, *entry, "--listen", f"{LOCALHOST}:0", "--stun-listen", f"{LOCALHOST}:0",
+        cmd = [sys.executable, *entry, "--listen", f"{LOCALHOST}:{port}", "--stun-listen", f"{LOCALHOST}:0",
                "--metrics-listen", f"{LOCALHOST}:0", "--log-format", "json", "--log-level", "INFO", *extra]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
         self.address = self._wait_ready()
@@ -441,26 +441,52 @@ def run_once(kind: str, size: int, pairs: int, warmup: float, duration: float,
     return result
 
 
-def _meshed_relays(count: int) -> list[RelayProcess]:
-    """``count`` relay processes meshed over loopback (a shared secret in a temporary file)."""
-    secret = Path(tempfile.mkdtemp(prefix="wk-relay-bench-")) / "mesh-secret"
-    secret.write_text(os.urandom(24).hex())
-    secret.chmod(0o600)
+def _free_ports(count: int) -> list[int]:
     ports = []
     for _ in range(count):
         with socket.create_server((LOCALHOST, 0)) as probe:
             ports.append(probe.getsockname()[1])
-    peers = ",".join(f"{LOCALHOST}:{p}" for p in ports)
-    relays = [RelayProcess(extra=(f"--mesh-listen={LOCALHOST}:{p}", f"--mesh-peers={peers}",
-                                  f"--mesh-secret-file={secret}")) for p in ports]
-    deadline = time.monotonic() + 15
-    while not all(r.gauge("wirekube_relay_mesh_links") == count - 1 for r in relays):
-        if time.monotonic() > deadline:
-            for r in relays:
-                r.stop()
-            raise RuntimeError("the relay replicas did not link")
-        time.sleep(0.05)
-    return relays
+    return ports
+
+
+class MeshedReplicas:
+    """Relay processes meshed over loopback on fixed ports, so one can be restarted in place."""
+
+    def __init__(self, count: int) -> None:
+        self.secret = Path(tempfile.mkdtemp(prefix="wk-relay-bench-")) / "mesh-secret"
+        self.secret.write_text(os.urandom(24).hex())
+        self.secret.chmod(0o600)
+        self.mesh_ports = _free_ports(count)
+        self.ports = _free_ports(count)
+        self.relays: list[RelayProcess] = [self._start(i) for i in range(count)]
+        self.wait_linked()
+
+    def _start(self, index: int) -> RelayProcess:
+        peers = ",".join(f"{LOCALHOST}:{p}" for p in self.mesh_ports)
+        return RelayProcess(port=self.ports[index], extra=(
+            f"--mesh-listen={LOCALHOST}:{self.mesh_ports[index]}", f"--mesh-peers={peers}",
+            f"--mesh-secret-file={self.secret}", "--drain-timeout=5"))
+
+    def restart(self, index: int) -> None:
+        self.relays[index] = self._start(index)
+        self.wait_linked()
+
+    def wait_linked(self, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(r.gauge("wirekube_relay_mesh_links") == len(self.relays) - 1 for r in self.relays):
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the relay replicas did not link")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for r in self.relays:
+            r.stop()
+
+
+def _meshed_relays(count: int) -> list[RelayProcess]:
+    """``count`` relay processes meshed over loopback (a shared secret in a temporary file)."""
+    return MeshedReplicas(count).relays
 
 
 def _machine_cpu() -> dict[str, int]:
@@ -705,6 +731,118 @@ def cross_replica_runs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def failover_runs() -> dict[str, Any]:
+    """Two meshed replicas behind a load balancer (a TCP proxy on 127.0.0.1 that picks a replica
+    per connection), one relayed pair with its ends on different replicas, 10 datagrams/s; each
+    end reconnects through the load balancer as the agent does (``backoff_delays``).  Measured:
+    the longest gap at the receiver after kill -9 of the sender's replica, and over a rolling
+    restart of both (SIGTERM: GoAway, the clients move before the replica closes)."""
+    import asyncio
+    import random
+
+    import uvloop
+
+    from wirekube.relay.client import RelayClient, RelayError, backoff_delays
+
+    replicas = MeshedReplicas(2)
+
+    async def main() -> dict[str, Any]:
+        force: list[int] = [0, 1]
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            index = force.pop(0) if force else random.randrange(2)
+            try:
+                up_r, up_w = await asyncio.open_connection(LOCALHOST, replicas.ports[index])
+            except OSError:
+                writer.close()
+                return
+
+            async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+                with contextlib.suppress(OSError):
+                    while data := await src.read(65536):
+                        dst.write(data)
+                        await dst.drain()
+                dst.close()
+
+            await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+
+        lb = await asyncio.start_server(handle, LOCALHOST, 0)
+        lb_port = lb.sockets[0].getsockname()[1]
+        arrivals: list[float] = []
+        reconnects = [0]
+
+        async def endpoint(key: X25519PrivateKey, on_data: Any) -> list[RelayClient]:
+            holder = [await RelayClient.connect(LOCALHOST, lb_port, key, on_data=on_data)]
+
+            async def keep() -> None:
+                while True:
+                    await holder[0].wait_closed()
+                    for delay in backoff_delays():
+                        await asyncio.sleep(delay)
+                        with contextlib.suppress(OSError, RelayError, TimeoutError):
+                            holder[0] = await RelayClient.connect(LOCALHOST, lb_port, key, on_data=on_data)
+                            reconnects[0] += 1
+                            break
+
+            tasks.append(asyncio.get_running_loop().create_task(keep()))
+            return holder
+
+        tasks: list[asyncio.Task[None]] = []
+        a_key, b_key = X25519PrivateKey.generate(), X25519PrivateKey.generate()
+        a = await endpoint(a_key, lambda *_: None)
+        await endpoint(b_key, lambda *_: arrivals.append(time.monotonic()))
+        b_pub = public_bytes(b_key)
+
+        async def gap_during(seconds: float, action: Any) -> float:
+            start = time.monotonic()
+            arrivals.clear()
+            acting: asyncio.Future[None] | None = None
+            while time.monotonic() - start < seconds or (acting is not None and not acting.done()):
+                if acting is None and time.monotonic() - start > 1.0:
+                    acting = asyncio.get_running_loop().run_in_executor(None, action)  # pings go on meanwhile
+                with contextlib.suppress(RelayError):
+                    a[0].send(b_pub, b"ping")
+                await asyncio.sleep(0.1)
+            if acting is not None:
+                await acting
+            await asyncio.sleep(0.3)
+            stamps = [start, *arrivals]
+            return max(y - x for x, y in zip(stamps, stamps[1:], strict=False))
+
+        def kill_9() -> None:
+            replicas.relays[0].proc.kill()
+            replicas.relays[0].proc.wait()
+
+        kill_gap = await gap_during(5.0, kill_9)
+        await asyncio.get_running_loop().run_in_executor(None, replicas.restart, 0)
+        kill_reconnects = reconnects[0]
+
+        def rolling() -> None:
+            for i in range(2):
+                replicas.relays[i].stop()  # SIGTERM: drain, then exit
+                replicas.restart(i)
+
+        roll_gap = await gap_during(3.0, rolling)
+        for t in tasks:
+            t.cancel()
+        lb.close()
+        return {"kill_9_longest_gap_s": round(kill_gap, 3), "kill_9_goal_s": 3.0,
+                "kill_9_reconnects": kill_reconnects,
+                "rolling_restart_longest_gap_s": round(roll_gap, 3), "rolling_restart_goal_s": 1.0,
+                "rolling_restart_reconnects": reconnects[0] - kill_reconnects,
+                "setup": "2 replicas on 127.0.0.1 behind a userspace TCP load balancer, 1 pair split "
+                         "across them, 10 datagrams/s; the lab measures the same with nftables DNAT, real "
+                         "agents and WireGuard (tests/integration/test_lab_e2e.py)"}
+
+    try:
+        result = uvloop.run(main())
+    finally:
+        replicas.stop()
+    print(f"failover: kill -9 longest gap {result['kill_9_longest_gap_s']} s, rolling restart "
+          f"{result['rolling_restart_longest_gap_s']} s", file=sys.stderr)
+    return result
+
+
 def _cross_summary(c: dict[str, Any]) -> dict[str, Any]:
     return {"cross_replica_ratio": c["ratio"], "goal": c["ratio_goal"], "met": (c["ratio"] or 0) >= c["ratio_goal"],
             "added_p50_us": c["added_p50_us"], "added_p50_goal_us": c["added_p50_goal_us"],
@@ -760,7 +898,9 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(args.out.read_text()) if args.out.exists() else {}
         results["cross_replica"] = cross_replica_runs(args)
         results["cross_replica_ratio"] = results["cross_replica"]["ratio"]
+        results["failover"] = failover_runs()
         results.setdefault("summary", {})["cross_replica"] = _cross_summary(results["cross_replica"])
+        results["summary"]["failover"] = results["failover"]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps(results["summary"]["cross_replica"], indent=2))
@@ -794,6 +934,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results["cross_replica"] = cross_replica_runs(args)
     results["cross_replica_ratio"] = results["cross_replica"]["ratio"]
+    results["failover"] = failover_runs()
 
     if not args.no_profile:
         results["where_the_time_goes_profiled"] = {
@@ -802,6 +943,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results["summary"] = _summary(results, sizes)
     results["summary"]["cross_replica"] = _cross_summary(results["cross_replica"])
+    results["summary"]["failover"] = results["failover"]
     results["goals"] = {
         f"{size}B": {"ratio_goal": goal, "ratio": results["throughput"][str(size)]["ratio"],
                      "met": (results["throughput"][str(size)]["ratio"] or 0) >= goal}

@@ -449,10 +449,10 @@ def test_kill_9_of_the_replica_carrying_a_pair_reconnects_through_the_lb_and_tra
         lb = LoadBalancer([p.address for p in procs])
         lb_address = await lb.start()
         for p in procs:
-            await wait_until(lambda p=p: _listening(p.address) and _listening((LOCALHOST, p.mesh_port)), 15,  # type: ignore[misc]
+            await wait_until(lambda p=p: _listening(p.address) and _listening((LOCALHOST, p.mesh_port)), 45,  # type: ignore[misc]
                              "relay processes to listen")
         await wait_until(lambda: "mesh link up" in procs[0].log.read_text() and "mesh link up" in
-                         procs[1].log.read_text(), 10, "the mesh link")
+                         procs[1].log.read_text(), 30, "the mesh link")
         lb.force = [0, 1]  # the pair spans both replicas
         a, b = Endpoint(lb_address), Endpoint(lb_address)
         await a.start()
@@ -482,9 +482,9 @@ def test_sigterm_drains_clients_to_the_other_replica_with_traffic_flowing(tmp_pa
         lb = LoadBalancer([p.address for p in procs])
         lb_address = await lb.start()
         for p in procs:
-            await wait_until(lambda p=p: _listening(p.address), 15, "relay processes to listen")  # type: ignore[misc]
+            await wait_until(lambda p=p: _listening(p.address), 45, "relay processes to listen")  # type: ignore[misc]
         await wait_until(lambda: "mesh link up" in procs[0].log.read_text() and "mesh link up" in
-                         procs[1].log.read_text(), 10, "the mesh link")
+                         procs[1].log.read_text(), 30, "the mesh link")
         lb.force = [0, 0]  # both ends on the replica about to restart
         a, b = Endpoint(lb_address), Endpoint(lb_address)
         await a.start()

@@ -56,9 +56,12 @@ class KeyDirectory:
 
     # -- what peers say ------------------------------------------------------------------------
 
-    def peer_up(self, peer: bytes) -> None:
-        """A link to ``peer`` became the active one: it starts knowing nothing of it."""
+    def peer_up(self, peer: bytes) -> Change:
+        """A link to ``peer`` became the active one: it starts knowing nothing of it (anything
+        an earlier link said is forgotten; the peer's snapshot follows on the new link)."""
+        change = self.peer_down(peer)
         self.remote[peer] = {}
+        return change
 
     def peer_down(self, peer: bytes) -> Change:
         """The active link to ``peer`` is gone: forget everything it said."""

@@ -475,7 +475,7 @@ class RelayMesh:
                 return
             existing.close("replaced by a newer link", "duplicate")  # runs link_down for it
         self.links[peer] = link
-        self.directory.peer_up(peer)
+        self._apply(self.directory.peer_up(peer))
         link.stats = self.stats.per_peer.setdefault(peer.hex()[:8], link.stats)
         self.stats.links_up += 1
         self._links_changed.set()
