@@ -12,8 +12,8 @@ when an authoritative source grants it to that peer:
 * a route of a WireKubeGateway whose active peer it is (``gateway.contract.client_allowed_ips``).
 
 Whatever is granted, entries holding an address the mesh's own control traffic needs are never
-routed (the *guarded* addresses): the API server, the relays and STUN servers, every peer's
-published endpoint and this node's own addresses.  Capturing one of them would black-hole the
+routed (the *guarded* addresses): the API server, the relays and STUN servers, every other
+peer's published endpoint and this node's own addresses.  Capturing one of them would black-hole the
 relay connection, the API server or another peer's WireGuard path.
 
 What is refused comes back as :class:`Refusal` (the entry, why, and the fix), which the agent
@@ -37,6 +37,9 @@ class Guarded:
 
     address: IPAddress
     what: str
+    owner: str = ""
+    """The peer whose own endpoint this is: its own entries may hold it (its InternalIP is often
+    its endpoint; WireGuard's packets to it carry the fwmark and stay in the main table)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,16 +82,16 @@ def guarded_addresses(
     """Every address the mesh's control traffic needs, first reason first.
 
     ``resolved`` adds what only the agent knows (relay or STUN host names it resolved)."""
-    out: dict[IPAddress, str] = {}
+    out: dict[IPAddress, tuple[str, str]] = {}
 
-    def add(addr: IPAddress | None, what: str) -> None:
+    def add(addr: IPAddress | None, what: str, owner: str = "") -> None:
         if addr is not None and addr not in out:
-            out[addr] = what
+            out[addr] = (what, owner)
 
     for a in api_server_ips:
         add(a, "the API server")
     for g in resolved:
-        add(g.address, g.what)
+        add(g.address, g.what, g.owner)
     spec = mesh.spec
     for hp in mesh.status.relay_endpoints:
         add(_literal(hp.host), f"the relay {hp}")
@@ -100,8 +103,8 @@ def guarded_addresses(
         add(a, "this node's own address")
     for p in peers:
         if p.spec.endpoint is not None:
-            add(p.spec.endpoint.ip, f"the endpoint of peer {p.name}")
-    return tuple(Guarded(a, w) for a, w in out.items())
+            add(p.spec.endpoint.ip, f"the endpoint of peer {p.name}", p.name)
+    return tuple(Guarded(a, w, o) for a, (w, o) in out.items())
 
 
 def _literal(host: str) -> IPAddress | None:
@@ -121,14 +124,18 @@ class _GuardIndex:
             keys.append(int(g.address))
             items.append(g)
 
-    def first_in(self, net: IPNetwork) -> Guarded | None:
+    def first_in(self, net: IPNetwork, claimant: str) -> Guarded | None:
+        """The lowest guarded address inside ``net`` that is not ``claimant``'s own endpoint."""
         found = self._by_family.get(net.version)
         if found is None:
             return None
         keys, items = found
+        last = int(net.broadcast_address)
         i = bisect.bisect_left(keys, int(net.network_address))
-        if i < len(keys) and keys[i] <= int(net.broadcast_address):
-            return items[i]
+        while i < len(keys) and keys[i] <= last:
+            if items[i].owner != claimant:
+                return items[i]
+            i += 1
         return None
 
 
@@ -155,7 +162,7 @@ def peer_refusals(
                 f"[{peer.name}] and spec.cidrs [{entry}]; otherwise remove it from the peer",
             ))
             continue
-        hit = guard.first_in(entry)
+        hit = guard.first_in(entry, peer.name)
         if hit is not None and not own:
             refused.append(Refusal(
                 peer.name, entry,

@@ -104,6 +104,14 @@ def test_the_four_planes_all_pass(lab: Any) -> None:
     assert planes[2].total == len(scenario.ec2_nodes(lab_)) * len(hybrid)
     assert planes[3].total == len(hybrid) and planes[3].path == "TCP 10250 via gateway vpc"
     assert all(len(p.rtt_ms) == p.total for p in planes)
+    # Hybrid pod to hybrid pod really is VXLAN (between InternalIPs, which WireGuard carries).
+    assert planes[1].path == "VXLAN 8472 between InternalIPs, over WireGuard"
+    other_pod = next(str(p.address) for p in lab_.pods.values() if p.node == hybrid[-1])
+    route = lab_.exec(hybrid[0], ["ip", "route", "get", other_pod], check=True).stdout
+    assert f"dev {scenario.OVERLAY_DEV} table {scenario.OVERLAY_TABLE}" in route, route
+    vtep = lab_.exec(hybrid[0], ["ip", "route", "get", str(lab_.nodes[hybrid[-1]].lan_ip)], check=True).stdout
+    assert "dev wire_kube" in vtep, vtep
+    assert all(scenario.overlay_tx_packets(lab_, n) > 0 for n in hybrid)
 
 
 def test_the_vpc_host_reaches_kubelets_through_the_active_gateway_only(lab: Any) -> None:
@@ -342,6 +350,7 @@ def test_doctor_is_clean_then_flags_an_injected_overlap(lab: Any) -> None:
     healthy = lab_.exec("ec2-a", doctor, timeout=120)
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     assert "[OK] relay-reachable" in healthy.stdout and "[OK] stun-reachable" in healthy.stdout
+    assert "[OK] route-claims" in healthy.stdout, healthy.stdout  # the controller's grants cover every entry
     kube.patch_merge(k8s.MESHES, "default", {"spec": {"serviceCIDRs": ["10.255.0.0/24"]}})
     try:
         faulty = lab_.exec("ec2-a", doctor, timeout=120)
@@ -474,14 +483,18 @@ def test_route_claims_without_authority_capture_nothing(lab: Any) -> None:
     from tests.fixtures.keys import public_key
     from wirekube import ipam
 
-    lab_, kube, _ = lab
+    lab_, kube, lab_name = lab
     expected = orchestrate.expected_pairs(lab_)
     relayed, direct = ("udpblock-1", "ec2-a"), ("fullcone-1", "prc-1")
     assert expected[relayed] == "relay" and expected[direct] == "direct"
     peers = {p["metadata"]["name"]: p for p in kube.list(k8s.PEERS)[0]}
     mesh = kube.get(k8s.MESHES, "default")
     mesh_cidr = mesh["spec"]["meshCIDR"]
-    transports_before = {n: (peers[n].get("status") or {}).get("peerTransports") for n in lab_.nodes}
+    def transports(peers: dict[str, Any]) -> dict[str, dict[str, str]]:
+        return {n: {k: v for k, v in ((peers[n].get("status") or {}).get("peerTransports") or {}).items()
+                    if k in lab_.nodes} for n in lab_.nodes}
+
+    transports_before = transports(peers)
     relay_ip, stun2_ip = str(lab_.relay.host), str(lab_.stun[-1].host)
     prc_endpoint = peers["prc-1"]["spec"]["endpoint"].rsplit(":", 1)[0]
     claims = {
@@ -532,6 +545,16 @@ def test_route_claims_without_authority_capture_nothing(lab: Any) -> None:
                       or e in allowed}
             assert not leaked, f"{node} routes {leaked}:\n{table}"
             assert allowed.count(claims["hostile-meship"][0]) == (0 if node == "ec2-b" else 1)
+        # doctor lists every claim no agent routes, each with its fix.
+        doctor = lab_.exec("ec2-a", [sys.executable, "-m", "wirekube.cli.wirekubectl", "--kubeconfig",
+                                     f"/run/wirekube-lab/{lab_name}/node.kubeconfig", "doctor", "-o", "json"], timeout=120)
+        assert doctor.stdout, doctor.stderr[-3000:]
+        listed = {f["subject"]: f for f in json.loads(doctor.stdout) if f["check"] == "route-claims"}
+        for peer_name, entries in claims.items():
+            if peer_name == "hostile-mgmt":  # guarded as each node's own link: not in the cluster's objects
+                continue
+            for entry in entries:
+                assert listed[f"{peer_name} {entry}"]["fix"], listed
     finally:
         for res, name in reversed(made):
             kube.delete(res, name)
@@ -539,7 +562,7 @@ def test_route_claims_without_authority_capture_nothing(lab: Any) -> None:
     for pair, out in outputs.items():
         assert _missing_seqs(out) == [], f"{pair} lost pings while hostile claims existed"
     peers = {p["metadata"]["name"]: p for p in kube.list(k8s.PEERS)[0]}
-    assert {n: (peers[n].get("status") or {}).get("peerTransports") for n in lab_.nodes} == transports_before
+    assert transports(peers) == transports_before  # no lab pair changed transport
 
     # An administrator's grant is routed (on top of the gateway's route), and withdrawn again.
     assert "10.100.0.0/24 dev wire_kube" in _table(lab_, "prc-1")  # the VPC gateway's route

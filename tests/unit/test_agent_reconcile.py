@@ -334,3 +334,13 @@ def full_diff_authorized(a: Agent) -> tuple[P.Op, ...]:
     observed = P.Observed(a.netlink.link, a.engine.state, a.netlink.rules(), tuple(a.netlink.route_list))
     snap, _ = a.reconciler._authorize(a.source.snapshot(), a.reconciler._facts("wire_kube"))
     return P.diff(P.plan(MESH, snap.peers, a.reconciler._facts("wire_kube")), observed, NOW)
+
+
+def test_a_peers_own_endpoint_may_be_its_granted_internal_ip(agent: Agent) -> None:
+    """A node without STUN publishes its InternalIP as its endpoint; that address is still its own
+    to route (another peer claiming it is refused, as above)."""
+    agent.source.granted = {"c": (ipaddress.ip_network("192.0.2.3/32"),)}
+    agent.source.peers[2] = peer("c", 3, "192.0.2.3/32")
+    result = agent.once()
+    assert P.AddRoute(Route(ipaddress.ip_network("192.0.2.3/32"), "wire_kube")) in result.ops
+    assert agent.source.refusals[-1] == ()

@@ -328,11 +328,12 @@ def exit_code(findings: Iterable[Finding]) -> int:
 
 
 def check_route_claims(mesh: JSON | None, peers: Sequence[JSON], gateways: Sequence[JSON],
-                       grants: Sequence[JSON], node: str | None = None) -> list[Finding]:
+                       grants: Sequence[JSON], node: str | None = None, nodes: Sequence[JSON] = (),
+                       api_server_ips: Sequence[Any] = ()) -> list[Finding]:
     """Every AllowedIPs entry the agents do not route (wirekube.authority), with the grant to add.
 
-    The agents' own view adds the API server and each node's addresses to the guarded set, so they
-    may refuse a little more than listed here, never less."""
+    The guarded set is the agents' as far as the cluster shows it: the API server as this client
+    reaches it, and every Node's addresses in place of each agent's own."""
     from wirekube import authority
     from wirekube.errors import InvalidObject
     from wirekube.models import Mesh, MeshSpec, gateway_from_cr, mesh_from_cr, peer_from_cr, route_grant_from_cr
@@ -356,19 +357,30 @@ def check_route_claims(mesh: JSON | None, peers: Sequence[JSON], gateways: Seque
         if gw.status.active_peer:
             active.setdefault(gw.status.active_peer, []).extend(r.cidr for r in gw.spec.routes)
     granted = authority.merge_grants(authority.grants_by_node(parsed(grants, route_grant_from_cr)), active)
-    _, refusals = authority.Authorizer().authorize(m, ps, granted, authority.guarded_addresses(m, ps))
+    node_addresses = []
+    for obj in nodes:
+        for addr in _status(obj).get("addresses") or []:
+            try:
+                ip = ipaddress.ip_address(addr.get("address", ""))
+            except ValueError:
+                continue
+            node_addresses.append(authority.Guarded(ip, f"an address of node {obj['metadata']['name']}",
+                                                    obj["metadata"]["name"]))
+    guarded = authority.guarded_addresses(m, ps, api_server_ips, resolved=node_addresses)
+    _, refusals = authority.Authorizer().authorize(m, ps, granted, guarded)
     findings = [Finding("route-claims", WARN, f"{r.peer} {r.entry}", r.reason, r.fix)
                 for r in refusals if node is None or r.peer == node]
     return findings or [Finding("route-claims", OK, node or "cluster", "every AllowedIPs entry is granted")]
 
 
 def run_static(mesh: JSON | None, peers: Sequence[JSON], gateways: Sequence[JSON], nodes: Sequence[JSON],
-               *, node: str | None, now: dt.datetime, grants: Sequence[JSON] = ()) -> list[Finding]:
+               *, node: str | None, now: dt.datetime, grants: Sequence[JSON] = (),
+               api_server_ips: Sequence[Any] = ()) -> list[Finding]:
     return [
         *check_cidr_overlaps(collect_ranges(mesh, peers, gateways, nodes)),
         *check_peers(peers, node),
         *check_clock_skew(peers, now),
-        *check_route_claims(mesh, peers, gateways, grants, node),
+        *check_route_claims(mesh, peers, gateways, grants, node, nodes, api_server_ips),
     ]
 
 

@@ -82,8 +82,10 @@ def _doctor(args: argparse.Namespace) -> int:
         grants, _ = kube.list(k8s.ROUTE_GRANTS)
     except errors.NotFound:  # CRDs from before route grants: nothing is granted
         grants = []
+    from wirekube.agent.main import resolve_host
+
     findings = doctor.run_static(mesh, peers, gateways, nodes, node=args.node, now=dt.datetime.now(dt.UTC),
-                                 grants=grants)
+                                 grants=grants, api_server_ips=resolve_host(kube.host))
     spec = (mesh or {}).get("spec") or {}
     relay = spec.get("relay") or {}
     relays = list(((mesh or {}).get("status") or {}).get("relay", {}).get("endpoints") or [])

@@ -9,13 +9,17 @@ What ``wirekube-lab up`` runs on any topology (``make lab`` on the default one):
   (the network's ``gateway`` first), the subnet as its route, SNAT, an ICMP health check on the
   first host and a virtual IP the hosts route the hybrid CIDRs to (their topology routes via the
   gateway node now go via the virtual IP, so both directions follow ``status.activePeer``);
-- a stand-in kubelet on every hybrid node: a TCP listener on 10250 that answers its node name.
+- a stand-in kubelet on every hybrid node: a TCP listener on 10250 that answers its node name;
+- Cilium-style VXLAN among the hybrid nodes (:func:`start_overlay`): a hybrid pod reaches another
+  hybrid node's pods through a VXLAN device whose UDP packets go from InternalIP to InternalIP,
+  and so over WireGuard.
 
 The four planes (:func:`check_planes`), each a row with its result and latency:
 
 1. node -> node: every ordered pair, mesh IP to mesh IP (the pair matrix);
-2. hybrid pod -> hybrid pod: every ordered pair of pods on different hybrid nodes, over the mesh;
-3. EC2 pod -> hybrid pod: every EC2 pod to every hybrid pod;
+2. hybrid pod -> hybrid pod: every ordered pair of pods on different hybrid nodes, VXLAN over
+   WireGuard;
+3. EC2 pod -> hybrid pod: every EC2 pod to every hybrid pod, routed by pod CIDR over WireGuard;
 4. VPC host -> hybrid kubelet: TCP to every hybrid node's InternalIP:10250 through the gateway
    (the path of ``kubectl exec/logs`` in EKS Hybrid Nodes), answered with that node's name.
 
@@ -42,6 +46,12 @@ from wirekube.waiting import wait_for
 
 KUBELET = 10250
 PY = orchestrate.PY
+OVERLAY_DEV = "wkovl0"
+OVERLAY_VNI = 7
+OVERLAY_PORT = 8472  # Cilium's VXLAN port
+OVERLAY_TABLE = 201
+OVERLAY_PRIORITY = 150  # after WireGuard's own fwmark rule (100), before the mesh's table 22347 (200)
+OVERLAY_HOPS = "100.64.42."  # next hops on the overlay, only in its table (no address on the device)
 MESH_OVERRIDES: dict[str, Any] = {"autoAllowedIPs": {"includeNodeInternalIP": True}, "podCIDRSync": "node"}
 
 # A stand-in kubelet: accepts TCP on 10250 and answers with its node's name.
@@ -122,6 +132,43 @@ def start_kubelets(lab: Lab, nodes: Sequence[str]) -> None:
         lab.spawn_in_node(node, [PY, "-c", KUBELET_SERVER, node, str(KUBELET)], lab.log_dir / f"kubelet-{node}.log")
 
 
+def _vtep_mac(index: int) -> str:
+    return f"02:77:6b:00:{index // 256:02x}:{index % 256:02x}"
+
+
+def start_overlay(lab: Lab, nodes: Sequence[str], mesh_mtu: int) -> None:
+    """Cilium-style VXLAN among ``nodes`` (those with a pod CIDR): on each, a VXLAN device (VNI 7,
+    UDP 8472, from its InternalIP, static FDB and neighbour entries per other node) and, in table
+    201, each other node's pod CIDR via that node's VTEP.  Policy rules (priority 150) send those pod
+    CIDRs to table 201 ahead of the mesh's table 22347, as Cilium's datapath decides before the
+    kernel's routing; the VXLAN packets themselves (to an InternalIP) then follow table 22347 into
+    WireGuard.  EC2 nodes have no overlay: their pods reach hybrid pods by pod CIDR over WireGuard."""
+    members = [n for n in nodes if lab.nodes[n].pod_cidr is not None]
+    index = {n: i + 1 for i, n in enumerate(members)}
+    for node in members:
+        lines = ["set -e",
+                 f"ip link add {OVERLAY_DEV} address {_vtep_mac(index[node])} type vxlan id {OVERLAY_VNI} "
+                 f"dstport {OVERLAY_PORT} local {lab.nodes[node].lan_ip} nolearning",
+                 f"ip link set {OVERLAY_DEV} mtu {mesh_mtu - 50} up"]
+        for other in members:
+            if other == node:
+                continue
+            hop, info = f"{OVERLAY_HOPS}{index[other]}", lab.nodes[other]
+            lines += [f"bridge fdb append {_vtep_mac(index[other])} dev {OVERLAY_DEV} dst {info.lan_ip}",
+                      f"ip neigh replace {hop} lladdr {_vtep_mac(index[other])} dev {OVERLAY_DEV} nud permanent",
+                      f"ip route replace {info.pod_cidr} via {hop} dev {OVERLAY_DEV} onlink table {OVERLAY_TABLE}",
+                      f"ip rule add to {info.pod_cidr} table {OVERLAY_TABLE} priority {OVERLAY_PRIORITY}"]
+        lab.exec(node, ["sh", "-c", "\n".join(lines)], check=True)
+
+
+def overlay_tx_packets(lab: Lab, node: str) -> int:
+    """Packets ``node`` sent through its VXLAN device (0 without one)."""
+    out = lab.exec(node, ["ip", "-s", "-j", "link", "show", OVERLAY_DEV], check=False)
+    if out.returncode != 0:
+        return 0
+    return int(json.loads(out.stdout)[0]["stats64"]["tx"]["packets"])
+
+
 def route_hosts_via_virtual_ip(lab: Lab, gateway: dict[str, Any]) -> None:
     """Each VPC host's topology routes via the gateway node now go via the virtual IP."""
     net = next(n for n in lab.topology.networks if n.name == gateway["metadata"]["name"])
@@ -146,6 +193,7 @@ def up(topology: Topology, name: str, *, wait: float = 120.0) -> orchestrate.Lab
     lab, kube, _ = orchestrate.attach(name)
     try:
         start_kubelets(lab, hybrid_nodes(lab))
+        start_overlay(lab, hybrid_nodes(lab), int(kube.get(k8s.MESHES, "default")["spec"].get("mtu") or 1420))
         if gateway is not None:
             gw = gateway["metadata"]["name"]
             first = gateway["spec"]["peerRefs"][0]
@@ -262,8 +310,11 @@ def check_planes(lab: Lab, kube: k8s.Kube, pairs: Sequence[dict[str, Any]] | Non
     pod_pairs = [(f"{a} -> {b}", a, ip_b) for a, na, _ in hybrid_pods for b, nb, ip_b in hybrid_pods if na != nb]
     ec2_to_hybrid = [(f"{a} -> {b}", a, ip_b) for a, _, _ in ec2_pods for b, _, ip_b in hybrid_pods]
     results = _ping_all(lab, pod_pairs + ec2_to_hybrid)
-    planes.append(_plane("hybrid pod -> hybrid pod", "pod CIDRs over the mesh", results[:len(pod_pairs)]))
-    planes.append(_plane("EC2 pod -> hybrid pod", "pod CIDRs over the mesh", results[len(pod_pairs):]))
+    overlay = lab.exec(hybrid[0], ["ip", "link", "show", OVERLAY_DEV], check=False).returncode == 0 if hybrid else False
+    planes.append(_plane("hybrid pod -> hybrid pod",
+                         f"VXLAN {OVERLAY_PORT} between InternalIPs, over WireGuard" if overlay
+                         else "pod CIDRs over WireGuard", results[:len(pod_pairs)]))
+    planes.append(_plane("EC2 pod -> hybrid pod", "pod CIDRs over WireGuard", results[len(pod_pairs):]))
     gateways = kube.list(k8s.GATEWAYS)[0]
     net = vpc_network(lab.topology)
     if net is not None:
