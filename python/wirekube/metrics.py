@@ -48,6 +48,8 @@ class AgentSnapshot:
     engine: str = ""
     peers: Mapping[str, PeerSample] = field(default_factory=dict)
     relay_connections: int = 0
+    refused_routes: Mapping[str, int] = field(default_factory=dict)
+    """AllowedIPs entries this node does not route, by claiming peer (wirekube.authority)."""
 
 
 class _AgentCollector(Collector):
@@ -91,7 +93,13 @@ class _AgentCollector(Collector):
         engine = GaugeMetricFamily("wirekube_engine_info", "WireGuard engine in use", labels=["engine"])
         if snap.engine:
             engine.add_metric([snap.engine], 1.0)
-        yield from (connected, mode, handshake, sent, received, latency, nat, total, relayed, direct, relays, engine)
+        refused = GaugeMetricFamily("wirekube_route_claims_refused",
+                                    "AllowedIPs entries not routed for lack of a grant or holding a guarded address",
+                                    labels=["peer"])
+        for name, count in sorted(snap.refused_routes.items()):
+            refused.add_metric([name], float(count))
+        yield from (connected, mode, handshake, sent, received, latency, nat, total, relayed, direct, relays, engine,
+                    refused)
 
 
 class AgentMetrics:

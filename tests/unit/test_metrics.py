@@ -23,6 +23,7 @@ def test_snapshot_metrics_and_health_endpoints() -> None:
     port = server.server_address[1]
     try:
         m.update(AgentSnapshot(node="node-a", nat_type="symmetric", engine="userspace", relay_connections=2,
+                               refused_routes={"evil": 2},
                                peers={"b": PeerSample(True, "direct", 1_700_000_000.0, 1000, 2000, 0.004),
                                       "c": PeerSample(False, "relay", 0.0, 10, 20, relay_reason="udp blocked")}))
         m.failovers.labels(peer="b").inc()
@@ -37,6 +38,7 @@ def test_snapshot_metrics_and_health_endpoints() -> None:
             'wirekube_peer_last_handshake_seconds{node="node-a",peer="b"} 1.7e+09',
             'wirekube_node_nat_type{node="node-a",type="symmetric"} 1.0',
             "wirekube_relayed_peers_total 1.0",
+            'wirekube_route_claims_refused{peer="evil"} 2.0',
             "wirekube_direct_peers_total 1.0",
             'wirekube_failovers_total{peer="b"} 1.0',
             "wirekube_agent_relay_connections 2.0",

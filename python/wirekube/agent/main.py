@@ -323,9 +323,13 @@ def _decorate(
                 relay_reason=status.relay_reasons.get(name, ""),
             )
     relay = traversal.relay_stats() if traversal is not None else {}
+    refused: dict[str, int] = {}
+    for r in reconciler.refusals if reconciler else ():
+        refused[r.peer] = refused.get(r.peer, 0) + 1
     metrics.update(AgentSnapshot(node=metrics.snapshot.node, nat_type=status.nat_type.value,
                                  engine=type(engine).__name__ if engine else "", peers=peers,
-                                 relay_connections=int(relay.get("relay_connections", 0))))
+                                 relay_connections=int(relay.get("relay_connections", 0)),
+                                 refused_routes=refused))
     ready.set()
     return status
 
