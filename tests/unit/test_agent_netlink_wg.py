@@ -5,6 +5,7 @@ traversal ticker reads the device at 10 Hz; measured in the lab's kernel nodes."
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -49,6 +50,23 @@ def test_one_socket_serves_every_call(netlink: nl_module.Netlink) -> None:
     assert len(FakeWireGuard.opened) == 1
     netlink.close()
     assert FakeWireGuard.opened[0].closed
+
+
+def test_each_thread_has_its_own_socket_and_close_ends_them_all(netlink: nl_module.Netlink) -> None:
+    """One socket shared by the traversal and reconcile threads failed writes with ECONNRESET on a
+    real kernel (pyroute2 keeps its transport per thread)."""
+    netlink.wireguard_get("wire_kube")
+    workers = [threading.Thread(target=lambda: [netlink.wireguard_get("wire_kube") for _ in range(3)])
+               for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(FakeWireGuard.opened) == 3
+    netlink.wireguard_get("wire_kube")
+    assert len(FakeWireGuard.opened) == 3  # this thread's socket again
+    netlink.close()
+    assert all(w.closed for w in FakeWireGuard.opened)
 
 
 def test_a_failed_call_drops_the_socket_and_the_next_opens_a_fresh_one(netlink: nl_module.Netlink) -> None:

@@ -88,15 +88,17 @@ class Netlink:
     def __init__(self) -> None:
         with _wrap("open rtnetlink socket"):
             self._ipr = IPRoute()
-        self._wg: WireGuard | None = None
+        self._wg_local = threading.local()
+        self._wg_open: list[WireGuard] = []
         self._wg_lock = threading.Lock()
 
     def close(self) -> None:
         self._ipr.close()
         with self._wg_lock:
-            if self._wg is not None:
-                self._wg.close()
-                self._wg = None
+            for wg in self._wg_open:
+                with contextlib.suppress(Exception):
+                    wg.close()
+            self._wg_open.clear()
 
     def __enter__(self) -> Netlink:
         return self
@@ -314,20 +316,29 @@ class Netlink:
         return True
 
     def _with_wg(self, fn: Callable[[WireGuard], T], what: str) -> T:
-        """Run ``fn`` on the one generic-netlink WireGuard socket, opened on first use.
+        """Run ``fn`` on this thread's generic-netlink WireGuard socket, opened on first use.
 
         Opening one per call resolved the genl family every time: ~40 ms a call on a slow
         (emulated) CPU, against ~6 ms on a kept socket, and traversal reads the device at 10 Hz.
-        A failed call drops the socket, so the next one starts on a fresh one."""
-        with self._wg_lock, _wrap(what):
-            if self._wg is None:
-                self._wg = WireGuard()
+        One socket per thread: pyroute2 keeps its transport per thread, and one socket shared by
+        the traversal (reads) and reconcile (writes) threads failed writes with ECONNRESET on a
+        real kernel.  A failed call drops the socket, so the next one starts on a fresh one."""
+        with _wrap(what):
+            wg: WireGuard | None = getattr(self._wg_local, "wg", None)
+            if wg is None:
+                wg = WireGuard()
+                self._wg_local.wg = wg
+                with self._wg_lock:
+                    self._wg_open.append(wg)
             try:
-                return fn(self._wg)
+                return fn(wg)
             except BaseException:
+                self._wg_local.wg = None
+                with self._wg_lock:
+                    if wg in self._wg_open:
+                        self._wg_open.remove(wg)
                 with contextlib.suppress(Exception):
-                    self._wg.close()
-                self._wg = None
+                    wg.close()
                 raise
 
 

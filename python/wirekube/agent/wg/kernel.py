@@ -32,6 +32,19 @@ WGPEER_F_REMOVE_ME = 0x1
 WGPEER_F_REPLACE_ALLOWEDIPS = 0x2
 WGPEER_F_UPDATE_ONLY = 0x4
 
+MESSAGE_BUDGET = 32 * 1024
+"""Bytes of peer attributes per WG_CMD_SET_DEVICE message.  A netlink attribute's length is 16
+bits, so one message cannot carry a large mesh (300 peers with 8 AllowedIPs each failed to
+encode); like wg(8), :func:`build_set_messages` spreads peers over several messages and
+continues a peer whose AllowedIPs do not fit in the next one."""
+# Encoded sizes (attribute header 4 bytes, payload padded to 4).
+_KEY_ATTR = 4 + 32
+_U32_ATTR = 8
+_U16_ATTR = 8
+_NEST = 4
+_ENDPOINT_ATTR = {4: 4 + 16, 6: 4 + 28}
+_ALLOWED_IP = {4: _NEST + 8 + (4 + 4) + 8, 6: _NEST + 8 + (4 + 16) + 8}
+
 
 class KernelNetlink(Protocol):
     """The part of :class:`wirekube.agent.netlink.Netlink` this engine uses."""
@@ -61,6 +74,71 @@ def build_set_attrs(ifname: str, ops: Sequence[WgOp], private_key: str) -> list[
     if peers:
         attrs.append(["WGDEVICE_A_PEERS", peers])
     return attrs
+
+
+def build_set_messages(ifname: str, ops: Sequence[WgOp], private_key: str,
+                       budget: int = MESSAGE_BUDGET) -> list[list[list[Any]]]:
+    """``ops`` as one or more WG_CMD_SET_DEVICE attribute lists, in order, each message's peers
+    within ``budget`` bytes; device-wide values go in the first message.  A peer whose
+    AllowedIPs exceed the budget is continued in later messages (same key, update-only, no
+    replace flag), as the kernel's interface allows."""
+    device: list[list[Any]] = [["WGDEVICE_A_IFNAME", ifname]]
+    peers: list[tuple[dict[str, Any], int]] = []
+    for op in ops:
+        if isinstance(op, SetDevice):
+            device += build_set_attrs(ifname, [op], private_key)[1:]
+        elif isinstance(op, RemovePeer):
+            peers.append(({"attrs": [["WGPEER_A_PUBLIC_KEY", op.public_key], ["WGPEER_A_FLAGS", WGPEER_F_REMOVE_ME]]},
+                          _NEST + _KEY_ATTR + _U32_ATTR))
+        else:
+            peers += _peer_chunks(op, budget)
+    batches: list[list[dict[str, Any]]] = []
+    used = budget + 1
+    for peer, size in peers:
+        if used + size > budget:
+            batches.append([])
+            used = 0
+        batches[-1].append(peer)
+        used += size
+    messages: list[list[list[Any]]] = []
+    for i, batch in enumerate(batches or [[]]):
+        attrs: list[list[Any]] = list(device) if i == 0 else [["WGDEVICE_A_IFNAME", ifname]]
+        if batch:
+            attrs.append(["WGDEVICE_A_PEERS", batch])
+        messages.append(attrs)
+    return messages
+
+
+def _peer_chunks(op: PutPeer, budget: int) -> list[tuple[dict[str, Any], int]]:
+    """One peer's attributes, split over as many pieces as its AllowedIPs need."""
+    attrs = _peer_attrs(op)
+    allowed = [a for a in attrs if a[0] == "WGPEER_A_ALLOWEDIPS"]
+    head = [a for a in attrs if a[0] != "WGPEER_A_ALLOWEDIPS"]
+    cfg = op.config
+    size = _NEST + _KEY_ATTR + _U32_ATTR
+    if op.set_endpoint and cfg.endpoint is not None:
+        size += _ENDPOINT_ATTR[cfg.endpoint.ip.version]
+    if op.set_keepalive:
+        size += _U16_ATTR
+    if not allowed:
+        return [({"attrs": head}, size)]
+    nets = list(cfg.allowed_ips)
+    chunks: list[tuple[dict[str, Any], int]] = []
+    first = True
+    while True:
+        base = size if first else _NEST + _KEY_ATTR + _U32_ATTR
+        room = budget - base - _NEST
+        take: list[IPNetwork] = []
+        while nets and (not take or _ALLOWED_IP[nets[0].version] <= room):
+            room -= _ALLOWED_IP[nets[0].version]
+            take.append(nets.pop(0))
+        piece_head: list[list[Any]] = head if first else [
+            ["WGPEER_A_PUBLIC_KEY", cfg.public_key], ["WGPEER_A_FLAGS", WGPEER_F_UPDATE_ONLY]]
+        piece = [*piece_head, ["WGPEER_A_ALLOWEDIPS", [_allowed_ip(n) for n in take]]]
+        chunks.append(({"attrs": piece}, base + _NEST + sum(_ALLOWED_IP[n.version] for n in take)))
+        first = False
+        if not nets:
+            return chunks
 
 
 def _peer_attrs(op: PutPeer) -> list[list[Any]]:
@@ -165,7 +243,8 @@ class KernelEngine:
 
     def apply(self, ops: Sequence[WgOp], private_key: str) -> None:
         if ops:
-            self._nl.wireguard_set(build_set_attrs(self.ifname, ops, private_key))
+            for attrs in build_set_messages(self.ifname, ops, private_key):
+                self._nl.wireguard_set(attrs)
 
     def set_on_restart(self, callback: Callable[[], None]) -> None:
         """Kernel links have no daemon that could die; nothing to watch."""
