@@ -561,3 +561,25 @@ def test_the_spec_handshake_still_works_next_to_the_mesh() -> None:
             await again.close()
 
     run(main())
+
+
+def test_unproven_mesh_connections_are_bounded() -> None:
+    """Connections to the mesh port that have not proven the secret cannot pile up."""
+    from wirekube.relay.mesh import MAX_UNPROVEN_LINKS
+
+    async def main() -> None:
+        async with replicas(1) as (r1,):
+            await wait_until(lambda: bool(r1.mesh.self_addresses) and not r1.mesh.all_links, 5,
+                             "the replica to find its own address in the peer list")
+            assert r1.mesh.stats.closed["self"] == 1  # found once, never dialed again
+            idle = [await asyncio.open_connection(*r1.mesh.address) for _ in range(MAX_UNPROVEN_LINKS)]
+            await wait_until(lambda: len(r1.mesh.all_links) == MAX_UNPROVEN_LINKS, 5, "the idle links")
+            reader, writer = await asyncio.open_connection(*r1.mesh.address)
+            with contextlib.suppress(ConnectionResetError):
+                assert await asyncio.wait_for(reader.read(), 5) == b""  # dropped at once, nothing said
+            assert r1.mesh.stats.closed["unproven_limit"] == 1
+            for _, w in [*idle, (reader, writer)]:
+                w.close()
+            await wait_until(lambda: not r1.mesh.all_links, 10, "the idle links to go")
+
+    run(main())

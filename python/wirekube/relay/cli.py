@@ -6,6 +6,14 @@
 Runs on uvloop until SIGTERM or SIGINT, then tells every client it is shutting down and exits 0.
 With ``--authorize-peers`` only keys found in some WireKubePeer ``spec.publicKey`` may register,
 and a peer's removal disconnects it; the cluster is watched through :mod:`wirekube.k8s`.
+
+Replicas behind one load balancer (:mod:`wirekube.relay.mesh`)::
+
+    wirekube-relay ... --mesh-secret-file PATH [--mesh-listen HOST:PORT]
+                       (--mesh-peers HOST:PORT,... | --mesh-service NAME [--mesh-namespace NS])
+
+On SIGTERM a replica linked to others first drains: it tells its clients (GoAway) to register
+again through the load balancer and waits up to ``--drain-timeout`` for them to move.
 """
 
 from __future__ import annotations

@@ -68,6 +68,8 @@ from wirekube.relay.server import FrameSink, RelayServer
 _log = logger.bind(component="relay-mesh")
 DEFAULT_MESH_PORT = 3480
 _KEEPALIVE = encode_frame(FrameType.KEEPALIVE)
+MAX_UNPROVEN_LINKS = 32
+"""Accepted mesh connections that have not yet proven the secret; more are dropped at once."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,11 @@ class MeshLink(FrameSink):
             peer = transport.get_extra_info("peername")
             self.address = f"{peer[0]}:{peer[1]}" if peer else "?"
             self._log = _log.bind(link=self.address)
+            unproven = sum(1 for link in self.mesh.all_links if not link.dialed and link.state is not LinkState.UP)
+            if unproven >= MAX_UNPROVEN_LINKS:  # nobody unauthenticated holds many sockets here
+                self.mesh.stats.closed["unproven_limit"] += 1
+                self.transport.abort()  # type: ignore[union-attr]
+                return
         self.mesh.all_links.add(self)
         self._timer = self._loop.call_later(self.mesh.settings.handshake_timeout, self._handshake_expired)
         if self.dialed:
@@ -197,8 +204,11 @@ class MeshLink(FrameSink):
 
     def _on_hello(self, body: bytes) -> None:
         peer_id, nonce = parse_hello(body)
-        if peer_id == self.mesh.id:
-            self.mesh.found_self(self)
+        if peer_id == self.mesh.id:  # we dialed ourselves (our own address is in the peer list)
+            dialer = self if self.dialed else next(
+                (link for link in self.mesh.all_links if link.dialed and link._nonce == nonce), None)
+            if dialer is not None:
+                self.mesh.found_self(dialer)
             self.close("connected to itself", "self")
             return
         self.peer_id, self._peer_nonce = peer_id, nonce
