@@ -764,7 +764,8 @@ def failover_runs() -> dict[str, Any]:
                         await dst.drain()
                 dst.close()
 
-            await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+            with contextlib.suppress(asyncio.CancelledError):  # the load balancer closing at the end
+                await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
 
         lb = await asyncio.start_server(handle, LOCALHOST, 0)
         lb_port = lb.sockets[0].getsockname()[1]

@@ -163,9 +163,10 @@ def test_nat_probe_through_the_client() -> None:
 
 
 def test_backoff_schedule_matches_the_reference() -> None:
-    """Each delay is jittered within [bound/2, bound]; the bound starts at 250 ms and grows 1.6x to 30 s."""
+    """Each delay is jittered within [bound/2, bound]; the bound is 250 ms for three retries, then
+    grows 1.6x to 30 s."""
     delays = backoff_delays()
-    bounds = [min(0.25 * 1.6**i, 30.0) for i in range(16)]
+    bounds = [0.25, 0.25, 0.25] + [min(0.25 * 1.6**i, 30.0) for i in range(1, 14)]
     got = [next(delays) for _ in range(16)]
     assert all(b / 2 <= d <= b for d, b in zip(got, bounds, strict=True)), got
 

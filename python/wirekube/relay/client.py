@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import random
 import socket
@@ -121,16 +122,19 @@ class RelayClientSettings:
     connection still works."""
 
 
-def backoff_delays(initial: float = 0.25, maximum: float = 30.0, factor: float = 1.6,
+def backoff_delays(initial: float = 0.25, maximum: float = 30.0, factor: float = 1.6, quick: int = 3,
                    rng: random.Random | None = None) -> Iterator[float]:
-    """Reconnect delays: each one a random value between half and all of a bound that starts at
-    ``initial`` and grows by ``factor`` up to ``maximum`` (so the first retry comes within
-    ``initial`` seconds, and many clients that lost the same relay do not retry in step)."""
+    """Reconnect delays: each one a random value between half and all of a bound that stays at
+    ``initial`` for the first ``quick`` retries, then grows by ``factor`` up to ``maximum``.  The
+    first retry comes within ``initial`` seconds; behind a load balancer a retry that lands on a
+    dead replica is refused at once, so a few quick ones find a live replica; the jitter keeps
+    many clients that lost the same relay from retrying in step."""
     uniform = (rng or random).uniform
     bound = initial
-    while True:
+    for attempt in itertools.count():
         yield uniform(bound / 2, bound)
-        bound = min(bound * factor, maximum)
+        if attempt + 1 >= quick:
+            bound = min(bound * factor, maximum)
 
 
 class _ClientProtocol(asyncio.BufferedProtocol):
