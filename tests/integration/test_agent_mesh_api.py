@@ -368,12 +368,16 @@ def test_api_server_outage_keeps_traffic_and_agents_resume(mesh: Mesh) -> None:
         mesh.cp.wait_ready()
     resumed = time.monotonic()
 
-    # A change after the API server is back: a user-added AllowedIPs entry on n2, backed by a
-    # real address there, must reach every other node (routes and WireGuard) and carry traffic.
+    # A change after the API server is back: an administrator adds an AllowedIPs entry to n2 and
+    # grants it (a WireKubeRouteGrant); backed by a real address there, it must reach every other
+    # node (routes and WireGuard) and carry traffic.
     extra, extra_ip = "10.77.2.0/24", "10.77.2.1"
     nodes[2].run("ip", "addr", "add", f"{extra_ip}/32", "dev", "lo")
     peer = mesh.peer(nodes[2].name)
     assert peer is not None
+    mesh.kube.apply(k8s.ROUTE_GRANTS, {"apiVersion": "wirekube.io/v1alpha1", "kind": "WireKubeRouteGrant",
+                                       "metadata": {"name": f"{nodes[2].name}-extra"},
+                                       "spec": {"nodes": [nodes[2].name], "cidrs": [extra]}})
     mesh.kube.patch_merge(k8s.PEERS, nodes[2].name, {"spec": {"allowedIPs": [*peer["spec"]["allowedIPs"], extra]}})
     for n in (nodes[0], nodes[1], nodes[3]):
         wait_for(lambda: any(r.startswith(f"{extra} dev wire_kube") for r in table_routes(n)), CONVERGE,

@@ -444,10 +444,9 @@ def loopback_udp_ports(proc_net: Path = Path("/proc/net")) -> set[int]:
 
 
 def _once(reconciler: Reconciler, source: object, dry_run: bool) -> int:
-    synced = getattr(source, "peers", None)
-    if synced is not None:
-        synced.wait_synced(30)
-        source.meshes.wait_synced(30)  # type: ignore[attr-defined]
+    wait = getattr(source, "wait_synced", None)
+    if wait is not None:
+        wait(30.0)
     result = reconciler.reconcile_once(dry_run=dry_run)
     print(json.dumps(_result_json(result)))
     return 0 if result is not None else 2

@@ -12,6 +12,7 @@ Only ``wirekube.k8s`` talks to the API server; this module passes it plain dicts
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -189,6 +190,20 @@ class KubeSource:
             t.start()
         for t in stoppers:
             t.join()
+
+    def wait_synced(self, timeout: float) -> bool:
+        """Wait until a snapshot can be taken: peers, the mesh and the route grants listed (or the
+        grants' CRD known to be absent)."""
+        deadline = time.monotonic() + timeout
+        for informer in (self.peers, self.meshes):
+            if not informer.wait_synced(max(0.0, deadline - time.monotonic())):
+                return False
+        while not self.grants.wait_synced(0.1):
+            if isinstance(self.grants.last_error, NotFound):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+        return True
 
     def _event(self, etype: str, obj: dict[str, Any]) -> None:
         self._on_change()
