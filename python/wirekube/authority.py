@@ -183,7 +183,20 @@ class Authorizer:
     def __init__(self) -> None:
         self._guard_key: tuple[ipaddress.IPv4Network, tuple[Guarded, ...]] | None = None
         self._guard = _GuardIndex(())
+        self._guarded_key: object = None
+        self._guarded: tuple[Guarded, ...] = ()
         self._memo: dict[str, tuple[Peer, tuple[IPNetwork, ...], tuple[IPNetwork, ...], tuple[Refusal, ...]]] = {}
+
+    def guarded(self, mesh: Mesh, peers: Sequence[Peer], api_server_ips: Sequence[IPAddress] = (),
+                own_addresses: Sequence[IPAddress] = (), resolved: Sequence[Guarded] = ()) -> tuple[Guarded, ...]:
+        """:func:`guarded_addresses`, rebuilt only when one of its inputs changed (peers' endpoints
+        are compared by identity first, so an unchanged peer list costs one pass of pointer checks)."""
+        key = (mesh.spec, mesh.status.relay_endpoints, tuple(api_server_ips), tuple(own_addresses), tuple(resolved),
+               tuple((p.name, p.spec.endpoint) for p in peers))
+        if key != self._guarded_key:
+            self._guarded_key = key
+            self._guarded = guarded_addresses(mesh, peers, api_server_ips, own_addresses, resolved)
+        return self._guarded
 
     def authorize(
         self, mesh: Mesh, peers: Sequence[Peer], granted: Mapping[str, Sequence[IPNetwork]],
@@ -199,13 +212,13 @@ class Authorizer:
         refusals: list[Refusal] = []
         memo: dict[str, tuple[Peer, tuple[IPNetwork, ...], tuple[IPNetwork, ...], tuple[Refusal, ...]]] = {}
         for p in peers:
-            nets = tuple(granted.get(p.name, ()))
+            nets = granted.get(p.name, ())
             hit = self._memo.get(p.name)
-            if hit is not None and hit[1] == nets and (hit[0] is p or hit[0].spec == p.spec):
+            if hit is not None and (hit[1] is nets or tuple(hit[1]) == tuple(nets)) and (hit[0] is p or hit[0].spec == p.spec):
                 kept, refused = hit[2], hit[3]
             else:
                 kept, refused = peer_refusals(p, nets, self._guard, mesh.spec.mesh_cidr)
-            memo[p.name] = (p, nets, kept, refused)
+            memo[p.name] = (p, tuple(nets), kept, refused)
             out.append(p if not refused else dataclasses.replace(p, spec=dataclasses.replace(p.spec, allowed_ips=kept)))
             refusals.extend(refused)
         self._memo = memo

@@ -29,7 +29,7 @@ from typing import Protocol
 from loguru import logger
 
 from wirekube.agent import plan as planner
-from wirekube.authority import Authorizer, Guarded, Refusal, guarded_addresses
+from wirekube.authority import Authorizer, Guarded, Refusal
 from wirekube.agent.keys import KeyPair
 from wirekube.agent.netlink import Netlink
 from wirekube.agent.plan import Desired, NodeFacts, Observed, Op, PeerPath, Skipped
@@ -203,7 +203,8 @@ class Reconciler:
     def _authorize(self, snap: Snapshot, facts: NodeFacts) -> tuple[Snapshot, tuple[Refusal, ...]]:
         """The snapshot with only the AllowedIPs entries each peer is granted (wirekube.authority)."""
         granted = snap.granted if snap.granted is not None else {p.name: p.spec.allowed_ips for p in snap.peers}
-        guarded = guarded_addresses(snap.mesh, snap.peers, facts.api_server_ips, facts.addresses, self.guarded())
+        guarded = self.authorizer.guarded(snap.mesh, snap.peers, facts.api_server_ips, facts.addresses,
+                                          tuple(self.guarded()))
         peers, refusals = self.authorizer.authorize(snap.mesh, snap.peers, granted, guarded)
         self.refusals = refusals
         return dataclasses.replace(snap, peers=peers), refusals
