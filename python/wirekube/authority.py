@@ -55,12 +55,7 @@ class Refusal:
 
 def grants_by_node(grants: Iterable[RouteGrant]) -> dict[str, tuple[IPNetwork, ...]]:
     """Granted networks per node name, from every grant that names the node."""
-    out: dict[str, list[IPNetwork]] = {}
-    for g in grants:
-        for node in g.nodes:
-            have = out.setdefault(node, [])
-            have.extend(c for c in g.cidrs if c not in have)
-    return {n: tuple(v) for n, v in out.items()}
+    return merge_grants(*({node: g.cidrs for node in g.nodes} for g in grants))
 
 
 def merge_grants(*maps: Mapping[str, Sequence[IPNetwork]]) -> dict[str, tuple[IPNetwork, ...]]:
