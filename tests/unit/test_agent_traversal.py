@@ -235,3 +235,54 @@ def test_ticker_survives_an_unreadable_engine() -> None:
     finally:
         t._stop.set()
         runner.join(5)
+
+
+def test_our_own_move_back_to_direct_is_not_mistaken_for_the_peer_going_to_the_relay() -> None:
+    """Found with agents in emulated VMs: right after a direct probe succeeded, WireGuard's endpoint
+    still pointed at our relay proxy until our reconcile pass rewrote it, so the next tick 'followed
+    the peer to the relay', and the pair flapped between relay and direct every retry interval."""
+    import time as time_mod
+
+    p = peer("cone", NatType.CONE, "203.0.113.2")
+    t = traversal(NatType.CONE, [p])
+    state = t._peers["cone"]
+    key = p.spec.public_key
+    proxy = Endpoint(ipaddress.ip_address("127.0.0.1"), state.proxy_port)
+    seen = {"endpoint": proxy}
+    t._engine_state = lambda: WgDeviceState(  # type: ignore[method-assign]
+        peers={key: WgPeerState(WgPeerConfig(key, seen["endpoint"], ()), rx_bytes=500)})
+    state.path = pathsm.follow_to_relay(state.path, time_mod.monotonic(), t._timing(t._view.mesh))  # type: ignore[arg-type]
+    assert t.paths()["cone"].transport is Transport.RELAY
+
+    class Listener:
+        def ping(self, *_: Any) -> bool:
+            return True
+
+    t._listener = Listener()  # type: ignore[assignment]
+    t._probe("cone")
+    assert t.paths()["cone"].transport is Transport.DIRECT
+    t.tick(time_mod.monotonic(), 1e9)  # endpoint still at our proxy: our own lag
+    assert t.paths()["cone"].transport is Transport.DIRECT
+    seen["endpoint"] = p.spec.endpoint  # type: ignore[assignment]  # reconcile wrote the direct endpoint
+    t.tick(time_mod.monotonic(), 1e9)
+    assert t.paths()["cone"].transport is Transport.DIRECT
+    seen["endpoint"] = proxy  # now the peer's packets come through the relay: follow it
+    t.tick(time_mod.monotonic(), 1e9)
+    assert t.paths()["cone"].transport is Transport.RELAY
+
+
+def test_a_stale_proxy_endpoint_is_followed_after_the_grace_period() -> None:
+    from wirekube.agent import traversal as traversal_mod
+
+    p = peer("cone", NatType.CONE, "203.0.113.2")
+    t = traversal(NatType.CONE, [p])
+    state = t._peers["cone"]
+    key = p.spec.public_key
+    proxy = Endpoint(ipaddress.ip_address("127.0.0.1"), state.proxy_port)
+    t._engine_state = lambda: WgDeviceState(  # type: ignore[method-assign]
+        peers={key: WgPeerState(WgPeerConfig(key, proxy, ()), rx_bytes=500)})
+    state.awaiting_direct_since = 100.0
+    t.tick(100.0 + traversal_mod.DIRECT_WRITE_GRACE_SECONDS / 2, 1e9)
+    assert t.paths()["cone"].transport is Transport.DIRECT
+    t.tick(100.0 + traversal_mod.DIRECT_WRITE_GRACE_SECONDS + 1, 1e9)
+    assert t.paths()["cone"].transport is Transport.RELAY

@@ -98,7 +98,14 @@ class _PeerState:
     path: pathsm.PeerPath
     proxy_port: int = 0
     probing: bool = False
+    awaiting_direct_since: float | None = None
+    """Set when our own probe moved the peer back to direct, until WireGuard shows the direct
+    endpoint: meanwhile the endpoint still at our proxy is our reconcile's lag, not the peer
+    reaching us through the relay (a slow agent, e.g. in an emulated VM, flapped on it)."""
 
+
+# How long an endpoint still at our proxy after our own move to direct is put down to our lag.
+DIRECT_WRITE_GRACE_SECONDS = 10.0
 
 BIRTHDAY_PENDING = "peer symmetric and local symmetric: birthday attack pending"
 # After a won round the two agents switch WireGuard over one after the other (the follower a
@@ -643,9 +650,14 @@ class Traversal:
                 ws = wg.peers.get(state.key)
                 rx = ws.rx_bytes if ws is not None else 0
                 settling = name in self._bday and now - self._bday[name].won_at < BIRTHDAY_SETTLE_SECONDS
-                if (state.path.transport is Transport.DIRECT and state.proxy_port and ws is not None and not settling
-                        and ws.config.endpoint is not None and ws.config.endpoint.ip.is_loopback
-                        and ws.config.endpoint.port == state.proxy_port and self.relay_available()):
+                at_proxy = (ws is not None and ws.config.endpoint is not None and ws.config.endpoint.ip.is_loopback
+                            and bool(state.proxy_port) and ws.config.endpoint.port == state.proxy_port)
+                if state.awaiting_direct_since is not None and (
+                        state.path.transport is not Transport.DIRECT or (ws is not None and not at_proxy)
+                        or now - state.awaiting_direct_since > DIRECT_WRITE_GRACE_SECONDS):
+                    state.awaiting_direct_since = None
+                if (state.path.transport is Transport.DIRECT and at_proxy and not settling
+                        and state.awaiting_direct_since is None and self.relay_available()):
                     state.path = pathsm.follow_to_relay(state.path, now, timing)
                     if name in self._bday:
                         state.path = replace(state.path, relay_by_matrix=True)
@@ -691,7 +703,10 @@ class Traversal:
                 state = self._peers.get(name)
                 if state is not None:
                     state.probing = False
+                    was = state.path.transport
                     state.path, action = pathsm.probe_result(state.path, time.monotonic(), ok)
+                    if ok and was is not Transport.DIRECT and state.path.transport is Transport.DIRECT:
+                        state.awaiting_direct_since = time.monotonic()
             if ok:
                 self._log.info("peer {}: direct path works again -> direct", name)
                 self._report_transitions()
