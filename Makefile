@@ -15,7 +15,7 @@ test: setup  ## everything: unit, real API server, network namespaces, chart
 unit: setup  ## the fast pure tests only
 	@.venv/bin/python -m pytest -q tests/unit $(PYTEST_ARGS)
 
-lab: setup  ## the default lab: nodes behind every NAT kind, real API server, relay and agents
+lab: setup  ## the EKS Hybrid scenario (TOPOLOGY=NAME|FILE, default `default`): every NAT kind, gateway, pods; ends with the four-plane check
 	@.venv/bin/wirekube-lab up $(TOPOLOGY)
 
 lab-down:
