@@ -192,17 +192,19 @@ class KubeSource:
             t.join()
 
     def wait_synced(self, timeout: float) -> bool:
-        """Wait until a snapshot can be taken: peers, the mesh and the route grants listed (or the
-        grants' CRD known to be absent)."""
+        """Wait until a full snapshot can be taken: peers and the mesh listed, and the route grants
+        and gateways too (or their CRDs known to be absent), so ``--once`` plans what the running
+        loop keeps (gateway routes included)."""
         deadline = time.monotonic() + timeout
         for informer in (self.peers, self.meshes):
             if not informer.wait_synced(max(0.0, deadline - time.monotonic())):
                 return False
-        while not self.grants.wait_synced(0.1):
-            if isinstance(self.grants.last_error, NotFound):
-                return True
-            if time.monotonic() >= deadline:
-                return False
+        for optional in (self.grants, self.gateways):
+            while not optional.wait_synced(0.1):
+                if isinstance(optional.last_error, NotFound):
+                    break
+                if time.monotonic() >= deadline:
+                    return False
         return True
 
     def _event(self, etype: str, obj: dict[str, Any]) -> None:
