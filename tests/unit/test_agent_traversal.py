@@ -286,3 +286,42 @@ def test_a_stale_proxy_endpoint_is_followed_after_the_grace_period() -> None:
     assert t.paths()["cone"].transport is Transport.DIRECT
     t.tick(100.0 + traversal_mod.DIRECT_WRITE_GRACE_SECONDS + 1, 1e9)
     assert t.paths()["cone"].transport is Transport.RELAY
+
+
+def test_a_relayed_peer_that_reaches_us_directly_makes_us_probe_at_once() -> None:
+    """Two agents whose retry timers are out of phase chased each other: each came back to direct
+    alone and followed the other to the relay again.  A peer seen directly (WireGuard roamed off
+    our proxy) is probed at once, at most every ROAM_PROBE_MIN_INTERVAL_SECONDS."""
+    import time as time_mod
+
+    from wirekube.agent import traversal as traversal_mod
+
+    p = peer("cone", NatType.CONE, "203.0.113.2")
+    t = traversal(NatType.CONE, [p])
+    state = t._peers["cone"]
+    key = p.spec.public_key
+    proxy = Endpoint(ipaddress.ip_address("127.0.0.1"), state.proxy_port)
+    seen = {"endpoint": proxy}
+    t._engine_state = lambda: WgDeviceState(  # type: ignore[method-assign]
+        peers={key: WgPeerState(WgPeerConfig(key, seen["endpoint"], ()), rx_bytes=500)})
+    now = time_mod.monotonic()
+    state.path = pathsm.follow_to_relay(state.path, now, t._timing(t._view.mesh))  # type: ignore[arg-type]
+    answers: list[bool] = []
+
+    class Listener:
+        def ping(self, *_: Any) -> bool:
+            answers.append(True)
+            return True
+
+    t._listener = Listener()  # type: ignore[assignment]
+    t._spawn = lambda target, name: target()  # type: ignore[method-assign]
+    t.tick(now + 0.1, 1e9)  # still at our proxy: nothing before the retry interval
+    assert answers == [] and t.paths()["cone"].transport is Transport.RELAY
+    seen["endpoint"] = p.spec.endpoint  # type: ignore[assignment]  # the peer's packets arrive directly
+    t.tick(now + 0.2, 1e9)
+    assert answers == [True] and t.paths()["cone"].transport is Transport.DIRECT
+    state.path = pathsm.follow_to_relay(state.path, now + 0.3, t._timing(t._view.mesh))  # type: ignore[arg-type]
+    t.tick(now + 0.4, 1e9)  # rate limited
+    assert answers == [True]
+    t.tick(now + 0.3 + traversal_mod.ROAM_PROBE_MIN_INTERVAL_SECONDS, 1e9)
+    assert answers == [True, True]

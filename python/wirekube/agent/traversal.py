@@ -102,10 +102,16 @@ class _PeerState:
     """Set when our own probe moved the peer back to direct, until WireGuard shows the direct
     endpoint: meanwhile the endpoint still at our proxy is our reconcile's lag, not the peer
     reaching us through the relay (a slow agent, e.g. in an emulated VM, flapped on it)."""
+    roam_probe_at: float = -1e9
+    """When a relayed peer last made us probe early by reaching us directly."""
 
 
 # How long an endpoint still at our proxy after our own move to direct is put down to our lag.
 DIRECT_WRITE_GRACE_SECONDS = 10.0
+# A relayed peer that reaches us directly (WireGuard roamed off our proxy) went back to direct:
+# probe at once rather than at our own retry time, at most this often.  Without it two agents
+# whose retry timers are out of phase chase each other (each follows the other to the relay).
+ROAM_PROBE_MIN_INTERVAL_SECONDS = 5.0
 
 BIRTHDAY_PENDING = "peer symmetric and local symmetric: birthday attack pending"
 # After a won round the two agents switch WireGuard over one after the other (the follower a
@@ -665,6 +671,13 @@ class Traversal:
                     self._log.warning("peer {}: it now reaches us through the relay; following it", name)
                     changed = True
                     continue
+                if (state.path.transport is Transport.RELAY and not state.path.relay_by_matrix and not settling
+                        and ws is not None and ws.config.endpoint is not None and not ws.config.endpoint.ip.is_loopback
+                        and not state.probing and now - state.roam_probe_at >= ROAM_PROBE_MIN_INTERVAL_SECONDS):
+                    state.roam_probe_at = now
+                    state.probing = True
+                    probes.append(name)
+                    self._log.info("peer {}: it reaches us directly again; probing direct now", name)
                 new, action = pathsm.tick(state.path, now, rx, timing, wall=wall)
                 if action is pathsm.Action.USE_RELAY:
                     if not state.proxy_port or not self.relay_available():
