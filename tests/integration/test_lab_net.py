@@ -40,7 +40,6 @@ from wirekube.lab.topology import (
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]
 
 PY = sys.executable
-RELAY = str(Path(sys.executable).with_name("wirekube-relay"))
 NEEDED_TOOLS = ("ip", "nft", "nsenter", "unshare", "sysctl")
 _ports = itertools.count(41000)  # a fresh local UDP port per probe: no conntrack carry-over
 
@@ -68,11 +67,12 @@ def require_netns() -> None:
 
 
 def start_stun_servers(lab: Lab) -> None:
-    """Two wirekube-relay processes answer STUN on the lab's two STUN endpoints."""
-    for endpoint in lab.stun:
-        lab.spawn("internet", [RELAY, "--listen", str(endpoint), "--stun-listen", str(endpoint),
-                               "--metrics-listen", f"{endpoint.host}:9478", "--log-format", "text"],
-                  lab.log_dir / f"relay-{endpoint.host}.log")
+    """The lab's relays answer STUN on its STUN endpoints, started as the lab starts them (the
+    relay address is a load balancer in front of the replicas)."""
+    from wirekube.lab import orchestrate
+
+    for index in range(len(orchestrate.relay_endpoints(lab))):
+        orchestrate.start_relay(lab, index)
     # The probe retransmits until the deadline, so this returns as soon as both answer.
     result = lab.exec("internet", [PY, "-m", "wirekube.lab.stunprobe", "--timeout", "20",
                                    *(arg for s in lab.stun for arg in ("--server", str(s)))])
