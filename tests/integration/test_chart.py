@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from tests.fixtures.keys import public_key
+from tests.fixtures.wait import wait_for
 from wirekube import errors, k8s
 from wirekube.lab.cluster import ControlPlane
 
@@ -267,7 +268,18 @@ def test_admission_policy_binds_agent_to_its_own_node(chart_cluster: Any, tmp_pa
 
         write_kubeconfig(kubeconfig, cp.server, cp.pki, user="agent-a", token=token)
         agent = k8s.Kube.from_kubeconfig(str(kubeconfig))
-        kube.create(k8s.PEERS, _peer("node-b", "10.255.0.2/32"))
+        # Until the API server's informer for the policy's paramKind has synced, the binding fails
+        # closed for every writer (failurePolicy Fail), the admin included: wait that out.
+        def create_node_b() -> bool:
+            try:
+                kube.create(k8s.PEERS, _peer("node-b", "10.255.0.2/32"))
+            except errors.Invalid as e:
+                if "not yet synced" not in str(e):
+                    raise
+                return False
+            return True
+
+        wait_for(create_node_b, 30, "the mesh-IP policy's paramKind to sync")
         # Policies take effect once the API server's policy informers have seen them.
         deadline = time.monotonic() + 30
         while True:
