@@ -307,19 +307,24 @@ def test_a_relayed_peer_that_reaches_us_directly_makes_us_probe_at_once() -> Non
     now = time_mod.monotonic()
     state.path = pathsm.follow_to_relay(state.path, now, t._timing(t._view.mesh))  # type: ignore[arg-type]
     answers: list[bool] = []
+    targets: list[tuple[str, int]] = []
 
     class Listener:
-        def ping(self, *_: Any) -> bool:
+        def ping(self, _key: Any, ip: str, port: int) -> bool:
             answers.append(True)
+            targets.append((ip, port))
             return True
 
     t._listener = Listener()  # type: ignore[assignment]
     t._spawn = lambda target, name: target()  # type: ignore[method-assign]
     t.tick(now + 0.1, 1e9)  # still at our proxy: nothing before the retry interval
     assert answers == [] and t.paths()["cone"].transport is Transport.RELAY
-    seen["endpoint"] = p.spec.endpoint  # type: ignore[assignment]  # the peer's packets arrive directly
+    # The peer's packets arrive directly, from a port its published endpoint does not name (a
+    # symmetric NAT's mapping for us): the probe goes where they came from.
+    seen["endpoint"] = Endpoint(ipaddress.ip_address("203.0.113.2"), 40123)
     t.tick(now + 0.2, 1e9)
     assert answers == [True] and t.paths()["cone"].transport is Transport.DIRECT
+    assert targets == [("203.0.113.2", 40123)]
     state.path = pathsm.follow_to_relay(state.path, now + 0.3, t._timing(t._view.mesh))  # type: ignore[arg-type]
     t.tick(now + 0.4, 1e9)  # rate limited
     assert answers == [True]

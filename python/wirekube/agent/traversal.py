@@ -647,6 +647,7 @@ class Traversal:
         if wg is None:
             return
         changed, probes = False, []
+        roamed: dict[str, Endpoint] = {}
         with self._lock:
             mesh = self._view.mesh
             if mesh is None or mesh.spec.relay.mode is not RelayMode.AUTO:
@@ -677,6 +678,7 @@ class Traversal:
                     state.roam_probe_at = now
                     state.probing = True
                     probes.append(name)
+                    roamed[name] = ws.config.endpoint
                     self._log.info("peer {}: it reaches us directly again; probing direct now", name)
                 new, action = pathsm.tick(state.path, now, rx, timing, wall=wall)
                 if action is pathsm.Action.USE_RELAY:
@@ -694,19 +696,21 @@ class Traversal:
                     probes.append(name)
                 state.path = new
         for name in probes:
-            self._spawn(partial(self._probe, name), f"probe-{name}")
+            self._spawn(partial(self._probe, name, roamed.get(name)), f"probe-{name}")
         if changed:
             self._report_transitions()
             self._wake()
 
-    def _probe(self, name: str) -> None:
+    def _probe(self, name: str, seen_at: Endpoint | None = None) -> None:
+        """Probe the direct path; ``seen_at``: where the peer's packets came from (a symmetric
+        NAT's port for us, which its published endpoint is not)."""
         ok = False
         try:
             with self._lock:
                 state, peer = self._peers.get(name), self._view.peers.get(name)
             if state is None or peer is None or self._listener is None:
                 return
-            target = peer.spec.endpoint
+            target = seen_at or peer.spec.endpoint
             if state.decision.path is nat.Path.DIRECT_LAN and peer.status.host_endpoints:
                 target = Endpoint.parse(peer.status.host_endpoints[0])
             if target is not None:
