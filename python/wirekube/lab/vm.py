@@ -154,13 +154,23 @@ def write_guest_files(private_dir: Path, config: GuestConfig) -> Path:
     return path
 
 
+def _kept_paths() -> list[str]:
+    """The virtualenv and the source tree the guest runs from: the guest's tmpfs over /tmp, /run and
+    /var/tmp must not hide them (a CI clone may live under /tmp)."""
+    import wirekube
+
+    source = Path(wirekube.__file__).resolve().parents[1]
+    return list(dict.fromkeys(str(p) for p in (Path(sys.prefix), source)))
+
+
 def qemu_argv(pieces: GuestPieces, config: GuestConfig, config_path: Path, workdir: Path,
               memory_mib: int = MEMORY_MIB) -> list[str]:
     qemu = _qemu()
     assert qemu is not None
     append = " ".join([
         "console=ttyS0", "panic=-1", "quiet", "loglevel=4", "random.trust_cpu=on",
-        f"wk.python={sys.executable}", f"wk.workdir={workdir}", f"wk.config={config_path}"])
+        f"wk.python={sys.executable}", f"wk.workdir={workdir}", f"wk.config={config_path}",
+        f"wk.keep={','.join(_kept_paths())}"])
     return [
         qemu, "-name", f"wirekube-{config.node}", "-accel", "tcg,tb-size=128", "-cpu", "max", "-smp", "1",
         "-m", str(memory_mib), "-nodefaults", "-no-user-config", "-display", "none",
