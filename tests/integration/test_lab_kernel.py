@@ -40,7 +40,7 @@ from wirekube.lab.net import Lab
 from wirekube.lab.topology import parse_topology_yaml
 from wirekube.models import key_fingerprint
 
-pytestmark = [pytest.mark.netns, pytest.mark.apiserver]
+pytestmark = [pytest.mark.netns, pytest.mark.apiserver, pytest.mark.timeout(1500)]  # the first test brings the lab up
 
 TOPOLOGY = """
 internet:
@@ -58,7 +58,7 @@ sites:
     nodes: [{name: k-sym, engine: kernel}]
 """
 KERNEL = ("k-open", "k-prc", "k-sym")
-RETRY = 10  # directRetryIntervalSeconds
+RETRY = 20  # directRetryIntervalSeconds (and handshakeTimeoutSeconds, which may not exceed it)
 CONVERGE_S = 600.0
 """Measured (TCG, 2 shared cores): boot of three guests ~60 s, agents' start inside them ~70 s,
 every pair on its predicted transport 2-8 min after that depending on the machine's load."""
@@ -81,7 +81,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, k8s.Kub
     started = time.monotonic()
     try:
         orchestrate.up(parse_topology_yaml(TOPOLOGY), name, wait=CONVERGE_S,
-                       mesh_overrides={"relay": {"directRetryIntervalSeconds": RETRY}})
+                       mesh_overrides={"relay": {"directRetryIntervalSeconds": RETRY, "handshakeTimeoutSeconds": RETRY}})
         MEASURED["upSeconds"] = round(time.monotonic() - started, 1)
         lab_, kube, handle = orchestrate.attach(name)
         state = json.loads((lab_.workdir / "state.json").read_text())
@@ -157,7 +157,7 @@ def test_every_pair_reaches_its_predicted_transport_and_kernel_nodes_say_kernel(
         return all(p["transport"] == expected[(p["from"], p["to"])] for p in last["pairs"])
 
     started = time.monotonic()
-    wait_for(converged, CONVERGE_S, "every pair on its predicted transport", interval=2)
+    wait_for(converged, CONVERGE_S / 2, "every pair on its predicted transport", interval=2)  # up() waited already
     MEASURED.setdefault("extraConvergeSeconds", round(time.monotonic() - started, 1))
     MEASURED["rttMs"] = {f"{p['from']}->{p['to']}": p["rttMs"] for p in last["pairs"]}
     engines = {n["name"]: n["engine"] for n in last["nodes"]}
@@ -242,8 +242,11 @@ def test_kill9_of_a_kernel_agent_loses_no_ping_and_the_restart_adopts_the_device
         down_at = time.monotonic()
         time.sleep(5)  # the dataplane without any agent: the kernel keeps forwarding
         orchestrate.start_agent(lab_, handle, node)
-        wait_for(lambda: "reconcile" in log.read_text()[mark:] and "applied" in log.read_text()[mark:],
-                 240, "the restarted agent's first reconcile pass", interval=1)
+        # Its first pass picks the engine for the existing link (adopting it); with nothing to
+        # change it applies nothing, so no "applied" line is the success case.  Python starts
+        # slowly under TCG on a loaded machine (measured up to ~4 min).
+        wait_for(lambda: "chosen for existing" in log.read_text()[mark:], 420,
+                 "the restarted agent's first reconcile pass", interval=1)
         MEASURED["agentRestartSeconds"] = round(time.monotonic() - down_at - 5, 1)
         results = {b: p.communicate(timeout=200)[0] for b, p in pingers.items()}
     finally:
