@@ -1032,16 +1032,6 @@ BUILTIN_TOPOLOGIES: Mapping[str, str] = {
     "eks-hybrid": EKS_HYBRID_TOPOLOGY_YAML,
 }
 
-
-def builtin_topology(name: str = "default") -> Topology:
-    """A built-in topology by name (``default`` or ``eks-hybrid``)."""
-    if name not in BUILTIN_TOPOLOGIES:
-        raise KeyError(f"no built-in topology {name!r} (have: {', '.join(BUILTIN_TOPOLOGIES)})")
-    return parse_topology_yaml(BUILTIN_TOPOLOGIES[name], f"built-in topology {name!r}")
-
-
-def default_topology() -> Topology:
-    return builtin_topology("default")
 BUILTIN_DESCRIPTIONS: Mapping[str, str] = {
     "default": "what `make lab` runs: 2 EC2 nodes + a VPC host, 6 hybrid nodes behind every NAT kind, "
                "a pod per node",
@@ -1053,6 +1043,16 @@ BUILTIN_DESCRIPTIONS: Mapping[str, str] = {
 class UnknownTopology(WireKubeError):
     """Neither a built-in topology's name nor a readable file."""
 
+
+def builtin_topology(name: str = "default") -> Topology:
+    """A built-in topology by name (``default`` or ``eks-hybrid``)."""
+    if name not in BUILTIN_TOPOLOGIES:
+        raise KeyError(f"no built-in topology {name!r} (have: {', '.join(BUILTIN_TOPOLOGIES)})")
+    return parse_topology_yaml(BUILTIN_TOPOLOGIES[name], f"built-in topology {name!r}")
+
+
+def default_topology() -> Topology:
+    return builtin_topology("default")
 
 
 def resolve_topology(ref: str) -> Topology:
