@@ -4,13 +4,16 @@ CACHE ?= $(HOME)/.cache/wirekube
 export PATH := $(CURDIR)/.venv/bin:$(CACHE)/bin:$(CACHE)/tools:$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: setup test unit lab lab-down bench bench-relay bench-nat bench-scale bench-gateway clean
+.PHONY: setup test test-kernel unit lab lab-down bench bench-relay bench-nat bench-scale bench-gateway clean
 
 setup:  ## install Debian packages, build kube-apiserver/etcd, helm/kubectl, Python venv
 	@bash ci/setup.sh
 
 test: setup  ## everything: unit, real API server, network namespaces, chart
 	@bash ci/test.sh $(PYTEST_ARGS)
+
+test-kernel: setup  ## the lab's kernel nodes (qemu TCG guests with kernel WireGuard); slow, not yet in `make test`
+	@WIREKUBE_KERNEL_LAB=1 .venv/bin/python -m pytest -ra tests/integration/test_lab_kernel.py $(PYTEST_ARGS)
 
 unit: setup  ## the fast pure tests only
 	@.venv/bin/python -m pytest -q tests/unit $(PYTEST_ARGS)

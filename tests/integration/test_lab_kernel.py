@@ -72,6 +72,9 @@ MEASURED: dict[str, Any] = {}
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, k8s.Kube, orchestrate.LabHandle]]:
     if os.geteuid() != 0:
         pytest.skip("needs root for network namespaces and qemu's taps (skipped: not running as root)")
+    if os.environ.get("WIREKUBE_KERNEL_LAB") != "1":
+        pytest.skip("kernel-node lab (qemu TCG, ~10-20 min) runs with `make test-kernel` or WIREKUBE_KERNEL_LAB=1; "
+                    "not yet part of `make test` (its kill -9 case is not yet verified on a clean run)")
     try:
         vm.guest_pieces()
     except vm.VMError as e:
