@@ -102,6 +102,17 @@ def guarded_addresses(
     return tuple(Guarded(a, w, o) for a, (w, o) in out.items())
 
 
+def named_hosts(mesh: Mesh) -> tuple[tuple[str, str], ...]:
+    """The relay and STUN hosts the mesh names by DNS name, with what each is: the agent resolves
+    them and passes the addresses to :func:`guarded_addresses` as ``resolved``."""
+    spec = mesh.spec
+    named = [(hp, f"the relay {hp}") for hp in mesh.status.relay_endpoints]
+    if spec.relay.external_endpoint is not None:
+        named.append((spec.relay.external_endpoint, f"the relay {spec.relay.external_endpoint}"))
+    named += [(hp, f"the STUN server {hp}") for hp in spec.stun_servers]
+    return tuple(dict.fromkeys((hp.host, what) for hp, what in named if _literal(hp.host) is None))
+
+
 def _literal(host: str) -> IPAddress | None:
     try:
         return ipaddress.ip_address(host.strip("[]"))

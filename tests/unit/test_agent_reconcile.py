@@ -344,3 +344,32 @@ def test_a_peers_own_endpoint_may_be_its_granted_internal_ip(agent: Agent) -> No
     result = agent.once()
     assert P.AddRoute(Route(ipaddress.ip_network("192.0.2.3/32"), "wire_kube")) in result.ops
     assert agent.source.refusals[-1] == ()
+
+
+def test_relay_and_stun_hosts_named_by_dns_are_guarded_by_their_addresses(agent: Agent) -> None:
+    """An NLB's DNS name as the relay: its resolved address is never routed, whatever is granted;
+    the name is looked up again only after the TTL, and a failed lookup keeps the last answer."""
+    from wirekube.agent.main import NamedHostGuard
+    from wirekube.models import HostPort, MeshStatus
+
+    answers = {"relay.example.com": (ipaddress.ip_address("10.50.0.9"),)}
+    lookups: list[str] = []
+
+    def resolve(host: str) -> tuple[Any, ...]:
+        lookups.append(host)
+        return answers.get(host, ())
+
+    guard = NamedHostGuard(ttl=300.0, resolve=resolve)
+    mesh = replace(MESH, status=MeshStatus(relay_endpoints=(HostPort("relay.example.com", 3478),
+                                                             HostPort("198.51.100.7", 3478))))
+    (g,) = guard(mesh)
+    assert g.address == ipaddress.ip_address("10.50.0.9") and "relay.example.com" in g.what
+    answers.clear()
+    assert guard(mesh) == (g,) and lookups == ["relay.example.com"]  # cached within the TTL
+    agent.reconciler.guarded = lambda _mesh: (g,)
+    agent.source.granted = {"c": (ipaddress.ip_network("10.50.0.0/24"),)}
+    result = agent.once()
+    assert key(3) in result.desired.peers
+    assert result.desired.peers[key(3)].allowed_ips == (ipaddress.ip_network("10.255.0.3/32"),)
+    (r,) = agent.source.refusals[-1]
+    assert "contains 10.50.0.9, the relay relay.example.com:3478" in r.reason

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from loguru import logger
 
 from wirekube import logsetup
+from wirekube.authority import Guarded, named_hosts
 from wirekube.agent import imds as imdsmod
 from wirekube.agent import keys as keystore
 from wirekube.agent.gateway import GatewayAgent
@@ -161,6 +162,37 @@ def resolve_host(url: str) -> tuple[IPAddress, ...]:
     return tuple(dict.fromkeys(ipaddress.ip_address(i[4][0]) for i in infos))
 
 
+def _addresses_of(host: str) -> tuple[IPAddress, ...]:
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError as e:
+        logger.warning("cannot resolve {} to guard its addresses: {}", host, e)
+        return ()
+    return tuple(dict.fromkeys(ipaddress.ip_address(i[4][0]) for i in infos))
+
+
+class NamedHostGuard:
+    """The addresses of the relay and STUN hosts the mesh names by DNS name (an NLB's name, say),
+    for the never-routed set (``wirekube.authority``); each name is looked up again every
+    ``ttl`` seconds, and a failed lookup keeps the last answer."""
+
+    def __init__(self, ttl: float = 300.0, resolve: Callable[[str], tuple[IPAddress, ...]] | None = None) -> None:
+        self.ttl = ttl
+        self._resolve = resolve or _addresses_of
+        self._cache: dict[str, tuple[float, tuple[IPAddress, ...]]] = {}
+
+    def __call__(self, mesh: Mesh) -> tuple[Guarded, ...]:
+        now = time.monotonic()
+        out: list[Guarded] = []
+        for host, what in named_hosts(mesh):
+            at, addrs = self._cache.get(host, (float("-inf"), ()))
+            if now - at >= self.ttl:
+                addrs = self._resolve(host) or addrs
+                self._cache[host] = (now, addrs)
+            out.extend(Guarded(a, what) for a in addrs)
+        return tuple(out)
+
+
 @console_script("wirekube-agent")
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
@@ -219,6 +251,7 @@ def run(settings: AgentSettings) -> int:
         on_snapshot=(lambda snap, facts: traversal.update_view(
             snap.mesh, snap.peers, tuple(str(a) for a in facts.addresses))) if traversal else None,
         decorate_status=lambda status: _decorate(status, traversal, reconciler, metrics, ready, requested_by),
+        guarded=NamedHostGuard(),
     )
     server = None
     if settings.metrics_listen:

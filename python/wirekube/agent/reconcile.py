@@ -120,7 +120,7 @@ class Reconciler:
         on_snapshot: Callable[[Snapshot, NodeFacts], None] | None = None,
         decorate_status: Callable[[PeerStatus], PeerStatus] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
-        guarded: Callable[[], Sequence[Guarded]] = tuple,
+        guarded: Callable[[Mesh], Sequence[Guarded]] = lambda mesh: (),
     ) -> None:
         self.settings = settings
         self.keys = keys
@@ -137,7 +137,8 @@ class Reconciler:
         self.engine: WireGuardEngine | None = None
         self.monotonic = monotonic
         self.guarded = guarded
-        """Addresses only the agent knows to guard (the relay and STUN hosts it resolved)."""
+        """Addresses only the agent knows to guard: the relay and STUN hosts the mesh names by DNS
+        name, resolved (``authority.named_hosts``)."""
         self.authorizer = Authorizer()
         self.refusals: tuple[Refusal, ...] = ()
         """The route claims the last pass did not route (wirekube.authority)."""
@@ -204,7 +205,7 @@ class Reconciler:
         """The snapshot with only the AllowedIPs entries each peer is granted (wirekube.authority)."""
         granted = snap.granted if snap.granted is not None else {p.name: p.spec.allowed_ips for p in snap.peers}
         guarded = self.authorizer.guarded(snap.mesh, snap.peers, facts.api_server_ips, facts.addresses,
-                                          tuple(self.guarded()))
+                                          tuple(self.guarded(snap.mesh)))
         peers, refusals = self.authorizer.authorize(snap.mesh, snap.peers, granted, guarded)
         self.refusals = refusals
         return dataclasses.replace(snap, peers=peers), refusals
