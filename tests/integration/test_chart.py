@@ -302,7 +302,8 @@ def test_admission_policy_binds_agent_to_its_own_node(chart_cluster: Any, tmp_pa
         agent.patch_status(k8s.PEERS, "node-a", {"status": {"connected": True}})
         # Claiming node B's mesh IP through its own allowedIPs: refused.
         with pytest.raises(errors.Forbidden, match="mesh IP of WireKubePeer node-b"):
-            agent.patch_merge(k8s.PEERS, "node-a", {"spec": {"allowedIPs": ["10.255.0.1/32", "10.255.0.0/24"]}})
+            # a single address (so the agent's own-peer rule lets it through) that is node B's mesh IP
+            agent.patch_merge(k8s.PEERS, "node-a", {"spec": {"allowedIPs": ["10.255.0.1/32", "10.255.0.2/32"]}})
         # Adding a network beyond its own addresses: refused, naming the entry.  A single address
         # (its InternalIP) is fine, and so are entries already there (the controller's pod CIDRs).
         with pytest.raises(errors.Forbidden, match=r"entry 10\.50\.0\.0/16 is beyond what an agent may claim"):
