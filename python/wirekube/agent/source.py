@@ -170,6 +170,8 @@ class KubeSource:
         self._reported: dict[str, str] = {}
         self._refusals_reported: set[Refusal] = set()
         self._grants_missing_logged = False
+        self._grants_memo: tuple[str, dict[str, tuple[IPNetwork, ...]]] | None = None
+        """Grants by node with the informer's resourceVersion they were built at."""
         self._parsed: dict[str, tuple[str, Peer | Skipped]] = {}
         """Parsed peers by name, with the resourceVersion they were parsed from."""
         self._parse_lock = threading.Lock()
@@ -251,13 +253,18 @@ class KubeSource:
                                 "and gateway routes are routed")
                 self._grants_missing_logged = True
             return {}
+        rv = self.grants.resource_version
+        if self._grants_memo is not None and self._grants_memo[0] == rv:
+            return self._grants_memo[1]  # unchanged since the last snapshot: no re-parsing per pass
         grants = []
         for obj in self.grants.cache.values():
             try:
                 grants.append(route_grant_from_cr(obj))
             except InvalidObject as e:
                 self._log.warning("ignoring {}", e)
-        return grants_by_node(grants)
+        by_node = grants_by_node(grants)
+        self._grants_memo = (rv, by_node)
+        return by_node
 
     def interface_name(self) -> str | None:
         """The mesh's WireGuard interface, once the mesh is known."""
