@@ -330,3 +330,29 @@ def test_a_relayed_peer_that_reaches_us_directly_makes_us_probe_at_once() -> Non
     assert answers == [True]
     t.tick(now + 0.3 + traversal_mod.ROAM_PROBE_MIN_INTERVAL_SECONDS, 1e9)
     assert answers == [True, True]
+
+
+def test_an_inconclusive_nat_probe_keeps_the_last_conclusive_finding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relay rollout makes the relay's unsolicited probe inconclusive for a while: the node stays
+    port-restricted (same mapping) instead of flapping to cone; a new mapping is classified afresh."""
+    from wirekube.traversal import rawudp
+    from wirekube.traversal.nat import StunSample
+
+    t = traversal(NatType.UNKNOWN, [])
+    mesh = t._view.mesh
+    assert mesh is not None
+    t._wake = lambda: None  # type: ignore[method-assign]
+    mapped = {"ip": "198.51.100.20"}
+    monkeypatch.setattr(rawudp, "resolve", lambda servers: [rawudp.StunTarget("a", "198.18.0.2", 3478)] * 2)
+    monkeypatch.setattr(rawudp, "stun_probe", lambda targets, port, timeout: [
+        StunSample("a", mapped["ip"], 40001), StunSample("b", mapped["ip"], 40001)])
+    t.stun_servers = lambda m: ["198.18.0.2:3478", "198.18.0.3:3478"]  # type: ignore[method-assign]
+    probe: dict[str, bool | None] = {"v": False}
+    t._nat_probe = lambda first: probe["v"]  # type: ignore[method-assign]
+    assert t.discover(mesh, ("192.168.1.5",)).nat.nat_type is NatType.PORT_RESTRICTED_CONE
+    probe["v"] = None  # relay connection gone: no probe possible
+    assert t.discover(mesh, ("192.168.1.5",)).nat.nat_type is NatType.PORT_RESTRICTED_CONE
+    mapped["ip"] = "198.51.100.21"  # a new mapping: nothing to carry over
+    assert t.discover(mesh, ("192.168.1.5",)).nat.nat_type is NatType.CONE
+    probe["v"] = True
+    assert t.discover(mesh, ("192.168.1.5",)).nat.nat_type is NatType.CONE

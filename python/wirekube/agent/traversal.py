@@ -753,6 +753,15 @@ class Traversal:
         targets = rawudp.resolve(self.stun_servers(mesh))
         samples = rawudp.stun_probe(targets, port, timeout=self.settings.stun_timeout) if targets else []
         unsolicited = self._nat_probe(samples[0]) if len(samples) >= 2 else None
+        if unsolicited is None and samples:
+            # An inconclusive probe (relay connection down or replaced, e.g. during a relay
+            # rollout) says nothing new: keep what the last conclusive probe found for the same
+            # mapping rather than flapping port-restricted -> cone and back.
+            with self._lock:
+                last = self._discovery.nat
+            if (last.public_ip, last.public_port) == (samples[0].mapped_ip, samples[0].mapped_port):
+                if last.nat_type is NatType.PORT_RESTRICTED_CONE:
+                    unsolicited = False
         classification = nat.classify(samples, port, local_addresses, unsolicited_probe_received=unsolicited)
         udp_blocked = bool(targets) and not samples and bool(self._relay and self._relay.connected_relays())
         endpoint, method = None, None
