@@ -124,3 +124,54 @@ def router_ruleset(nat: NatKind, wan: str = "wan", *, ports: tuple[int, int] | N
         "}",
     ]
     return "\n".join(lines) + "\n"
+
+
+PATH_TABLE = "wklabpath"
+"""The table (``netdev``, bound to the WAN device) of :func:`path_ruleset`'s egress chain."""
+COUNTER_FRAGMENTS = "fragments"
+COUNTER_FRAG_NEEDED = "frag_needed"
+
+
+def path_ruleset(*, drop_fragments: bool, block_icmp: bool, wan: str = "wan") -> str:
+    """Rules that make a router's path hostile to large packets, for ``nft -f -`` (empty: none).
+
+    - ``drop_fragments``: IPv4 fragments are dropped both ways: arriving (prerouting, before
+      conntrack reassembles them) and leaving through ``wan`` (the router's own fragments exist
+      only after the postrouting hook, so a ``netdev`` egress chain on ``wan`` catches them);
+      counted in ``fragments``.
+    - ``block_icmp``: ICMP "fragmentation needed" is dropped when the router makes it (output)
+      and when it crosses the router (forward); counted in ``frag_needed``.
+    """
+    if not drop_fragments and not block_icmp:
+        return ""
+    fragment = "ip frag-off & 0x3fff != 0"
+    frag_needed = "icmp type destination-unreachable icmp code frag-needed"
+    lines = [f"table ip {TABLE} {{"]
+    if drop_fragments:
+        lines += [
+            f"  counter {COUNTER_FRAGMENTS} {{ }}",
+            "  chain path_fragments {",
+            "    type filter hook prerouting priority -450; policy accept;",
+            f'    {fragment} counter name "{COUNTER_FRAGMENTS}" drop',
+            "  }",
+        ]
+    if block_icmp:
+        lines += [f"  counter {COUNTER_FRAG_NEEDED} {{ }}"]
+        for hook in ("output", "forward"):
+            lines += [
+                f"  chain path_icmp_{hook} {{",
+                f"    type filter hook {hook} priority filter - 20; policy accept;",
+                f'    {frag_needed} counter name "{COUNTER_FRAG_NEEDED}" drop',
+                "  }",
+            ]
+    lines.append("}")
+    if drop_fragments:
+        lines += [
+            f"table netdev {PATH_TABLE} {{",
+            "  chain egress_fragments {",
+            f'    type filter hook egress device "{wan}" priority filter; policy accept;',
+            f"    {fragment} drop",
+            "  }",
+            "}",
+        ]
+    return "\n".join(lines) + "\n"

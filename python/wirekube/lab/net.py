@@ -85,6 +85,8 @@ from loguru import logger
 from wirekube.errors import WireKubeError
 from wirekube.lab import nat, procs, vm
 from wirekube.lab.plan import (
+    IF_WAN,
+    INTERNET,
     HostInfo,
     LabPlan,
     NodeInfo,
@@ -95,7 +97,7 @@ from wirekube.lab.plan import (
     plan_lab,
 )
 from wirekube.lab.procs import ProcessRecord
-from wirekube.lab.topology import Endpoint, NatKind, Topology, parse_topology
+from wirekube.lab.topology import DEFAULT_WAN_MTU, MIN_WAN_MTU, Endpoint, NatKind, Topology, parse_topology
 
 DEFAULT_ROOT = Path("/run/wirekube-lab")
 NETNS_DIR = Path("/run/netns")
@@ -570,6 +572,18 @@ class Lab:
         """Remove every :meth:`cut` of ``site``'s router."""
         self.exec(self.routers[site].name,
                   ["nft", "flush", "chain", "ip", nat.TABLE, nat.IMPAIR_CHAIN], check=True)
+
+    def set_wan_mtu(self, site: str, mtu: int) -> None:
+        """Change the MTU of ``site``'s WAN link while the lab runs (a path change): the router's
+        end, and the internet's end too unless the site has ``blockICMP`` (see
+        :class:`~wirekube.lab.topology.Site`)."""
+        if not MIN_WAN_MTU <= mtu <= DEFAULT_WAN_MTU:
+            raise LabError(f"wanMTU {mtu}: must be from {MIN_WAN_MTU} to {DEFAULT_WAN_MTU}")
+        router = self.routers[site]
+        self.exec(router.name, ["ip", "link", "set", "dev", IF_WAN, "mtu", str(mtu)], check=True)
+        if not next(s for s in self.plan.topology.sites if s.name == site).block_icmp:
+            inet_if = next(v.ifname_a for v in self.plan.veths if v.netns_b == router.netns and v.ifname_b == IF_WAN)
+            self.exec(INTERNET, ["ip", "link", "set", "dev", inet_if, "mtu", str(mtu)], check=True)
 
     # ---------------------------------------------------------------- running things
 

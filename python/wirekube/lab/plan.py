@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 from wirekube.lab import nat
 from wirekube.lab.topology import (
+    DEFAULT_WAN_MTU,
     SERVICES_NET,
     Endpoint,
     IPv4,
@@ -299,6 +300,8 @@ def plan_lab(topology: Topology, lab: str) -> LabPlan:
         inet_if = ifname(f"r{site_number}", site.name)
         veths.append(Veth(inet, inet_if, router, IF_WAN))
         inet_links += [f"addr add {inet_side}/24 dev {inet_if}", _up(inet_if)]
+        if site.wan_mtu != DEFAULT_WAN_MTU and not site.block_icmp:
+            inet_links.append(f"link set dev {inet_if} mtu {site.wan_mtu}")
         if site.nat is NatKind.NONE:
             inet_routes.append(f"route add {site.lan} via {router_wan} dev {inet_if}")
         router_links = [
@@ -306,6 +309,7 @@ def plan_lab(topology: Topology, lab: str) -> LabPlan:
             f"link add name {IF_LAN_BRIDGE} type bridge",
             f"addr add {router_wan}/24 dev {IF_WAN}",
             f"addr add {site.gateway}/{site.lan.prefixlen} dev {IF_LAN_BRIDGE}",
+            *([f"link set dev {IF_WAN} mtu {site.wan_mtu}"] if site.wan_mtu != DEFAULT_WAN_MTU else []),
             _up(IF_WAN),
             _up(IF_LAN_BRIDGE),
         ]
@@ -396,7 +400,8 @@ def plan_lab(topology: Topology, lab: str) -> LabPlan:
             links=tuple(router_links),
             routes=(f"route add default via {inet_side} dev {IF_WAN}",),
             sysctls=_QUIET_SYSCTLS + _ROUTER_SYSCTLS,
-            nft=nat.router_ruleset(site.nat, IF_WAN),
+            nft=nat.router_ruleset(site.nat, IF_WAN) + nat.path_ruleset(
+                drop_fragments=site.drop_fragments, block_icmp=site.block_icmp, wan=IF_WAN),
         ))
 
     # Private networks: a switch namespace each, hosts behind it.

@@ -37,6 +37,12 @@ Example (the built-in default is :data:`DEFAULT_TOPOLOGY_YAML`)::
       - name: home
         nat: port-restricted-cone     # LAN defaults to 192.168.<site number>.0/24
         nodes: [{name: home-1}, {name: home-2}]
+      - name: mobile
+        nat: symmetric
+        wanMTU: 1280                  # optional: the WAN link's MTU (default 1500)
+        dropFragments: true           # optional: the router drops IPv4 fragments
+        blockICMP: true               # optional: no "fragmentation needed" reaches anyone
+        nodes: [{name: phone-1}]
     networks:
       - name: vpc
         cidr: 10.100.0.0/24
@@ -75,6 +81,8 @@ DEFAULT_MANAGEMENT = Net4("10.254.0.0/24")
 DEFAULT_STUN_PORT = 3478
 MAX_SITES = 250  # site i's WAN link is 198.18.<i>.0/24
 MAX_PODS_PER_NODE = 16
+DEFAULT_WAN_MTU = 1500
+MIN_WAN_MTU = 576  # the smallest IPv4 datagram every host must accept (RFC 791)
 FIRST_NODE_HOST = 10  # auto-assigned addresses start at .10 (the router/gateway is .1)
 
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -163,6 +171,14 @@ class Site:
     nat: NatKind
     lan: Net4
     nodes: tuple[Node, ...]
+    wan_mtu: int = DEFAULT_WAN_MTU
+    """The MTU of the router's WAN link (both ends unless ``block_icmp``)."""
+    drop_fragments: bool = False
+    """The router drops IPv4 fragments crossing it, either way."""
+    block_icmp: bool = False
+    """Nothing on this path reports "fragmentation needed": the router drops the ones it makes or
+    forwards, and the internet's end of the WAN link keeps 1500, so larger packets towards the
+    site vanish at the router's WAN without a word (a PMTUD blackhole)."""
 
     @property
     def gateway(self) -> IPv4:
@@ -258,6 +274,9 @@ class Topology:
                     "nat": site.nat.value,
                     "lan": str(site.lan),
                     "nodes": [_node_dict(node) for node in site.nodes],
+                    **({"wanMTU": site.wan_mtu} if site.wan_mtu != DEFAULT_WAN_MTU else {}),
+                    **({"dropFragments": True} if site.drop_fragments else {}),
+                    **({"blockICMP": True} if site.block_icmp else {}),
                 }
                 for site in self.sites
             ],
@@ -598,7 +617,7 @@ def _parse_site(
     doc = _mapping(raw, path, problems)
     if doc is None:
         return None
-    _keys(doc, path, ("name", "nat", "lan", "nodes"), problems)
+    _keys(doc, path, ("name", "nat", "lan", "nodes", "wanMTU", "dropFragments", "blockICMP"), problems)
     name = _name(doc.get("name"), f"{path}.name", problems)
     nat: NatKind | None = None
     kinds = [k.value for k in NatKind]
@@ -696,9 +715,20 @@ def _parse_site(
                 node = Node(**fields)
                 paths[id(node)] = npath
                 nodes.append(node)
+    wan_mtu = doc.get("wanMTU", DEFAULT_WAN_MTU)
+    if not isinstance(wan_mtu, int) or isinstance(wan_mtu, bool) or not MIN_WAN_MTU <= wan_mtu <= DEFAULT_WAN_MTU:
+        problems.add(f"{path}.wanMTU", f"must be a whole number from {MIN_WAN_MTU} to {DEFAULT_WAN_MTU}, not {wan_mtu!r}")
+        wan_mtu = DEFAULT_WAN_MTU
+    flags = {}
+    for key in ("dropFragments", "blockICMP"):
+        flags[key] = doc.get(key, False)
+        if not isinstance(flags[key], bool):
+            problems.add(f"{path}.{key}", f"must be true or false, not {flags[key]!r}")
+            flags[key] = False
     if name is None or nat is None or lan is None:
         return None
-    site = Site(name, nat, lan, tuple(nodes))
+    site = Site(name, nat, lan, tuple(nodes), wan_mtu=wan_mtu, drop_fragments=flags["dropFragments"],
+                block_icmp=flags["blockICMP"])
     paths[id(site)] = path
     return site
 
