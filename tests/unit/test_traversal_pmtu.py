@@ -1,0 +1,83 @@
+"""The path MTU search and schedule (issue 18), pure."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wirekube.traversal.pmtu import Schedule, Search, Timing
+
+
+def run(search: Search, passes: object) -> int | None:
+    while not search.done:
+        sizes = search.sizes()
+        assert sizes, "a search that is not done always has something to probe"
+        search.feed([s for s in sizes if passes(s)])  # type: ignore[operator]
+        assert search.rounds <= 10
+    return search.result
+
+
+@given(low=st.integers(500, 1400), span=st.integers(0, 1000), truth=st.integers(0, 3000),
+       per_round=st.integers(2, 32))
+def test_a_lossless_search_finds_the_exact_size(low: int, span: int, truth: int, per_round: int) -> None:
+    high = low + span
+    result = run(Search(low, high, per_round), lambda s: s <= truth)
+    assert result == (None if truth < low else min(truth, high))
+
+
+@given(truth=st.integers(516, 1440), seed=st.integers(0, 2**32), loss=st.floats(0.0, 0.9))
+@settings(max_examples=300)
+def test_loss_only_ever_makes_the_answer_smaller(truth: int, seed: int, loss: float) -> None:
+    rng = random.Random(seed)
+    result = run(Search(516, 1420), lambda s: s <= truth and rng.random() >= loss)
+    assert result is None or result <= truth
+
+
+def test_rounds_are_few() -> None:
+    search = Search(516, 1420)
+    run(search, lambda s: s <= 1220)
+    assert search.result == 1220 and search.rounds <= 4
+    top = Search(516, 1420)
+    run(top, lambda s: True)
+    assert top.rounds == 1  # the common case: the full size passes at once
+
+
+def test_bad_ranges() -> None:
+    with pytest.raises(ValueError):
+        Search(1400, 1300)
+    with pytest.raises(ValueError):
+        Search(100, 200, per_round=1)
+
+
+def test_schedule_searches_new_moved_and_shrunk_paths() -> None:
+    s = Schedule(Timing(check_every=5, check_failures=2, research_every=600, retry_unreachable=10))
+    s.follow({"a": "1.1.1.1:1", "b": "2.2.2.2:2"})
+    assert s.to_search(0) == ["a", "b"]
+    s.searched("a", 1420, 0)
+    s.searched("b", 1220, 0)
+    assert s.to_search(1) == [] and s.to_check(1) == []
+    assert s.to_check(5) == [("a", 1420), ("b", 1220)]
+    s.checked("b", False, 5)
+    assert s.to_search(6) == []
+    s.checked("b", False, 10)
+    assert s.to_search(10) == ["b"] and ("b", 1220) not in s.to_check(20)  # two misses: search again
+    s.searched("b", 1180, 11)
+    assert s.mtus() == {"a": 1420, "b": 1180}
+    s.follow({"a": "1.1.1.1:9"})  # a moved, b is no longer direct
+    assert s.to_search(12) == ["a"] and s.mtus() == {"a": 1420}  # the last size stays until re-measured
+    assert s.to_search(600) == ["a"]
+
+
+def test_a_search_without_any_answer_keeps_the_size_after_failed_checks_and_retries_soon() -> None:
+    s = Schedule(Timing(check_every=5, check_failures=2, research_every=600, retry_unreachable=10))
+    s.follow({"a": "1.1.1.1:1"})
+    s.searched("a", None, 0)
+    assert s.mtus() == {} and s.to_search(9) == [] and s.to_search(10) == ["a"]
+    s.searched("a", 1300, 10)
+    s.checked("a", False, 15)
+    s.checked("a", False, 20)
+    s.searched("a", None, 21)  # the peer is down, not a smaller path
+    assert s.mtus() == {"a": 1300} and s.to_search(31) == ["a"]
