@@ -263,7 +263,9 @@ class Netlink:
                         continue
                     dst = msg.get_attr("RTA_DST") or ("0.0.0.0" if family == socket.AF_INET else "::")
                     net = ipaddress.ip_network(f"{dst}/{msg['dst_len']}", strict=False)
-                    out.append(Route(net, names.get(msg.get_attr("RTA_OIF"), ""), table))
+                    metrics = msg.get_attr("RTA_METRICS")
+                    mtu = (metrics.get_attr("RTAX_MTU") if metrics is not None else None) or 0
+                    out.append(Route(net, names.get(msg.get_attr("RTA_OIF"), ""), table, mtu))
         return tuple(out)
 
     def add_route(self, route: Route) -> None:
@@ -276,6 +278,7 @@ class Netlink:
                 scope=RT_SCOPE_LINK,
                 proto=RTPROT_STATIC,
                 family=FAMILIES[route.dst.version],
+                **({"metrics": {"mtu": route.mtu}} if route.mtu else {}),
             )
 
     def del_route(self, route: Route) -> None:

@@ -95,9 +95,11 @@ class Route:
     dst: IPNetwork
     dev: str
     table: int = ROUTE_TABLE
+    mtu: int = 0
+    """The route's MTU attribute (0: none, the interface's MTU applies): a peer's path MTU."""
 
     def __str__(self) -> str:
-        return f"{self.dst} dev {self.dev} table {self.table}"
+        return f"{self.dst} dev {self.dev} table {self.table}" + (f" mtu {self.mtu}" if self.mtu else "")
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,18 @@ class PeerPath:
     keepalive: int | None = None
     """Override of the persistent keepalive (e.g. 1 s on peers whose rx feeds failover)."""
     transport: Transport = Transport.DIRECT
+    mtu: int | None = None
+    """The path MTU measured towards this peer (issue 18), set on its routes when it is below the
+    interface's MTU; None: the interface's MTU applies."""
+
+
+def route_for(net: IPNetwork, dev: str, path: PeerPath, link_mtu: int) -> Route:
+    """A peer's route; with the peer's path MTU when that is smaller than the link's (IPv6
+    routes only down to IPv6's minimum of 1280)."""
+    mtu = path.mtu if path.mtu is not None and path.mtu < link_mtu else 0
+    if net.version == 6 and mtu and mtu < 1280:
+        mtu = 1280
+    return Route(net, dev, mtu=mtu)
 
 
 @dataclass(frozen=True)
@@ -283,7 +297,8 @@ def plan(
         names[cfg.public_key] = peer.name
         if paths.get(peer.name, _NO_PATH).endpoint is not None:
             forced.add(cfg.public_key)
-        routes.update(Route(net, spec.interface_name) for net in entries)
+        path = paths.get(peer.name, _NO_PATH)
+        routes.update(route_for(net, spec.interface_name, path, spec.mtu) for net in entries)
 
     return Desired(
         link=_link_config(mesh, own_ip),
@@ -666,6 +681,7 @@ class IncrementalPlanner:
     def _reset(self, ctx: object, own_ip: ipaddress.IPv4Address | None) -> None:
         self._ctx = ctx
         self._ifname = ""
+        self._link_mtu = 0
         self._own_ip = own_ip
         self._peers: dict[str, Peer] = {}
         self._local: dict[str, _Local] = {}
@@ -714,10 +730,11 @@ class IncrementalPlanner:
             current[p.name] = p
         own = current.pop(node.name, None)
         own_ip = _mesh_ip(own, mesh)
-        ctx = (spec.mesh_cidr, spec.routing, spec.interface_name, node)
+        ctx = (spec.mesh_cidr, spec.routing, spec.interface_name, spec.mtu, node)
         if self._ctx is None or ctx != self._ctx or own_ip != self._own_ip:
             self._reset(ctx, own_ip)
             self._ifname = spec.interface_name
+            self._link_mtu = spec.mtu
             changed = list(current)
             removed: list[str] = []
         else:
@@ -959,11 +976,11 @@ class IncrementalPlanner:
             else:
                 self._forced.discard(cfg.public_key)
             self._out.pop("forced", None)
-        self._set_routes(name, accepted)
+        self._set_routes(name, accepted, path)
 
-    def _set_routes(self, name: str, accepted: tuple[IPNetwork, ...]) -> None:
+    def _set_routes(self, name: str, accepted: tuple[IPNetwork, ...], path: PeerPath = _NO_PATH) -> None:
         old = self._routes_of.get(name, frozenset())
-        new = frozenset(Route(net, self._ifname) for net in accepted)
+        new = frozenset(route_for(net, self._ifname, path, self._link_mtu) for net in accepted)
         if new == old:
             return
         for r in old - new:
@@ -1088,7 +1105,9 @@ def diff_since(
     del_routes: list[Op] = []
     if desired.routes is not previous.routes:
         add_routes = [AddRoute(r) for r in sorted(desired.routes - previous.routes, key=_route_key)]
-        del_routes = [DelRoute(r) for r in sorted(previous.routes - desired.routes, key=_route_key)]
+        replaced = {_route_slot(r) for r in desired.routes}
+        del_routes = [DelRoute(r) for r in sorted(previous.routes - desired.routes, key=_route_key)
+                      if _route_slot(r) not in replaced]
     add_rules, del_rules = _rule_ops(desired.rules, rules)
     del_addrs = [op for op in link_ops if isinstance(op, DelAddress)]
     link_ops = [op for op in link_ops if not isinstance(op, DelAddress)]
@@ -1161,7 +1180,11 @@ def _route_ops(want: frozenset[Route], have: Sequence[Route]) -> tuple[list[Op],
             dels.append(route)
         seen.add(route)
     adds: list[Op] = [AddRoute(r) for r in sorted(want - seen, key=_route_key)]
-    return adds, [DelRoute(r) for r in sorted(dels, key=_route_key)]
+    # A route whose MTU changes is rewritten in place (AddRoute replaces): deleting the old one
+    # afterwards (by destination) would delete the new one.
+    replaced = {_route_slot(r) for r in want - seen}
+    return adds, [DelRoute(r) for r in sorted(dels, key=_route_key)
+                  if _route_slot(r) not in replaced]
 
 
 def _rule_ops(want: frozenset[Rule], have: Sequence[Rule]) -> tuple[list[Op], list[Op]]:
@@ -1177,8 +1200,13 @@ def _rule_ops(want: frozenset[Rule], have: Sequence[Rule]) -> tuple[list[Op], li
     return adds, dels
 
 
-def _route_key(r: Route) -> tuple[int, int, int, str]:
-    return (r.dst.version, int(r.dst.network_address), r.dst.prefixlen, r.dev)
+def _route_key(r: Route) -> tuple[int, int, int, str, int]:
+    return (r.dst.version, int(r.dst.network_address), r.dst.prefixlen, r.dev, r.mtu)
+
+
+def _route_slot(r: Route) -> tuple[IPNetwork, int]:
+    """What identifies a route in the kernel's table (the MTU is an attribute of it)."""
+    return (r.dst, r.table)
 
 
 def _rule_key(r: Rule) -> tuple[int, int, int, int, str]:
