@@ -326,3 +326,71 @@ def test_admission_policy_binds_agent_to_its_own_node(chart_cluster: Any, tmp_pa
                 kube.delete(k8s.PEERS, name)
             except errors.NotFound:
                 pass
+
+
+@pytest.mark.apiserver
+def test_relay_may_write_only_the_status_lease_named_after_its_pod(chart_cluster: Any, tmp_path: Path) -> None:
+    """The relay's status Lease (for `wirekubectl status`): its Role lets it write Leases in the
+    release namespace only, and the relay-own-lease policy only the one named after its own Pod,
+    so a replica cannot touch the controller's leader-election Lease or another replica's."""
+    from wirekube.lab.cluster import write_kubeconfig
+    from wirekube.relay.replicastatus import LeasePublisher, LeaseSettings, replica_rows
+
+    cp, kube, env = chart_cluster
+    run(tool("helm"), "install", "wkr", str(CHART), "-n", NS, "--set", "mesh.create=false", env=env)
+    pods = k8s.Resource("", "v1", "pods", "Pod", namespaced=True)
+    try:
+        pod = kube.create(pods, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "wkr-relay-0"},
+                                 "spec": {"serviceAccountName": "wkr-wirekube-relay",
+                                          "containers": [{"name": "relay", "image": "wirekube-relay"}]}}, NS)
+        token = kube._request("POST", f"/api/v1/namespaces/{NS}/serviceaccounts/wkr-wirekube-relay/token", body={
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 600,
+                     "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": "wkr-relay-0",
+                                        "uid": pod["metadata"]["uid"]}}})["status"]["token"]
+        kubeconfig = tmp_path / "relay.kubeconfig"
+        write_kubeconfig(kubeconfig, cp.server, cp.pki, user="relay", token=token)
+        relay = k8s.Kube.from_kubeconfig(str(kubeconfig))
+        other = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                 "metadata": {"name": "wkr-wirekube-controller"}, "spec": {"holderIdentity": "stolen"}}
+
+        def denied_by_policy() -> bool:  # the policy takes effect once the API server has loaded it
+            try:
+                relay.create(k8s.LEASES, other, NS)
+            except errors.Forbidden as e:
+                assert "may only write the Lease named after itself, not wkr-wirekube-controller" in str(e), e
+                return True
+            relay.delete(k8s.LEASES, "wkr-wirekube-controller", NS)
+            return False
+
+        wait_for(denied_by_policy, 30, "the relay-own-lease policy to deny another Lease")
+        with pytest.raises(errors.Forbidden):  # RBAC: the release namespace only
+            relay.create(k8s.LEASES, {**other, "metadata": {"name": "wkr-relay-0"}}, "default")
+        # Its own Lease, through the relay's real writer: created, then updated, then removed.
+        publisher = LeasePublisher(relay, LeaseSettings("wkr-relay-0", NS, owner_pod=("wkr-relay-0",
+                                                        pod["metadata"]["uid"])), "abcd1234", lambda: (3, 1))
+
+        async def write_twice() -> None:
+            await publisher.write_once()
+            publisher.counts = lambda: (4, 1)
+            await publisher.write_once()
+
+        import asyncio
+
+        asyncio.run(write_twice())
+        assert (publisher.writes, publisher.failures) == (2, 0)
+        lease = kube.get(k8s.LEASES, "wkr-relay-0", NS)
+        assert lease["metadata"]["ownerReferences"][0]["uid"] == pod["metadata"]["uid"]
+        [row] = replica_rows([lease], time.time())
+        assert (row.replica, row.keys, row.links, row.stale) == ("abcd1234", 4, 1, False)
+        asyncio.run(publisher.close(delete=True))
+        with pytest.raises(errors.NotFound):
+            kube.get(k8s.LEASES, "wkr-relay-0", NS)
+        relay.close()
+    finally:
+        run(tool("helm"), "uninstall", "wkr", "-n", NS, "--wait", env=env)
+        for name in ("wkr-relay-0",):
+            try:
+                kube.delete(pods, name, NS)
+            except errors.NotFound:
+                pass

@@ -12,6 +12,7 @@ from side is not connected at all.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -20,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import yaml
+
+from wirekube.relay.replicastatus import ReplicaRow, replica_rows
 
 JSON = Mapping[str, Any]
 
@@ -58,6 +61,10 @@ class Report:
     pairs: tuple[Pair, ...]
     gateways: tuple[GatewayRow, ...]
     relay_endpoints: tuple[str, ...] = ()
+    relay_replicas: tuple[ReplicaRow, ...] = ()
+    """From each relay replica's Lease (``--status-lease``)."""
+    relay_replicas_note: str = ""
+    """Why the replicas could not be listed (empty when they could)."""
 
     @property
     def all_connected(self) -> bool:
@@ -69,6 +76,8 @@ class Report:
             "pairs": [{"from": p.source, "to": p.target, "transport": p.transport, "reason": p.reason} for p in self.pairs],
             "gateways": [asdict(g) | {"peer_health": dict(g.peer_health)} for g in self.gateways],
             "relayEndpoints": list(self.relay_endpoints),
+            "relayReplicas": [asdict(r) | {"age": round(r.age, 1) if r.age != float("inf") else None}
+                              for r in self.relay_replicas],
         }
 
 
@@ -80,7 +89,8 @@ def _spec(obj: JSON) -> JSON:
     return obj.get("spec") or {}
 
 
-def build_report(peers: Iterable[JSON], gateways: Iterable[JSON] = (), mesh: JSON | None = None) -> Report:
+def build_report(peers: Iterable[JSON], gateways: Iterable[JSON] = (), mesh: JSON | None = None,
+                 relay_leases: Iterable[JSON] = (), now: float = 0.0, relay_note: str = "") -> Report:
     peers = sorted(peers, key=lambda p: p["metadata"]["name"])
     nodes = []
     for p in peers:
@@ -119,7 +129,7 @@ def build_report(peers: Iterable[JSON], gateways: Iterable[JSON] = (), mesh: JSO
         for g in sorted(gateways, key=lambda g: g["metadata"]["name"])
     )
     relay = tuple(((_status(mesh or {}).get("relay") or {}).get("endpoints")) or ())
-    return Report(tuple(nodes), tuple(pairs), gws, relay)
+    return Report(tuple(nodes), tuple(pairs), gws, relay, tuple(replica_rows(relay_leases, now)), relay_note)
 
 
 # ---- rendering ----------------------------------------------------------------------------------
@@ -172,6 +182,14 @@ def render_table(report: Report, *, colour: bool = False) -> str:
         parts.append(_table(gheader, grows))
     if report.relay_endpoints:
         parts.append("relay: " + ", ".join(report.relay_endpoints))
+    if report.relay_replicas:
+        rheader = ["RELAY-REPLICA", "NAMESPACE", "ID", "KEYS", "MESH-LINKS", "RENEWED"]
+        rrows = [[r.name, r.namespace or "-", r.replica or "-", str(r.keys), "-" if r.links is None else str(r.links),
+                  (f"{r.age:.0f}s ago" if r.age != float("inf") else "never") + (" (stale)" if r.stale else "")]
+                 for r in report.relay_replicas]
+        parts.append(_table(rheader, rrows))
+    if report.relay_replicas_note:
+        parts.append(f"relay replicas: {report.relay_replicas_note}")
     return "\n\n".join(parts) + "\n"
 
 
@@ -195,7 +213,15 @@ def fetch_report(kube: Any) -> Report:
         mesh = kube.get(k8s.MESHES, "default")
     except errors.NotFound:
         mesh = None
-    return build_report(peers, gateways, mesh)
+    from wirekube.relay.replicastatus import LABEL
+
+    leases: list[JSON] = []
+    note = ""
+    try:  # every namespace: the relay may run in any
+        leases, _ = kube.list(dataclasses.replace(k8s.LEASES, namespaced=False), label_selector=LABEL)
+    except errors.Forbidden:
+        note = "not shown (this user may not list Leases in all namespaces)"
+    return build_report(peers, gateways, mesh, leases, time.time(), note)
 
 
 def run(kube: Any, *, output: str = "table", require_connected: bool = False, timeout: float = 0.0) -> int:

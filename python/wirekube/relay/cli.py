@@ -12,6 +12,9 @@ Replicas behind one load balancer (:mod:`wirekube.relay.mesh`)::
     wirekube-relay ... --mesh-secret-file PATH [--mesh-listen HOST:PORT]
                        (--mesh-peers HOST:PORT,... | --mesh-service NAME [--mesh-namespace NS])
 
+With ``--status-lease NAME`` the replica keeps a Lease with how many keys it holds, which
+``wirekubectl status`` lists (:mod:`wirekube.relay.replicastatus`).
+
 On SIGTERM a replica linked to others first drains: it tells its clients (GoAway) to register
 again through the load balancer and waits up to ``--drain-timeout`` for them to move.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -35,6 +39,7 @@ from wirekube.entrypoint import console_script
 from wirekube.relay.authz import PeerAuthorizer, keys_from_peers
 from wirekube.relay.mesh import DEFAULT_MESH_PORT, MeshSettings, RelayMesh, peers_from_slices
 from wirekube.relay.metrics import build_registry, serve_metrics
+from wirekube.relay.replicastatus import LeasePublisher, LeaseSettings
 from wirekube.relay.server import RelayServer, RelaySettings
 
 DEFAULT_PORT = 3478
@@ -65,6 +70,8 @@ class CliSettings:
     mesh: MeshSettings | None = None
     mesh_service: str | None = None
     mesh_namespace: str | None = None
+    status_lease: str | None = None
+    status_namespace: str | None = None
 
 
 def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
@@ -136,12 +143,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="find the replicas in the EndpointSlices of this (headless) Service instead")
     m.add_argument("--mesh-namespace", default=None, metavar="NAMESPACE",
                    help="the Service's namespace (default: $POD_NAMESPACE, else the pod's own namespace)")
+    st = p.add_argument_group("status", "what `wirekubectl status` shows about this replica")
+    st.add_argument("--status-lease", default=None, metavar="NAME",
+                    help="keep the Lease NAME (labelled wirekube.io/relay-replica) with this replica's key and "
+                         "mesh-link counts, written when they change (at most every 5 s) and renewed every 20 s; "
+                         "owned by the Pod $POD_NAME/$POD_UID when both are set")
+    st.add_argument("--status-namespace", default=None, metavar="NAMESPACE",
+                    help="the Lease's namespace (default: $POD_NAMESPACE, else the pod's own namespace)")
     p.add_argument("--log-format", choices=("json", "text"), default="json", help="json (default) or text")
     p.add_argument("--log-level", default="INFO", help="loguru level (default INFO)")
     return p
 
 
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
 def settings_from_args(args: argparse.Namespace) -> CliSettings:
+    if args.status_lease is not None and not (
+            len(args.status_lease) <= 253 and _DNS_SUBDOMAIN.fullmatch(args.status_lease)):
+        raise UsageError(f"--status-lease {args.status_lease!r}: not a valid object name "
+                         "(lowercase letters, digits, '-' and '.')")
     listen_host, listen_port = args.listen
     stun_host, stun_port = args.stun_listen or args.listen
     probe_host, probe_port = args.nat_probe_listen or (stun_host, 0)
@@ -164,6 +185,8 @@ def settings_from_args(args: argparse.Namespace) -> CliSettings:
         mesh=_mesh_settings(args),
         mesh_service=args.mesh_service,
         mesh_namespace=args.mesh_namespace,
+        status_lease=args.status_lease,
+        status_namespace=args.status_namespace,
         metrics_host=args.metrics_listen[0],
         metrics_port=args.metrics_listen[1],
         authorize_peers=args.authorize_peers,
@@ -192,7 +215,7 @@ def _mesh_settings(args: argparse.Namespace) -> MeshSettings | None:
     return MeshSettings(secret=secret, listen_host=host, listen_port=port, peers=tuple(args.mesh_peers))
 
 
-def _pod_namespace(explicit: str | None) -> str:
+def _pod_namespace(explicit: str | None, flag: str = "--mesh-service", ns_flag: str = "--mesh-namespace") -> str:
     if explicit:
         return explicit
     if os.environ.get("POD_NAMESPACE"):
@@ -201,7 +224,7 @@ def _pod_namespace(explicit: str | None) -> str:
         with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
             return f.read().strip()
     except OSError:
-        raise StartupError("--mesh-service: no namespace (set --mesh-namespace or $POD_NAMESPACE)") from None
+        raise StartupError(f"{flag}: no namespace (set {ns_flag} or $POD_NAMESPACE)") from None
 
 
 def watch_mesh_peers(mesh: RelayMesh, service: str, namespace: str, kubeconfig: str | None) -> Callable[[], None]:
@@ -235,6 +258,28 @@ def watch_mesh_peers(mesh: RelayMesh, service: str, namespace: str, kubeconfig: 
     informer = k8s.Informer(kube, k8s.ENDPOINTSLICES, on_event=changed, namespace=namespace,
                             label_selector=f"kubernetes.io/service-name={service}").start()
     return informer.stop  # type: ignore[no-any-return]
+
+
+def start_status_lease(settings: CliSettings, relay: RelayServer, mesh: RelayMesh | None) -> LeasePublisher:
+    """Keep this replica's Lease (see :mod:`wirekube.relay.replicastatus`); the caller closes it."""
+    assert settings.status_lease is not None
+    try:
+        from wirekube import k8s
+    except ImportError as e:
+        raise AdapterMissing("--status-lease needs the Kubernetes adapter") from e
+    try:
+        kube = k8s.Kube.auto(settings.kubeconfig)
+    except Exception as e:  # noqa: BLE001 - kubeconfig/in-cluster loading raises many types
+        raise StartupError(f"--status-lease: no usable Kubernetes client: {e}") from e
+    pod, uid = os.environ.get("POD_NAME"), os.environ.get("POD_UID")
+    lease = LeaseSettings(name=settings.status_lease,
+                          namespace=_pod_namespace(settings.status_namespace, "--status-lease", "--status-namespace"),
+                          owner_pod=(pod, uid) if pod and uid else None)
+    replica = mesh.id.hex()[:8] if mesh is not None else os.urandom(4).hex()
+    publisher = LeasePublisher(kube, lease, replica,
+                               lambda: (len(relay.routes), len(mesh.links) if mesh is not None else None))
+    publisher.start()
+    return publisher
 
 
 def configure_logging(fmt: str, level: str) -> None:
@@ -300,6 +345,7 @@ async def serve(settings: CliSettings) -> None:
         if settings.mesh_service:
             stop_mesh_watch = watch_mesh_peers(mesh, settings.mesh_service, _pod_namespace(settings.mesh_namespace),
                                                settings.kubeconfig)
+    status = start_status_lease(settings, relay, mesh) if settings.status_lease else None
     metrics = await serve_metrics(build_registry(relay), settings.metrics_host, settings.metrics_port)
     metrics_addr = metrics.sockets[0].getsockname()
     logger.bind(
@@ -323,6 +369,8 @@ async def serve(settings: CliSettings) -> None:
         await relay.drain()
     else:
         logger.bind(component="relay").info("signal received, shutting down")
+    if status is not None:
+        await status.close(delete=True)
     if stop_watch is not None:
         stop_watch()
     if stop_mesh_watch is not None:
