@@ -306,6 +306,10 @@ class MeshSpec:
     listen_port: int = 51820
     interface_name: str = "wire_kube"
     mtu: int = 1420
+    """The WireGuard interface's MTU (``spec.mtu``: a number, or ``auto``: 1420)."""
+    path_mtu: bool = True
+    """``spec.mtu: auto`` (the default): measure each direct peer's path MTU, set it on the peer's
+    routes and clamp TCP MSS to it (issue 18); a number keeps every path at the interface MTU."""
     engine: Engine = Engine.AUTO
     include_node_internal_ip: bool = False
     stun_servers: tuple[HostPort, ...] = ()
@@ -367,13 +371,15 @@ def mesh_from_cr(obj: Mapping[str, Any]) -> Mesh:
     if len(stun) == 1:
         raise c.fail("spec.stunServers", "needs at least 2 servers to tell cone from symmetric NAT")
 
+    mtu, path_mtu = _mesh_mtu(c, spec.get("mtu"))
     return Mesh(
         name=name,
         spec=MeshSpec(
             mesh_cidr=mesh_cidr,
             listen_port=c.integer(spec.get("listenPort"), "spec.listenPort", 51820, 1, 65535),
             interface_name=iface,
-            mtu=c.integer(spec.get("mtu"), "spec.mtu", 1420, 1280, 9000),
+            mtu=mtu,
+            path_mtu=path_mtu,
             engine=c.enum(Engine, spec.get("engine"), "spec.engine", Engine.AUTO),
             include_node_internal_ip=c.boolean(
                 auto.get("includeNodeInternalIP"), "spec.autoAllowedIPs.includeNodeInternalIP", False
@@ -448,6 +454,15 @@ class PeerSpec:
     persistent_keepalive: int = 25
 
 
+def _mesh_mtu(c: _Ctx, value: object) -> tuple[int, bool]:
+    """spec.mtu: (interface MTU, path MTU detection on)."""
+    if value is None or value == "auto":
+        return MeshSpec.mtu, True
+    if isinstance(value, bool) or not isinstance(value, int) or not 1280 <= value <= 9000:
+        raise c.fail("spec.mtu", f"must be 'auto' or an integer between 1280 and 9000, got {value!r}")
+    return value, False
+
+
 @dataclass(frozen=True)
 class PeerStatus:
     connected: bool = False
@@ -469,6 +484,9 @@ class PeerStatus:
     observed_endpoints: Mapping[str, str] = field(default_factory=dict)
     # Birthday attack coordination: our part in the current round with each symmetric peer.
     birthday: Mapping[str, BirthdayRound] = field(default_factory=dict)
+    # Path MTU (spec.mtu auto): the measured size, as the route MTU, of each direct peer whose path
+    # is smaller than the interface's MTU (others are absent: they get the full size).
+    path_mtu: Mapping[str, int] = field(default_factory=dict)
 
 
 MAX_BIRTHDAY_ROUNDS = 64
@@ -583,6 +601,10 @@ def _peer_status(c: _Ctx, status: Mapping[str, Any]) -> PeerStatus:
             if v
         },
         birthday=_birthday(c, c.mapping(status.get("birthday"), "status.birthday")),
+        path_mtu={
+            str(k): c.integer(v, f"status.pathMTU.{k}", 0, 68, 65535)
+            for k, v in c.mapping(status.get("pathMTU"), "status.pathMTU").items()
+        },
     )
 
 
@@ -667,6 +689,8 @@ def peer_status_to_cr(status: PeerStatus) -> dict[str, Any]:
         name: {"round": r.round, "notBefore": r.not_before, "portMin": r.port_min, "portMax": r.port_max}
         for name, r in sorted(status.birthday.items())
     }
+    if status.path_mtu:
+        out["pathMTU"] = dict(sorted(status.path_mtu.items()))
     return out
 
 

@@ -100,6 +100,7 @@ BAD_MESH_SPECS: list[tuple[dict[str, Any], str]] = [
     ({"meshCIDR": "10.0.0.1/16"}, "spec.meshCIDR"),
     ({"listenPort": 0}, "spec.listenPort"),
     ({"mtu": 9001}, "spec.mtu"),
+    ({"mtu": "big"}, "spec.mtu"),
     ({"relay": {"mode": "sometimes"}}, "spec.relay.mode"),
     ({"relay": {"provider": "external"}}, "spec.relay"),
     ({"stunServers": ["one:3478"]}, "spec.stunServers"),

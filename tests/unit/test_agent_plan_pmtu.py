@@ -41,3 +41,23 @@ def test_the_incremental_planner_agrees_and_an_mtu_change_is_one_replace_without
     assert [op for op in full if isinstance(op, P.AddRoute)] == [P.AddRoute(r) for r in sorted(adds, key=P._route_key)]
     assert not [op for op in full if isinstance(op, P.DelRoute)]
     assert P.diff(after, converged(after), NOW) == ()
+
+
+def test_spec_mtu_is_auto_by_default_or_a_fixed_number() -> None:
+    import pytest
+
+    from wirekube.errors import WireKubeError
+    from wirekube.models import PeerStatus, mesh_from_cr, peer_status_to_cr
+
+    def spec(**kw: object) -> dict[str, object]:
+        return {"metadata": {"name": "default"}, "spec": kw}
+    auto = mesh_from_cr(spec()).spec
+    assert (auto.mtu, auto.path_mtu) == (1420, True)
+    assert mesh_from_cr(spec(mtu="auto")).spec == auto
+    fixed = mesh_from_cr(spec(mtu=1420)).spec
+    assert (fixed.mtu, fixed.path_mtu) == (1420, False)
+    for bad in ("1420", "Auto", 1279, True):
+        with pytest.raises(WireKubeError, match="spec.mtu: must be 'auto' or an integer"):
+            mesh_from_cr(spec(mtu=bad))
+    assert "pathMTU" not in peer_status_to_cr(PeerStatus())
+    assert peer_status_to_cr(PeerStatus(path_mtu={"b": 1300, "a": 1220}))["pathMTU"] == {"a": 1220, "b": 1300}
