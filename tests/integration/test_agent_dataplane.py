@@ -211,6 +211,8 @@ def test_cleanup_removes_only_what_wirekube_owns(lab: NetnsLab) -> None:
     lab.write_peers([*lab.nodes[:3], node])
     lab.start_agent(node)
     wait_for(lambda: len(table_routes(node)) == 3, CONVERGE, "routes on the cleanup node")
+    wait_for(lambda: "table inet wirekube_mss" in node.run("nft", "list", "tables").stdout, CONVERGE,
+             "the agent's TCP MSS clamp (spec.mtu auto)")
     assert node.agent is not None
     node.agent.send_signal(signal.SIGTERM)
     node.agent.wait(timeout=15)
@@ -226,7 +228,7 @@ def test_cleanup_removes_only_what_wirekube_owns(lab: NetnsLab) -> None:
     assert "150:\tfrom all fwmark 0x1 lookup 100" in node.run("ip", "rule").stdout
     assert "10.123.0.0/24" in node.run("ip", "route").stdout
     tables = node.run("nft", "list", "tables").stdout
-    assert "someone_else" in tables and "table inet wirekube" not in tables
+    assert "someone_else" in tables and "table inet wirekube" not in tables and "wirekube_mss" not in tables
     assert lab.daemon_pids(node) == []
     assert '"changed": false' in node.run(*argv).stdout
     lab.write_peers(lab.nodes[:3])

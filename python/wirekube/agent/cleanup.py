@@ -2,7 +2,7 @@
 
 Removed: the WireGuard interface (and the wireguard-go daemon serving it, found through its UAPI
 socket), the rules WireKube owns (:func:`wirekube.agent.plan.is_wirekube_rule`), every route in
-table 22347 and the nftables table ``inet wirekube``.  Used by ``wirekubectl cleanup`` (also as an
+table 22347 and the nftables tables ``inet wirekube`` and ``inet wirekube_mss`` (the TCP MSS clamp).  Used by ``wirekubectl cleanup`` (also as an
 init container or Job).  Idempotent: a second run finds nothing to do.
 """
 
@@ -17,6 +17,7 @@ from loguru import logger
 
 from wirekube.agent.netlink import Netlink
 from wirekube.agent.plan import is_wirekube_rule
+from wirekube.agent.pmtu import MSS_TABLE
 from wirekube.agent.wg.userspace import SOCKET_DIR, UserspaceEngine, UserspaceSettings
 from wirekube.errors import DataplaneError
 from wirekube.models import ROUTE_TABLE
@@ -60,18 +61,19 @@ def cleanup(ifname: str = "wire_kube", socket_dir: Path = SOCKET_DIR) -> Cleanup
                 nl.del_rule(rule)
                 report.rules_removed.append(str(rule))
     report.nft_table_removed = _delete_nft_table()
+    report.nft_table_removed = _delete_nft_table(NFT_FAMILY, MSS_TABLE) or report.nft_table_removed
     logger.info("cleanup: {}", report)
     return report
 
 
-def _delete_nft_table() -> bool:
+def _delete_nft_table(family: str = NFT_FAMILY, table: str = NFT_TABLE) -> bool:
     nft = shutil.which("nft")
     if nft is None:
         return False
-    probe = subprocess.run([nft, "list", "table", NFT_FAMILY, NFT_TABLE], capture_output=True, check=False)  # noqa: S603
+    probe = subprocess.run([nft, "list", "table", family, table], capture_output=True, check=False)  # noqa: S603
     if probe.returncode != 0:
         return False
-    done = subprocess.run([nft, "delete", "table", NFT_FAMILY, NFT_TABLE], capture_output=True, check=False)  # noqa: S603
+    done = subprocess.run([nft, "delete", "table", family, table], capture_output=True, check=False)  # noqa: S603
     if done.returncode != 0:
-        raise DataplaneError(f"nft delete table {NFT_FAMILY} {NFT_TABLE}: {done.stderr.decode().strip()}")
+        raise DataplaneError(f"nft delete table {family} {table}: {done.stderr.decode().strip()}")
     return True

@@ -40,6 +40,7 @@ from wirekube.agent import keys as keystore
 from wirekube.agent.gateway import GatewayAgent
 from wirekube.agent.netlink import Netlink
 from wirekube.agent.plan import HANDSHAKE_FRESH_SECONDS, PeerPath
+from wirekube.agent.pmtu import PathMtu, targets_from
 from wirekube.agent.reconcile import Reconciler, ReconcilerSettings, Result, describe
 from wirekube.agent.registration import first_discovered
 from wirekube.agent.traversal import DIRECT_KEEPALIVE, RELAY_KEEPALIVE, Traversal
@@ -233,6 +234,17 @@ def run(settings: AgentSettings) -> int:
     elif settings.once and settings.traversal and settings.peers_file is None:
         # --once runs no traversal: plan what the running loop keeps (see once_paths).
         paths = lambda: _once_paths_now(reconciler, source, settings.node_name)  # noqa: E731
+    pathmtu = None
+    if not settings.once:  # path MTU (spec.mtu auto, issue 18): measured per direct peer, on its routes
+        inner_paths = paths
+        pathmtu = PathMtu(
+            lambda: targets_from(reconciler.source.snapshot(), reconciler.engine.get() if reconciler.engine else None,
+                                 inner_paths(), settings.node_name) if reconciler else {},
+            wake,
+            ifname=lambda: snap.mesh.spec.interface_name if reconciler and (snap := reconciler.source.snapshot())
+            else None,
+        )
+        paths = pathmtu.wrap(inner_paths)
     requested_by = "spec.engine" if settings.engine is Engine.AUTO else "--engine"
     reconciler = Reconciler(
         ReconcilerSettings(
@@ -250,7 +262,8 @@ def run(settings: AgentSettings) -> int:
         paths=paths,
         on_snapshot=(lambda snap, facts: traversal.update_view(
             snap.mesh, snap.peers, tuple(str(a) for a in facts.addresses))) if traversal else None,
-        decorate_status=lambda status: _decorate(status, traversal, reconciler, metrics, ready, requested_by),
+        decorate_status=lambda status: _decorate(pathmtu.decorate(status) if pathmtu else status, traversal,
+                                                 reconciler, metrics, ready, requested_by),
         guarded=NamedHostGuard(),
     )
     server = None
@@ -259,6 +272,8 @@ def run(settings: AgentSettings) -> int:
         server = serve(host or "0.0.0.0", int(port), metrics.registry, ready.is_set)
     if traversal is not None:
         traversal.start()
+    if pathmtu is not None:
+        pathmtu.start()
     if imds is not None and not settings.once:
         imds.start()
     gateway_agent = _gateway_agent(settings, source, metrics_resync=settings.resync_seconds)
@@ -277,6 +292,8 @@ def run(settings: AgentSettings) -> int:
             gateway_agent.stop()
         if traversal is not None:
             traversal.stop()
+        if pathmtu is not None:
+            pathmtu.stop()
         if imds is not None:
             imds.stop()
         if server is not None:
