@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from wirekube import k8s
+from wirekube.models import mesh_from_cr
 from wirekube.lab import orchestrate
 from wirekube.lab.net import Lab
 from wirekube.lab.topology import PrivateNetwork, Topology
@@ -193,7 +194,8 @@ def up(topology: Topology, name: str, *, wait: float = 120.0) -> orchestrate.Lab
     lab, kube, _ = orchestrate.attach(name)
     try:
         start_kubelets(lab, hybrid_nodes(lab))
-        start_overlay(lab, hybrid_nodes(lab), int(kube.get(k8s.MESHES, "default")["spec"].get("mtu") or 1420))
+        # The interface MTU as the agents read it (spec.mtu is a number or "auto").
+        start_overlay(lab, hybrid_nodes(lab), mesh_from_cr(kube.get(k8s.MESHES, "default")).spec.mtu)
         if gateway is not None:
             gw = gateway["metadata"]["name"]
             first = gateway["spec"]["peerRefs"][0]
