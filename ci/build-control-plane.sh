@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build the real kube-apiserver and etcd from the Go module proxy into a cache outside the repo.
+# Build the real kube-apiserver and etcd (and, for the kubelet lab, kubelet, kube-controller-manager
+# and kube-scheduler of the same version) from the Go module proxy into a cache outside the repo.
 #
 # Why: tests and the lab run against the genuine API server (CRD validation, CEL, admission
 # policies, watch semantics), never a hand-written fake.  The build is done once per machine and
@@ -18,44 +19,77 @@ STAGING_VERSION="v0.${K8S_VERSION#v1.}"
 mkdir -p "$BIN"
 APISERVER="$BIN/kube-apiserver-$K8S_VERSION"
 ETCD="$BIN/etcd-$ETCD_VERSION"
+# The node-side components for the kubelet lab (#22), same version as the API server.  Skip them
+# with WIREKUBE_CONTROL_PLANE_NODES=0 (only kube-apiserver/etcd are built then).
+NODE_COMPONENTS=(kubelet kube-controller-manager kube-scheduler)
+[[ "${WIREKUBE_CONTROL_PLANE_NODES:-1}" == 0 ]] && NODE_COMPONENTS=()
+TOTAL=$((2 + ${#NODE_COMPONENTS[@]}))
+N=0
 
 step() { printf '[build-control-plane] %s\n' "$*" >&2; }
 
-if [[ ! -x "$APISERVER" ]]; then
-  work="$CACHE/build/kube-apiserver-$K8S_VERSION"
-  rm -rf "$work"; mkdir -p "$work"; cd "$work"
-  step "1/4 resolving k8s.io/kubernetes@$K8S_VERSION (staging modules -> $STAGING_VERSION)"
-  modfile=$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
-  {
-    echo "module wirekube.local/controlplane"
-    echo
-    grep -E '^go [0-9]' "$modfile"
-    echo
-    echo "require k8s.io/kubernetes $K8S_VERSION"
-    echo
-    echo "replace ("
-    grep -E '=> \./staging/src/' "$modfile" | awk -v v="$STAGING_VERSION" '{print "\t" $1 " => " $1 " " v}'
-    echo ")"
-  } > go.mod
-  cat > tools.go <<'GO'
-//go:build tools
+# A module that requires k8s.io/kubernetes with its staging modules pointed at the published
+# releases, importing the given commands (so `go mod tidy` fetches exactly their graph).
+k8s_module() {  # dir cmd...
+  local dir=$1 c; shift
+  mkdir -p "$dir"; cd "$dir"
+  if [[ ! -f go.sum || ! -f .tools ]] || [[ "$(cat .tools)" != "$*" ]]; then
+    step "resolving k8s.io/kubernetes@$K8S_VERSION for $* (staging modules -> $STAGING_VERSION)"
+    local modfile
+    modfile=$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
+    {
+      echo "module wirekube.local/controlplane"
+      echo
+      grep -E '^go [0-9]' "$modfile"
+      echo
+      echo "require k8s.io/kubernetes $K8S_VERSION"
+      echo
+      echo "replace ("
+      grep -E '=> \./staging/src/' "$modfile" | awk -v v="$STAGING_VERSION" '{print "\t" $1 " => " $1 " " v}'
+      echo ")"
+    } > go.mod
+    {
+      printf '//go:build tools\n\npackage tools\n\nimport (\n'
+      for c in "$@"; do printf '\t_ "k8s.io/kubernetes/cmd/%s"\n' "$c"; done
+      printf ')\n'
+    } > tools.go
+    step "downloading the module graph of $*"
+    go mod tidy -e >/dev/null 2>tidy.log || { cat tidy.log >&2; exit 1; }
+    echo "$*" > .tools
+  fi
+}
 
-package tools
-
-import _ "k8s.io/kubernetes/cmd/kube-apiserver"
-GO
-  step "2/4 downloading kube-apiserver's module graph"
-  go mod tidy -e >/dev/null 2>tidy.log || { cat tidy.log >&2; exit 1; }
-  step "3/4 compiling kube-apiserver $K8S_VERSION (several minutes on 2 cores)"
+k8s_build() {  # cmd out
+  local t0=$SECONDS
+  N=$((N + 1))
+  step "$N/$TOTAL compiling $1 $K8S_VERSION (cold: several minutes on 2 cores; warm: under a minute)"
   CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=${K8S_VERSION#v1.}" \
-    -o "$APISERVER.tmp" k8s.io/kubernetes/cmd/kube-apiserver
-  mv "$APISERVER.tmp" "$APISERVER"
+    -o "$2.tmp" "k8s.io/kubernetes/cmd/$1"
+  mv "$2.tmp" "$2"
+  step "$N/$TOTAL $1 done in $((SECONDS - t0)) s"
+}
+
+if [[ ! -x "$APISERVER" ]]; then
+  k8s_module "$CACHE/build/kube-apiserver-$K8S_VERSION" kube-apiserver
+  k8s_build kube-apiserver "$APISERVER"
+else
+  N=$((N + 1))
 fi
+
+for c in "${NODE_COMPONENTS[@]}"; do
+  if [[ ! -x "$BIN/$c-$K8S_VERSION" ]]; then
+    k8s_module "$CACHE/build/kube-nodes-$K8S_VERSION" "${NODE_COMPONENTS[@]}"
+    k8s_build "$c" "$BIN/$c-$K8S_VERSION"
+  else
+    N=$((N + 1))
+  fi
+  ln -sf "$c-$K8S_VERSION" "$BIN/$c"
+done
 
 if [[ ! -x "$ETCD" ]]; then
   work="$CACHE/build/etcd-$ETCD_VERSION"
   rm -rf "$work"; mkdir -p "$work"; cd "$work"
-  step "4/4 compiling etcd $ETCD_VERSION"
+  N=$((N + 1)); step "$N/$TOTAL compiling etcd $ETCD_VERSION"
   cat > go.mod <<GOMOD
 module wirekube.local/etcd
 
@@ -82,5 +116,5 @@ fi
 
 ln -sf "$(basename "$APISERVER")" "$BIN/kube-apiserver"
 ln -sf "$(basename "$ETCD")" "$BIN/etcd"
-step "ready: $APISERVER $ETCD"
+step "ready: $APISERVER $ETCD ${NODE_COMPONENTS[*]}"
 echo "$BIN"

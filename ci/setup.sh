@@ -13,7 +13,9 @@ STEPS=5
 say() { printf '\033[1m[setup %s/%s]\033[0m %s\n' "$1" "$STEPS" "$2" >&2; }
 
 APT_PACKAGES=(wireguard-go wireguard-tools nftables iptables iproute2 iputils-ping iperf3 socat
-              coturn conntrack procps util-linux kmod)
+              coturn conntrack procps util-linux kmod
+              # images and kubelet nodes (#22): rootfs, image builds, the CRI runtime, pod networking
+              mmdebstrap buildah containerd runc containernetworking-plugins)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -28,7 +30,9 @@ else
 fi
 
 say 2 "kube-apiserver, etcd and chart-testing (built once from the Go module proxy into $CACHE)"
-bash ci/build-control-plane.sh >/dev/null
+# kubelet/controller-manager/scheduler only for the kubelet lab (`make lab-chart`): cold, they cost
+# 20+ minutes on 2 cores, which `make test` does not need.
+WIREKUBE_CONTROL_PLANE_NODES="${WIREKUBE_CONTROL_PLANE_NODES:-0}" bash ci/build-control-plane.sh >/dev/null
 bash ci/build-ct.sh
 
 TOOLS="$CACHE/tools"

@@ -49,7 +49,7 @@ def test_a_directory_or_a_bad_file_is_an_error_naming_it(tmp_path: Path) -> None
         resolve_topology(str(bad))
 
 
-@pytest.mark.parametrize("name", list(BUILTIN_TOPOLOGIES))
+@pytest.mark.parametrize("name", [n for n in BUILTIN_TOPOLOGIES if builtin_topology(n).kubernetes == "processes"])
 def test_every_built_in_gets_the_vpc_gateway_with_a_health_check_and_pods(name: str) -> None:
     topology = builtin_topology(name)
     gw = scenario.gateway_object(topology)

@@ -152,6 +152,7 @@ class Internet:
 
 
 NODE_ENGINES = ("userspace", "kernel")
+KUBERNETES_MODES = ("processes", "kubelet")
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,9 @@ class Topology:
     sites: tuple[Site, ...]
     networks: tuple[PrivateNetwork, ...] = ()
     management: Management = field(default_factory=lambda: Management(DEFAULT_MANAGEMENT))
+    # How WireKube runs on the nodes: "processes" (the lab starts agents and relays itself) or
+    # "kubelet" (each node runs containerd + a kubelet; WireKube is installed with helm).
+    kubernetes: str = "processes"
 
     def nodes(self) -> Iterator[tuple[Site, Node]]:
         for site in self.sites:
@@ -268,6 +272,7 @@ class Topology:
                 "stun": [str(s) for s in self.internet.stun],
             },
             "management": {"cidr": str(self.management.cidr)},
+            **({"kubernetes": self.kubernetes} if self.kubernetes != "processes" else {}),
             "sites": [
                 {
                     "name": site.name,
@@ -481,7 +486,11 @@ def _parse(doc: Any, problems: _Problems) -> Topology | None:
         if doc is None:
             problems.add("", "the document is empty; it needs at least 'sites'")
         return None
-    _keys(root, "", ("internet", "management", "sites", "networks"), problems)
+    _keys(root, "", ("internet", "management", "sites", "networks", "kubernetes"), problems)
+    kubernetes = root.get("kubernetes", "processes")
+    if kubernetes not in KUBERNETES_MODES:
+        problems.add("kubernetes", f"must be one of {', '.join(KUBERNETES_MODES)}, not {kubernetes!r}")
+        kubernetes = "processes"
 
     internet = _parse_internet(root.get("internet"), problems)
     management = _parse_management(root.get("management"), problems)
@@ -524,7 +533,9 @@ def _parse(doc: Any, problems: _Problems) -> Topology | None:
             )
     if internet is None or management is None:
         return None
-    return Topology(internet, tuple(sites), tuple(networks), management)
+    if kubernetes == "kubelet" and any(node.engine != "userspace" or node.pods for site in sites for node in site.nodes):
+        problems.add("kubernetes", "kubelet nodes run pods of their own: no `pods:` and no `engine: kernel` nodes")
+    return Topology(internet, tuple(sites), tuple(networks), management, kubernetes)
 
 
 def _parse_internet(raw: Any, problems: _Problems) -> Internet | None:
@@ -1057,9 +1068,34 @@ networks:
         routes: [172.20.0.0/16, 10.20.0.0/16, 10.200.0.0/16]
 """
 
+CHART_TOPOLOGY_YAML = """\
+# The Helm chart on real Kubernetes nodes (issue 22): each node runs containerd + a kubelet in its
+# namespace, and WireKube is installed with `helm install` (agents as the DaemonSet). Small on
+# purpose: an open node, one behind a port-restricted cone, one behind a symmetric NAT, so both
+# direct and relayed pairs exist.
+internet:
+  relay: 198.18.0.2:3478
+  stun: [198.18.0.2:3478, 198.18.0.3:3478]
+kubernetes: kubelet
+sites:
+  - name: cloud
+    nat: none
+    lan: 198.19.1.0/24
+    nodes: [{name: ec2-a}]
+  - name: home
+    nat: port-restricted-cone
+    lan: 192.168.2.0/24
+    nodes: [{name: home-1}]
+  - name: mobile
+    nat: symmetric
+    lan: 192.168.3.0/24
+    nodes: [{name: phone-1}]
+"""
+
 BUILTIN_TOPOLOGIES: Mapping[str, str] = {
     "default": DEFAULT_TOPOLOGY_YAML,
     "eks-hybrid": EKS_HYBRID_TOPOLOGY_YAML,
+    "chart": CHART_TOPOLOGY_YAML,
 }
 
 BUILTIN_DESCRIPTIONS: Mapping[str, str] = {
@@ -1067,6 +1103,8 @@ BUILTIN_DESCRIPTIONS: Mapping[str, str] = {
                "a pod per node",
     "eks-hybrid": "the EKS Hybrid guide's CIDRs: 2 EC2 nodes + a VPC host, 3 hybrid nodes behind "
                   "port-restricted cone and symmetric NAT, a pod per node",
+    "chart": "the Helm chart on 3 real kubelet nodes (open, port-restricted cone, symmetric): "
+             "`make images` first",
 }
 
 
