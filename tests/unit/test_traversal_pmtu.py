@@ -81,3 +81,10 @@ def test_a_search_without_any_answer_keeps_the_size_after_failed_checks_and_retr
     s.checked("a", False, 20)
     s.searched("a", None, 21)  # the peer is down, not a smaller path
     assert s.mtus() == {"a": 1300} and s.to_search(31) == ["a"]
+
+
+def test_wireguard_padding_is_counted() -> None:
+    from wirekube.traversal.pmtu import largest_inner, wire_size
+    assert largest_inner(1280, 60) == 1216 and wire_size(1216, 60) == 1276 and wire_size(1217, 60) == 1292
+    assert largest_inner(1500, 60) == 1440 and wire_size(1420, 60, link_mtu=1420) == 1480
+    assert largest_inner(1280, 80) == 1200

@@ -5,7 +5,7 @@
   interface to each direct peer's mesh IP, so the outer WireGuard packet carries the size across
   the underlay; the peer's kernel answers.  The search and the schedule are pure
   (:mod:`wirekube.traversal.pmtu`): parallel rounds at first sight of a peer, when its WireGuard
-  endpoint moves and every 10 min; a one-packet check at the current size every 5 s, two
+  endpoint moves and every 10 min; a one-packet check at the current size every 3 s, two
   unanswered in a row start a new search.  Works the same with kernel WireGuard and
   wireguard-go (both only see inner packets).  Relayed peers are not measured: the relay is TCP
   and carries the full size.
@@ -283,7 +283,7 @@ class PathMtu:
                 if before.get(name) != mtus.get(name) and name in mtus:
                     t = targets[name]
                     self._log.info("path MTU of {} ({}): {} bytes (WireGuard packets of {}){}", name, t.endpoint,
-                                   mtus[name], mtus[name] + t.overhead,
+                                   mtus[name], pmtu.wire_size(mtus[name], t.overhead, link),
                                    "" if mtus[name] >= link else f"; its routes get mtu {mtus[name]}")
             self._wake()
 

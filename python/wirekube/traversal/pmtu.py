@@ -3,7 +3,8 @@
 The agent (:mod:`wirekube.agent.pmtu`) sends ICMP echo requests with DF set through the WireGuard
 interface to a peer's mesh IP.  An echo of ``size`` bytes (the inner IPv4 packet) leaves this node
 as a WireGuard packet of ``size + overhead`` bytes (:data:`IPV4_OVERHEAD`: outer IPv4 20 + UDP 8 +
-WireGuard data header 16 + authentication tag 16), so a reply says that a packet of that size
+WireGuard data header 16 + authentication tag 16; WireGuard also pads the inner packet to a multiple
+of 16 bytes, see :func:`wire_size`), so a reply says that a packet of that size
 crossed the underlay both ways.  The largest inner size that gets a reply is the MTU for that
 peer's routes.
 
@@ -15,8 +16,8 @@ evidence that a size fits: a lost probe can make the answer smaller than the tru
 (property-tested).
 
 :class:`Schedule` decides when to search again: at first sight of a direct peer, when its
-endpoint changes, every ``research_every`` seconds, and when a *check* fails: every
-``check_every`` seconds one echo at the current size is sent (cheap: one packet), and
+endpoint changes, every ``research_every`` seconds (the only way a path that grew is noticed),
+and when a *check* fails: every ``check_every`` seconds one echo at the current size is sent (cheap: one packet), and
 ``check_failures`` unanswered checks in a row mean the path shrank (a lowered MTU on the way).
 """
 
@@ -38,8 +39,24 @@ ECHO_HEADERS = 28
 """Inner IPv4 header 20 + ICMP echo header 8: payload = size - ECHO_HEADERS."""
 
 
+PADDING = 16
+"""WireGuard pads every inner packet to a multiple of 16 bytes (never beyond the interface MTU)."""
+
+
 def overhead(endpoint_is_ipv6: bool) -> int:
     return IPV6_OVERHEAD if endpoint_is_ipv6 else IPV4_OVERHEAD
+
+
+def wire_size(inner: int, overhead: int, link_mtu: int | None = None) -> int:
+    """The WireGuard packet that carries an inner packet of ``inner`` bytes."""
+    padded = -(-inner // PADDING) * PADDING
+    return (min(padded, link_mtu) if link_mtu is not None else padded) + overhead
+
+
+def largest_inner(path: int, overhead: int) -> int:
+    """The largest inner packet a ``path``-byte underlay carries (e.g. 1216 for 1280 over IPv4:
+    1220 would be padded to 1232, a 1292-byte WireGuard packet)."""
+    return (path - overhead) // PADDING * PADDING
 
 
 class Search:
@@ -101,7 +118,7 @@ class Search:
 
 @dataclass(frozen=True)
 class Timing:
-    check_every: float = 5.0
+    check_every: float = 3.0
     check_failures: int = 2
     research_every: float = 600.0
     retry_unreachable: float = 10.0
