@@ -23,6 +23,7 @@ from typing import Any
 
 from wirekube.cli.nodestate import NodeState
 from wirekube.models import ROUTE_TABLE as ROUTE_TABLE_ID
+from wirekube.traversal import pmtu
 
 JSON = Mapping[str, Any]
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -152,6 +153,7 @@ def check_peers(peers: Sequence[JSON], node_filter: str | None = None) -> list[F
         engine = status.get("engine") or ""
         if engine:
             findings.append(check_engine(name, engine))
+        findings.extend(check_path_mtu(name, status.get("pathMTU") or {}))
         for cond in status.get("conditions") or []:
             if cond.get("type") == "RelayProxyEPERM" and cond.get("status") == "True":
                 findings.append(Finding(
@@ -159,6 +161,21 @@ def check_peers(peers: Sequence[JSON], node_filter: str | None = None) -> list[F
                     "Cilium's socket LB hook is blocking loopback UDP; the agent retries every 3 s. If it persists, "
                     "reboot the node once (stale BPF/iptables state, see the EKS Hybrid guide)"))
     return findings
+
+
+def check_path_mtu(name: str, path_mtu: Mapping[str, Any]) -> list[Finding]:
+    """A warning for every peer whose measured path is below 1280 bytes (IPv6's minimum link MTU;
+    such paths are broken links or tunnels more often than real constraints)."""
+    out = []
+    for peer, mtu in sorted(path_mtu.items()):
+        if isinstance(mtu, int) and pmtu.path_below(mtu):
+            out.append(Finding(
+                "path-mtu", WARN, f"{name} -> {peer}",
+                f"path MTU {mtu} (WireGuard packets of {pmtu.wire_size(mtu, pmtu.IPV4_OVERHEAD)} bytes): the path "
+                f"between the nodes is below {pmtu.WARN_BELOW} bytes",
+                "the agent clamps routes and TCP to it, but IPv6 over the mesh and UDP applications that send "
+                "large datagrams with DF will fail; check the links between the two nodes (VPN, PPPoE, tunnels)"))
+    return out
 
 
 ENGINE_FIX = (

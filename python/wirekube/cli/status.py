@@ -44,6 +44,8 @@ class Pair:
     target: str
     transport: str  # direct | relay | down
     reason: str = ""
+    path_mtu: int = 0
+    """The route MTU the *from* side measured and applied (status.pathMTU); 0: the interface's."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,8 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {
             "nodes": [asdict(n) for n in self.nodes],
-            "pairs": [{"from": p.source, "to": p.target, "transport": p.transport, "reason": p.reason} for p in self.pairs],
+            "pairs": [{"from": p.source, "to": p.target, "transport": p.transport, "reason": p.reason}
+                      | ({"pathMTU": p.path_mtu} if p.path_mtu else {}) for p in self.pairs],
             "gateways": [asdict(g) | {"peer_health": dict(g.peer_health)} for g in self.gateways],
             "relayEndpoints": list(self.relay_endpoints),
             "relayReplicas": [asdict(r) | {"age": round(r.age, 1) if r.age != float("inf") else None}
@@ -112,12 +115,14 @@ def build_report(peers: Iterable[JSON], gateways: Iterable[JSON] = (), mesh: JSO
         status = _status(src)
         transports = status.get("peerTransports") or {}
         reasons = status.get("relayReasons") or {}
+        mtus = status.get("pathMTU") or {}
         for dst in peers:
             a, b = src["metadata"]["name"], dst["metadata"]["name"]
             if a == b:
                 continue
             transport = transports.get(b) if status.get("connected") else None
-            pairs.append(Pair(a, b, transport or "down", reasons.get(b, "") if transport == "relay" else ""))
+            pairs.append(Pair(a, b, transport or "down", reasons.get(b, "") if transport == "relay" else "",
+                              int(mtus.get(b) or 0) if transport == "direct" else 0))
     gws = tuple(
         GatewayRow(
             name=g["metadata"]["name"],
@@ -175,6 +180,9 @@ def render_table(report: Report, *, colour: bool = False) -> str:
         relayed = [p for p in report.pairs if p.transport == "relay" and p.reason]
         if relayed:
             parts.append("\n".join(f"relay {p.source} -> {p.target}: {p.reason}" for p in relayed))
+        small = [p for p in report.pairs if p.path_mtu]
+        if small:
+            parts.append("\n".join(f"path MTU {p.source} -> {p.target}: {p.path_mtu}" for p in small))
     if report.gateways:
         gheader = ["GATEWAY", "ACTIVE", "READY", "ROUTES", "HEALTH"]
         grows = [[g.name, g.active_peer or "-", str(g.ready).lower(), str(g.routes),

@@ -53,6 +53,12 @@ def wire_size(inner: int, overhead: int, link_mtu: int | None = None) -> int:
     return (min(padded, link_mtu) if link_mtu is not None else padded) + overhead
 
 
+def path_below(inner: int, floor: int = WARN_BELOW, overhead: int = IPV4_OVERHEAD) -> bool:
+    """Whether a measured inner size ``inner`` proves the underlay path smaller than ``floor``
+    (the next padded size would have fitted a ``floor``-byte path, and did not pass)."""
+    return wire_size(inner + PADDING, overhead) <= floor
+
+
 def largest_inner(path: int, overhead: int) -> int:
     """The largest inner packet a ``path``-byte underlay carries (e.g. 1216 for 1280 over IPv4:
     1220 would be padded to 1232, a 1292-byte WireGuard packet)."""
