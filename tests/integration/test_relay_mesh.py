@@ -18,6 +18,11 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fixtures.wait import wait_for
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -101,14 +106,16 @@ class Replica:
 
 
 @contextlib.asynccontextmanager
-async def replicas(count: int, secret: bytes = SECRET, **overrides: object) -> AsyncIterator[list[Replica]]:
+async def replicas(count: int, secret: bytes = SECRET, mesh_overrides: dict[str, Any] | None = None,
+                   **overrides: object) -> AsyncIterator[list[Replica]]:
     """``count`` meshed replicas; each is given every mesh address, its own included."""
     mesh_ports = [free_port() for _ in range(count)]
     peers = tuple((LOCALHOST, p) for p in mesh_ports)
     out = []
     for port in mesh_ports:
         relay = RelayServer(relay_settings(**overrides))  # type: ignore[arg-type]
-        mesh = RelayMesh(relay, MeshSettings(secret=secret, listen_host=LOCALHOST, listen_port=port, peers=peers))
+        mesh = RelayMesh(relay, MeshSettings(secret=secret, listen_host=LOCALHOST, listen_port=port, peers=peers,
+                                             **(mesh_overrides or {})))
         await relay.start()
         await mesh.start()
         out.append(Replica(relay, mesh))
@@ -247,15 +254,19 @@ def test_a_client_of_one_replica_cannot_register_a_key_held_on_another() -> None
 
 
 def test_the_latest_registration_of_a_key_wins_across_replicas() -> None:
+    """A node that registered again through another replica left its old connection behind,
+    silent: that one is dropped and the key's data goes to the newest registration."""
     async def main() -> None:
-        async with replicas(2) as (r1, r2):
+        async with replicas(2, mesh_overrides={"sibling_silence": 0.5}) as (r1, r2):
             key = X25519PrivateKey.generate()
-            old, pub = await client_on(r1.address, key)
+            old = await SpecClient.open(r1.address)  # sends nothing after registering: silent
+            assert (await old.register(key))[0] == REGISTERED
+            pub = raw_public(key)
             peer, _ = await client_on(r1.address)
             await settle([r1, r2], pub)
             new, _ = await client_on(r2.address, key)
-            reason = await asyncio.wait_for(old.wait_closed(), 5)
-            assert "another relay replica" in reason
+            frames = await asyncio.wait_for(old.read_until_closed(), 5)
+            assert frames and frames[-1][0] == ERROR and b"another relay replica" in frames[-1][1]
             await wait_until(lambda: pub not in r1.relay.routes and pub in r1.relay.remote_routes, 5,
                              "r1 to forward the key to r2")
             assert r1.mesh.stats.evictions == 1
@@ -265,6 +276,39 @@ def test_the_latest_registration_of_a_key_wins_across_replicas() -> None:
                 await c.close()
 
     run(main())
+
+
+def test_one_key_connected_to_two_replicas_is_one_client_not_two_evicting_each_other() -> None:
+    """One agent given two relay addresses that reach two replicas: both connections stay (their
+    client is alive), every replica's clients reach it, and when one goes the other carries on."""
+    async def main() -> None:
+        async with replicas(3, mesh_overrides={"sibling_silence": 2.0}) as (r1, r2, r3):
+            key = X25519PrivateKey.generate()
+            # a keepalive well within the silence limit, as the agent's 25 s is within 35 s
+            alive = RelayClientSettings(keepalive_interval=0.3)
+            first, pub = await client_on(r1.address, key, alive)
+            await settle([r1, r2, r3], pub)
+            second, _ = await client_on(r2.address, key, alive)
+            on_r1, _ = await client_on(r1.address)
+            on_r3, _ = await client_on(r3.address)
+            await wait_until(lambda: r3.relay.remote_routes.get(pub) is r3.mesh.links.get(r2.mesh.id), 5,
+                             "r3 to forward the key to the newest registration (r2)")
+            await asyncio.sleep(3 * 2.0)  # longer than the silence limit: a live sibling is not dropped
+            assert not first.closed and not second.closed
+            assert r1.mesh.stats.evictions == 0 and r1.mesh.stats.siblings_kept == 1
+            on_r1.send(pub, b"from r1")  # r1 delivers to its own connection for the key
+            assert await asyncio.wait_for(first.recv(), 5) == (on_r1.public_key, b"from r1")
+            on_r3.send(pub, b"from r3")  # r3 forwards to the newest registration
+            assert await asyncio.wait_for(second.recv(), 5) == (on_r3.public_key, b"from r3")
+            await second.close()  # the newest goes: r3 falls back to r1's connection
+            await wait_until(lambda: r3.relay.remote_routes.get(pub) is r3.mesh.links.get(r1.mesh.id), 5,
+                             "r3 to forward the key to r1")
+            on_r3.send(pub, b"after")
+            assert await asyncio.wait_for(first.recv(), 5) == (on_r3.public_key, b"after")
+            for c in (first, on_r1, on_r3):
+                await c.close()
+
+    run(main(), timeout=60)
 
 
 def test_a_stalled_client_behind_the_mesh_costs_the_other_replica_at_most_its_caps() -> None:
@@ -583,3 +627,78 @@ def test_unproven_mesh_connections_are_bounded() -> None:
             await wait_until(lambda: not r1.mesh.all_links, 10, "the idle links to go")
 
     run(main())
+
+
+LAB3_TOPOLOGY = """
+internet:
+  relay: {address: 198.18.0.2:3478, replicas: 3}   # 3 relay replicas behind one "NLB" address
+  stun: [198.18.0.2:3478, 198.18.0.3:3478]
+sites:
+  - {name: cloud, nat: none, nodes: [{name: ec2-a}]}
+  - {name: prc, nat: port-restricted-cone, nodes: [{name: prc-1}]}
+  - {name: sym1, nat: symmetric, nodes: [{name: sym1-1}]}
+  - {name: sym2, nat: symmetric, nodes: [{name: sym2-1}]}
+  - {name: udpblock, nat: udp-blocked, nodes: [{name: udpblock-1}]}
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.apiserver
+def test_three_replicas_behind_the_lab_load_balancer_carry_every_predicted_relay_pair() -> None:
+    """A small lab (one node per kind of NAT, real agents and wireguard-go) with 3 relay replicas
+    behind the load-balancer address: every pair the NAT matrix relays is up and passes traffic,
+    whatever replica each end landed on; every replica is linked to the other two."""
+    import re
+    import uuid
+
+    from wirekube.lab import orchestrate
+    from wirekube.lab.topology import parse_topology_yaml
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces (skipped: not running as root)")
+    name = f"r3{uuid.uuid4().hex[:5]}"
+    try:
+        orchestrate.up(parse_topology_yaml(LAB3_TOPOLOGY), name, wait=120)
+        lab_, kube, _ = orchestrate.attach(name)
+        replicas = orchestrate.relay_replicas(lab_)
+        assert len(replicas) == 3
+
+        def metrics(index: int) -> str:
+            host = orchestrate.relay_endpoints(lab_)[index].host
+            return lab_.exec("internet", ["curl", "-s", "-m", "5", f"http://{host}:9478/metrics"], check=True).stdout
+
+        def metric(text: str, series: str) -> float:
+            match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
+            return float(match.group(1)) if match else 0.0
+
+        wait_for(lambda: all(metric(metrics(i), "wirekube_relay_mesh_links") == 2 for i in replicas),
+                 30, "every replica linked to the other two", interval=0.5)
+        expected = orchestrate.expected_pairs(lab_)
+        relayed = sorted(k for k, v in expected.items() if v == "relay")
+        assert len(relayed) >= 12, relayed  # udp-blocked <-> all, sym <-> sym, sym <-> prc
+
+        def down() -> list[tuple[str, str]]:
+            got = {(p["from"], p["to"]): p for p in orchestrate.collect(lab_, kube)["pairs"]}
+            return [k for k in relayed if got[k]["transport"] != "relay" or got[k]["rttMs"] is None]
+
+        def all_up() -> bool:
+            missing = down()
+            if missing:
+                print(f"relay pairs not yet up: {missing}")
+            return not missing
+
+        wait_for(all_up, 60, "every predicted relay pair up", interval=1.0)
+        held = [metric(metrics(i), 'wirekube_relay_connections{state="registered"}') for i in replicas]
+        print(f"3 replicas: {len(relayed)} predicted relay pairs all up; relay clients per replica: {held}")
+        assert sum(held) == len(lab_.nodes), held  # one relay connection per node, each on one replica
+        if sum(1 for h in held if h) >= 2:  # some relayed pair spans two replicas: the mesh carried it
+            mesh_in = [sum(float(v) for v in re.findall(r'mesh_frames_total\{direction="in".*\} (\S+)', metrics(i)))
+                       for i in replicas]
+            assert sum(mesh_in) > 0, mesh_in
+        else:
+            print("every node landed on one replica this time (p = 1/81); cross-replica pairs are forced in "
+                  "test_both_ends_on_one_replica_and_on_different_replicas")
+        kube.close()
+    finally:
+        orchestrate.down(name)
+

@@ -128,6 +128,20 @@ def test_the_newest_claim_of_a_key_wins_and_evicts_the_local_holder() -> None:
     assert d.peer_down(A).routes == {K: None} and d.holder(K) is None
 
 
+def test_outranked_says_whether_a_newer_claim_than_ours_remains() -> None:
+    d = KeyDirectory(SELF)
+    stamp = d.register_local(K, now_us=1000)
+    assert not d.outranked(K)
+    d.peer_holds(A, [(K, stamp - 1)])
+    assert not d.outranked(K)  # older claim elsewhere
+    d.peer_holds(B, [(K, stamp + 5)])
+    assert d.outranked(K)
+    d.peer_releases(B, [(K, stamp + 5)])
+    assert not d.outranked(K)  # the newer one went: ours is the newest again
+    d.release_local(K)
+    assert not d.outranked(K)
+
+
 def test_stamps_follow_what_was_seen_even_with_a_slow_clock() -> None:
     d = KeyDirectory(SELF)
     d.peer_holds(A, [(K, 5_000_000)])

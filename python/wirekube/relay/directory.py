@@ -3,9 +3,10 @@
 Each replica knows the keys registered with itself (``local``, each with its registration stamp)
 and, per authenticated mesh peer, the keys that peer says it holds.  A key may briefly be claimed
 by more than one replica (a node that reconnected through the load balancer to another replica
-while its old connection still looks alive); the newest claim wins everywhere (see
-:func:`wirekube.relay.meshwire.newer`), and a replica that learns of a newer claim for a key it
-holds drops its own connection.
+while its old connection still looks alive, or one agent connected to two replicas on purpose);
+the newest claim wins everywhere else (see :func:`wirekube.relay.meshwire.newer`), and a replica
+that learns of a newer claim for a key it holds is told to drop its own connection (the mesh
+keeps it while its client is still heard: :class:`wirekube.relay.mesh.RelayMesh`).
 
 The caller feeds events in and applies what comes out: :class:`Change` says which keys now route
 to which peer (``None``: to no peer) and which local keys to evict.
@@ -96,6 +97,14 @@ class KeyDirectory:
     def holder(self, key: bytes) -> bytes | None:
         """The peer to forward ``key``'s data to (ignoring local registrations), or None."""
         return self._best.get(key)
+
+    def outranked(self, key: bytes) -> bool:
+        """Whether some peer claims ``key`` with a newer registration than the local one."""
+        mine = self.local.get(key)
+        best = self._best.get(key)
+        if mine is None or best is None:
+            return False
+        return newer(self.remote[best][key], best, mine, self.replica_id)
 
     def keys_of(self, peer: bytes) -> int:
         return len(self.remote.get(peer, {}))

@@ -9,6 +9,13 @@ push per registration and release), and forwards Data for a key held elsewhere o
 that replica: exactly one hop.  Frames that arrive over a mesh link are delivered only to the
 receiving replica's own clients, never forwarded again, so there are no loops.
 
+The latest registration of a key wins: the other replicas forward to it.  A replica that still
+holds an older connection for the key drops it when its client has fallen silent (a node that
+moved on through the load balancer left it behind), and keeps it while its client is heard
+(``sibling_silence``): one agent given two relay addresses that reach two replicas then keeps
+both connections as one client, its own replica delivering locally, instead of the two
+registrations evicting each other.
+
 A mesh link is a :class:`~wirekube.relay.server.FrameSink` like a client connection: as a
 destination it has a byte budget (``queue_limit_bytes``; beyond it frames are dropped and
 counted) and it pushes back on the clients that feed only it while it is congested; as a sender
@@ -63,7 +70,7 @@ from wirekube.relay.protocol import (
     split_frames,
     truncate_run,
 )
-from wirekube.relay.server import FrameSink, RelayServer
+from wirekube.relay.server import FrameSink, RelayConnection, RelayServer
 
 _log = logger.bind(component="relay-mesh")
 DEFAULT_MESH_PORT = 3480
@@ -88,6 +95,11 @@ class MeshSettings:
     """Cap on bytes waiting to be written to one mesh link."""
     redial_initial: float = 0.1
     redial_max: float = 5.0
+    sibling_silence: float = 35.0
+    """A local connection for a key that another replica registered later is kept while its
+    client was heard within this long (clients send a Keepalive every 25 s): one agent given two
+    relay addresses that reach two replicas keeps both connections instead of the two evicting
+    each other.  Once silent this long it is dropped (a node that moved on left it behind)."""
 
 
 class LinkState(enum.Enum):
@@ -112,6 +124,9 @@ class MeshStats:
     auth_failures: int = 0
     evictions: int = 0
     """Local registrations dropped because another replica holds a newer one."""
+    siblings_kept: int = 0
+    """Local registrations kept although another replica holds a newer one, their client being
+    alive (the same key connected to two replicas)."""
     closed: Counter[str] = field(default_factory=Counter)
     per_peer: dict[str, LinkStats] = field(default_factory=dict)
     """Counters per peer replica (the first 8 hex digits of its id); kept across reconnects."""
@@ -386,6 +401,8 @@ class RelayMesh:
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._log = _log.bind(replica=self.id.hex()[:8])
+        self._siblings: dict[bytes, RelayConnection] = {}
+        """Local keys another replica registered later, kept while their client is heard."""
         relay.mesh = self
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -467,6 +484,21 @@ class RelayMesh:
                     link.close("mesh link silent", "silent")
                 else:
                     link.send_control([_KEEPALIVE])
+            self._check_siblings()
+
+    def _check_siblings(self) -> None:
+        """Drop a kept local connection once its client falls silent (or forget it once no newer
+        claim remains or it went away by itself)."""
+        for key, conn in list(self._siblings.items()):
+            if self.relay.routes.get(key) is not conn or not self.directory.outranked(key):
+                del self._siblings[key]
+            elif self._silent(conn):
+                del self._siblings[key]
+                self.stats.evictions += 1
+                self.relay.evict(key)
+
+    def _silent(self, conn: RelayConnection) -> bool:
+        return asyncio.get_running_loop().time() - conn.last_rx > self.settings.sibling_silence
 
     # -- links ------------------------------------------------------------------------------
 
@@ -517,8 +549,15 @@ class RelayMesh:
             else:
                 remote[key] = link
         for key in change.evict:
-            self.stats.evictions += 1
-            self.relay.evict(key)
+            conn = self.relay.routes.get(key)
+            if conn is None:
+                continue
+            if self._silent(conn):  # left behind by a node that registered again elsewhere
+                self.stats.evictions += 1
+                self.relay.evict(key)
+            elif key not in self._siblings:  # its client is alive: the same key on two replicas
+                self._siblings[key] = conn
+                self.stats.siblings_kept += 1
 
     # -- the relay's hooks (MeshHooks) ------------------------------------------------------
 

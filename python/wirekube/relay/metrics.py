@@ -82,8 +82,10 @@ def _mesh_metrics(relay: RelayServer) -> Iterator[Metric]:
                             value=len(relay.remote_routes))
     yield _counter("mesh_auth_failures", "Mesh links refused for a wrong proof of the mesh secret.",
                    mesh.stats.auth_failures)
-    yield _counter("mesh_evictions", "Registrations dropped because another replica holds a newer one.",
-                   mesh.stats.evictions)
+    yield _counter("mesh_evictions", "Registrations dropped because another replica holds a newer one "
+                   "and their client fell silent.", mesh.stats.evictions)
+    yield _counter("mesh_siblings_kept", "Registrations kept although another replica holds a newer one, "
+                   "their client being alive (one key connected to two replicas).", mesh.stats.siblings_kept)
     yield _labelled("mesh_link_closes", "Mesh links ended, by reason.", "reason", mesh.stats.closed)
     frames = CounterMetricFamily(PREFIX + "mesh_frames", "Data frames over mesh links, per peer replica.",
                                  labels=["peer", "direction"])
