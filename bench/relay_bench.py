@@ -371,8 +371,12 @@ def run_once(kind: str, size: int, pairs: int, warmup: float, duration: float,
     the first, every receiver on the second) | socat | direct."""
     ctx = mp.get_context("fork")
     keys = [(X25519PrivateKey.generate(), X25519PrivateKey.generate()) for _ in range(pairs)]
-    relays = _meshed_relays(2) if kind == "relay-cross" else [RelayProcess(profile_to)] if kind == "relay" else []
+    if kind.startswith("relay-workers"):  # relay-workersN: N processes sharing the port
+        relays = ReusePortWorkers(int(kind.removeprefix("relay-workers"))).relays
+    else:
+        relays = _meshed_relays(2) if kind == "relay-cross" else [RelayProcess(profile_to)] if kind == "relay" else []
     relay = relays[-1] if relays else None  # where the receivers are (and whose counters are read)
+    workers = kind.startswith("relay-workers")
     socats: list[SocatPair] = []
     try:
         rcfgs = [{"register": relay is not None, "connect": relay.address if relay else None,
@@ -395,7 +399,14 @@ def run_once(kind: str, size: int, pairs: int, warmup: float, duration: float,
                     if not conn.poll(30):
                         raise RuntimeError(f"{kind}: a generator did not get ready")
                     assert conn.recv() == "ready"
-                if len(relays) > 1:  # the senders' replica has learned where every receiver is
+                if workers:  # every worker knows where every receiver is (its own or over the mesh)
+                    deadline = time.monotonic() + 10
+                    while not all(r.gauge('wirekube_relay_connections\\{state="registered"\\}')
+                                  + r.gauge("wirekube_relay_mesh_remote_keys") >= 2 * pairs for r in relays):
+                        if time.monotonic() > deadline:
+                            raise RuntimeError(f"{kind}: the keys did not spread over the local mesh")
+                        time.sleep(0.02)
+                elif len(relays) > 1:  # the senders' replica has learned where every receiver is
                     deadline = time.monotonic() + 10
                     while relays[0].gauge("wirekube_relay_mesh_remote_keys") < pairs:
                         if time.monotonic() > deadline:
@@ -410,11 +421,11 @@ def run_once(kind: str, size: int, pairs: int, warmup: float, duration: float,
                 cpu0 = {pid: _proc_cpu(pid) for pid in forwarder_pids}
                 ours = {os.getpid(), *forwarder_pids, *(p.pid for p, _ in senders + receivers if p.pid)}
                 machine0, others0 = _machine_cpu(), _other_process_ticks(ours)
-                counters0 = relay.counters() if relay is not None else {}
+                counters0 = relay.counters() if relay is not None and not workers else {}
                 _sleep_until(window.end)
                 cpu1 = {pid: _proc_cpu(pid) for pid in forwarder_pids}
                 machine1, others1 = _machine_cpu(), _other_process_ticks(ours)
-                counters1 = relay.counters() if relay is not None else {}
+                counters1 = relay.counters() if relay is not None and not workers else {}
                 rss = {pid: _peak_rss_kib(pid) for pid in forwarder_pids}
                 sender_results = [conn.recv() for _, conn in senders]
                 receiver_results = [conn.recv() for _, conn in receivers]
@@ -482,6 +493,21 @@ class MeshedReplicas:
     def stop(self) -> None:
         for r in self.relays:
             r.stop()
+
+
+class ReusePortWorkers(MeshedReplicas):
+    """``count`` relay processes on ONE address (SO_REUSEPORT: the kernel picks a process per
+    connection), meshed over loopback: the ``--workers`` design under test."""
+
+    def __init__(self, count: int) -> None:
+        self.shared_port = _free_ports(1)[0]
+        super().__init__(count)
+
+    def _start(self, index: int) -> RelayProcess:
+        peers = ",".join(f"{LOCALHOST}:{p}" for p in self.mesh_ports)
+        return RelayProcess(port=self.shared_port, extra=(
+            "--reuse-port", f"--mesh-listen={LOCALHOST}:{self.mesh_ports[index]}", f"--mesh-peers={peers}",
+            f"--mesh-secret-file={self.secret}", "--drain-timeout=5"))
 
 
 def _meshed_relays(count: int) -> list[RelayProcess]:
@@ -731,6 +757,37 @@ def cross_replica_runs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def multi_core_runs(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--workers`` design measured before choosing it: one relay process vs N processes
+    sharing the port (SO_REUSEPORT) meshed over loopback vs socat, ``args.pairs`` pairs, the
+    kinds interleaved for ``args.rounds`` rounds; the load average is recorded beside each run."""
+    kinds = ("relay", f"relay-workers{args.workers_experiment}", "socat")
+    out: dict[str, Any] = {"workers": args.workers_experiment, "pairs": args.pairs,
+                           "cpus_usable": len(os.sched_getaffinity(0))}
+    for size in [int(x) for x in args.sizes.split(",")]:
+        runs: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
+        loads = []
+        for rnd in range(args.rounds):
+            for kind in kinds if rnd % 2 == 0 else kinds[::-1]:
+                loads.append(round(os.getloadavg()[0], 2))
+                r = run_once(kind, size, args.pairs, args.warmup, args.duration)
+                runs[kind].append(r)
+                print(f"{size:>5} B {kind:<15} round {rnd}: {r['frames_per_s']:>9} frames/s "
+                      f"forwarder cpu {r['forwarder']['cpu_utilisation']} load {loads[-1]}", file=sys.stderr)
+        fps = {k: _mean(runs[k], "frames_per_s") for k in kinds}
+        out[f"{size}B"] = {
+            "frames_per_s": {k: round(v) for k, v in fps.items()},
+            "ratio_single_over_socat": round(fps["relay"] / fps["socat"], 3) if fps["socat"] else None,
+            "ratio_workers_over_socat": round(fps[kinds[1]] / fps["socat"], 3) if fps["socat"] else None,
+            "ratio_workers_over_single": round(fps[kinds[1]] / fps["relay"], 3) if fps["relay"] else None,
+            "forwarder_cpu_utilisation": {k: [r["forwarder"]["cpu_utilisation"] for r in runs[k]] for k in kinds},
+            "load_average_1m_per_run": loads,
+        }
+        print(f"{size:>5} B multi-core: {json.dumps({k: v for k, v in out[f'{size}B'].items() if 'ratio' in k})}",
+              file=sys.stderr)
+    return out
+
+
 def failover_runs() -> dict[str, Any]:
     """Two meshed replicas behind a load balancer (a TCP proxy on 127.0.0.1 that picks a replica
     per connection), one relayed pair with its ends on different replicas, 10 datagrams/s; each
@@ -889,11 +946,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cross-size", type=int, default=1400, help="datagram size of the cross-replica comparison")
     p.add_argument("--cross-only", action="store_true",
                    help="run only the cross-replica comparison and update that part of --out")
+    p.add_argument("--workers-experiment", type=int, default=0, metavar="N",
+                   help="run only the multi-core comparison (one process vs N sharing the port vs socat) and "
+                        "record it under multi_core_experiment in --out")
     args = p.parse_args(argv)
     if shutil.which("socat") is None:
         print("socat is missing: apt-get install -y socat", file=sys.stderr)
         return 2
     sizes = [int(s) for s in args.sizes.split(",")]
+    if args.workers_experiment:
+        results = json.loads(args.out.read_text()) if args.out.exists() else {}
+        results["multi_core_experiment"] = multi_core_runs(args)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        return 0
     if args.cross_only:
         wait_for_quiet_machine()
         results = json.loads(args.out.read_text()) if args.out.exists() else {}

@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM, how long clients told to reconnect elsewhere (GoAway) have before the "
                         "rest are closed (default 10)")
+    p.add_argument("--reuse-port", action="store_true",
+                   help="SO_REUSEPORT on the relay's sockets, so several relay processes meshed over local links "
+                        "(--mesh-peers) share one address; the kernel spreads connections among them")
     m = p.add_argument_group("replica mesh", "relay replicas behind one load balancer act as one relay")
     m.add_argument("--mesh-secret-file", default=None, metavar="PATH",
                    help="the secret every replica shares (at least 16 bytes); turns the mesh on")
@@ -181,6 +184,7 @@ def settings_from_args(args: argparse.Namespace) -> CliSettings:
             max_connections=args.max_connections,
             max_pending_per_ip=args.max_pending_per_ip,
             drain_timeout=args.drain_timeout,
+            reuse_port=args.reuse_port,
         ),
         mesh=_mesh_settings(args),
         mesh_service=args.mesh_service,

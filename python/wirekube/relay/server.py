@@ -99,6 +99,9 @@ class RelaySettings:
     number of nodes behind one NAT can be connected."""
     drain_timeout: float = 10.0
     """On shutdown: how long clients told to go (GoAway) have before the rest are closed."""
+    reuse_port: bool = False
+    """SO_REUSEPORT on the TCP and UDP sockets: several relay processes meshed over local links
+    share one address, the kernel spreading connections among them."""
 
 
 class MeshHooks(Protocol):
@@ -559,14 +562,17 @@ class RelayServer:
         loop = asyncio.get_running_loop()
         s = self.settings
         self._server = await loop.create_server(
-            lambda: RelayConnection(self), s.listen_host, s.listen_port, reuse_address=True, backlog=1024
+            lambda: RelayConnection(self), s.listen_host, s.listen_port, reuse_address=True, backlog=1024,
+            reuse_port=s.reuse_port or None,
         )
         if s.stun_host is not None:
             self._stun, _ = await loop.create_datagram_endpoint(
-                lambda: StunResponder(self.stats.stun), local_addr=(s.stun_host, s.stun_port)
+                lambda: StunResponder(self.stats.stun), local_addr=(s.stun_host, s.stun_port),
+                reuse_port=s.reuse_port or None,
             )
             self._alternate, _ = await loop.create_datagram_endpoint(
-                _ProbeSocket, local_addr=(s.nat_probe_host or s.stun_host, s.nat_probe_port)
+                _ProbeSocket, local_addr=(s.nat_probe_host or s.stun_host, s.nat_probe_port),
+                reuse_port=s.reuse_port or None,
             )
         self._tasks.append(_guarded(self._sweep_idle(), "relay-idle-sweep"))
         _log.info(
