@@ -127,6 +127,9 @@ def mesh_schema() -> Schema:
     stun["description"] = "empty, or at least two STUN servers (host:port)"
     endpoint = spec["properties"]["relay"]["properties"]["external"]["properties"]["endpoint"]
     endpoint["pattern"] = "^$|" + endpoint["pattern"]
+    mtu = spec["properties"]["mtu"]  # int-or-string in the CRD, its rule in CEL
+    mtu.pop("type", None)
+    mtu["oneOf"] = [{"type": "integer", "minimum": 1280, "maximum": 9000}, {"type": "string", "enum": ["auto"]}]
     return spec
 
 
