@@ -90,3 +90,19 @@ def test_a_shrunk_path_is_found_applied_published_and_rechecked(monkeypatch: Any
             break
     assert svc.measured()["b"] == 1300 and t <= 20
     assert svc.wrap(lambda: {"b": PeerPath(transport=Transport.RELAY)})()["b"].mtu is None  # relayed: full size
+
+
+def test_a_one_shot_keeps_the_published_path_mtu() -> None:
+    from dataclasses import replace
+
+    from tests.unit.test_agent_once import DIRECT, PEERS, SELF
+    from tests.unit.test_agent_once import mesh as once_mesh
+    from wirekube.agent.main import once_paths
+    from wirekube.models import RelayMode
+    me = replace(SELF, status=replace(SELF.status, path_mtu={"b": 1216}))
+    peers = (me, *[p for p in PEERS if p.name != "a"])
+    paths = once_paths(once_mesh(RelayMode.AUTO), peers, "a", WgDeviceState(), lambda ep: False)
+    assert paths[DIRECT.name].mtu == 1216 and paths["c"].mtu is None
+    fixed = once_mesh(RelayMode.AUTO)
+    fixed = replace(fixed, spec=replace(fixed.spec, path_mtu=False))
+    assert once_paths(fixed, peers, "a", WgDeviceState(), lambda ep: False)[DIRECT.name].mtu is None

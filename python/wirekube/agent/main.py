@@ -439,13 +439,15 @@ def once_paths(mesh: Mesh, peers: Sequence[Peer], node_name: str, wg: WgDeviceSt
       agent holds that UDP port): left on that proxy with the relay keepalive.  The device, not
       the published status, decides: the status may lag a failover by one pass;
     * a direct peer currently at one of its LAN endpoints (status.hostEndpoints): left there;
-    * every other peer: direct at its published endpoint, with the direct keepalive (1 s).
+    * every other peer: direct at its published endpoint, with the direct keepalive (1 s);
+    * a direct peer keeps the path MTU this node published for it (status.pathMTU, spec.mtu auto).
 
     A loopback endpoint nobody listens on (the agent is gone) cannot be kept (the proxy lives in
     the agent): that peer is planned direct.
     """
     out: dict[str, PeerPath] = {}
     never = mesh.spec.relay.mode is RelayMode.NEVER
+    mtus = next((p.status.path_mtu for p in peers if p.name == node_name), {}) if mesh.spec.path_mtu else {}
     for peer in peers:
         if peer.name == node_name:
             continue
@@ -455,7 +457,7 @@ def once_paths(mesh: Mesh, peers: Sequence[Peer], node_name: str, wg: WgDeviceSt
             out[peer.name] = PeerPath(current, RELAY_KEEPALIVE, Transport.RELAY)
             continue
         lan = current if current is not None and str(current) in peer.status.host_endpoints else None
-        out[peer.name] = PeerPath(lan, None if never else DIRECT_KEEPALIVE, Transport.DIRECT)
+        out[peer.name] = PeerPath(lan, None if never else DIRECT_KEEPALIVE, Transport.DIRECT, mtus.get(peer.name))
     return out
 
 
