@@ -1,4 +1,5 @@
-"""The Dockerfiles are not built here (no Docker engine); ci/check-images.py keeps them honest."""
+"""ci/check-images.py keeps the Dockerfiles honest (statically here; `make images` builds them with
+buildah and runs it with --built)."""
 
 from __future__ import annotations
 
@@ -32,3 +33,17 @@ def test_the_gateway_image_must_install_the_aws_extra() -> None:
     assert mod.check_extras("gateway", path, with_extra, {"aws"}) == []
     assert "does not define" in mod.check_extras("gateway", path, with_extra, set())[0]
     assert mod.check_extras("relay", path, plain, set()) == []
+
+
+def test_a_base_given_by_arg_is_checked_with_its_default() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_images", ROOT / "ci" / "check-images.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    pinned = ["ARG BASE=python:3.11.14-slim-bookworm", "FROM ${BASE} AS wheel", "FROM $BASE"]
+    assert [ln for ln in mod.resolve_args(pinned) if ln.startswith("FROM")] == [
+        "FROM python:3.11.14-slim-bookworm AS wheel", "FROM python:3.11.14-slim-bookworm"]
+    loose = mod.resolve_args(["ARG BASE=python:3.11", "FROM ${BASE}"])
+    assert not mod.PINNED_FROM.match(loose[1])

@@ -4,6 +4,7 @@ The VMs themselves run in tests/integration/test_lab_kernel.py."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 from pathlib import Path
@@ -68,6 +69,7 @@ def test_qemu_has_no_network_but_the_two_taps(tmp_path: Path) -> None:
     assert "-nodefaults" in argv  # no default (user-mode) NIC
     assert not any(a.startswith("user") or ",user" in a for a in argv)
     assert "readonly=on" in argv[argv.index("-virtfs") + 1]  # the host root is shared read-only
+    assert argv[:4] == ["nice", "-n", str(vm.QEMU_NICE), vm._qemu()]  # noqa: SLF001 - exec'd: qemu keeps the PID
 
 
 def test_frames_round_trip_and_split_anywhere() -> None:
@@ -125,3 +127,18 @@ def test_command_server_runs_relays_and_checks_the_token() -> None:
                 code = int(frame[1])
         t.join()
         assert (code, out) == (want_code, want_out)
+
+
+def test_the_guest_config_carries_the_hosts_pythonpath(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commands in the guest run the same code as the lab process (e.g. a snapshot of the tree)."""
+    monkeypatch.setenv("PYTHONPATH", "/snap/python:/snap")
+    config = vm.GuestConfig(node="k1", lan_address="192.168.1.10/24", gateway="192.168.1.1",
+                            mgmt_address="10.254.0.10/32", api_address="10.254.0.1", api_port=6443,
+                            lan_mac="52:54:00:00:00:01", mgmt_mac="52:54:00:00:00:02",
+                            token_file=str(tmp_path / "tok"), modules_dir="/m", sysctls=())
+    path = vm.write_guest_files(tmp_path, config)
+    monkeypatch.delenv("PYTHONPATH")
+    raw = json.loads(path.read_text())
+    assert raw["pythonpath"] == "/snap/python:/snap"
+    assert vm.GuestConfig(**{**raw, "sysctls": ()}).pythonpath == "/snap/python:/snap"
+    assert vm.GuestConfig(**{k: v for k, v in raw.items() if k != "pythonpath"}).pythonpath == ""

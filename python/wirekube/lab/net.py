@@ -210,6 +210,7 @@ class Lab:
         self._state = _State(self.workdir)
         self._children: dict[int, subprocess.Popen[Any]] = {}
         self._holders: dict[str, ProcessRecord] = {}
+        self._vms_started = time.monotonic()
         self._api: tuple[Endpoint, Endpoint] | None = None
         self._api_port = 6443
         self.kernel_nodes: frozenset[str] = frozenset(
@@ -345,10 +346,13 @@ class Lab:
 
     # ---------------------------------------------------------------- up / down
 
-    def up(self, api_target: tuple[str, int] | None = None, api_port: int = 6443) -> Lab:
+    def up(self, api_target: tuple[str, int] | None = None, api_port: int = 6443, *,
+           wait_vms: bool = True) -> Lab:
         """Create everything (after removing any leftovers of this lab); returns ``self``.
 
         On failure everything created so far is removed again before the error is raised.
+        ``wait_vms=False`` returns while kernel nodes' guests still boot (TCG: a minute or
+        more), so the caller can do other work meanwhile; it must then call :meth:`wait_vms`.
         """
         started = time.monotonic()
         self._api_port = api_port
@@ -358,6 +362,8 @@ class Lab:
             _cleanup(self.name, self.workdir, keep_logs=False, remove_workdir=False)
             try:
                 self._build()
+                if wait_vms:
+                    self.wait_vms()
                 if api_target is not None:
                     self._forward_api_locked(api_target, api_port)
                 self._state.update(lambda d: d.__setitem__("phase", "up"))
@@ -417,15 +423,20 @@ class Lab:
             info = self.plan.nodes[node]
             run(["ip", "-n", info.netns, "-batch", "-"],
                 input="\n".join(vm.shell_links(info.interfaces["lan"], info.interfaces["mgmt"])) + "\n")
+        self._vms_started = time.monotonic()
         self._start_holders()
         self._wait_links_up()
-        if self.kernel_nodes:
-            booted = vm.wait_ready(self.plan.mgmt_netns, [self.vm_config(n) for n in sorted(self.kernel_nodes)],
-                                   lambda n: n in self._holders and procs.is_alive(self._holders[n]),
-                                   console=self.console_log)
-            logger.info("lab {}: VMs ready after {}", self.name,
-                        ", ".join(f"{n} {t:.1f} s" for n, t in booted.items()))
-            self._state.update(lambda d: d.__setitem__("vmBootSeconds", booted))
+
+    def wait_vms(self) -> None:
+        """Wait until every kernel node's guest runs commands (seconds since qemu started go to
+        the state file as ``vmBootSeconds``); at once when there are none."""
+        if not self.kernel_nodes:
+            return
+        booted = vm.wait_ready(self.plan.mgmt_netns, [self.vm_config(n) for n in sorted(self.kernel_nodes)],
+                               lambda n: n in self._holders and procs.is_alive(self._holders[n]),
+                               console=self.console_log, started=self._vms_started)
+        logger.info("lab {}: VMs ready after {}", self.name, ", ".join(f"{n} {t:.1f} s" for n, t in booted.items()))
+        self._state.update(lambda d: d.__setitem__("vmBootSeconds", booted))
 
     # ---------------------------------------------------------------- kernel nodes (qemu guests)
 
