@@ -427,6 +427,9 @@ def run_once(kind: str, size: int, pairs: int, warmup: float, duration: float,
                 machine1, others1 = _machine_cpu(), _other_process_ticks(ours)
                 counters1 = relay.counters() if relay is not None and not workers else {}
                 rss = {pid: _peak_rss_kib(pid) for pid in forwarder_pids}
+                for _, conn in senders + receivers:  # a forwarder that died leaves its generators waiting
+                    if not conn.poll(30):
+                        raise RuntimeError(f"{kind}: a generator did not report (its forwarder died?)")
                 sender_results = [conn.recv() for _, conn in senders]
                 receiver_results = [conn.recv() for _, conn in receivers]
     finally:
@@ -766,15 +769,21 @@ def multi_core_runs(args: argparse.Namespace) -> dict[str, Any]:
                            "cpus_usable": len(os.sched_getaffinity(0))}
     for size in [int(x) for x in args.sizes.split(",")]:
         runs: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
-        loads = []
+        loads: list[float] = []
+        failures: list[str] = []
         for rnd in range(args.rounds):
             for kind in kinds if rnd % 2 == 0 else kinds[::-1]:
                 loads.append(round(os.getloadavg()[0], 2))
-                r = run_once(kind, size, args.pairs, args.warmup, args.duration)
+                try:
+                    r = run_once(kind, size, args.pairs, args.warmup, args.duration)
+                except RuntimeError as e:  # recorded, not fatal: the other runs still tell
+                    print(f"{size:>5} B {kind:<15} round {rnd}: failed: {e}", file=sys.stderr)
+                    failures.append(f"{size} B {kind} round {rnd}: {e}")
+                    continue
                 runs[kind].append(r)
                 print(f"{size:>5} B {kind:<15} round {rnd}: {r['frames_per_s']:>9} frames/s "
                       f"forwarder cpu {r['forwarder']['cpu_utilisation']} load {loads[-1]}", file=sys.stderr)
-        fps = {k: _mean(runs[k], "frames_per_s") for k in kinds}
+        fps = {k: _mean(runs[k], "frames_per_s") if runs[k] else 0.0 for k in kinds}
         out[f"{size}B"] = {
             "frames_per_s": {k: round(v) for k, v in fps.items()},
             "ratio_single_over_socat": round(fps["relay"] / fps["socat"], 3) if fps["socat"] else None,
@@ -782,6 +791,7 @@ def multi_core_runs(args: argparse.Namespace) -> dict[str, Any]:
             "ratio_workers_over_single": round(fps[kinds[1]] / fps["relay"], 3) if fps["relay"] else None,
             "forwarder_cpu_utilisation": {k: [r["forwarder"]["cpu_utilisation"] for r in runs[k]] for k in kinds},
             "load_average_1m_per_run": loads,
+            "failed_runs": failures,
         }
         print(f"{size:>5} B multi-core: {json.dumps({k: v for k, v in out[f'{size}B'].items() if 'ratio' in k})}",
               file=sys.stderr)

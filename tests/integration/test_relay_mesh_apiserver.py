@@ -163,3 +163,44 @@ def test_wirekubectl_status_lists_each_replica_and_its_keys_from_their_leases(
         for name in names:
             with contextlib.suppress(errors.NotFound):
                 kube.delete(k8s.LEASES, name, "default")
+
+
+def test_the_relay_process_keeps_its_lease_and_removes_it_on_sigterm(
+    control_plane: ControlPlane, kube: k8s.Kube, unique: str
+) -> None:
+    """`wirekube-relay --status-lease` itself: the Lease appears (0 keys, not in a mesh) and goes
+    when the relay stops."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.fixtures.wait import wait_for
+    from wirekube.relay.replicastatus import replica_rows
+
+    name = f"relay-cli-{unique}"
+    proc = subprocess.Popen([sys.executable, "-m", "wirekube.relay.cli", "--listen", "127.0.0.1:0",
+                             "--stun-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+                             "--status-lease", name, "--status-namespace", "default",
+                             "--kubeconfig", str(control_plane.kubeconfig), "--log-format", "text"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        def lease() -> dict[str, Any] | None:
+            try:
+                return kube.get(k8s.LEASES, name, "default")
+            except errors.NotFound:
+                return None
+
+        found = wait_for(lambda: lease() or proc.poll() is not None, 90, f"Lease {name}")  # slow under load
+        assert proc.poll() is None, f"the relay exited: {proc.communicate()[1][-2000:]}"
+        [row] = replica_rows([found], __import__("time").time())
+        assert (row.keys, row.links, row.stale) == (0, None, False)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-2000:]
+        assert lease() is None, err[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(errors.NotFound):
+            kube.delete(k8s.LEASES, name, "default")

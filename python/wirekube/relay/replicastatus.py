@@ -154,12 +154,14 @@ class LeasePublisher:
         if delete:
             from wirekube import errors, k8s
 
-            try:
-                await asyncio.to_thread(self.kube.delete, k8s.LEASES, self.settings.name, self.settings.namespace)
+            try:  # bounded: shutdown must not wait on an unreachable API server (the Pod's GC removes it)
+                await asyncio.wait_for(asyncio.to_thread(
+                    self.kube.delete, k8s.LEASES, self.settings.name, self.settings.namespace), 3.0)
             except errors.NotFound:
                 pass
-            except errors.WireKubeError as e:
-                _log.warning("could not remove Lease {}/{}: {}", self.settings.namespace, self.settings.name, e)
+            except (errors.WireKubeError, asyncio.TimeoutError) as e:
+                _log.warning("could not remove Lease {}/{}: {}", self.settings.namespace, self.settings.name,
+                             e or "timed out")
 
     def due(self, now: float) -> bool:
         """Whether a write is due: counts changed (and ``min_interval`` passed) or renewal time."""
