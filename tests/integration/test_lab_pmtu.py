@@ -37,6 +37,8 @@ import pytest
 
 from tests.fixtures.wait import wait_for
 from wirekube import k8s
+from wirekube.cli import doctor
+from wirekube.cli.status import fetch_report, render_table
 from wirekube.lab import orchestrate
 from wirekube.lab.net import Lab
 from wirekube.lab.topology import parse_topology_yaml
@@ -149,7 +151,14 @@ def test_auto_finds_the_path_mtu_and_large_packets_pass_both_ways(lab: Any) -> N
     assert route_mtu(lab_, A, ips[B]) == 0 and route_mtu(lab_, B, ips[A]) == 0  # 1500-byte sites keep 1420
     wait_for(lambda: kube.get(k8s.PEERS, A).get("status", {}).get("pathMTU") == {C: SMALL}, 30,
              f"{A} publishes pathMTU {{{C}: {SMALL}}}")
-    assert kube.get(k8s.PEERS, C)["status"].get("pathMTU") == {A: SMALL, B: SMALL}
+    wait_for(lambda: kube.get(k8s.PEERS, C)["status"].get("pathMTU") == {A: SMALL, B: SMALL}, 30,
+             f"{C} publishes pathMTU {SMALL} for both peers")
+    report = fetch_report(kube)  # what `wirekubectl status` shows
+    assert {(p.source, p.target): p.path_mtu for p in report.pairs if p.path_mtu} == {
+        (A, C): SMALL, (B, C): SMALL, (C, A): SMALL, (C, B): SMALL}
+    assert f"path MTU {A} -> {C}: {SMALL}" in render_table(report)
+    peers, _ = kube.list(k8s.PEERS)
+    assert not [f for f in doctor.check_peers(peers) if f.check == "path-mtu"]  # 1280 is not below 1280
     nft = lab_.exec(A, ["nft", "list", "table", "inet", "wirekube_mss"], check=True).stdout
     assert "maxseg size set rt mtu" in nft
 
