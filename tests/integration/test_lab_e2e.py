@@ -331,6 +331,11 @@ def test_relay_restart_is_survived_without_agent_restarts(lab: Any) -> None:
     wait_for(lambda: orchestrate.ping(lab_, pair[0], dst_ip) is not None, 60, "relayed pair back after restart",
              interval=0.5)
     assert set(agents_before) <= {p["metadata"]["name"] for p in kube.list(k8s.PEERS)[0]}
+    # Every node back on a replica (their reconnect backoff grew while no relay was up), so the
+    # tests after this one see every relayed pair, not just this one.
+    wait_for(lambda: sum(_relay_metric(lab_, i, "wirekube_relay_connections", '{state="registered"}')
+                         for i in replicas) == len(lab_.nodes), 60, "every node reconnected to the relay",
+             interval=0.5)
 
 
 def test_wirekubectl_status_matches_the_lab(lab: Any) -> None:
