@@ -9,11 +9,11 @@ PYTEST_ARGS ?=
 setup:  ## install Debian packages, build kube-apiserver/etcd, helm/kubectl, Python venv
 	@bash ci/setup.sh
 
-test: setup  ## everything: unit, real API server, network namespaces, chart
+test: setup  ## everything: unit, real API server, network namespaces, kernel nodes in qemu, chart
 	@bash ci/test.sh $(PYTEST_ARGS)
 
-test-kernel: setup  ## the lab's kernel nodes (qemu TCG guests with kernel WireGuard); slow, not yet in `make test`
-	@WIREKUBE_KERNEL_LAB=1 .venv/bin/python -m pytest -ra tests/integration/test_lab_kernel.py $(PYTEST_ARGS)
+test-kernel: setup  ## only the lab's kernel nodes (qemu TCG guests with kernel WireGuard; part of `make test` too)
+	@.venv/bin/python -m pytest -ra --durations=5 tests/integration/test_lab_kernel.py $(PYTEST_ARGS)
 
 unit: setup  ## the fast pure tests only
 	@.venv/bin/python -m pytest -q tests/unit $(PYTEST_ARGS)

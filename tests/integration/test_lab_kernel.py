@@ -62,6 +62,12 @@ RETRY = 20  # directRetryIntervalSeconds (and handshakeTimeoutSeconds, which may
 CONVERGE_S = 600.0
 """Measured (TCG, 2 shared cores): boot of three guests ~60 s, agents' start inside them ~70 s,
 every pair on its predicted transport 2-8 min after that depending on the machine's load."""
+MAX_LOAD_PER_CORE = 6.0
+"""Measured: at a host load average of 20-40 on 2 cores (other labs running), a guest took 3-6
+minutes from boot to a running agent, STUN and direct probes from the guests timed out and no
+run converged in 15 minutes.  The threshold is meant to sit above what `make test` alone puts on
+the machine (not yet measured on a quiet one) and below those runs: a judgement, not a measured
+edge."""
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results" / "kernel.json"
 WIREKUBECTL = str(Path(sys.executable).parent / "wirekubectl")
@@ -72,13 +78,14 @@ MEASURED: dict[str, Any] = {}
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, k8s.Kube, orchestrate.LabHandle]]:
     if os.geteuid() != 0:
         pytest.skip("needs root for network namespaces and qemu's taps (skipped: not running as root)")
-    if os.environ.get("WIREKUBE_KERNEL_LAB") != "1":
-        pytest.skip("kernel-node lab (qemu TCG, ~10-20 min) runs with `make test-kernel` or WIREKUBE_KERNEL_LAB=1; "
-                    "not yet part of `make test` (its kill -9 case is not yet verified on a clean run)")
     try:
         vm.guest_pieces()
     except vm.VMError as e:
-        pytest.skip(f"no guest kernel for kernel nodes: {e}")
+        pytest.skip(f"this machine cannot run kernel nodes: {e}")
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > MAX_LOAD_PER_CORE * cores:
+        pytest.skip(f"host load average {load:.1f} on {cores} cores (over {MAX_LOAD_PER_CORE} per core): "
+                    "TCG guests cannot keep the mesh's timing on a machine this busy")
     name = f"kn{uuid.uuid4().hex[:5]}"
     lab_ = None
     started = time.monotonic()
@@ -124,7 +131,7 @@ def _qemu_rss_mib(lab_: Lab) -> dict[str, int]:
 
 
 def _record() -> None:
-    if not MEASURED:
+    if "udpCutLongestPingGapSeconds" not in MEASURED:  # a partial run keeps the last complete record
         return
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     data = {"timing": "TCG (qemu software emulation, no KVM), 1 vCPU and 512 MiB per guest, 2 shared host cores",
@@ -156,6 +163,10 @@ def test_every_pair_reaches_its_predicted_transport_and_kernel_nodes_say_kernel(
     last: dict[str, Any] = {}
 
     def converged() -> bool:
+        peers = _peers(kube)
+        if not all(((peers[a].get("status") or {}).get("peerTransports") or {}).get(b) == t
+                   for (a, b), t in expected.items()):
+            return False  # ping (a process per pair) only once every agent reports the prediction
         last.update(orchestrate.collect(lab_, kube))
         return all(p["transport"] == expected[(p["from"], p["to"])] for p in last["pairs"])
 
