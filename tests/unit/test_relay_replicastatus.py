@@ -71,3 +71,54 @@ def test_a_bad_lease_name_is_one_usage_error() -> None:
     with pytest.raises(UsageError, match="--status-lease 'Relay_1': not a valid object name"):
         settings_from_args(build_parser().parse_args(["--status-lease", "Relay_1"]))
     assert settings_from_args(build_parser().parse_args(["--status-lease", "wk-relay-7d9f-abcde"])).status_lease
+
+
+class FakeKube:
+    """Records calls; a Lease ``existing`` already exists (left by an earlier process of the pod)."""
+
+    def __init__(self, existing: bool) -> None:
+        from wirekube import errors
+
+        self.errors = errors
+        self.calls: list[str] = []
+        self.version = 7 if existing else 0
+        self.conflict_next = False
+
+    def create(self, _res: Any, body: dict[str, Any], _ns: str) -> dict[str, Any]:
+        self.calls.append("create")
+        if self.version:
+            raise self.errors.AlreadyExists("exists")
+        self.version = 1
+        return {"metadata": {"resourceVersion": "1"}}
+
+    def get(self, _res: Any, _name: str, _ns: str) -> dict[str, Any]:
+        self.calls.append("get")
+        return {"metadata": {"resourceVersion": str(self.version)}}
+
+    def replace(self, _res: Any, body: dict[str, Any], _ns: str) -> dict[str, Any]:
+        self.calls.append("replace")
+        if self.conflict_next or body["metadata"]["resourceVersion"] != str(self.version):
+            self.conflict_next = False
+            raise self.errors.Conflict("conflict")
+        self.version += 1
+        return {"metadata": {"resourceVersion": str(self.version)}}
+
+
+def test_publisher_takes_over_a_leftover_lease_and_recovers_from_a_conflict() -> None:
+    import asyncio
+
+    kube = FakeKube(existing=True)
+    pub = LeasePublisher(kube, LeaseSettings("r", "ns"), "r1", lambda: (1, None))
+
+    async def scenario() -> None:
+        await pub.write_once()  # AlreadyExists: read its version, then replace
+        assert kube.calls == ["create", "get", "replace"] and pub.writes == 1
+        await pub.write_once()  # known version: one replace
+        assert kube.calls[3:] == ["replace"] and pub.writes == 2
+        kube.conflict_next = True
+        await pub.write_once()  # someone else wrote: counted as a failure, started over next time
+        assert pub.failures == 1 and pub.writes == 2
+        await pub.write_once()
+        assert kube.calls[-3:] == ["create", "get", "replace"] and pub.writes == 3
+
+    asyncio.run(scenario())
