@@ -12,6 +12,7 @@ import pytest
 
 from wirekube.agent import netlink as nl_module
 from wirekube.errors import DataplaneError
+from wirekube.waiting import wait_for
 
 
 class FakeWireGuard:
@@ -77,3 +78,18 @@ def test_a_failed_call_drops_the_socket_and_the_next_opens_a_fresh_one(netlink: 
     assert FakeWireGuard.opened[0].closed
     assert netlink.wireguard_get("wire_kube") == [{"WGDEVICE_A_IFNAME": "wire_kube"}]
     assert len(FakeWireGuard.opened) == 2
+
+
+def test_a_finished_thread_s_socket_is_closed_with_it(netlink: nl_module.Netlink) -> None:
+    """A thread that read the device and ended no longer holds a socket open until close()."""
+    netlink.wireguard_get("wire_kube")
+    worker = threading.Thread(target=lambda: netlink.wireguard_get("wire_kube"))
+    worker.start()
+    worker.join()
+    assert len(FakeWireGuard.opened) == 2
+    wait_for(lambda: FakeWireGuard.opened[1].closed, 5, "the finished thread's socket closed")
+    assert not FakeWireGuard.opened[0].closed  # the living thread keeps its own
+    netlink.wireguard_get("wire_kube")
+    assert len(FakeWireGuard.opened) == 2
+    netlink.close()
+    assert FakeWireGuard.opened[0].closed

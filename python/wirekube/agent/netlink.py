@@ -16,6 +16,7 @@ import ipaddress
 import os
 import socket
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -89,15 +90,14 @@ class Netlink:
         with _wrap("open rtnetlink socket"):
             self._ipr = IPRoute()
         self._wg_local = threading.local()
-        self._wg_open: list[WireGuard] = []
+        self._wg_open: weakref.WeakSet[_WgSocket] = weakref.WeakSet()
         self._wg_lock = threading.Lock()
 
     def close(self) -> None:
         self._ipr.close()
         with self._wg_lock:
-            for wg in self._wg_open:
-                with contextlib.suppress(Exception):
-                    wg.close()
+            for held in list(self._wg_open):
+                _close_quietly(held.wg)
             self._wg_open.clear()
 
     def __enter__(self) -> Netlink:
@@ -327,22 +327,35 @@ class Netlink:
         the traversal (reads) and reconcile (writes) threads failed writes with ECONNRESET on a
         real kernel.  A failed call drops the socket, so the next one starts on a fresh one."""
         with _wrap(what):
-            wg: WireGuard | None = getattr(self._wg_local, "wg", None)
-            if wg is None:
-                wg = WireGuard()
-                self._wg_local.wg = wg
+            held: _WgSocket | None = getattr(self._wg_local, "held", None)
+            if held is None:
+                held = _WgSocket(WireGuard())
+                self._wg_local.held = held
                 with self._wg_lock:
-                    self._wg_open.append(wg)
+                    self._wg_open.add(held)
             try:
-                return fn(wg)
+                return fn(held.wg)
             except BaseException:
-                self._wg_local.wg = None
+                self._wg_local.held = None
                 with self._wg_lock:
-                    if wg in self._wg_open:
-                        self._wg_open.remove(wg)
-                with contextlib.suppress(Exception):
-                    wg.close()
+                    self._wg_open.discard(held)
+                _close_quietly(held.wg)
                 raise
+
+
+class _WgSocket:
+    """A thread's generic-netlink WireGuard socket, held only by that thread's local storage: when
+    the thread ends, the storage goes and the socket is closed (a finished thread used to keep its
+    socket open until :meth:`Netlink.close`)."""
+
+    def __init__(self, wg: WireGuard) -> None:
+        self.wg = wg
+        weakref.finalize(self, _close_quietly, wg)
+
+
+def _close_quietly(wg: WireGuard) -> None:
+    with contextlib.suppress(Exception):
+        wg.close()
 
 
 def encode_wg_set(attrs: list[list[Any]]) -> wgmsg:
