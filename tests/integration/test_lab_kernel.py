@@ -166,7 +166,7 @@ def test_every_pair_reaches_its_predicted_transport_and_kernel_nodes_say_kernel(
 
     def converged() -> bool:
         peers = _peers(kube)
-        if not all(((peers[a].get("status") or {}).get("peerTransports") or {}).get(b) == t
+        if not all(((peers.get(a, {}).get("status") or {}).get("peerTransports") or {}).get(b) == t
                    for (a, b), t in expected.items()):
             return False  # ping (a process per pair) only once every agent reports the prediction
         last.update(orchestrate.collect(lab_, kube))
