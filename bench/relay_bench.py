@@ -972,7 +972,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cross_only:
         wait_for_quiet_machine()
         results = json.loads(args.out.read_text()) if args.out.exists() else {}
+        load_before = os.getloadavg()[0]
         results["cross_replica"] = cross_replica_runs(args)
+        results["cross_replica"]["load_average_1m_before_after"] = [round(load_before, 2),
+                                                                    round(os.getloadavg()[0], 2)]
         results["cross_replica_ratio"] = results["cross_replica"]["ratio"]
         results["failover"] = failover_runs()
         results.setdefault("summary", {})["cross_replica"] = _cross_summary(results["cross_replica"])
