@@ -4,10 +4,14 @@ CACHE ?= $(HOME)/.cache/wirekube
 export PATH := $(CURDIR)/.venv/bin:$(CACHE)/bin:$(CACHE)/tools:$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-kernel unit lab lab-down bench bench-relay bench-nat bench-scale bench-gateway clean
+.PHONY: setup images lab-chart test-chart test test-kernel unit lab lab-down bench bench-relay bench-nat bench-scale bench-gateway clean
 
 setup:  ## install Debian packages, build kube-apiserver/etcd, helm/kubectl, Python venv
 	@bash ci/setup.sh
+
+images: setup  ## the agent, relay and gateway images with buildah (cached) into ~/.cache/wirekube/images, then checked
+	@bash ci/build-images.sh
+	@.venv/bin/python ci/check-images.py --built
 
 test: setup  ## everything: unit, real API server, network namespaces, kernel nodes in qemu, chart
 	@bash ci/test.sh $(PYTEST_ARGS)
@@ -20,6 +24,16 @@ unit: setup  ## the fast pure tests only
 
 lab: setup  ## the EKS Hybrid scenario (TOPOLOGY=NAME|FILE, default `default`): every NAT kind, gateway, pods; ends with the four-plane check
 	@.venv/bin/wirekube-lab up $(TOPOLOGY)
+
+test-chart: setup  ## the chart on real kubelet nodes (tests/integration/test_chart_kubelet.py); needs what lab-chart builds; not yet in `make test`
+	@WIREKUBE_CONTROL_PLANE_NODES=1 bash ci/build-control-plane.sh >/dev/null
+	@bash ci/build-images.sh
+	@WIREKUBE_CHART_LAB=1 .venv/bin/python -m pytest -ra -s tests/integration/test_chart_kubelet.py $(PYTEST_ARGS)
+
+lab-chart: setup  ## the Helm chart on 3 real kubelet nodes: builds kubelet & co. and the images (cached), then `helm install`
+	@WIREKUBE_CONTROL_PLANE_NODES=1 bash ci/build-control-plane.sh >/dev/null
+	@bash ci/build-images.sh
+	@.venv/bin/wirekube-lab up chart
 
 lab-down:
 	@.venv/bin/wirekube-lab down

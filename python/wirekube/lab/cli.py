@@ -77,6 +77,8 @@ def _up(args: argparse.Namespace) -> int:
             print(f"  {path + ': ' if path else ''}{' '.join(message.split())}", file=sys.stderr)
         return 2
     started = time.monotonic()
+    if topology.kubernetes == "kubelet":  # real kubelet nodes; WireKube is what `helm install` made
+        return _up_kubelet(topology, args, time.monotonic())
     h = scenario.up(topology, args.name, wait=args.wait)
     lab, kube, _ = orchestrate.attach(args.name)
     data = _full_status(lab, kube, planes_timeout=60)
@@ -95,6 +97,24 @@ def _up(args: argparse.Namespace) -> int:
           f"          KUBECONFIG={h.admin_kubeconfig} wirekubectl status\n"
           f"remove:   wirekube-lab down" + ("" if args.name == DEFAULT_NAME else f" --name {args.name}"))
     return 0 if ok else 1
+
+
+def _up_kubelet(topology: Any, args: argparse.Namespace, started: float) -> int:
+    from wirekube.lab import orchestrate
+
+    h = orchestrate.up(topology, args.name, wait=max(args.wait, 240.0))
+    lab, kube, _ = orchestrate.attach(args.name)
+    data = orchestrate.collect(lab, kube)
+    kube.close()
+    print(orchestrate.render_status(data, lab.log_dir))
+    st = orchestrate.state(args.name)
+    usage = ", ".join(f"{n} {u['rss_mb']:.0f} MB" for n, u in (st.get("usage") or {}).items())
+    print(f"{'converged' if st.get('converged') else 'NOT converged'} {time.monotonic() - started:.0f}s after `up` "
+          f"began (nodes Ready after {st.get('nodes_ready_seconds')}s); kubelet+containerd RSS per node: {usage}\n"
+          f"explore:  KUBECONFIG={h.admin_kubeconfig} kubectl -n wirekube-system get pods -o wide\n"
+          f"          KUBECONFIG={h.admin_kubeconfig} helm test wirekube -n wirekube-system\n"
+          f"remove:   wirekube-lab down" + ("" if args.name == DEFAULT_NAME else f" --name {args.name}"))
+    return 0 if st.get("converged") else 1
 
 
 def _full_status(lab: Any, kube: Any, planes_timeout: float = 0.0) -> dict[str, Any]:

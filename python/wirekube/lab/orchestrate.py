@@ -68,6 +68,9 @@ def up(topology: Topology, name: str = "default", *, wait: float = 90.0, mesh_ov
     """``controller``: also run ``wirekube-gateway`` (on the host, against the admin kubeconfig);
     ``gateways``: WireKubeGateway objects (or just their ``metadata.name`` + ``spec``) to create
     once the nodes exist."""
+    if topology.kubernetes == "kubelet":  # real kubelet nodes, WireKube from the Helm chart
+        from wirekube.lab import kubelet
+        return kubelet.up(topology, name, wait=max(wait, 240.0))
     down(name)  # a crashed lab of the same name is cleaned first
     h = _handle(name)
     steps = 6
@@ -366,11 +369,15 @@ def attach(name: str) -> tuple[Lab, k8s.Kube, LabHandle]:
 
 
 def down(name: str = "default") -> None:
+    from wirekube.lab import kubelet
+
     h = _handle(name)
+    kubelet.down_hook(name, h.workdir)  # kubelet nodes: their containers first
     try:
         Lab.destroy(name)
     except LabNotFound:
         pass
+    kubelet.remove_files(h.workdir)
     if (h.cluster_dir / "cluster.json").exists():
         ControlPlane.load(h.cluster_dir).down()
     for leftover in (h.workdir / STATE, h.node_kubeconfig):
