@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 import uuid
@@ -63,19 +64,25 @@ PAYLOAD = 1372  # a 1,400-byte IPv4 packet: fits the 1420 interface, not the 128
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[tuple[Lab, k8s.Kube, str]]:
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, k8s.Kube, str]]:
     if os.geteuid() != 0:
         pytest.skip("needs root for network namespaces (skipped: not running as root)")
     for tool in ("iperf3", "ping"):
         if subprocess.run(["which", tool], capture_output=True).returncode != 0:
             pytest.skip(f"needs {tool} (skipped: not installed; ci/setup.sh installs it)")
     name = f"pm{uuid.uuid4().hex[:5]}"
+    lab_ = None
     try:
         orchestrate.up(parse_topology_yaml(TOPOLOGY), name, wait=90, mesh_overrides={"mtu": 1420})
         lab_, kube, _ = orchestrate.attach(name)
         yield lab_, kube, name
         kube.close()
     finally:
+        if lab_ is not None:  # keep the agents' logs for a post-mortem (down removes them)
+            keep = tmp_path_factory.mktemp("pmtu-logs")
+            for log in lab_.log_dir.glob("agent-*.log"):
+                shutil.copy(log, keep / log.name)
+            print(f"agent logs kept in {keep}")
         orchestrate.down(name)
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert f"wkl-{name}." not in out, "down left namespaces behind"
@@ -181,8 +188,12 @@ def test_a_path_change_is_detected_and_applied_within_30s(lab: Any) -> None:
     lab_.set_wan_mtu("pmb", 1400)
     started = time.monotonic()
     try:
-        wait_for(lambda: route_mtu(lab_, A, ips[B]) == SHRUNK and route_mtu(lab_, B, ips[A]) == SHRUNK, 30,
-                 f"mtu {SHRUNK} on the routes between pma-1 and pmb-1")
+        try:
+            wait_for(lambda: route_mtu(lab_, A, ips[B]) == SHRUNK and route_mtu(lab_, B, ips[A]) == SHRUNK, 30,
+                     f"mtu {SHRUNK} on the routes between pma-1 and pmb-1")
+        except TimeoutError:
+            pytest.fail(f"after 30 s the routes pma-1 -> pmb-1 / pmb-1 -> pma-1 have mtu "
+                        f"{route_mtu(lab_, A, ips[B])} / {route_mtu(lab_, B, ips[A])}, not {SHRUNK}")
         print(f"path change applied after {time.monotonic() - started:.1f} s")
         assert ping(lab_, A, ips[B], df=False).returncode == 0
     finally:

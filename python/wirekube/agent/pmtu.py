@@ -6,7 +6,8 @@
   the underlay; the peer's kernel answers.  The search and the schedule are pure
   (:mod:`wirekube.traversal.pmtu`): parallel rounds at first sight of a peer, when its WireGuard
   endpoint moves and every 10 min; a one-packet check at the current size every 3 s, two
-  unanswered in a row start a new search.  Works the same with kernel WireGuard and
+  unanswered in a row start a new search; an answer below the full size is confirmed by a
+  second search (the larger answer wins: lost probes only ever lower one).  Works the same with kernel WireGuard and
   wireguard-go (both only see inner packets).  Relayed peers are not measured: the relay is TCP
   and carries the full size.
 * Apply: :meth:`PathMtu.wrap` adds the measured size to the peer's
@@ -179,6 +180,8 @@ class PathMtu:
         self._applied: dict[str, int] = {}
         self._link_mtu = 0
         self._searches: dict[str, pmtu.Search] = {}
+        self._first: dict[str, int] = {}
+        """A search's first answer below the full size, while the confirming search runs."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._mss_for: str | None = None
@@ -233,7 +236,7 @@ class PathMtu:
                     self.step(prober, time.monotonic())
                 except Exception as e:  # noqa: BLE001 - one bad pass must not end path MTU detection
                     self._log.warning("path MTU pass failed: {}", e)
-                self._stop.wait(self._tick)
+                self._stop.wait(0.0 if self._searches else self._tick)  # a search's rounds run back to back
         finally:
             if prober is not None:
                 prober.close()
@@ -247,6 +250,7 @@ class PathMtu:
         self._schedule.follow({n: t.endpoint for n, t in targets.items()})
         for name in [n for n in self._searches if n not in targets]:
             del self._searches[name]
+            self._first.pop(name, None)
         for name in self._schedule.to_search(now):
             if name not in self._searches:
                 t = targets[name]
@@ -268,7 +272,17 @@ class PathMtu:
                 search.feed([size for (a, size) in got if a == ip])
                 if search.done:
                     del self._searches[name]
-                    self._schedule.searched(name, search.result, now)
+                    result = search.result
+                    if result is not None and result < search.high and name not in self._first:
+                        # Below the full size: search once more before acting; lost probes only
+                        # ever lower a result, so the larger of the two is still a safe answer.
+                        self._first[name] = result
+                        self._searches[name] = pmtu.Search(search.low, search.high)
+                        continue
+                    first = self._first.pop(name, None)
+                    if first is not None:
+                        result = max(first, result or 0)
+                    self._schedule.searched(name, result, now)
                     if search.result is None:
                         self._log.debug("path MTU search of {}: no answer", name)
         self._publish(targets)
@@ -328,8 +342,8 @@ def targets_from(
             continue  # relayed: TCP, the full size
         state = wg.peers.get(peer.spec.public_key)
         endpoint = state.config.endpoint if state is not None else None
-        if endpoint is None:
-            continue
+        if endpoint is None or state is None or state.last_handshake <= 0:
+            continue  # no session yet: probes would only queue behind the handshake
         out[peer.name] = Target(str(ips[peer.name]), str(endpoint), mesh.spec.mtu,
                                 pmtu.overhead(endpoint.ip.version == 6))
     return out
