@@ -61,7 +61,7 @@ def test_schedule_searches_new_moved_and_shrunk_paths() -> None:
     assert s.to_search(1) == [] and s.to_check(1) == []
     assert s.to_check(5) == [("a", 1420), ("b", 1220)]
     s.checked("b", False, 5)
-    assert s.to_search(6) == []
+    assert s.to_search(6) == [] and ("b", 1220) in s.to_check(6)  # an unanswered check is repeated sooner
     s.checked("b", False, 10)
     assert s.to_search(10) == ["b"] and ("b", 1220) not in s.to_check(20)  # two misses: search again
     s.searched("b", 1180, 11)

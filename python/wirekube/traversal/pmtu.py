@@ -18,7 +18,8 @@ evidence that a size fits: a lost probe can make the answer smaller than the tru
 :class:`Schedule` decides when to search again: at first sight of a direct peer, when its
 endpoint changes, every ``research_every`` seconds (the only way a path that grew is noticed),
 and when a *check* fails: every ``check_every`` seconds one echo at the current size is sent (cheap: one packet), and
-``check_failures`` unanswered checks in a row mean the path shrank (a lowered MTU on the way).
+``check_failures`` unanswered checks in a row (after a miss the next check comes after
+``recheck_after``) mean the path shrank (a lowered MTU on the way).
 """
 
 from __future__ import annotations
@@ -125,6 +126,8 @@ class Search:
 @dataclass(frozen=True)
 class Timing:
     check_every: float = 3.0
+    recheck_after: float = 1.0
+    """After an unanswered check, the next one comes this soon (a shrunk path is searched sooner)."""
     check_failures: int = 2
     research_every: float = 600.0
     retry_unreachable: float = 10.0
@@ -166,9 +169,10 @@ class Schedule:
 
     def to_check(self, now: float) -> list[tuple[str, int]]:
         """(peer, size) for one echo each: peers with a result whose check is due."""
+        t = self.timing
         return [(name, p.mtu) for name, p in sorted(self.peers.items())
-                if p.mtu is not None and now - p.checked_at >= self.timing.check_every
-                and p.failed_checks < self.timing.check_failures]
+                if p.mtu is not None and p.failed_checks < t.check_failures
+                and now - p.checked_at >= (t.recheck_after if p.failed_checks else t.check_every)]
 
     def searched(self, name: str, result: int | None, now: float) -> None:
         p = self.peers.get(name)
