@@ -69,6 +69,8 @@ def test_qemu_has_no_network_but_the_two_taps(tmp_path: Path) -> None:
     assert "-nodefaults" in argv  # no default (user-mode) NIC
     assert not any(a.startswith("user") or ",user" in a for a in argv)
     assert "readonly=on" in argv[argv.index("-virtfs") + 1]  # the host root is shared read-only
+    keep = next(w for w in argv[argv.index("-append") + 1].split() if w.startswith("wk.keep="))
+    assert str(Path(__file__).resolve().parents[1]) in keep.split("=", 1)[1].split(",")  # tests/ under /tmp too
     assert argv[:4] == ["nice", "-n", str(vm.QEMU_NICE), vm._qemu()]  # noqa: SLF001 - exec'd: qemu keeps the PID
 
 

@@ -168,7 +168,10 @@ def _kept_paths() -> list[str]:
     import wirekube
 
     source = Path(wirekube.__file__).resolve().parents[1]
-    return list(dict.fromkeys(str(p) for p in (Path(sys.prefix), source)))
+    kept = [Path(sys.prefix), source]
+    if (source.parent / "tests").is_dir():  # a checkout: the tests run scripts of theirs in the guest
+        kept.append(source.parent / "tests")
+    return list(dict.fromkeys(str(p) for p in kept))
 
 
 def qemu_argv(pieces: GuestPieces, config: GuestConfig, config_path: Path, workdir: Path,
