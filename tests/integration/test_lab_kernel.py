@@ -78,6 +78,10 @@ MEASURED: dict[str, Any] = {}
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, k8s.Kube, orchestrate.LabHandle]]:
     if os.geteuid() != 0:
         pytest.skip("needs root for network namespaces and qemu's taps (skipped: not running as root)")
+    if os.environ.get("WIREKUBE_KERNEL_LAB") != "1":
+        pytest.skip("kernel-node lab (qemu TCG, 10-20 min) runs with `make test-kernel` or WIREKUBE_KERNEL_LAB=1; "
+                    "not yet part of `make test`: the module has not passed a whole run (kill -9 adoption, the UDP "
+                    "cut and doctor/cleanup in a guest are unverified this round)")
     try:
         vm.guest_pieces()
     except vm.VMError as e:
