@@ -13,7 +13,6 @@ several minutes. Run it with `make test-chart` (sets WIREKUBE_CHART_LAB=1).
 from __future__ import annotations
 
 import os
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,4 +108,3 @@ def test_ctr_sees_the_imported_images_on_every_node(chart_lab: Any) -> None:
                         check=True).stdout.split()
         for key in ("AGENT_REF", "GATEWAY_REF", "PAUSE_REF"):
             assert images[key] in out, (node, key, out)
-    del subprocess
