@@ -376,3 +376,14 @@ def test_an_inconclusive_nat_probe_keeps_the_last_conclusive_finding(monkeypatch
     assert t.discover(mesh, ("192.168.1.5",)).nat.nat_type is NatType.CONE
     probe["v"] = True
     assert t.discover(mesh, ("192.168.1.5",)).nat.nat_type is NatType.CONE
+
+
+def test_heartbeats_are_fast_only_where_a_path_is_being_proven() -> None:
+    """relay.mode auto: an unproven direct peer gets 10/s until it answers; never/always: nothing
+    is proven or failed over, so every peer gets the idle rate (one per 10 s)."""
+    for mode, expected in ((RelayMode.AUTO, 10), (RelayMode.NEVER, 1), (RelayMode.ALWAYS, 1)):
+        p = peer("cone", NatType.CONE, "203.0.113.2")
+        t = traversal(NatType.CONE, [p], mode)
+        by_ip = {str(p.mesh_ip): "cone"}
+        sent = sum(len(t.heartbeats_due(round(i * 0.05, 6), by_ip, {})) for i in range(20))  # 1 s
+        assert sent == expected, (mode, sent)

@@ -239,10 +239,12 @@ class Traversal:
         a heartbeat is due to now (counted as sent)."""
         targets: list[str] = []
         with self._lock:
+            # Only relay.mode auto proves paths and fails over; in never/always nothing is urgent.
+            auto = self._view.mesh is not None and self._view.mesh.spec.relay.mode is RelayMode.AUTO
             for ip, name in by_ip.items():
                 b, got = self._beats.get(name, liveness.Beats()), seen.get(name, liveness.Beats())
                 state = self._peers.get(name)
-                due = state is not None and liveness.due(state.live, now, _urgent(state))
+                due = state is not None and liveness.due(state.live, now, auto and _urgent(state))
                 if state is not None and due:
                     state.live = liveness.beat(state.live, now)
                     targets.append(ip)
