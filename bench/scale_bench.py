@@ -16,8 +16,6 @@ Writes ``bench/results/scale.json``:
   <= 150 MB RSS; one change well under 10 % of a full reconcile's CPU.
 * relay: 1,000 clients each proving key ownership on one relay on 127.0.0.1: handshakes per
   second and the relay's RSS. Goal: <= 200 MB RSS.
-* heartbeat: heartbeat packets/s per node at 100 and 1,000 idle peers (bench/heartbeat_bench.py).
-  Goal at 1,000: at most 10 % of the former fixed 2 Hz per peer.
 
     python bench/scale_bench.py [--sizes 100,300,1000] [--relay-clients 1000]
 """
@@ -41,9 +39,6 @@ sys.path.insert(0, str(HERE.parent))
 from tests.fixtures.keys import public_key  # noqa: E402
 from wirekube import ipam, k8s  # noqa: E402
 from wirekube.lab.cluster import ControlPlane  # noqa: E402
-
-sys.path.insert(0, str(HERE))
-import heartbeat_bench  # noqa: E402
 
 AGENT_VIEW = textwrap.dedent("""
     import base64, ipaddress, json, resource, statistics, sys, time
@@ -296,7 +291,6 @@ def main() -> int:
                "one_change_cpu_ratio", "full_reconcile_cpu_s", "one_change_cpu_s", "resync_cpu_s", "peak_rss_mb")}
                for row in agent},
            "relay": relay_scale(args.relay_clients),
-           "heartbeat": heartbeat_bench.heartbeat_cost([100, 1000]),
            "goals": {"full_reconcile_cpu_s_at_1000": 2.0, "agent_rss_mb_at_1000": 150, "relay_rss_mb_at_1000": 200,
                      "one_change_cpu_ratio_at_1000": 0.1}}
     (HERE / "results").mkdir(exist_ok=True)

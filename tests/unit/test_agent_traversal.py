@@ -72,16 +72,6 @@ def engine(key: str, rx: int) -> WgDeviceState:
     return WgDeviceState(peers={key: WgPeerState(WgPeerConfig(key, None, ()), rx_bytes=rx)})
 
 
-def unanswered(t: Traversal, start: float, end: float, wall: float = 1e9) -> None:
-    """The heartbeat thread (every 0.05 s) and the ticker from ``start`` to ``end``, with the peers
-    answering nothing."""
-    by_ip = {str(p.mesh_ip): n for n, p in t._view.peers.items() if p.mesh_ip is not None}
-    for i in range(round((end - start) / 0.05)):
-        now = round(start + i * 0.05, 6)
-        t.heartbeats_due(now, by_ip, {})
-        t.tick(now, wall)
-
-
 def test_stalled_direct_peer_fails_over_only_when_a_relay_is_up() -> None:
     for relay_up, expected in ((True, Transport.RELAY), (False, Transport.DIRECT)):
         p = peer("cone", NatType.CONE, "203.0.113.2")
@@ -92,17 +82,8 @@ def test_stalled_direct_peer_fails_over_only_when_a_relay_is_up() -> None:
         t.tick(0.0, 1e9)
         rx["v"] = 148
         t.tick(0.5, 1e9)  # established
-        t.tick(2.4, 1e9)  # silent for 1.9 s, but nothing was asked of the peer: idle, not dead
-        assert t.paths()["cone"].transport is Transport.DIRECT
-        unanswered(t, 2.45, 2.9)  # a heartbeat, then verification at the active rate from 0.3 s
-        assert t.paths()["cone"].transport is Transport.DIRECT, "0.45 s unanswered is not yet a stall"
-        switched: list[tuple[str, str]] = []
-        t._fast_switch = lambda k, e: switched.append((k, str(e)))
-        unanswered(t, 2.9, 3.1)
+        t.tick(2.5, 1e9)  # 2 s silent
         assert t.paths()["cone"].transport is expected, relay_up
-        # The failover wrote the relay proxy into WireGuard itself, without waiting for a reconcile.
-        proxy = f"127.0.0.1:{t._peers['cone'].proxy_port}"
-        assert switched == ([(key, proxy)] if relay_up else []), switched
 
 
 def test_relay_mode_never_keeps_everyone_direct_and_always_relays_everyone() -> None:
@@ -138,7 +119,6 @@ def test_transport_changes_are_reported_once() -> None:
     t.tick(0.0, 1e9)
     rx["v"] = 100
     t.tick(0.5, 1e9)
-    unanswered(t, 1.0, 2.0, 1_700_000_000)
     t.tick(2.5, 1_700_000_000)
     t.tick(2.6, 1_700_000_000)
     assert seen == [("cone", "direct", "relay", "direct probe failed at 2023-11-14T22:13:20Z")]
@@ -376,14 +356,3 @@ def test_an_inconclusive_nat_probe_keeps_the_last_conclusive_finding(monkeypatch
     assert t.discover(mesh, ("192.168.1.5",)).nat.nat_type is NatType.CONE
     probe["v"] = True
     assert t.discover(mesh, ("192.168.1.5",)).nat.nat_type is NatType.CONE
-
-
-def test_heartbeats_are_fast_only_where_a_path_is_being_proven() -> None:
-    """relay.mode auto: an unproven direct peer gets 10/s until it answers; never/always: nothing
-    is proven or failed over, so every peer gets the idle rate (one per 10 s)."""
-    for mode, expected in ((RelayMode.AUTO, 10), (RelayMode.NEVER, 1), (RelayMode.ALWAYS, 1)):
-        p = peer("cone", NatType.CONE, "203.0.113.2")
-        t = traversal(NatType.CONE, [p], mode)
-        by_ip = {str(p.mesh_ip): "cone"}
-        sent = sum(len(t.heartbeats_due(round(i * 0.05, 6), by_ip, {})) for i in range(20))  # 1 s
-        assert sent == expected, (mode, sent)
