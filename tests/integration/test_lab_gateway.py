@@ -21,6 +21,7 @@ from wirekube import k8s
 from wirekube.lab import gatewaydrill as drill
 from wirekube.lab import orchestrate
 from wirekube.lab.net import Lab
+from wirekube.models import mesh_from_cr
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
@@ -99,7 +100,7 @@ def test_vxlan_between_hybrid_node_internal_ips_over_wireguard(lab: Any) -> None
     WireGuard because the InternalIPs are in the peers' AllowedIPs.  MTU: the VXLAN device gets
     the WireGuard MTU minus VXLAN's 50 bytes, and a full-size DF packet must pass."""
     lab_, kube, _ = lab
-    mesh_mtu = int(kube.get(k8s.MESHES, "default")["spec"].get("mtu") or 1420)
+    mesh_mtu = mesh_from_cr(kube.get(k8s.MESHES, "default")).spec.mtu  # spec.mtu may be "auto"
     ends = {"hybrid-a1": "10.201.0.1", "hybrid-b1": "10.201.0.2"}
     for node, other in (("hybrid-a1", "hybrid-b1"), ("hybrid-b1", "hybrid-a1")):
         ip = lab_.nodes[node]
