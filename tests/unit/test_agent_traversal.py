@@ -356,3 +356,41 @@ def test_an_inconclusive_nat_probe_keeps_the_last_conclusive_finding(monkeypatch
     assert t.discover(mesh, ("192.168.1.5",)).nat.nat_type is NatType.CONE
     probe["v"] = True
     assert t.discover(mesh, ("192.168.1.5",)).nat.nat_type is NatType.CONE
+
+
+def test_a_relay_outage_keeps_the_nat_finding_and_endpoint_and_retries_soon(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every relay replica down (the relays are the STUN servers): no STUN answer and no relay
+    connection say nothing new, so the node keeps its NAT type and endpoint (publishing unknown
+    would flip every peer's path) and tries again within seconds, not a whole stun_interval.
+    A STUN silence while the relay's TCP port answers is news: UDP-blocked, type unknown."""
+    from wirekube.traversal import rawudp
+    from wirekube.traversal.nat import StunSample
+
+    t = traversal(NatType.UNKNOWN, [])
+    mesh = t._view.mesh
+    assert mesh is not None
+    t._wake = lambda: None  # type: ignore[method-assign]
+    answers: list[StunSample] = [StunSample("a", "198.51.100.20", 40001), StunSample("b", "198.51.100.20", 40001)]
+    monkeypatch.setattr(rawudp, "resolve", lambda servers: [rawudp.StunTarget("a", "198.18.0.2", 3478)] * 2)
+    monkeypatch.setattr(rawudp, "stun_probe", lambda targets, port, timeout: list(answers))
+    t.stun_servers = lambda m: ["198.18.0.2:3478", "198.18.0.3:3478"]  # type: ignore[method-assign]
+    t._nat_probe = lambda first: False if answers else None  # type: ignore[method-assign]
+    found = t.discover(mesh, ("192.168.1.5",))
+    assert found.nat.nat_type is NatType.PORT_RESTRICTED_CONE and t._discovery_retry == 0.0
+    answers.clear()
+    t._relay = FakeRelay(False)  # type: ignore[assignment]
+    outage = t.discover(mesh, ("192.168.1.5",))
+    assert outage.nat == found.nat and outage.endpoint == found.endpoint and not outage.udp_blocked
+    assert 0 < t._discovery_retry < t.settings.stun_interval
+    first_retry = t._discovery_retry
+    t.discover(mesh, ("192.168.1.5",))
+    assert first_retry < t._discovery_retry <= t.settings.stun_interval  # backs off
+    answers.append(StunSample("a", "198.51.100.20", 40001))  # one replica back: one answer, same mapping
+    assert t.discover(mesh, ("192.168.1.5",)).nat.nat_type is NatType.PORT_RESTRICTED_CONE
+    answers.append(StunSample("b", "198.51.100.20", 40001))
+    assert t.discover(mesh, ("192.168.1.5",)).nat.nat_type is NatType.PORT_RESTRICTED_CONE
+    assert t._discovery_retry == 0.0  # conclusive again: back to the normal interval
+    answers.clear()
+    t._relay = FakeRelay(True)  # relay over TCP fine, STUN silent: UDP is blocked here
+    blocked = t.discover(mesh, ("192.168.1.5",))
+    assert blocked.udp_blocked and blocked.nat.nat_type is NatType.UNKNOWN and blocked.endpoint is None

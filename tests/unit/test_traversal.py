@@ -137,3 +137,37 @@ def test_matrix_relay_never_probes() -> None:
     for t in (120.0, 240.0, 10_000.0):
         st, a = pathsm.tick(st, t, 0, T)
         assert a is pathsm.Action.NONE
+
+
+PRC = nat.Classification(NatType.PORT_RESTRICTED_CONE, "198.51.100.20", 40001)
+SAME = [StunSample("a", "198.51.100.20", 40001), StunSample("b", "198.51.100.20", 40001)]
+
+
+@pytest.mark.parametrize(("fresh", "samples", "probed", "want", "conclusive"), [
+    # conclusive rounds replace what was known, whatever it was
+    (nat.Classification(NatType.SYMMETRIC, "198.51.100.20", 40001, 1),
+     [StunSample("a", "198.51.100.20", 40001), StunSample("b", "198.51.100.20", 40002)], False, "fresh", True),
+    (nat.Classification(NatType.CONE, "198.51.100.20", 40001), SAME, True, "fresh", True),
+    # the relay's probe impossible, same mapping: the last finding stands
+    (nat.Classification(NatType.CONE, "198.51.100.20", 40001), SAME, False, "last", False),
+    # nobody answered (every relay replica down): no news
+    (nat.Classification(NatType.UNKNOWN), [], False, "last", False),
+    # one of two answered, same mapping: no news
+    (nat.Classification(NatType.UNKNOWN), SAME[:1], False, "last", False),
+    # a new mapping is new information, even when inconclusive
+    (nat.Classification(NatType.CONE, "198.51.100.21", 40001),
+     [StunSample("a", "198.51.100.21", 40001)] * 2, False, "fresh", False),
+    (nat.Classification(NatType.UNKNOWN), [StunSample("a", "198.51.100.21", 40001)], False, "fresh", False),
+])
+def test_settle_keeps_the_last_finding_only_when_a_round_learned_nothing_new(
+        fresh: nat.Classification, samples: list[StunSample], probed: bool, want: str, conclusive: bool) -> None:
+    got, was_conclusive = nat.settle(PRC, fresh, samples, probed=probed)
+    assert got == (fresh if want == "fresh" else PRC)
+    assert was_conclusive is conclusive
+
+
+def test_settle_with_nothing_known_publishes_the_fresh_round() -> None:
+    unknown = nat.Classification(NatType.UNKNOWN)
+    cone = nat.Classification(NatType.CONE, "198.51.100.20", 40001)
+    assert nat.settle(unknown, cone, SAME, probed=False) == (cone, False)
+    assert nat.settle(unknown, unknown, [], probed=False) == (unknown, False)

@@ -175,6 +175,7 @@ class Traversal:
         self._listener: ProbeListener | None = None
         self._threads: list[threading.Thread] = []
         self._discovered_once = threading.Event()
+        self._discovery_retry = 0.0  # > 0: the last discovery round was inconclusive; next one in that many s
         self._eperm_last: set[int] = set()
         self.birthday_settings = birthday_settings
         self._bday: dict[str, _Birthday] = {}
@@ -741,7 +742,11 @@ class Traversal:
                     self.discover(mesh, addrs)
                 except Exception:  # noqa: BLE001 - try again next round
                     self._log.exception("endpoint discovery failed")
-            self._stop.wait(self.settings.stun_interval if self._discovered_once.is_set() else 1.0)
+            if not self._discovered_once.is_set():
+                delay = 1.0
+            else:  # an inconclusive round (e.g. the relay was down) is retried soon, backing off
+                delay = self._discovery_retry or self.settings.stun_interval
+            self._stop.wait(delay)
 
     def stun_servers(self, mesh: Mesh) -> list[str]:
         if mesh.spec.stun_servers:
@@ -753,21 +758,24 @@ class Traversal:
         targets = rawudp.resolve(self.stun_servers(mesh))
         samples = rawudp.stun_probe(targets, port, timeout=self.settings.stun_timeout) if targets else []
         unsolicited = self._nat_probe(samples[0]) if len(samples) >= 2 else None
-        if unsolicited is None and samples:
-            # An inconclusive probe (relay connection down or replaced, e.g. during a relay
-            # rollout) says nothing new: keep what the last conclusive probe found for the same
-            # mapping rather than flapping port-restricted -> cone and back.
-            with self._lock:
-                last = self._discovery.nat
-            if (last.public_ip, last.public_port) == (samples[0].mapped_ip, samples[0].mapped_port):
-                if last.nat_type is NatType.PORT_RESTRICTED_CONE:
-                    unsolicited = False
-        classification = nat.classify(samples, port, local_addresses, unsolicited_probe_received=unsolicited)
+        with self._lock:
+            last = self._discovery
+        fresh = nat.classify(samples, port, local_addresses, unsolicited_probe_received=unsolicited)
         udp_blocked = bool(targets) and not samples and bool(self._relay and self._relay.connected_relays())
+        if udp_blocked:  # the relay answers over TCP but no STUN answer comes back: that is news
+            classification, conclusive = fresh, True
+        else:
+            classification, conclusive = nat.settle(last.nat, fresh, samples, probed=unsolicited is not None)
         endpoint, method = None, None
         if samples:  # for a symmetric NAT the port is per destination: peers learn the real one by roaming
             endpoint = Endpoint(ipaddress.ip_address(samples[0].mapped_ip), samples[0].mapped_port)
             method = EndpointDiscovery.STUN
+        elif not udp_blocked:
+            # No STUN server answered and the relay is not reachable either (a relay outage or
+            # rollout): nothing is known to have changed, so the last mapping stands.
+            endpoint, method = last.endpoint, last.method
+        self._discovery_retry = 0.0 if conclusive else min(max(2.0, self._discovery_retry * 2),
+                                                           self.settings.stun_interval)
         host = tuple(f"{a}:{port}" for a in local_addresses if ipaddress.ip_address(a).version == 4)
         found = Discovery(endpoint, method, classification, udp_blocked, host)
         dropped = False

@@ -83,6 +83,32 @@ def classify(
     return Classification(NatType.CONE, first.mapped_ip, first.mapped_port)
 
 
+def settle(
+    last: Classification,
+    fresh: Classification,
+    samples: Sequence[StunSample],
+    *,
+    probed: bool,
+) -> tuple[Classification, bool]:
+    """What to publish after a discovery round, and whether the round was conclusive.
+
+    ``probed``: the relay's unsolicited probe gave an answer (either way). A round that learned
+    less than ``last`` about the same mapping says nothing new and keeps ``last``: no STUN answer
+    at all (every relay replica down during a rollout), one answer where two are needed, or a
+    single mapping with the probe impossible (relay connection down). Publishing ``unknown`` or
+    ``cone`` then would flip every peer's path decision until the next round. A different mapping
+    is new information and is classified afresh. An inconclusive round should be retried soon.
+    """
+    kind = fresh.nat_type
+    if kind in (NatType.SYMMETRIC, NatType.OPEN, NatType.PORT_RESTRICTED_CONE) or (kind is NatType.CONE and probed):
+        return fresh, True
+    mapping = (last.public_ip, last.public_port)
+    same = not samples or any((s.mapped_ip, s.mapped_port) == mapping for s in samples)
+    if same and last.nat_type is not NatType.UNKNOWN:
+        return last, False
+    return fresh, False
+
+
 def port_step(ports: Sequence[int]) -> int:
     """The typical increment between successive mapped ports (median of the deltas; 0 = random)."""
     deltas = [b - a for a, b in zip(ports, ports[1:], strict=False) if b != a]
