@@ -54,8 +54,53 @@ def render(values: Path | None = None, *extra: str) -> str:
     return run(*args, *extra).stdout
 
 
-def test_values_schema_is_generated_from_the_crds() -> None:
-    run(sys.executable, str(ROOT / "ci" / "gen-values-schema.py"), "--check")
+def test_values_schema_and_readme_are_generated_and_current() -> None:
+    """values.schema.json and the chart README (its values table) come from values.yaml's
+    comments and the CRDs through one generator; a stale or hand-edited copy fails here."""
+    proc = run(sys.executable, str(ROOT / "ci" / "gen-values-schema.py"), "--check", check=False)
+    assert proc.returncode == 0, proc.stderr
+    table = (CHART / "README.md").read_text()
+    assert "| `relay.topologySpreadConstraints` |" in table and "| `agent.containerSecurityContext` |" in table
+
+
+def _generator() -> Any:
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "ci"))
+    try:
+        spec = importlib.util.spec_from_file_location("gen_values_schema", ROOT / "ci" / "gen-values-schema.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up while being built
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "ci"))
+    return module
+
+
+def test_an_undocumented_value_fails_the_generator() -> None:
+    gen = _generator()
+    text = (CHART / "values.yaml").read_text()
+    assert text.count("  # -- Extra labels on relay pods.\n") == 1
+    stripped = text.replace("  # -- Extra labels on relay pods.\n", "")
+    values = yaml.safe_load(stripped)
+    docs = gen.parse_docs(stripped)
+    with pytest.raises(gen.ValuesError, match=r"relay\.podLabels has no `# --` comment"):
+        gen.rows(values, gen.values_schema(values, docs), docs)
+    # and the real file documents every value: one row each, none without a description
+    values = yaml.safe_load(text)
+    docs = gen.parse_docs(text)
+    rows = gen.rows(values, gen.values_schema(values, docs), docs)
+    assert len(rows) > 100 and all(r.description for r in rows)
+
+
+def test_schema_hints_in_comments_reach_the_schema() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    relay = schema["properties"]["relay"]["properties"]
+    assert relay["service"]["properties"]["type"]["enum"] == ["LoadBalancer", "NodePort", "ClusterIP"]
+    assert relay["replicas"]["maximum"] == 100 and relay["port"]["maximum"] == 65535
+    assert relay["drainSeconds"]["description"].startswith("On SIGTERM, seconds the relay gives")
+    assert "@schema" not in json.dumps(schema)
 
 
 @pytest.mark.parametrize("values", CI_VALUES, ids=[p.name for p in CI_VALUES])
@@ -124,6 +169,52 @@ def test_security_defaults_rendered() -> None:
     assert by_name[("Deployment", "wk-wirekube-controller")]["spec"]["replicas"] == 2
     assert by_name[("Service", "wk-wirekube-relay-pool")]["spec"]["clusterIP"] == "None"
     assert {p["protocol"] for p in by_name[("Service", "wk-wirekube-relay")]["spec"]["ports"]} == {"TCP", "UDP"}
+
+
+def test_pod_labels_env_spreading_and_security_contexts_are_values() -> None:
+    docs = [d for d in yaml.safe_load_all(render(None, "--set", "relay.podLabels.team=net",
+                                                 "--set", "controller.extraEnv[0].name=AWS_REGION",
+                                                 "--set", "controller.extraEnv[0].value=us-west-2",
+                                                 "--set", "agent.containerSecurityContext.runAsUser=0",
+                                                 "--set", "controller.securityContext.fsGroup=2000",
+                                                 "--set", "agent.topologySpreadConstraints[0].maxSkew=2",
+                                                 "--set", "agent.topologySpreadConstraints[0].topologyKey=zone",
+                                                 "--set", "agent.topologySpreadConstraints[0]"
+                                                          ".whenUnsatisfiable=DoNotSchedule")) if d]
+    by_name = {(d["kind"], d["metadata"]["name"]): d["spec"]["template"] for d in docs
+               if d["kind"] in ("Deployment", "DaemonSet")}
+    relay = by_name[("Deployment", "wk-wirekube-relay")]
+    assert relay["metadata"]["labels"]["team"] == "net"
+    selector = {"app.kubernetes.io/name": "wirekube", "app.kubernetes.io/instance": "wk",
+                "app.kubernetes.io/component": "relay"}
+    # the relay's 2 replicas are spread over nodes and zones by default, softly
+    assert relay["spec"]["topologySpreadConstraints"] == [
+        {"maxSkew": 1, "topologyKey": key, "whenUnsatisfiable": "ScheduleAnyway",
+         "labelSelector": {"matchLabels": selector}}
+        for key in ("kubernetes.io/hostname", "topology.kubernetes.io/zone")]
+    controller = by_name[("Deployment", "wk-wirekube-controller")]["spec"]
+    assert {"name": "AWS_REGION", "value": "us-west-2"} in controller["containers"][0]["env"]
+    assert controller["securityContext"] == {"runAsNonRoot": True, "fsGroup": 2000,
+                                             "seccompProfile": {"type": "RuntimeDefault"}}
+    agent = by_name[("DaemonSet", "wk-wirekube-agent")]["spec"]
+    assert agent["topologySpreadConstraints"][0]["labelSelector"]["matchLabels"][
+        "app.kubernetes.io/component"] == "agent"
+    assert agent["topologySpreadConstraints"][0]["whenUnsatisfiable"] == "DoNotSchedule"
+    off = [d for d in yaml.safe_load_all(render(None, "--set", "relay.topologySpreadConstraints=null")) if d]
+    relay_off = next(d for d in off if d["metadata"]["name"] == "wk-wirekube-relay" and d["kind"] == "Deployment")
+    assert "topologySpreadConstraints" not in relay_off["spec"]["template"]["spec"]
+
+
+def test_rbac_is_one_template_per_component() -> None:
+    templates = {p.name for p in (CHART / "templates").glob("rbac*.yaml")}
+    assert templates == {"rbac-agent.yaml", "rbac-relay.yaml", "rbac-controller.yaml", "rbac-events.yaml"}
+    docs = [d for d in yaml.safe_load_all(render(None, "--set", "controller.enabled=false")) if d]
+    test_pod = next(d for d in docs if d["kind"] == "Pod")
+    assert test_pod["spec"]["serviceAccountName"] == "wk-wirekube-test"
+    role = next(d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "wk-wirekube-test")
+    assert role["rules"] == [{"apiGroups": ["wirekube.io"], "verbs": ["get", "list"],
+                              "resources": ["wirekubepeers", "wirekubegateways", "wirekubemeshes"]}]
+    assert not any("controller" in d["metadata"]["name"] for d in docs)
 
 
 def test_templated_crds_carry_keep_policy() -> None:
@@ -394,5 +485,67 @@ def test_relay_may_write_only_the_status_lease_named_after_its_pod(chart_cluster
         for name in ("wkr-relay-0",):
             try:
                 kube.delete(pods, name, NS)
+            except errors.NotFound:
+                pass
+
+
+@pytest.mark.apiserver
+def test_helm_test_passes_with_the_controller_disabled(chart_cluster: Any, tmp_path: Path) -> None:
+    """`helm test` on a release without the controller: its pod runs under its own ServiceAccount.
+
+    No kubelet runs here, so the test plays the kubelet's part for the one hook Pod: it runs the
+    Pod's command (the real wirekubectl) with a token bound to that Pod and its ServiceAccount, and
+    reports the exit code as the Pod's phase; `helm test` itself creates the Pod and judges it."""
+    from wirekube.lab.cluster import write_kubeconfig
+
+    cp, kube, env = chart_cluster
+    helm = tool("helm")
+    pods = k8s.Resource("", "v1", "pods", "Pod", namespaced=True)
+    run(helm, "install", "wkn", str(CHART), "-n", NS, "--set", "controller.enabled=false",
+        "--set", "admissionPolicy.enabled=false", "--set", "mesh.create=false", env=env)
+    helm_test = None
+    try:
+        kube.create(k8s.PEERS, _peer("helm-test-a", "10.255.9.1/32"))
+        kube.patch_status(k8s.PEERS, "helm-test-a", {"status": {"connected": True}})
+        helm_test = subprocess.Popen([helm, "test", "wkn", "-n", NS, "--timeout=120s"], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env={**os.environ, **env})
+
+        def hook_pod() -> dict[str, Any] | None:
+            try:
+                return kube.get(pods, "wkn-wirekube-test-connected", NS)
+            except errors.NotFound:
+                if helm_test is not None and helm_test.poll() is not None:
+                    raise AssertionError(f"helm test ended before creating its Pod:\n{helm_test.communicate()[0]}")
+                return None
+
+        pod = wait_for(hook_pod, 60, "helm test to create its Pod")
+        spec = pod["spec"]
+        assert spec["serviceAccountName"] == "wkn-wirekube-test"
+        token = kube._request("POST", f"/api/v1/namespaces/{NS}/serviceaccounts/wkn-wirekube-test/token", body={
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 600,
+                     "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": pod["metadata"]["name"],
+                                        "uid": pod["metadata"]["uid"]}}})["status"]["token"]
+        kubeconfig = tmp_path / "helm-test.kubeconfig"
+        write_kubeconfig(kubeconfig, cp.server, cp.pki, user="helm-test", token=token)
+        command = spec["containers"][0]["command"]
+        assert command[0] == "wirekubectl"
+        check = run(str(Path(sys.executable).parent / "wirekubectl"), *command[1:], env={"KUBECONFIG": str(kubeconfig)},
+                    check=False)
+        assert check.returncode == 0, f"the hook's command failed under its ServiceAccount:\n{check.stdout}{check.stderr}"
+        assert "helm-test-a" in check.stdout
+        kube.patch_status(pods, pod["metadata"]["name"], {"status": {"phase": "Succeeded"}}, NS)
+        out, _ = helm_test.communicate(timeout=120)
+        assert helm_test.returncode == 0, out
+        assert "Succeeded" in out
+    finally:
+        if helm_test is not None and helm_test.poll() is None:
+            helm_test.kill()
+            helm_test.wait()
+        run(helm, "uninstall", "wkn", "-n", NS, "--wait", env=env)
+        for delete in (lambda: kube.delete(k8s.PEERS, "helm-test-a"),
+                       lambda: kube.delete(pods, "wkn-wirekube-test-connected", NS)):
+            try:
+                delete()
             except errors.NotFound:
                 pass

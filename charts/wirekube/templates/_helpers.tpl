@@ -60,28 +60,20 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
-{{/* The restricted security context of the relay and controller pods. */}}
-{{- define "wirekube.restrictedContainerSecurityContext" -}}
-allowPrivilegeEscalation: false
-readOnlyRootFilesystem: true
-runAsNonRoot: true
-runAsUser: 65532
-runAsGroup: 65532
-capabilities:
-  drop: [ALL]
-seccompProfile:
-  type: RuntimeDefault
+{{/* A component's pod labels: its selector labels plus <component>.podLabels.
+     (dict "ctx" $ "component" "agent" "extra" .Values.agent.podLabels) */}}
+{{- define "wirekube.podLabels" -}}
+{{ include "wirekube.selectorLabels" (dict "ctx" .ctx "component" .component) }}
+{{- with .extra }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}
 
-{{/* The agent runs as root (netlink, nftables, /dev/net/tun) with only the capabilities it needs. */}}
-{{- define "wirekube.agentSecurityContext" -}}
-privileged: false
-allowPrivilegeEscalation: false
-readOnlyRootFilesystem: true
-runAsUser: 0
-capabilities:
-  drop: [ALL]
-  add: [NET_ADMIN, NET_RAW]
-seccompProfile:
-  type: RuntimeDefault
+{{/* A component's topology spread constraints; an entry without labelSelector selects the
+     component's own pods. (dict "ctx" $ "component" "relay" "constraints" .Values.relay.topologySpreadConstraints) */}}
+{{- define "wirekube.topologySpreadConstraints" -}}
+{{- $selector := dict "matchLabels" (include "wirekube.selectorLabels" (dict "ctx" .ctx "component" .component) | fromYaml) -}}
+{{- range .constraints }}
+- {{ merge (deepCopy .) (dict "labelSelector" $selector) | toYaml | nindent 2 | trim }}
+{{- end }}
 {{- end -}}
