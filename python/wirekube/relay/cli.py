@@ -7,6 +7,10 @@ Runs on uvloop until SIGTERM or SIGINT, then tells every client it is shutting d
 With ``--authorize-peers`` only keys found in some WireKubePeer ``spec.publicKey`` may register,
 and a peer's removal disconnects it; the cluster is watched through :mod:`wirekube.k8s`.
 
+With ``--wss-listen HOST:PORT --tls-cert PATH --tls-key PATH`` the relay also serves the same
+protocol over WebSocket over TLS (:mod:`wirekube.relay.wsbridge`), for nodes that can only reach
+port 443, often only through an HTTP CONNECT proxy.
+
 Replicas behind one load balancer (:mod:`wirekube.relay.mesh`)::
 
     wirekube-relay ... --mesh-secret-file PATH [--mesh-listen HOST:PORT]
@@ -26,6 +30,7 @@ import asyncio
 import os
 import re
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -132,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM, how long clients told to reconnect elsewhere (GoAway) have before the "
                         "rest are closed (default 10)")
+    w = p.add_argument_group("WebSocket over TLS", "the same protocol for clients that only reach port 443 "
+                             "or an HTTP CONNECT proxy")
+    w.add_argument("--wss-listen", type=lambda t: parse_hostport(t, 443), default=None, metavar=hp,
+                   help="TCP address of the WSS listener (port defaults to 443); needs --tls-cert and --tls-key")
+    w.add_argument("--wss-path", default=None, metavar="PATH",
+                   help="the only HTTP path upgraded to a WebSocket, e.g. /relay (default: any path)")
+    w.add_argument("--tls-cert", default=None, metavar="PATH", help="PEM certificate chain (e.g. a Secret's tls.crt)")
+    w.add_argument("--tls-key", default=None, metavar="PATH", help="PEM private key (e.g. a Secret's tls.key)")
     p.add_argument("--reuse-port", action="store_true",
                    help="SO_REUSEPORT on the relay's sockets, so several relay processes meshed over local links "
                         "(--mesh-peers) share one address; the kernel spreads connections among them")
@@ -166,6 +179,7 @@ def settings_from_args(args: argparse.Namespace) -> CliSettings:
             len(args.status_lease) <= 253 and _DNS_SUBDOMAIN.fullmatch(args.status_lease)):
         raise UsageError(f"--status-lease {args.status_lease!r}: not a valid object name "
                          "(lowercase letters, digits, '-' and '.')")
+    _check_wss(args)
     listen_host, listen_port = args.listen
     stun_host, stun_port = args.stun_listen or args.listen
     probe_host, probe_port = args.nat_probe_listen or (stun_host, 0)
@@ -185,6 +199,11 @@ def settings_from_args(args: argparse.Namespace) -> CliSettings:
             max_pending_per_ip=args.max_pending_per_ip,
             drain_timeout=args.drain_timeout,
             reuse_port=args.reuse_port,
+            wss_host=args.wss_listen[0] if args.wss_listen else None,
+            wss_port=args.wss_listen[1] if args.wss_listen else 443,
+            wss_path=args.wss_path,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
         ),
         mesh=_mesh_settings(args),
         mesh_service=args.mesh_service,
@@ -198,6 +217,25 @@ def settings_from_args(args: argparse.Namespace) -> CliSettings:
         log_format=args.log_format,
         log_level=args.log_level.upper(),
     )
+
+
+def _check_wss(args: argparse.Namespace) -> None:
+    """The WSS flags go together, and the certificate and key must load (one line if not)."""
+    if args.wss_listen is None:
+        if args.tls_cert or args.tls_key or args.wss_path:
+            raise UsageError("--tls-cert, --tls-key and --wss-path need --wss-listen")
+        return
+    if not args.tls_cert or not args.tls_key:
+        raise UsageError("--wss-listen needs --tls-cert and --tls-key")
+    if args.wss_path is not None and not args.wss_path.startswith("/"):
+        raise UsageError(f"--wss-path {args.wss_path!r}: must start with '/'")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(args.tls_cert, args.tls_key)
+    except ssl.SSLError as e:
+        raise UsageError(f"--tls-cert {args.tls_cert} / --tls-key {args.tls_key}: not a usable certificate "
+                         f"and key ({e.reason or e})") from None
+    except OSError as e:
+        raise UsageError(f"cannot read the TLS certificate or key: {e.strerror}: {e.filename}") from None
 
 
 def _mesh_settings(args: argparse.Namespace) -> MeshSettings | None:
@@ -355,6 +393,7 @@ async def serve(settings: CliSettings) -> None:
     logger.bind(
         component="relay",
         tcp=_addr(relay.address),
+        wss=_addr(relay.wss_address),
         stun=_addr(relay.stun_address),
         nat_probe=_addr(relay.nat_probe_address),
         metrics=f"{metrics_addr[0]}:{metrics_addr[1]}",

@@ -42,6 +42,7 @@ import itertools
 import os
 import random
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -53,6 +54,7 @@ from loguru import logger
 
 from wirekube.errors import WireKubeError
 from wirekube.relay.auth import fingerprint, prove, public_bytes
+from wirekube.relay.dial import Proxy, ProxyConfig, ProxyError, RelayURL, open_tunnel
 from wirekube.relay.protocol import (
     NEED_DATA,
     TOKEN_LEN,
@@ -71,6 +73,7 @@ from wirekube.relay.protocol import (
     parse_error,
     run_datagrams,
 )
+from wirekube.relay.wsbridge import WsBridge
 
 DataHandler = Callable[[bytes, bytes], None]
 """``on_data(source_key, datagram)``."""
@@ -90,6 +93,14 @@ class RelayRejected(RelayError):
     def __init__(self, reason: str) -> None:
         super().__init__(f"relay refused: {reason}")
         self.reason = reason
+
+
+class RelayProxyRefused(RelayError):
+    """The HTTP CONNECT proxy refused the tunnel (``auth``: it refused the credentials)."""
+
+    def __init__(self, message: str, *, auth: bool) -> None:
+        super().__init__(message)
+        self.auth = auth
 
 
 class RelayClosed(RelayError):
@@ -120,6 +131,11 @@ class RelayClientSettings:
     migrate_for: float = 8.0
     """After a GoAway, how long the client keeps trying to register again while the old
     connection still works."""
+    proxy: ProxyConfig = ProxyConfig()
+    """HTTP CONNECT proxy for relay connections (the agent builds it from ``HTTPS_PROXY`` and
+    ``NO_PROXY``); the default is none."""
+    ca_file: str | None = None
+    """CA bundle (PEM) that a ``wss://`` relay's certificate must chain to; ``None``: the system's."""
 
 
 def backoff_delays(initial: float = 0.25, maximum: float = 30.0, factor: float = 1.6, quick: int = 3,
@@ -283,7 +299,11 @@ class RelayClient:
         """The connection being registered after a GoAway (it replaces ``_protocol`` once registered)."""
         self._old_lost: str | None = None
         self._migration: asyncio.Task[None] | None = None
-        self._address: tuple[str, int] = ("", 0)
+        self._url = RelayURL("tcp", "", 0)
+        self.transport = "tcp"
+        """How this client reaches the relay: ``tcp`` or ``wss``."""
+        self.proxy: Proxy | None = None
+        """The HTTP proxy the connection goes through, if any."""
         self.migrations = 0
         """Times this client moved to another connection after a GoAway."""
         self._closed: asyncio.Future[str] = self._loop.create_future()
@@ -317,8 +337,27 @@ class RelayClient:
         ``on_frames``, when given, takes received Data instead of ``on_data``/:meth:`recv`: it is
         called with the source key and a view of the Data frames (wire form: length, type, the
         source key, the datagram) from that source, from the event loop; it must not block."""
+        return await cls.connect_url(RelayURL("tcp", host, port), private_key, on_data=on_data, on_frames=on_frames,
+                                     on_flow=on_flow, settings=settings)
+
+    @classmethod
+    async def connect_url(
+        cls,
+        url: RelayURL | str,
+        private_key: X25519PrivateKey,
+        *,
+        on_data: DataHandler | None = None,
+        on_frames: FramesHandler | None = None,
+        on_flow: FlowHandler | None = None,
+        settings: RelayClientSettings = RelayClientSettings(),
+    ) -> RelayClient:
+        """:meth:`connect` to a relay URL (``tcp://host:port`` or ``wss://host[:port]/path``),
+        through ``settings.proxy`` when it applies to the host.  A proxy's refusal raises
+        :class:`RelayProxyRefused`."""
         client = cls(private_key, on_data=on_data, on_frames=on_frames, on_flow=on_flow, settings=settings)
-        client._address = (host, port)
+        client._url = url if isinstance(url, RelayURL) else RelayURL.parse(url)
+        client.transport = client._url.scheme
+        client.proxy = settings.proxy.for_host(client._url.host)
         try:
             client._protocol = await asyncio.wait_for(client._dial(), settings.connect_timeout)
         except BaseException:
@@ -335,16 +374,39 @@ class RelayClient:
     async def _dial(self, *, moving: bool = False) -> _ClientProtocol:
         """A new connection to the relay address, registered (or an exception)."""
         protocol = _ClientProtocol(self)
+        bridge: WsBridge | None = None
         if moving:
             self._moving = protocol
         try:
-            host, port = self._address
-            sock = await self._connected_socket(host, port)
-            await self._loop.create_connection(lambda: protocol, sock=sock)
+            url = self._url
+            hop = self.proxy or url
+            sock = await self._connected_socket(hop.host, hop.port)
+            try:
+                if self.proxy is not None:
+                    await open_tunnel(sock, self.proxy, url.host, url.port)
+            except ProxyError as e:
+                sock.close()
+                raise RelayProxyRefused(str(e), auth=e.auth) from None
+            except BaseException:
+                sock.close()
+                raise
+            if url.scheme == "wss":
+                bridge = WsBridge.client(url.websocket_url, protocol, handshake_timeout=self.settings.connect_timeout)
+                context = ssl.create_default_context(cafile=self.settings.ca_file)
+                await self._loop.create_connection(lambda: bridge, sock=sock, ssl=context, server_hostname=url.host,
+                                                   ssl_handshake_timeout=self.settings.connect_timeout)
+                try:
+                    await bridge.opened
+                except ConnectionError as e:
+                    raise RelayError(f"{url}: {e}") from None
+            else:
+                await self._loop.create_connection(lambda: protocol, sock=sock)
             protocol.write(encode_register(self.public_key))
             await protocol.registered
         except BaseException:
             protocol.abort()
+            if bridge is not None:
+                bridge._abort()
             raise
         finally:
             if moving:
@@ -631,6 +693,7 @@ __all__ = [
     "RelayClientSettings",
     "RelayClosed",
     "RelayError",
+    "RelayProxyRefused",
     "RelayRejected",
     "backoff_delays",
 ]

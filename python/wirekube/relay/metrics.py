@@ -61,6 +61,10 @@ class RelayCollector(Collector):
         yield _counter("pending_refused", "Connections refused: their source address had too many handshakes pending.",
                        stats.pending_refused)
         yield _counter("goaways", "GoAway frames sent while draining.", stats.goaways)
+        yield _counter("wss_accepted", "TCP connections accepted on the WebSocket-over-TLS listener.",
+                       stats.wss_accepted)
+        yield _labelled("wss_refused", "WebSocket connections closed for what the peer sent, by reason.", "reason",
+                        stats.wss_refused)
         yield from _mesh_metrics(self._relay)
         yield GaugeMetricFamily(
             PREFIX + "queue_bytes", "Bytes waiting to be written to clients.", value=self._relay.queued_bytes()

@@ -29,7 +29,9 @@ import asyncio
 import contextlib
 import enum
 import ipaddress
+import os
 import socket
+import ssl
 from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -59,6 +61,7 @@ from wirekube.relay.protocol import (
     truncate_run,
 )
 from wirekube.relay.stun import StunResponder
+from wirekube.relay.wsbridge import WsBridge
 
 _log = logger.bind(component="relay")
 
@@ -102,6 +105,19 @@ class RelaySettings:
     reuse_port: bool = False
     """SO_REUSEPORT on the TCP and UDP sockets: several relay processes meshed over local links
     share one address, the kernel spreading connections among them."""
+    wss_host: str | None = None
+    """Address of the WebSocket-over-TLS listener (the same protocol, for clients that can only
+    reach port 443 or an HTTP proxy); ``None``: no such listener."""
+    wss_port: int = 443
+    wss_path: str | None = None
+    """The only HTTP path upgraded to a WebSocket; ``None``: any path."""
+    tls_cert: str | None = None
+    """PEM certificate chain file for the WSS listener (a mounted Secret's ``tls.crt``)."""
+    tls_key: str | None = None
+    """PEM private key file for the WSS listener (``tls.key``)."""
+    tls_reload_interval: float = 60.0
+    """How often the certificate files are checked for a change (cert-manager renews them in
+    place); a changed pair is used for new connections."""
 
 
 class MeshHooks(Protocol):
@@ -133,6 +149,10 @@ class RelayStats:
     """Connections refused because their source address had too many handshakes pending."""
     goaways: int = 0
     """GoAway frames sent (draining)."""
+    wss_accepted: int = 0
+    """TCP connections accepted on the WSS listener (before TLS and the upgrade)."""
+    wss_refused: Counter[str] = field(default_factory=Counter)
+    """WSS connections closed for what the peer sent (bad upgrade, text message, oversized...)."""
     stun: Counter[str] = field(default_factory=Counter)
 
     def drop(self, reason: str, frames: int, nbytes: int) -> None:
@@ -548,6 +568,8 @@ class RelayServer:
         self.pending_by_ip: Counter[str] = Counter()
         self.draining = False
         self._server: asyncio.Server | None = None
+        self._wss_server: asyncio.Server | None = None
+        self._tls: TlsFiles | None = None
         self._stun: asyncio.DatagramTransport | None = None
         self._alternate: asyncio.DatagramTransport | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -574,21 +596,57 @@ class RelayServer:
                 _ProbeSocket, local_addr=(s.nat_probe_host or s.stun_host, s.nat_probe_port),
                 reuse_port=s.reuse_port or None,
             )
+        if s.wss_host is not None:
+            await self._start_wss()
         self._tasks.append(_guarded(self._sweep_idle(), "relay-idle-sweep"))
         _log.info(
-            "relay listening on tcp {} stun {} nat-probe {}",
+            "relay listening on tcp {} wss {} stun {} nat-probe {}",
             _fmt(self.address),
+            _fmt(self.wss_address),
             _fmt(self.stun_address),
             _fmt(self.nat_probe_address),
         )
+
+    async def _start_wss(self) -> None:
+        s = self.settings
+        if not s.tls_cert or not s.tls_key:
+            raise ValueError("the WSS listener needs a TLS certificate and key (--tls-cert, --tls-key)")
+        self._tls = TlsFiles(s.tls_cert, s.tls_key)
+        context = self._tls.context()
+
+        def violation(reason: str) -> None:
+            self.stats.wss_refused[reason] += 1
+
+        def bridge() -> WsBridge:
+            self.stats.wss_accepted += 1
+            return WsBridge.server(lambda: RelayConnection(self), path=s.wss_path,
+                                   handshake_timeout=s.handshake_timeout, close_timeout=s.close_grace,
+                                   on_violation=violation)
+
+        self._wss_server = await asyncio.get_running_loop().create_server(
+            bridge, s.wss_host, s.wss_port, ssl=context, reuse_address=True, backlog=1024,
+            reuse_port=s.reuse_port or None, ssl_handshake_timeout=s.handshake_timeout,
+        )
+        self._tasks.append(_guarded(self._reload_tls(), "relay-tls-reload"))
+
+    async def _reload_tls(self) -> None:
+        assert self._tls is not None
+        while True:
+            await asyncio.sleep(self.settings.tls_reload_interval)
+            try:
+                if self._tls.reload_if_changed():
+                    _log.info("WSS certificate reloaded from {}", self._tls.cert)
+            except (OSError, ssl.SSLError) as e:
+                _log.warning("WSS certificate not reloaded (the old one stays): {}", e)
 
     async def drain(self, timeout: float | None = None) -> None:
         """Stop accepting and tell every client to register elsewhere (GoAway), then wait until
         they have gone or ``timeout`` (default ``settings.drain_timeout``) passes.  Forwarding
         goes on meanwhile, so a client moves without losing its traffic; :meth:`close` after."""
         self.draining = True
-        if self._server is not None:
-            self._server.close()
+        for server in (self._server, self._wss_server):
+            if server is not None:
+                server.close()
         for conn in list(self.connections):
             if conn.state is ConnState.REGISTERED:
                 conn._write(_GOAWAY)
@@ -601,8 +659,9 @@ class RelayServer:
 
     async def close(self, reason: str = "relay shutting down", timeout: float = 5.0) -> None:
         """Stop accepting, tell every client why, and wait (bounded) for them to go."""
-        if self._server is not None:
-            self._server.close()
+        for server in (self._server, self._wss_server):
+            if server is not None:
+                server.close()
         for conn in list(self.connections):
             conn.close_with_error(reason, "shutdown")
         with contextlib.suppress(asyncio.TimeoutError):
@@ -614,9 +673,10 @@ class RelayServer:
         for transport in (self._stun, self._alternate):
             if transport is not None:
                 transport.close()
-        if self._server is not None:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), timeout)
+        for server in (self._server, self._wss_server):
+            if server is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(server.wait_closed(), timeout)
         _log.info("relay stopped")
 
     @property
@@ -625,6 +685,13 @@ class RelayServer:
         if self._server is None or not self._server.sockets:
             raise RuntimeError("the relay is not listening")
         return (str(self._server.sockets[0].getsockname()[0]), int(self._server.sockets[0].getsockname()[1]))
+
+    @property
+    def wss_address(self) -> tuple[str, int] | None:
+        """The WSS listener's address (after :meth:`start`), or ``None`` without one."""
+        if self._wss_server is None or not self._wss_server.sockets:
+            return None
+        return _sockaddr(self._wss_server.sockets[0].getsockname())
 
     @property
     def stun_address(self) -> tuple[str, int] | None:
@@ -731,6 +798,33 @@ class RelayServer:
             for conn in list(self.routes.values()):
                 if conn.last_rx < deadline:
                     conn.close_with_error("idle timeout: no keepalive", "idle")
+
+
+class TlsFiles:
+    """The WSS listener's certificate and key files, loaded into one server context that later
+    connections use; reloaded when the files change."""
+
+    def __init__(self, cert: str, key: str) -> None:
+        self.cert = cert
+        self.key = key
+        self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self._stamp = self._mtimes()
+        self._context.load_cert_chain(cert, key)
+
+    def context(self) -> ssl.SSLContext:
+        return self._context
+
+    def _mtimes(self) -> tuple[float, float]:
+        return (os.stat(self.cert).st_mtime, os.stat(self.key).st_mtime)
+
+    def reload_if_changed(self) -> bool:
+        stamp = self._mtimes()
+        if stamp == self._stamp:
+            return False
+        self._context.load_cert_chain(self.cert, self.key)
+        self._stamp = stamp
+        return True
 
 
 def _guarded(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
