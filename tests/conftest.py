@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.root import OPT_IN_MODULES, is_root, require_root
 from wirekube import k8s
 from wirekube.lab.cluster import ControlPlane
 
@@ -23,6 +24,27 @@ from wirekube.lab.cluster import ControlPlane
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "apiserver: needs the real kube-apiserver + etcd")
     config.addinivalue_line("markers", "netns: needs root, network namespaces and nftables")
+    config.addinivalue_line("markers", "root: needs root; skipped, saying why, without it (tests/fixtures/root.py)")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("root") is not None:
+        require_root("network namespaces, nftables and raw sockets")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Running as root, a skipped test fails the run: CI must not silently drop a layer. Only the
+    opt-in lab modules (OPT_IN_MODULES) may skip there, saying why."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    if not (report.skipped and is_root()) or hasattr(report, "wasxfail") or item.path.name in OPT_IN_MODULES:
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    report.outcome = "failed"
+    report.longrepr = (f"skipped while running as root, where every test must run: {reason} "
+                       f"(only {', '.join(sorted(OPT_IN_MODULES))} may skip; see tests/fixtures/root.py)")
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from tests.integration.agent_netns import NetnsLab, Node, wait_for
 
 pytestmark = [
     pytest.mark.netns,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
+    pytest.mark.root,
     pytest.mark.skipif(shutil.which("wireguard-go") is None, reason="needs wireguard-go"),
     pytest.mark.timeout(300),
 ]

@@ -48,7 +48,7 @@ from wirekube.lab.cluster import ControlPlane, write_kubeconfig
 pytestmark = [
     pytest.mark.netns,
     pytest.mark.apiserver,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
+    pytest.mark.root,
     pytest.mark.skipif(shutil.which("wireguard-go") is None, reason="needs wireguard-go"),
     pytest.mark.timeout(300),
 ]

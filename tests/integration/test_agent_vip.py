@@ -9,7 +9,6 @@ MAC without waiting for the entry to age out.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -19,7 +18,7 @@ import pytest
 
 from tests.fixtures.wait import wait_for
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+pytestmark = pytest.mark.root
 
 VIP = "10.77.0.10/24"
 HOLD = """

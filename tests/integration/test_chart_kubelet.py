@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.root import is_root, root_reason
 from wirekube import k8s
 from wirekube.lab import kubelet, orchestrate
 from wirekube.lab.cluster import cache_dir
@@ -32,8 +33,8 @@ pytestmark = [pytest.mark.netns, pytest.mark.apiserver]
 def _missing() -> str | None:
     if os.environ.get("WIREKUBE_CHART_LAB") != "1":
         return "the kubelet lab runs with `make test-chart` (WIREKUBE_CHART_LAB=1), not in `make test` yet"
-    if os.geteuid() != 0:
-        return "needs root for network namespaces"
+    if not is_root():
+        return root_reason()
     for binary in ("kubelet", "kube-controller-manager", "kube-scheduler"):
         if not (cache_dir() / "bin" / binary).exists():
             return f"{binary} is not built: WIREKUBE_CONTROL_PLANE_NODES=1 bash ci/build-control-plane.sh"

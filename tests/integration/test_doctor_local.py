@@ -9,7 +9,6 @@ dataplane (exit 0); after ``wirekubectl cleanup`` nothing is stale (exit 0).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.fixtures.root import require_root
 from wirekube.cli import nodestate
 from wirekube.metrics import serve
 
@@ -32,8 +32,9 @@ def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    if os.geteuid() != 0 or shutil.which("nft") is None:
-        pytest.skip("needs root and nft")
+    require_root("network namespaces and nftables")
+    if shutil.which("nft") is None:
+        pytest.skip("needs nft (ci/setup.sh installs it)")
     name = f"wkt-doctor-{uuid.uuid4().hex[:6]}"
     sh("ip", "netns", "add", name)
     try:

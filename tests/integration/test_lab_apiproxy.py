@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import uuid
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.root import require_root
 from wirekube.lab.cluster import ControlPlane, write_kubeconfig
 
 pytestmark = [pytest.mark.netns, pytest.mark.apiserver]
@@ -18,8 +18,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.apiserver]
 
 @pytest.fixture
 def namespaces() -> Iterator[list[str]]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces (skipped: not running as root)")
+    require_root()
     names = [f"wkap{uuid.uuid4().hex[:6]}-{i}" for i in range(2)]
     for ns in names:
         subprocess.run(["ip", "netns", "add", ns], check=True)

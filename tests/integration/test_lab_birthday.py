@@ -19,7 +19,6 @@ three mappings would have to coincide, p = 1/65536).
 from __future__ import annotations
 
 import calendar
-import os
 import re
 import shutil
 import signal
@@ -31,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.root import require_root
 from tests.fixtures.wait import wait_for
 from wirekube import k8s
 from wirekube.lab import orchestrate
@@ -58,8 +58,7 @@ SETTINGS = birthday.BirthdaySettings()
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, k8s.Kube, str]]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces (skipped: not running as root)")
+    require_root()
     name = f"bd{uuid.uuid4().hex[:5]}"
     lab_ = None
     try:

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.root import require_root
 from tests.fixtures.wait import wait_for
 from wirekube import k8s
 from wirekube.lab import orchestrate, procs, scenario
@@ -43,8 +44,7 @@ def lab_namespaces(name: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[tuple[Lab, k8s.Kube, str]]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces (skipped: not running as root)")
+    require_root()
     name = f"e2e{uuid.uuid4().hex[:5]}"
     try:
         scenario.up(default_topology(), name, wait=90)

@@ -9,7 +9,6 @@ IP the VPC host routes the hybrid CIDRs to.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -23,7 +22,7 @@ from wirekube.lab import orchestrate
 from wirekube.lab.net import Lab
 from wirekube.models import mesh_from_cr
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+pytestmark = pytest.mark.root
 
 GW, VPC, KUBELET, ECHO, PY = drill.GW, drill.VPC, drill.KUBELET, drill.ECHO, drill.PY
 GOAL_S = 5.0  # issue 7: <= 5 s with a 1 s health interval and threshold 2

@@ -33,6 +33,7 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.root import require_root
 from tests.fixtures.wait import wait_for
 from wirekube import k8s
 from wirekube.lab import orchestrate, vm
@@ -76,8 +77,7 @@ MEASURED: dict[str, Any] = {}
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, k8s.Kube, orchestrate.LabHandle]]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces and qemu's taps (skipped: not running as root)")
+    require_root("network namespaces and qemu's taps")
     if os.environ.get("WIREKUBE_KERNEL_LAB") != "1":
         pytest.skip("kernel-node lab (qemu TCG, 10-20 min) runs with `make test-kernel` or WIREKUBE_KERNEL_LAB=1; "
                     "not yet part of `make test`: the module has not passed a whole run (kill -9 adoption, the UDP "

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.root import require_root
 from tests.fixtures.wait import wait_for
 
 from wirekube.lab import procs
@@ -59,8 +60,7 @@ networks:
 
 
 def require_netns() -> None:
-    if os.geteuid() != 0:
-        pytest.skip(f"needs root for network namespaces (running as uid {os.geteuid()})")
+    require_root()
     missing = [tool for tool in NEEDED_TOOLS if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"needs {', '.join(missing)} on PATH")

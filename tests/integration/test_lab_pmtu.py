@@ -25,7 +25,6 @@ with ``dropFragments`` and ``blockICMP``.  Every pair is direct.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -36,6 +35,7 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.root import require_root
 from tests.fixtures.wait import wait_for
 from wirekube import k8s
 from wirekube.cli import doctor
@@ -65,8 +65,7 @@ PAYLOAD = 1372  # a 1,400-byte IPv4 packet: fits the 1420 interface, not the 128
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, k8s.Kube, str]]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces (skipped: not running as root)")
+    require_root()
     for tool in ("iperf3", "ping"):
         if subprocess.run(["which", tool], capture_output=True).returncode != 0:
             pytest.skip(f"needs {tool} (skipped: not installed; ci/setup.sh installs it)")

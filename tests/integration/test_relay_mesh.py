@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.root import require_root
 from tests.fixtures.wait import wait_for
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -654,8 +655,7 @@ def test_three_replicas_behind_the_lab_load_balancer_carry_every_predicted_relay
     from wirekube.lab import orchestrate
     from wirekube.lab.topology import parse_topology_yaml
 
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces (skipped: not running as root)")
+    require_root()
     name = f"r3{uuid.uuid4().hex[:5]}"
     try:
         orchestrate.up(parse_topology_yaml(LAB3_TOPOLOGY), name, wait=120)

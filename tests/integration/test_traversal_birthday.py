@@ -17,7 +17,6 @@ over the won socket. The test plays the status exchange (windows and start time)
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -28,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.root import require_root
 from tests.fixtures.stun import stun_server_script
 
 from wirekube.lab.nat import router_ruleset
@@ -175,8 +175,7 @@ class Worker:
 
 @pytest.fixture(scope="module")
 def net() -> Iterator[Net]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces (skipped: not running as root)")
+    require_root()
     n = Net()
     try:
         n.up()

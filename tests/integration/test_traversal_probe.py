@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from tests.fixtures.root import require_root
 from wirekube.relay.auth import public_bytes
 from wirekube.traversal import probe
 
@@ -89,8 +89,7 @@ class Pair:
 
 @pytest.fixture
 def pair() -> Iterator[Pair]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces (skipped: not running as root)")
+    require_root()
     p = Pair()
     try:
         p.up()

@@ -12,7 +12,6 @@ Topology (unique namespace prefix, removed afterwards):
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -21,6 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.fixtures.root import require_root
 from tests.fixtures.stun import stun_server_script
 
 from wirekube.models import NatType
@@ -112,8 +112,7 @@ PROBE = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def net() -> Iterator[Net]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces (skipped: not running as root)")
+    require_root()
     n = Net()
     try:
         n.up()

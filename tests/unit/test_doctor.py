@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.fixtures.root import require_root
 from wirekube.cli import doctor, nodestate, wirekubectl
 from wirekube.cli.nodestate import AgentProbe, NftState, NodeState, RuleInfo
 from wirekube.metrics import serve
@@ -229,8 +229,7 @@ def test_local_doctor_reports_a_missing_namespace(capsys: pytest.CaptureFixture[
 def test_in_netns_hands_back_results_and_errors() -> None:
     with pytest.raises(Exception, match="network namespace"):
         nodestate.in_netns("/nonexistent/ns", lambda: 1)
-    if os.geteuid() != 0:
-        pytest.skip("setns needs CAP_SYS_ADMIN")
+    require_root("setns (CAP_SYS_ADMIN)")
     # The current namespace by path: the thread enters it and the result comes back.
     assert nodestate.in_netns("/proc/self/ns/net", socket.gethostname) == socket.gethostname()
 
