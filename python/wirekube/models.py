@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from wirekube import API_VERSION, ipam
 from wirekube.errors import InvalidObject
+from wirekube.relay.url import RelayURL
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -291,6 +292,9 @@ class RelaySpec:
     direct_retry_interval_seconds: int = 120
     external_endpoint: HostPort | None = None
     managed_port: int = 3478
+    wss_endpoint: RelayURL | None = None
+    """``spec.relay.wssEndpoint``: the relay over WebSocket over TLS (``wss://host[:port]/path``),
+    dialled by an agent only while its raw TCP connections to the relay fail (issue 19)."""
 
 
 @dataclass(frozen=True)
@@ -359,6 +363,15 @@ def mesh_from_cr(obj: Mapping[str, Any]) -> Mesh:
     )
     if provider is RelayProvider.EXTERNAL and external_endpoint is None:
         raise c.fail("spec.relay.external.endpoint", "required when spec.relay.provider is 'external'")
+    wss_endpoint = None
+    if relay.get("wssEndpoint"):
+        wss_text = c.string(relay.get("wssEndpoint"), "spec.relay.wssEndpoint", "")
+        try:
+            wss_endpoint = RelayURL.parse(wss_text)
+        except ValueError as e:
+            raise c.fail("spec.relay.wssEndpoint", str(e)) from None
+        if wss_endpoint.scheme != "wss" or "://" not in wss_text:
+            raise c.fail("spec.relay.wssEndpoint", f"must be wss://host[:port]/path, got {wss_text!r}")
 
     iface = c.string(spec.get("interfaceName"), "spec.interfaceName", "wire_kube")
     if not _IFNAME.match(iface):
@@ -403,6 +416,7 @@ def mesh_from_cr(obj: Mapping[str, Any]) -> Mesh:
                 ),
                 external_endpoint=external_endpoint,
                 managed_port=c.integer(managed.get("port"), "spec.relay.managed.port", 3478, 1, 65535),
+                wss_endpoint=wss_endpoint,
             ),
             routing=RoutingSpec(
                 exclude_cidrs=tuple(

@@ -22,6 +22,14 @@ class FakeRelay:
     def __init__(self, up: bool) -> None:
         self.up = up
         self.eperm: list[int] = []
+        self.over = "tcp" if up else ""
+        self.failure: tuple[str, str] | None = None
+
+    def transport(self) -> str:
+        return self.over
+
+    def problem(self) -> tuple[str, str] | None:
+        return self.failure
 
     def connected_relays(self) -> list[tuple[str, int]]:
         return [("198.18.0.10", 3478)] if self.up else []
@@ -185,6 +193,41 @@ def test_persisting_eperm_is_a_condition_naming_peers_and_ports_and_clears_to_fa
     finally:
         logger.remove(sink)
     assert [m for m in logs if "EPERM" in m] == [f"relay proxy EPERM persists on sym:{port}", "relay proxy EPERM cleared"]
+
+
+def test_relay_reasons_name_a_transport_other_than_raw_tcp() -> None:
+    t = traversal(NatType.SYMMETRIC, [peer("sym", NatType.SYMMETRIC, "203.0.113.1")])
+    assert t.decorate(PeerStatus()).relay_reasons["sym"] == "peer symmetric and local symmetric"
+    t._relay.over = "wss via proxy 198.18.0.9:3128"  # type: ignore[union-attr]
+    assert t.decorate(PeerStatus()).relay_reasons["sym"] == (
+        "peer symmetric and local symmetric (relay over wss via proxy 198.18.0.9:3128)")
+
+
+def test_an_unreachable_relay_is_a_condition_and_one_log_line_until_it_is_back() -> None:
+    from loguru import logger
+
+    t = traversal(NatType.SYMMETRIC, [peer("sym", NatType.SYMMETRIC, "203.0.113.1")], relay_up=False)
+    relay = t._relay
+    logs: list[str] = []
+    sink = logger.add(lambda m: logs.append(m.record["message"]), level="INFO")
+    try:
+        assert t.decorate(PeerStatus(), now=1_700_000_000).conditions == ()
+        message = ("tcp://198.18.0.2:3478: proxy 198.18.0.9:3128 refused the proxy credentials for CONNECT "
+                   "198.18.0.2:3478: 407 Proxy Authentication Required")
+        relay.failure = ("ProxyAuthenticationFailed", message)  # type: ignore[union-attr]
+        first = t.decorate(PeerStatus(), now=1_700_000_000)
+        (c,) = first.conditions
+        assert (c["type"], c["status"], c["reason"], c["message"]) == (
+            "RelayUnreachable", "True", "ProxyAuthenticationFailed", message)
+        t.decorate(first, now=1_700_000_010)
+        relay.failure, relay.up, relay.over = None, True, "wss"  # type: ignore[union-attr]
+        back = t.decorate(first, now=1_700_000_020)
+        (c,) = back.conditions
+        assert (c["status"], c["reason"], c["message"]) == ("False", "Connected", "relay connected over wss")
+    finally:
+        logger.remove(sink)
+    assert [m for m in logs if "relay" in m and "reachable" in m] == [
+        f"relay unreachable (ProxyAuthenticationFailed): {message}", "relay reachable again"]
 
 
 def test_eperm_condition_keeps_other_conditions() -> None:

@@ -50,6 +50,7 @@ from wirekube.agent.wg.userspace import SOCKET_DIR
 from wirekube.entrypoint import console_script
 from wirekube.errors import WireKubeError
 from wirekube.metrics import AgentMetrics, AgentSnapshot, PeerSample, serve
+from wirekube.relay.dial import ProxyConfig
 from wirekube.models import (
     Endpoint,
     EndpointDiscovery,
@@ -92,6 +93,11 @@ class AgentSettings:
     """STUN, NAT type, relay fallback and failover (API-server source only)."""
     imds_url: str = imdsmod.DEFAULT_URL
     """AWS instance metadata base URL (endpoint discovery); empty = IMDS discovery off."""
+    relay_proxy: ProxyConfig = ProxyConfig()
+    """HTTP CONNECT proxy for relay connections (``HTTPS_PROXY``/``NO_PROXY``, credentials from
+    ``--relay-proxy-credentials-file``)."""
+    relay_ca_file: str | None = None
+    """CA bundle a ``wss://`` relay's certificate must chain to (``None``: the system's)."""
 
 
 def parse_args(argv: list[str] | None = None) -> AgentSettings:
@@ -120,9 +126,22 @@ def parse_args(argv: list[str] | None = None) -> AgentSettings:
     p.add_argument("--no-imds", action="store_true",
                    default=imdsmod.switched_off(os.environ.get(imdsmod.ENV_SWITCH)),
                    help=f"no AWS IMDS endpoint discovery (env {imdsmod.ENV_SWITCH}=off)")
+    p.add_argument("--relay-ca-file", default=os.environ.get("WIREKUBE_RELAY_CA_FILE") or None, metavar="PATH",
+                   help="CA bundle (PEM) for a wss:// relay's certificate (env WIREKUBE_RELAY_CA_FILE; "
+                        "default: the system's)")
+    p.add_argument("--relay-proxy-credentials-file", metavar="PATH",
+                   default=os.environ.get("WIREKUBE_RELAY_PROXY_CREDENTIALS_FILE") or None,
+                   help="user:password for the HTTPS_PROXY proxy (Basic auth), e.g. from a Secret "
+                        "(env WIREKUBE_RELAY_PROXY_CREDENTIALS_FILE)")
     a = p.parse_args(argv)
     if not a.node_name:
         p.error("--node-name (or NODE_NAME) is required")
+    try:
+        relay_proxy = relay_proxy_config(os.environ, a.relay_proxy_credentials_file)
+    except ValueError as e:
+        p.error(str(e))
+    if a.relay_ca_file is not None and not os.access(a.relay_ca_file, os.R_OK):
+        p.error(f"--relay-ca-file {a.relay_ca_file}: cannot be read")
     return AgentSettings(
         node_name=a.node_name,
         state_dir=a.state_dir,
@@ -141,7 +160,30 @@ def parse_args(argv: list[str] | None = None) -> AgentSettings:
         metrics_listen=a.metrics_listen,
         traversal=not a.no_traversal,
         imds_url="" if a.no_imds else a.imds_url,
+        relay_proxy=relay_proxy,
+        relay_ca_file=a.relay_ca_file,
     )
+
+
+def relay_proxy_config(env: Mapping[str, str], credentials_file: str | None) -> ProxyConfig:
+    """The relay connections' proxy: ``HTTPS_PROXY``/``NO_PROXY``, with the credentials file's
+    ``user:password`` in place of any in the URL.  ValueError (one line, no secret in it)."""
+    config = ProxyConfig.from_env(env)
+    if credentials_file is None:
+        return config
+    if config.proxy is None:
+        raise ValueError("--relay-proxy-credentials-file needs HTTPS_PROXY")
+    try:
+        with open(credentials_file, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ValueError(f"--relay-proxy-credentials-file {credentials_file}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--relay-proxy-credentials-file {credentials_file}: not UTF-8 text") from None
+    try:
+        return replace(config, proxy=config.proxy.with_credentials(text))
+    except ValueError as e:
+        raise ValueError(f"--relay-proxy-credentials-file {credentials_file}: {e}") from None
 
 
 def configure_logging(settings: AgentSettings) -> None:
@@ -224,6 +266,8 @@ def run(settings: AgentSettings) -> int:
             on_failover=lambda peer, seconds: _count_failover(metrics, peer, seconds),
             on_transition=lambda peer, old, new, reason: _transport_event(source, settings.node_name, peer, old,
                                                                           new, reason, metrics),
+            relay_proxy=settings.relay_proxy,
+            relay_ca_file=settings.relay_ca_file,
         )
     imds = _imds(settings, wake)
     ready = threading.Event()

@@ -52,6 +52,7 @@ from wirekube.models import (
     Toggle,
     Transport,
 )
+from wirekube.relay.dial import ProxyConfig
 from wirekube.relay.protocol import PROBE_FROM_ALTERNATE_PORT
 from wirekube.traversal import birthday, birthdaypath, nat, pathsm, probe, rawudp, reflection
 from wirekube.traversal.birthday import BirthdaySettings, Do, Phase
@@ -72,6 +73,9 @@ T = TypeVar("T")
 # Status condition: the relay proxy's loopback sendto() keeps failing with EPERM (Cilium's socket
 # LB); `wirekubectl doctor` reports it. Present only once it has been True (False = recovered).
 CONDITION_EPERM = "RelayProxyEPERM"
+# Status condition: no relay address can be reached (the message has each address's error, e.g.
+# an HTTP proxy refusing the credentials). Present only once it has been True.
+CONDITION_RELAY_UNREACHABLE = "RelayUnreachable"
 
 
 @dataclass(frozen=True)
@@ -155,8 +159,13 @@ class Traversal:
         on_failover: Callable[[str, float], None] | None = None,
         on_transition: Callable[[str, str, str, str], None] | None = None,
         birthday_settings: BirthdaySettings = BirthdaySettings(),
+        relay_proxy: ProxyConfig = ProxyConfig(),
+        relay_ca_file: str | None = None,
     ) -> None:
         self.node = node_name
+        self._relay_proxy = relay_proxy
+        self._relay_ca_file = relay_ca_file
+        self._relay_problem_last: tuple[str, str] | None = None
         self._private = private_key
         self.public_key = public_key
         self._engine_state = engine_state
@@ -269,7 +278,8 @@ class Traversal:
 
     def _ensure_io(self, mesh: Mesh) -> None:
         port = mesh.spec.listen_port
-        self._relay = RelayPath(self._private, port, fwmark=FWMARK)
+        self._relay = RelayPath(self._private, port, fwmark=FWMARK, proxy=self._relay_proxy,
+                                ca_file=self._relay_ca_file)
         try:
             self._listener = ProbeListener(self._private, _raw(self.public_key), port, self._known_peer,
                                            on_ping=self._peer_probed_us).start()
@@ -313,8 +323,11 @@ class Traversal:
     def _sync_relays(self, mesh: Mesh) -> None:
         if self._relay is None or self._loop is None:
             return
-        addrs = [] if mesh.spec.relay.mode is RelayMode.NEVER else self.relay_addresses(mesh)
-        self._loop.call_soon_threadsafe(self._relay.set_relays, addrs)
+        never = mesh.spec.relay.mode is RelayMode.NEVER
+        addrs = [] if never else self.relay_addresses(mesh)
+        wss = mesh.spec.relay.wss_endpoint
+        fallbacks = [wss] if wss is not None and not never else []
+        self._loop.call_soon_threadsafe(self._relay.set_relays, addrs, fallbacks)
 
     # ------------------------------------------------------------------ per-peer decisions
 
@@ -884,6 +897,9 @@ class Traversal:
             reasons = {n: s.path.reason or s.decision.reason for n, s in self._peers.items()
                        if s.path.transport is Transport.RELAY}
             rounds = {n: b.session.own for n, b in sorted(self._bday.items()) if b.session.own is not None}
+        over = self._relay.transport() if self._relay is not None else ""
+        if over and over != "tcp":  # raw TCP is the rule; anything else is named (issue 19)
+            reasons = {n: f"{r} (relay over {over})" for n, r in reasons.items()}
         return replace(
             status,
             nat_type=d.nat.nat_type,
@@ -892,7 +908,7 @@ class Traversal:
             relay_reasons=reasons,
             host_endpoints=d.host_endpoints,
             udp_blocked=d.udp_blocked,
-            conditions=self._eperm_condition(status.conditions, wall),
+            conditions=self._relay_condition(self._eperm_condition(status.conditions, wall), wall),
             observed_endpoints=observed,
             birthday=rounds,
         )
@@ -933,6 +949,29 @@ class Traversal:
             else:
                 self._log.info("relay proxy EPERM cleared")
             self._eperm_last = set(ports)
+        return tuple(out)
+
+    def _relay_condition(self, conditions: tuple[Mapping[str, object], ...],
+                         wall: float) -> tuple[Mapping[str, object], ...]:
+        """``RelayUnreachable``: True (with every address's error: a refused proxy password says
+        so) once every relay address failed and none is connected; False once one is again.
+        Present only after it was first True.  Logged when it changes."""
+        problem = self._relay.problem() if self._relay is not None else None
+        if problem is not None:
+            reason, message = problem
+            out = cond.set_condition(conditions, CONDITION_RELAY_UNREACHABLE, True, reason, message, wall, 0)
+        elif cond.find(conditions, CONDITION_RELAY_UNREACHABLE) is not None and self._relay is not None \
+                and self._relay.connected_relays():
+            out = cond.set_condition(conditions, CONDITION_RELAY_UNREACHABLE, False, "Connected",
+                                     f"relay connected over {self._relay.transport() or 'tcp'}", wall, 0)
+        else:
+            out = [dict(c) for c in conditions]
+        if problem != self._relay_problem_last:
+            if problem is not None:
+                self._log.error("relay unreachable ({}): {}", problem[0], problem[1])
+            elif self._relay_problem_last is not None:
+                self._log.info("relay reachable again")
+            self._relay_problem_last = problem
         return tuple(out)
 
     def relay_stats(self) -> Mapping[str, int]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
-import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,8 +20,7 @@ from urllib.parse import unquote, urlsplit
 import h11
 
 from wirekube.errors import WireKubeError
-
-_HOSTPORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]+\]|[^:/\s\[\]]+):(?P<port>\d{1,5})$")
+from wirekube.relay.url import RelayURL, bracket
 
 
 class ProxyError(WireKubeError):
@@ -32,58 +30,6 @@ class ProxyError(WireKubeError):
         super().__init__(message)
         self.auth = auth
         """True when the proxy refused the credentials (or asked for some)."""
-
-
-@dataclass(frozen=True)
-class RelayURL:
-    scheme: str
-    """``tcp`` or ``wss``."""
-    host: str
-    port: int
-    path: str = "/"
-
-    @classmethod
-    def parse(cls, text: str) -> RelayURL:
-        """``tcp://host:port``, ``wss://host[:port][/path]`` or ``host:port`` (tcp); ValueError
-        with the reason otherwise."""
-        text = text.strip()
-        if "://" not in text:
-            m = _HOSTPORT.match(text)
-            if not m:
-                raise ValueError(f"must be host:port, tcp://host:port or wss://host[:port]/path, got {text!r}")
-            return cls("tcp", m["host"].strip("[]"), _port(m["port"]))
-        parts = urlsplit(text)
-        scheme = parts.scheme.lower()
-        if scheme not in ("tcp", "wss"):
-            raise ValueError(f"scheme must be tcp or wss, got {parts.scheme!r} in {text!r}")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError(f"a relay address carries no credentials: {scheme}://...")
-        try:
-            port = parts.port
-        except ValueError:
-            raise ValueError(f"bad port in {text!r}") from None
-        host = parts.hostname or ""
-        if not host:
-            raise ValueError(f"no host in {text!r}")
-        if scheme == "tcp":
-            if port is None:
-                raise ValueError(f"tcp:// needs a port, got {text!r}")
-            if parts.path not in ("", "/") or parts.query:
-                raise ValueError(f"tcp:// takes no path, got {text!r}")
-            return cls("tcp", host, port)
-        path = parts.path or "/"
-        if parts.query:
-            path += "?" + parts.query
-        return cls("wss", host, 443 if port is None else port, path)
-
-    @property
-    def websocket_url(self) -> str:
-        return f"wss://{_bracket(self.host)}:{self.port}{self.path}"
-
-    def __str__(self) -> str:
-        if self.scheme == "tcp":
-            return f"tcp://{_bracket(self.host)}:{self.port}"
-        return self.websocket_url
 
 
 @dataclass(frozen=True)
@@ -121,7 +67,7 @@ class Proxy:
         return Proxy(self.host, self.port, user, password)
 
     def __str__(self) -> str:
-        return f"{_bracket(self.host)}:{self.port}"
+        return f"{bracket(self.host)}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -182,7 +128,7 @@ async def open_tunnel(sock: socket.socket, proxy: Proxy, host: str, port: int) -
     """Ask ``proxy`` (``sock`` is connected to it) for a CONNECT tunnel to ``host:port``;
     returns once the tunnel is open, raises :class:`ProxyError` with the proxy's answer."""
     loop = asyncio.get_running_loop()
-    target = f"{_bracket(host)}:{port}"
+    target = f"{bracket(host)}:{port}"
     headers = [("Host", target), ("User-Agent", "wirekube-agent")]
     if proxy.username:
         token = base64.b64encode(f"{proxy.username}:{proxy.password}".encode()).decode()
@@ -215,17 +161,6 @@ async def open_tunnel(sock: socket.socket, proxy: Proxy, host: str, port: int) -
         what = "refused the proxy credentials" if proxy.username else "needs credentials (none configured)"
         raise ProxyError(f"proxy {proxy} {what} for CONNECT {target}: {status} {reason}", auth=True)
     raise ProxyError(f"proxy {proxy} refused CONNECT {target}: {status} {reason}")
-
-
-def _port(text: str) -> int:
-    port = int(text)
-    if not 1 <= port <= 65535:
-        raise ValueError(f"port must be between 1 and 65535, got {port}")
-    return port
-
-
-def _bracket(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 __all__ = ["Proxy", "ProxyConfig", "ProxyError", "RelayURL", "open_tunnel"]
