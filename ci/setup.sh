@@ -15,7 +15,9 @@ say() { printf '\033[1m[setup %s/%s]\033[0m %s\n' "$1" "$STEPS" "$2" >&2; }
 APT_PACKAGES=(wireguard-go wireguard-tools nftables iptables iproute2 iputils-ping iperf3 socat
               coturn conntrack procps util-linux kmod
               # images and kubelet nodes (#22): rootfs, image builds, the CRI runtime, pod networking
-              mmdebstrap buildah containerd runc containernetworking-plugins)
+              mmdebstrap buildah containerd runc containernetworking-plugins
+              # the relay through a corporate proxy (#19): a real squid, run only inside test namespaces
+              squid openssl)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -24,7 +26,15 @@ if ((${#missing[@]})); then
   say 1 "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
+  # Packages such as squid start a system service when installed; the lab runs them itself, in
+  # its own namespaces, so no service may start here (policy-rc.d 101 = "action forbidden").
+  policy_guard=""
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
+    policy_guard=/usr/sbin/policy-rc.d
+  fi
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [[ -n "$policy_guard" ]]; then rm -f "$policy_guard"; fi
 else
   say 1 "Debian packages present"
 fi

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from wirekube.relay.dial import Proxy, ProxyConfig
@@ -66,3 +68,40 @@ def test_proxy_credentials_never_show() -> None:
 def test_bad_proxy_urls_name_the_variable(value: str, error: str) -> None:
     with pytest.raises(ValueError, match=error):
         ProxyConfig.from_env({"HTTPS_PROXY": value})
+
+
+@pytest.mark.parametrize(("env", "argv", "error"), [
+    ({"HTTPS_PROXY": "https://proxy:3128"}, [], "HTTPS_PROXY: proxy scheme must be http"),
+    ({}, ["--relay-proxy-credentials-file", "{tmp}/creds"], "--relay-proxy-credentials-file needs HTTPS_PROXY"),
+    ({"HTTPS_PROXY": "proxy:3128"}, ["--relay-proxy-credentials-file", "{tmp}/missing"], "No such file or directory"),
+    ({"HTTPS_PROXY": "proxy:3128"}, ["--relay-proxy-credentials-file", "{tmp}/creds"], "must be user:password"),
+    ({}, ["--relay-ca-file", "{tmp}/missing.pem"], "cannot be read"),
+])
+def test_the_agent_refuses_unusable_proxy_settings_in_one_line(
+        env: dict[str, str], argv: list[str], error: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from wirekube.agent.main import parse_args
+
+    (tmp_path / "creds").write_text("no-colon-here\n")
+    for name in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--node-name", "n1", *(a.format(tmp=tmp_path) for a in argv)])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exited.value.code == 2 and last.startswith("wirekube-agent: error: ") and error in last
+
+
+def test_the_agent_takes_proxy_credentials_from_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wirekube.agent.main import parse_args
+
+    (tmp_path / "creds").write_text("alice:s3cret\n")
+    monkeypatch.setenv("HTTPS_PROXY", "http://old:old@proxy.corp:8080")
+    monkeypatch.setenv("NO_PROXY", ".svc")
+    settings = parse_args(["--node-name", "n1", "--relay-proxy-credentials-file", str(tmp_path / "creds")])
+    proxy = settings.relay_proxy.for_host("relay.example")
+    assert proxy is not None and (proxy.host, proxy.port, proxy.username, proxy.password) == (
+        "proxy.corp", 8080, "alice", "s3cret")
+    assert settings.relay_proxy.for_host("wirekube-relay.wirekube-system.svc") is None
+    assert "s3cret" not in repr(settings)

@@ -499,7 +499,7 @@ class RelayPath:
         if not slots or any(s.client is not None and not s.client.closed for s in slots):
             return None
         tried = [s for s in slots if s.failures > 0]
-        if not tried or len(tried) < len([s for s in slots if not s.fallback]):
+        if len(tried) < len(slots):  # a fallback not tried yet may still work
             return None
         message = "; ".join(f"{s.url}: {s.last_error}" for s in tried)
         if any(s.proxy_auth_failed for s in tried):
