@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from tests.integration.test_relay_cli import RelayCli
-from tests.integration.test_relay_support import raw_public, run
+from tests.integration.relay_support import RelayCli, raw_public, run
 from wirekube import errors, k8s
 from wirekube.lab.cluster import ControlPlane
 from wirekube.relay.client import RelayClient, RelayRejected

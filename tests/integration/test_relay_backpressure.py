@@ -7,7 +7,7 @@ import asyncio
 import struct
 from typing import cast
 
-from tests.integration.test_relay_support import (
+from tests.integration.relay_support import (
     DATA,
     registered_spec_client,
     relay_settings,

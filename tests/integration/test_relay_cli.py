@@ -16,14 +16,17 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from tests.integration.test_relay_forwarding import pump, steady_pair
-from tests.integration.test_relay_stun_server import stunclient
-from tests.integration.test_relay_support import (
+from tests.integration.relay_support import (
     LOCALHOST,
+    RelayCli,
+    http_get,
+    pump,
     raw_public,
     registered_spec_client,
     run,
     stalled_spec_client,
+    steady_pair,
+    stunclient,
     wait_until,
 )
 from wirekube import k8s
@@ -31,53 +34,6 @@ from wirekube.relay.authz import PeerAuthorizer
 from wirekube.relay.cli import parse_hostport, watch_peers
 from wirekube.relay.client import RelayClient
 from wirekube.relay.metrics import metric_value
-
-
-class RelayCli:
-    """The console entry point in a child process, on kernel-chosen loopback ports."""
-
-    def __init__(self, *extra: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "wirekube.relay.cli",
-             "--listen", f"{LOCALHOST}:0", "--stun-listen", f"{LOCALHOST}:0",
-             "--metrics-listen", f"{LOCALHOST}:0", "--log-format", "json", *extra],
-            stderr=subprocess.PIPE, text=True,
-        )
-        self.lines: list[dict[str, Any]] = []
-        self.ready = threading.Event()
-        threading.Thread(target=self._read_logs, daemon=True).start()
-
-    def _read_logs(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            try:
-                record = json.loads(line)["record"]
-            except (ValueError, KeyError):
-                continue
-            self.lines.append(record)
-            if record["message"] == "relay ready":
-                self.ready.set()
-
-    def address(self, name: str) -> tuple[str, int]:
-        assert self.ready.wait(20), f"relay not ready: {self.lines}"
-        record = next(r for r in self.lines if r["message"] == "relay ready")
-        host, port = record["extra"][name].rsplit(":", 1)
-        return host, int(port)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()  # by the PID we started
-            self.proc.wait(10)
-
-
-async def http_get(address: tuple[str, int], path: str) -> str:
-    reader, writer = await asyncio.open_connection(*address)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n".encode())
-    data = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
-    head, _, body = data.decode().partition("\r\n\r\n")
-    assert head.startswith("HTTP/1.1 200"), head
-    return body
 
 
 def test_relay_process_serves_clients_stun_and_metrics_and_stops_on_sigterm() -> None:

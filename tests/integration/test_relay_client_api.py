@@ -9,7 +9,7 @@ import struct
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from tests.integration.test_relay_support import (
+from tests.integration.relay_support import (
     LOCALHOST,
     Collector,
     allow_loopback_targets,

@@ -8,39 +8,25 @@ import struct
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from tests.integration.test_relay_support import (
+from tests.integration.relay_support import (
     AUTH,
     DATA,
     ERROR,
     REGISTER,
     SpecClient,
+    collect,
     frame,
+    numbered,
+    pump,
     registered_spec_client,
     relay_settings,
     run,
     running_relay,
     stalled_spec_client,
+    steady_pair,
     wait_until,
 )
 from wirekube.relay.client import RelayClient
-
-
-def numbered(seq: int, size: int) -> bytes:
-    return struct.pack(">I", seq) + bytes([seq % 251]) * (size - 4)
-
-
-async def pump(sender: SpecClient, dest: bytes, count: int, sizes: list[int]) -> None:
-    for seq in range(count):
-        sender.send(DATA, dest + numbered(seq, sizes[seq % len(sizes)]))
-        if seq % 64 == 0:
-            await sender.writer.drain()
-    await sender.writer.drain()
-
-
-async def collect(receiver: SpecClient, source: bytes, count: int, sizes: list[int]) -> None:
-    for seq in range(count):
-        got = await receiver.read(timeout=10.0)
-        assert got == (DATA, source + numbered(seq, sizes[seq % len(sizes)])), f"frame {seq}"
 
 
 def test_many_frames_of_mixed_sizes_arrive_intact_and_in_order() -> None:
@@ -105,22 +91,6 @@ def malformed_frames(count: int, rng: random.Random) -> bytes:
         lambda: bytes(rng.randrange(256) for _ in range(rng.randrange(1, 40))),
     ]
     return b"".join(rng.choice(kinds)() for _ in range(count))
-
-
-async def steady_pair(address: tuple[str, int], count: int, window: int = 32) -> int:
-    """A pair exchanging ``count`` frames, ``window`` at a time (so it never outruns its own
-    reader, and a drop can only be the relay's fault); returns how many arrived intact."""
-    a, ka = await registered_spec_client(address)
-    b, kb = await registered_spec_client(address)
-    sizes = [200, 1400]
-    for start in range(0, count, window):
-        for seq in range(start, min(start + window, count)):
-            a.send(DATA, kb + numbered(seq, sizes[seq % 2]))
-        for seq in range(start, min(start + window, count)):
-            assert await b.read(timeout=10.0) == (DATA, ka + numbered(seq, sizes[seq % 2])), f"frame {seq}"
-    await a.close()
-    await b.close()
-    return count
 
 
 def test_ten_thousand_malformed_frames_leave_the_relay_and_other_pairs_running() -> None:

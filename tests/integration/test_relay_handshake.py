@@ -7,7 +7,7 @@ import struct
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from tests.integration.test_relay_support import (
+from tests.integration.relay_support import (
     AUTH,
     CHALLENGE,
     DATA,

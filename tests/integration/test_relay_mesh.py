@@ -27,13 +27,14 @@ from tests.fixtures.wait import wait_for
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from tests.integration.test_relay_support import (
+from tests.integration.relay_support import (
     CHALLENGE,
     ERROR,
     LOCALHOST,
     REGISTERED,
     SpecClient,
     frame,
+    free_port,
     raw_public,
     relay_settings,
     run,
@@ -47,12 +48,6 @@ from wirekube.relay.server import RelayServer, RelaySettings
 
 SECRET = b"a-shared-mesh-secret-for-tests-0123456789"
 MESH_HELLO, MESH_AUTH, MESH_HOLD = 0x20, 0x21, 0x22
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOCALHOST, 0))
-        return int(s.getsockname()[1])
 
 
 class LoadBalancer:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_relay_support import relay_settings, run, wait_until
+from tests.integration.relay_support import relay_settings, run, wait_until
 from wirekube import errors, k8s
 from wirekube.lab.cluster import ControlPlane
 from wirekube.relay.cli import watch_mesh_peers
@@ -74,7 +74,7 @@ def test_wirekubectl_status_lists_each_replica_and_its_keys_from_their_leases(
     that dies silently shows as stale once its lease duration has passed."""
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-    from tests.integration.test_relay_mesh import free_port
+    from tests.integration.relay_support import free_port
     from wirekube.cli import status
     from wirekube.relay.client import RelayClient
     from wirekube.relay.replicastatus import LeasePublisher, LeaseSettings

@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from tests.integration.test_relay_support import (
+from tests.integration.relay_support import (
     KEEPALIVE,
     LOCALHOST,
     NATPROBE,

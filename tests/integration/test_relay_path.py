@@ -7,7 +7,7 @@ import socket
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from tests.integration.test_relay_support import relay_settings, run, running_relay, wait_until
+from tests.integration.relay_support import relay_settings, run, running_relay, wait_until
 from wirekube.relay.auth import public_bytes
 from wirekube.traversal.relaypath import RelayPath
 

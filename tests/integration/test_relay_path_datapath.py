@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from tests.integration.test_relay_support import LOCALHOST, run, running_relay, wait_until
+from tests.integration.relay_support import LOCALHOST, run, running_relay, wait_until
 from wirekube.relay.auth import Challenge, public_bytes
 from wirekube.relay.client import RelayClientSettings
 from wirekube.relay.protocol import (
@@ -26,6 +27,17 @@ from wirekube.relay.protocol import (
     run_datagrams,
 )
 from wirekube.traversal.relaypath import BATCH_BYTES, RelayPath
+
+def udp_receive_queue(port: int) -> tuple[int, int]:
+    """(bytes queued unread, datagrams dropped) of the UDP socket bound to 127.0.0.1:``port``,
+    from /proc/net/udp (this network namespace)."""
+    local = f"0100007F:{port:04X}"
+    for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local:
+            return int(fields[4].split(":")[1], 16), int(fields[12])
+    raise AssertionError(f"no UDP socket on 127.0.0.1:{port} in /proc/net/udp")
+
 
 MIXED = [1452] * 50 + [80] * 3 + [1452] * 10 + [100] + [9000] * 9 + [1200, 1] + [40000, 40000] + [64] * 70
 
@@ -261,11 +273,16 @@ def test_the_queue_towards_a_relay_that_stops_reading_stays_bounded() -> None:
 
             await asyncio.wait_for(flood(), 60)
             assert client.writing_paused and not any(p._reading for p in path._proxies.values())
-            for _ in range(200):  # WireGuard keeps sending: nothing more is read or queued
-                wg.sendto(bytes(1400), (LOCALHOST, proxy_port))
             queued = client.write_buffer_size()
             forwarded = path.stats.to_relay_datagrams
-            await asyncio.sleep(0)
+            unread, dropped = udp_receive_queue(proxy_port)
+            for _ in range(200):  # WireGuard keeps sending: nothing more is read or queued
+                wg.sendto(bytes(1400), (LOCALHOST, proxy_port))
+            # The kernel holds the new datagrams for the proxy (or drops them at its full buffer)
+            # while this loop keeps running: the proxy has had every chance to read them.
+            await wait_until(lambda: udp_receive_queue(proxy_port) != (unread, dropped), timeout=10,
+                             what="the proxy socket's kernel queue to take the new datagrams")
+            assert udp_receive_queue(proxy_port)[0] > 0  # they sit there unread
             assert path.stats.to_relay_datagrams == forwarded and client.write_buffer_size() == queued
             # at most the high-water mark plus the one batch that crossed it
             assert high < queued <= high + 128 * 1024 + 1500 and worst <= queued

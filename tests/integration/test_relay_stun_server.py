@@ -4,26 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 
-from tests.integration.test_relay_support import LOCALHOST, run, running_relay
-
-STUNCLIENT = shutil.which("turnutils_stunclient")
-
-
-async def stunclient(port: int, timeout: float = 15.0) -> tuple[int, str]:
-    assert STUNCLIENT, "turnutils_stunclient is missing: apt-get install -y --no-install-recommends coturn"
-    proc = await asyncio.create_subprocess_exec(
-        STUNCLIENT, "-p", str(port), LOCALHOST,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()  # by the PID we started
-        await proc.wait()
-        raise
-    return proc.returncode or 0, out.decode(errors="replace")
+from tests.integration.relay_support import LOCALHOST, run, running_relay, stunclient
 
 
 def test_turnutils_stunclient_gets_its_reflexive_address() -> None:

@@ -26,8 +26,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import tests.integration.test_relay_handshake as tcp_probe
-from tests.integration import test_relay_support as support
-from tests.integration.test_relay_support import (
+from tests.integration import relay_support as support
+from tests.integration.relay_support import (
     DATA,
     ERROR,
     LOCALHOST,
@@ -78,10 +78,22 @@ class WsReader:
 class WsWriter:
     """``write``/``drain``/``close`` as a StreamWriter, each write one binary message, in order."""
 
+    # asyncio keeps only weak references to tasks: a writer the probe drops without close() (it
+    # leaves refused clients unclosed) must not have its pending task garbage-collected inside a
+    # later relay's loop ("Task was destroyed but it is pending", whenever the cyclic GC happens
+    # to run). Held here until done; the loop's shutdown cancels what is left.
+    running: set[asyncio.Future[None]] = set()
+
     def __init__(self, conn: ClientConnection) -> None:
         self.conn = conn
         self.queue: asyncio.Queue[bytes] = asyncio.Queue()
-        self.task = asyncio.ensure_future(self._send())
+        self.task = self._hold(asyncio.ensure_future(self._send()))
+
+    @classmethod
+    def _hold(cls, task: asyncio.Future[None]) -> asyncio.Future[None]:
+        cls.running.add(task)
+        task.add_done_callback(cls.running.discard)
+        return task
 
     async def _send(self) -> None:
         while True:
@@ -98,7 +110,7 @@ class WsWriter:
 
     def close(self) -> None:
         self.task.cancel()
-        asyncio.ensure_future(self.conn.close())
+        self._hold(asyncio.ensure_future(self.conn.close()))
 
     async def wait_closed(self) -> None:
         await self.conn.wait_closed()

@@ -1,4 +1,5 @@
-"""Shared helpers for the relay's integration tests (real sockets on 127.0.0.1 only).
+"""Shared helpers for the relay's integration tests (real sockets on 127.0.0.1 only); a helper
+module, not a test module, so no test runs twice by being imported.
 
 :class:`SpecClient` is written from the protocol text in issue 3 alone: it imports nothing from
 ``wirekube.relay``, so it checks that the relay speaks what the text says, not what our codec
@@ -9,13 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import shutil
+import subprocess
+import sys
+import threading
 import hashlib
 import hmac
 import ipaddress
 import socket
 import struct
-import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import replace
 from typing import Any, TypeVar, cast
 
@@ -23,6 +28,7 @@ import uvloop
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from tests.fixtures.wait import wait_until as wait_until  # re-exported for the relay tests
 from wirekube.relay.authz import PeerAuthorizer
 from wirekube.relay.server import RelayServer, RelaySettings
 
@@ -36,15 +42,6 @@ CHALLENGE, AUTH, REGISTERED, ERROR = 0x07, 0x08, 0x09, 0xFF
 def run(coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
     """Run a test coroutine on uvloop with an overall deadline."""
     return uvloop.run(asyncio.wait_for(coro, timeout))
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Wait for ``predicate()`` to hold, failing the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def relay_settings(**overrides: Any) -> RelaySettings:
@@ -175,6 +172,112 @@ def allow_loopback_targets(address: ipaddress.IPv4Address, port: int) -> str | N
     return None if address == ipaddress.IPv4Address(LOCALHOST) and port else "test_policy"
 
 
-def test_spec_client_frames_match_the_protocol_text() -> None:
-    assert frame(KEEPALIVE) == b"\x00\x00\x00\x01\x03"
-    assert frame(DATA, b"k" * 32 + b"x") == b"\x00\x00\x00\x22\x02" + b"k" * 32 + b"x"
+# ---- traffic ----------------------------------------------------------------------------------
+
+
+def numbered(seq: int, size: int) -> bytes:
+    return struct.pack(">I", seq) + bytes([seq % 251]) * (size - 4)
+
+
+async def pump(sender: SpecClient, dest: bytes, count: int, sizes: list[int]) -> None:
+    for seq in range(count):
+        sender.send(DATA, dest + numbered(seq, sizes[seq % len(sizes)]))
+        if seq % 64 == 0:
+            await sender.writer.drain()
+    await sender.writer.drain()
+
+
+async def collect(receiver: SpecClient, source: bytes, count: int, sizes: list[int]) -> None:
+    for seq in range(count):
+        got = await receiver.read(timeout=10.0)
+        assert got == (DATA, source + numbered(seq, sizes[seq % len(sizes)])), f"frame {seq}"
+
+
+async def steady_pair(address: tuple[str, int], count: int, window: int = 32) -> int:
+    """A pair exchanging ``count`` frames, ``window`` at a time (so it never outruns its own
+    reader, and a drop can only be the relay's fault); returns how many arrived intact."""
+    a, ka = await registered_spec_client(address)
+    b, kb = await registered_spec_client(address)
+    sizes = [200, 1400]
+    for start in range(0, count, window):
+        for seq in range(start, min(start + window, count)):
+            a.send(DATA, kb + numbered(seq, sizes[seq % 2]))
+        for seq in range(start, min(start + window, count)):
+            assert await b.read(timeout=10.0) == (DATA, ka + numbered(seq, sizes[seq % 2])), f"frame {seq}"
+    await a.close()
+    await b.close()
+    return count
+
+
+# ---- the relay as a process, STUN from an independent client --------------------------------
+
+
+class RelayCli:
+    """The console entry point in a child process, on kernel-chosen loopback ports."""
+
+    def __init__(self, *extra: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "wirekube.relay.cli",
+             "--listen", f"{LOCALHOST}:0", "--stun-listen", f"{LOCALHOST}:0",
+             "--metrics-listen", f"{LOCALHOST}:0", "--log-format", "json", *extra],
+            stderr=subprocess.PIPE, text=True,
+        )
+        self.lines: list[dict[str, Any]] = []
+        self.ready = threading.Event()
+        threading.Thread(target=self._read_logs, daemon=True).start()
+
+    def _read_logs(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            try:
+                record = json.loads(line)["record"]
+            except (ValueError, KeyError):
+                continue
+            self.lines.append(record)
+            if record["message"] == "relay ready":
+                self.ready.set()
+
+    def address(self, name: str) -> tuple[str, int]:
+        assert self.ready.wait(20), f"relay not ready: {self.lines}"
+        record = next(r for r in self.lines if r["message"] == "relay ready")
+        host, port = record["extra"][name].rsplit(":", 1)
+        return host, int(port)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()  # by the PID we started
+            self.proc.wait(10)
+
+
+async def http_get(address: tuple[str, int], path: str) -> str:
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n".encode())
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = data.decode().partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 200"), head
+    return body
+
+
+STUNCLIENT = shutil.which("turnutils_stunclient")
+
+
+async def stunclient(port: int, timeout: float = 15.0) -> tuple[int, str]:
+    assert STUNCLIENT, "turnutils_stunclient is missing: apt-get install -y --no-install-recommends coturn"
+    proc = await asyncio.create_subprocess_exec(
+        STUNCLIENT, "-p", str(port), LOCALHOST,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()  # by the PID we started
+        await proc.wait()
+        raise
+    return proc.returncode or 0, out.decode(errors="replace")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOCALHOST, 0))
+        return int(s.getsockname()[1])
