@@ -165,6 +165,8 @@ def mesh_schema() -> Schema:
     stun["not"] = {"type": "array", "minItems": 1, "maxItems": 1}
     endpoint = spec["properties"]["relay"]["properties"]["external"]["properties"]["endpoint"]
     endpoint["pattern"] = "^$|" + endpoint["pattern"]
+    wss = spec["properties"]["relay"]["properties"]["wssEndpoint"]  # "" in values.yaml: none (not rendered)
+    wss["pattern"] = "^$|" + wss["pattern"]
     mtu = spec["properties"]["mtu"]  # int-or-string in the CRD, its rule in CEL
     mtu.pop("type", None)
     mtu["oneOf"] = [{"type": "integer", "minimum": 1280, "maximum": 9000}, {"type": "string", "enum": ["auto"]}]

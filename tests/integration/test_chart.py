@@ -135,6 +135,9 @@ BAD_VALUES: list[tuple[str, list[str], str]] = [
     ("gateway-missing-routes", ["--set", "gateways[0].name=x", "--set", "gateways[0].peerRefs[0]=a"], "routes"),
     ("bad-digest", ["--set", "agent.image.digest=latest"], "/agent/image/digest"),
     ("bad-service-type", ["--set", "relay.service.type=Ingress"], "/relay/service/type"),
+    ("bad-wss-endpoint", ["--set", "mesh.relay.wssEndpoint=https://relay.example.com/"], "/mesh/relay/wssEndpoint"),
+    ("proxy-password-in-url", ["--set", "agent.relayProxy.httpsProxy=http://u:p@proxy:3128"],
+     "/agent/relayProxy/httpsProxy"),
 ]
 
 
@@ -268,6 +271,57 @@ def test_relay_replicas_are_meshed_with_a_secret_a_headless_service_and_rbac() -
     assert not any(d["kind"] == "Secret" and d["metadata"]["name"] == "wk-wirekube-relay-mesh" for d in own)
     off = [d for d in yaml.safe_load_all(render(None, "--set", "relay.mesh.enabled=false")) if d]
     assert not any("relay-mesh" in d["metadata"]["name"] for d in off)
+
+
+def test_relay_wss_port_certificate_ingress_and_agent_proxy_are_values() -> None:
+    """Issue 19: the corporate-proxy example exposes the relay's WSS port as 443 on the Service,
+    mounts the certificate Secret, and gives the agents the proxy, its credentials and the CA."""
+    docs = [d for d in yaml.safe_load_all(render(ROOT / "examples" / "corporate-proxy" / "values.yaml",
+                                                 "--set", "relay.wss.ingress.enabled=true",
+                                                 "--set", "relay.wss.ingress.host=relay.example.com")) if d]
+    by_name = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    pod = by_name[("Deployment", "wk-wirekube-relay")]["spec"]["template"]["spec"]
+    relay = pod["containers"][0]
+    assert {"--wss-listen=0.0.0.0:8443", "--wss-path=/relay", "--tls-cert=/etc/wirekube/relay-tls/tls.crt",
+            "--tls-key=/etc/wirekube/relay-tls/tls.key"} <= set(relay["args"])
+    assert {"name": "wss", "containerPort": 8443, "protocol": "TCP"} in relay["ports"]
+    assert {"name": "relay-tls", "mountPath": "/etc/wirekube/relay-tls", "readOnly": True} in relay["volumeMounts"]
+    assert {"name": "relay-tls", "secret": {"secretName": "relay-wss", "defaultMode": 0o440}} in pod["volumes"]
+    ports = {p["name"]: p for p in by_name[("Service", "wk-wirekube-relay")]["spec"]["ports"]}
+    assert (ports["wss"]["port"], ports["wss"]["targetPort"], ports["wss"]["protocol"]) == (443, "wss", "TCP")
+    assert ports["relay"]["port"] == 3478  # raw TCP stays, and is tried first
+    rule = by_name[("Ingress", "wk-wirekube-relay")]["spec"]["rules"][0]
+    assert rule["host"] == "relay.example.com"
+    assert rule["http"]["paths"][0]["path"] == "/relay"
+    assert rule["http"]["paths"][0]["backend"]["service"] == {"name": "wk-wirekube-relay", "port": {"name": "wss"}}
+    mesh = by_name[("WireKubeMesh", "default")]["spec"]
+    assert mesh["relay"]["wssEndpoint"] == "wss://relay.example.com/relay"
+    agent = by_name[("DaemonSet", "wk-wirekube-agent")]["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in agent["containers"][0]["env"]}
+    assert env["HTTPS_PROXY"] == "http://proxy.corp.example:3128"
+    assert env["WIREKUBE_RELAY_PROXY_CREDENTIALS_FILE"] == "/etc/wirekube/relay-proxy/credentials"
+    assert env["WIREKUBE_RELAY_CA_FILE"] == "/etc/wirekube/relay-ca/ca.crt"
+    volumes = {v["name"]: v for v in agent["volumes"]}
+    assert volumes["relay-proxy"]["secret"] == {"secretName": "relay-proxy", "defaultMode": 0o400,
+                                                "items": [{"key": "credentials", "path": "credentials"}]}
+    # cert-manager instead of an existing Secret: a Certificate whose Secret the relay mounts
+    managed = [d for d in yaml.safe_load_all(render(
+        None, "--set", "relay.wss.enabled=true", "--set", "relay.wss.tls.certManager.enabled=true",
+        "--set", "relay.wss.tls.certManager.issuerRef.name=corp-ca",
+        "--set", "relay.wss.tls.certManager.dnsNames[0]=relay.example.com")) if d]
+    cert = next(d for d in managed if d["kind"] == "Certificate")
+    assert cert["spec"]["secretName"] == "wk-wirekube-relay-tls"
+    assert cert["spec"]["issuerRef"] == {"name": "corp-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+    # WSS without a certificate is refused in one line naming the values
+    refused = run(tool("helm"), "template", "wk", str(CHART), "--set", "relay.wss.enabled=true", check=False)
+    assert refused.returncode != 0
+    assert "relay.wss.enabled needs a certificate: set relay.wss.tls.existingSecret" in refused.stderr
+    # off by default: no WSS port, no proxy, no Certificate, no Ingress
+    plain = [d for d in yaml.safe_load_all(render()) if d]
+    assert not any(d["kind"] in ("Certificate", "Ingress") for d in plain)
+    service = next(d for d in plain if d["kind"] == "Service" and d["metadata"]["name"] == "wk-wirekube-relay")
+    assert "wss" not in {p["name"] for p in service["spec"]["ports"]}
+    assert "wssEndpoint" not in next(d for d in plain if d["kind"] == "WireKubeMesh")["spec"]["relay"]
 
 
 # ---- against the real API server ---------------------------------------------------------------
