@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures.wait import wait_for
-from tests.unit.test_agent_traversal import peer, traversal
+from tests.unit.traversal_fixtures import peer, traversal
 from wirekube.agent.traversal import BIRTHDAY_PENDING
 from wirekube.agent.wg.base import WgDeviceState, WgPeerConfig, WgPeerState
 from wirekube.models import (ANNOTATION_BIRTHDAY, BirthdayRound, Mesh, MeshSpec, NatType, Peer, PeerStatus, RelaySpec,

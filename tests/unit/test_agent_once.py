@@ -8,51 +8,20 @@ same WireGuard configuration, so that ``--once`` against a converged node change
 
 from __future__ import annotations
 
-import base64
-import ipaddress
 from pathlib import Path
 
 import pytest
 
+from tests.unit.once_fixtures import DIRECT, FACTS, LAN, PEERS, PROXY, SELF, key, mesh
 from wirekube.agent import plan as P
 from wirekube.agent.main import carried_stun_endpoint, loopback_udp_ports, once_paths
 from wirekube.agent.plan import PeerPath
 from wirekube.agent.reconcile import Snapshot
 from wirekube.agent.traversal import DIRECT_KEEPALIVE, RELAY_KEEPALIVE
 from wirekube.agent.wg.base import PutPeer, RemovePeer, WgDeviceState, WgPeerState
-from wirekube.models import (
-    Endpoint,
-    EndpointDiscovery,
-    Mesh,
-    MeshSpec,
-    Peer,
-    PeerSpec,
-    PeerStatus,
-    RelayMode,
-    RelaySpec,
-    Transport,
-)
+from wirekube.models import Endpoint, EndpointDiscovery, RelayMode, Transport
 
 NOW = 1_700_000_000.0
-
-
-def key(n: int) -> str:
-    return base64.b64encode(bytes([n]) * 32).decode()
-
-
-def mesh(mode: RelayMode) -> Mesh:
-    return Mesh("default", MeshSpec(relay=RelaySpec(mode=mode)))
-
-
-SELF = Peer("a", PeerSpec(key(1), Endpoint.parse("198.51.100.1:51820"), (ipaddress.ip_network("10.255.0.1/32"),)),
-            status=PeerStatus(endpoint_discovery_method="stun"))
-DIRECT = Peer("b", PeerSpec(key(2), Endpoint.parse("198.51.100.2:51820"), (ipaddress.ip_network("10.255.0.2/32"),)))
-RELAYED = Peer("c", PeerSpec(key(3), Endpoint.parse("198.51.100.3:40000"), (ipaddress.ip_network("10.255.0.3/32"),)))
-LAN = Peer("d", PeerSpec(key(4), Endpoint.parse("198.51.100.1:40001"), (ipaddress.ip_network("10.255.0.4/32"),)),
-           status=PeerStatus(host_endpoints=("192.168.1.4:51820",)))
-PEERS = (SELF, DIRECT, RELAYED, LAN)
-PROXY = Endpoint.parse("127.0.0.1:45678")
-FACTS = P.NodeFacts("a", key(1))
 
 
 def running_paths(mode: RelayMode) -> dict[str, PeerPath]:

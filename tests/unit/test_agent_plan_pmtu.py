@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.unit.test_agent_plan import FACTS, ME, NOW, converged, desired, mesh, net, peer
+from tests.unit.plan_fixtures import FACTS, ME, NOW, converged, desired, mesh, net, peer
 from wirekube.agent import plan as P
 from wirekube.agent.plan import PeerPath, Route
 

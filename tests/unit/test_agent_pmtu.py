@@ -6,7 +6,7 @@ import struct
 from collections.abc import Iterable
 from typing import Any
 
-from tests.unit.test_agent_plan import ME, mesh, peer
+from tests.unit.plan_fixtures import ME, mesh, peer
 from wirekube.agent import pmtu as agent_pmtu
 from wirekube.agent.plan import PeerPath
 from wirekube.agent.pmtu import PathMtu, Target, echo_request, mss_ruleset, parse_echo_reply, targets_from
@@ -95,8 +95,8 @@ def test_a_shrunk_path_is_found_applied_published_and_rechecked(monkeypatch: Any
 def test_a_one_shot_keeps_the_published_path_mtu() -> None:
     from dataclasses import replace
 
-    from tests.unit.test_agent_once import DIRECT, PEERS, SELF
-    from tests.unit.test_agent_once import mesh as once_mesh
+    from tests.unit.once_fixtures import DIRECT, PEERS, SELF
+    from tests.unit.once_fixtures import mesh as once_mesh
     from wirekube.agent.main import once_paths
     from wirekube.models import RelayMode
     me = replace(SELF, status=replace(SELF.status, path_mtu={"b": 1216}))

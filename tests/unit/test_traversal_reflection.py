@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.fixtures.keys import public_key
-from tests.unit.test_agent_traversal import peer, traversal
+from tests.unit.traversal_fixtures import peer, traversal
 from wirekube.agent.wg.base import WgDeviceState, WgPeerConfig, WgPeerState
 from wirekube.models import Endpoint, EndpointDiscovery, NatType, Peer, PeerSpec, PeerStatus, Transport
 from wirekube.traversal import pathsm, reflection
