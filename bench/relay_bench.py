@@ -19,6 +19,10 @@ What it does, on 127.0.0.1 only:
   the mean of the rounds.
 * **Added latency.**  A paced run (``--latency-rate`` frames/s per pair, each frame stamped) through
   a direct connection, socat and the relay; added = target percentile - direct percentile.
+* **WSS vs raw TCP** (issue 19, ``--wss-only`` runs just this).  One pair through one relay
+  process whose WSS listener is on: both ends raw TCP, the sender over WebSocket over TLS, and
+  both ends over WSS, interleaved; ``wss_over_tcp_ratio`` = sender-over-WSS / raw TCP at
+  ``--cross-size`` bytes.
 * **Relay cost.**  The relay runs as the real ``wirekube-relay`` process; its user and system CPU
   seconds in the window come from /proc/PID/stat and its peak RSS from VmHWM.
 * **Where the time goes.**  One extra 100-byte run with the relay under cProfile (not counted in
@@ -82,7 +86,7 @@ class Window:
     end: float  # measurement and sending end
 
 
-def _register_blocking(sock: socket.socket, private_key: bytes) -> None:
+def _register_blocking(sock: Any, private_key: bytes) -> None:
     key = X25519PrivateKey.from_private_bytes(private_key)
     sock.sendall(encode_register(public_bytes(key)))
     header = _recv_exact(sock, 5)
@@ -98,7 +102,7 @@ def _register_blocking(sock: socket.socket, private_key: bytes) -> None:
         raise RuntimeError(f"expected Registered, got {ftype}")
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _recv_exact(sock: Any, n: int) -> bytes:
     data = b""
     while len(data) < n:
         chunk = sock.recv(n - len(data))
@@ -108,14 +112,81 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return data
 
 
-def _nodelay(sock: socket.socket) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def _nodelay(sock: Any) -> None:
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class WsSock:
+    """The socket calls the generators use, over a WebSocket over TLS to the relay's WSS listener
+    (the ``websockets`` library's blocking client: its own masking and framing, TLS by Python's
+    ssl), so the same generator code measures the relay over WSS."""
+
+    def __init__(self, address: tuple[str, int], ca_file: str) -> None:
+        import ssl
+
+        from websockets.sync.client import connect
+
+        context = ssl.create_default_context(cafile=ca_file)
+        self._stack = contextlib.ExitStack()  # websockets wants its connection used as a context manager
+        self.ws = self._stack.enter_context(connect(f"wss://{address[0]}:{address[1]}/", ssl=context, max_size=None,
+                                                    compression=None, open_timeout=20))
+        sock = self.ws.socket
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffer = bytearray()
+        self.timeout: float | None = None
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.timeout = timeout
+
+    def sendall(self, data: bytes | bytearray) -> None:
+        self.ws.send(bytes(data))
+
+    def _fill(self) -> bool:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            message = self.ws.recv(timeout=self.timeout)
+        except ConnectionClosed:
+            return False
+        self.buffer += message if isinstance(message, bytes) else message.encode()
+        return True
+
+    def recv(self, n: int) -> bytes:
+        if not self.buffer and not self._fill():
+            return b""
+        out = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return out
+
+    def recv_into(self, view: memoryview) -> int:
+        if not self.buffer and not self._fill():
+            return 0
+        n = min(len(view), len(self.buffer))
+        view[:n] = self.buffer[:n]
+        del self.buffer[:n]
+        return n
+
+    def shutdown(self, how: int) -> None:
+        pass
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def _connect(cfg: dict[str, Any], wss_key: str) -> Any:
+    """A raw TCP socket to ``cfg["connect"]``, or a WebSocket to the relay's WSS listener."""
+    if cfg.get(wss_key):
+        return WsSock(cfg[wss_key], cfg["ca_file"])
+    sock = socket.create_connection(cfg["connect"])
+    _nodelay(sock)
+    return sock
 
 
 def sender_main(ctl: Connection, cfg: dict[str, Any]) -> None:
     """Connect (and register, for the relay), then send blobs until the window ends."""
-    sock = socket.create_connection(cfg["connect"])
-    _nodelay(sock)
+    sock = _connect(cfg, "wss")
     if cfg["register"]:
         _register_blocking(sock, cfg["private_key"])
     frame = encode_data(cfg["dest_key"], bytes(cfg["size"]))
@@ -158,8 +229,7 @@ def sender_main(ctl: Connection, cfg: dict[str, Any]) -> None:
 def receiver_main(ctl: Connection, cfg: dict[str, Any]) -> None:
     """Receive and count; find stamped frames with bytes.find; report the window's figures."""
     if cfg["register"]:
-        sock = socket.create_connection(cfg["connect"])
-        _nodelay(sock)
+        sock = _connect(cfg, "wss")
         _register_blocking(sock, cfg["private_key"])
     else:
         listener = socket.create_server((LOCALHOST, 0))
@@ -244,6 +314,7 @@ class RelayProcess:
         cmd = [sys.executable, *entry, "--listen", f"{LOCALHOST}:{port}", "--stun-listen", f"{LOCALHOST}:0",
                "--metrics-listen", f"{LOCALHOST}:0", "--log-format", "json", "--log-level", "INFO", *extra]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        self.wss_address = None
         self.address = self._wait_ready()
         self._drain = threading.Thread(target=self._drain_stderr, daemon=True)
         self._drain.start()
@@ -255,6 +326,9 @@ class RelayProcess:
             with contextlib.suppress(ValueError, KeyError):
                 record = json.loads(line)["record"]
                 if record["message"] == "relay ready":
+                    if record["extra"].get("wss"):
+                        whost, wport = record["extra"]["wss"].rsplit(":", 1)
+                        self.wss_address: tuple[str, int] | None = (whost, int(wport))
                     host, port = record["extra"]["tcp"].rsplit(":", 1)
                     mhost, mport = record["extra"]["metrics"].rsplit(":", 1)
                     self.metrics_address = (mhost, int(mport))
@@ -368,19 +442,23 @@ def _processes(ctx: Any, n: int, target: Any, cfgs: list[dict[str, Any]]) -> Ite
 def run_once(kind: str, size: int, pairs: int, warmup: float, duration: float,
              paced_rate: float = 0.0, profile_to: Path | None = None) -> dict[str, Any]:
     """One measurement through ``kind``: relay | relay-cross (two meshed replicas, every sender on
-    the first, every receiver on the second) | socat | direct."""
+    the first, every receiver on the second) | relay-wss (the senders over WebSocket over TLS, the
+    receivers over raw TCP) | relay-wss2 (both ends over WSS) | socat | direct."""
     ctx = mp.get_context("fork")
     keys = [(X25519PrivateKey.generate(), X25519PrivateKey.generate()) for _ in range(pairs)]
     if kind.startswith("relay-workers"):  # relay-workersN: N processes sharing the port
         relays = ReusePortWorkers(int(kind.removeprefix("relay-workers"))).relays
     else:
-        relays = _meshed_relays(2) if kind == "relay-cross" else [RelayProcess(profile_to)] if kind == "relay" else []
+        relays = (_meshed_relays(2) if kind == "relay-cross" else [RelayProcess(profile_to)] if kind == "relay"
+                  else [RelayProcess(extra=WSS_ARGS)] if kind.startswith("relay-wss") else [])
     relay = relays[-1] if relays else None  # where the receivers are (and whose counters are read)
     workers = kind.startswith("relay-workers")
     socats: list[SocatPair] = []
     try:
+        wss = relay.wss_address if relay is not None and kind.startswith("relay-wss") else None
         rcfgs = [{"register": relay is not None, "connect": relay.address if relay else None,
-                  "private_key": r.private_bytes_raw()} for _, r in keys]
+                  "private_key": r.private_bytes_raw(), "wss": wss if kind == "relay-wss2" else None,
+                  "ca_file": WSS_CA[0] if WSS_CA else None} for _, r in keys]
         with _processes(ctx, pairs, receiver_main, rcfgs) as receivers:
             if relay is not None:
                 targets = [relays[0].address] * pairs
@@ -392,7 +470,8 @@ def run_once(kind: str, size: int, pairs: int, warmup: float, duration: float,
                 else:
                     targets = [(LOCALHOST, port) for port in ports]
             scfgs = [{"register": relay is not None, "connect": targets[i], "private_key": s.private_bytes_raw(),
-                      "dest_key": public_bytes(r), "size": size, "paced_rate": paced_rate}
+                      "dest_key": public_bytes(r), "size": size, "paced_rate": paced_rate, "wss": wss,
+                      "ca_file": WSS_CA[0] if WSS_CA else None}
                      for i, (s, r) in enumerate(keys)]
             with _processes(ctx, pairs, sender_main, scfgs) as senders:
                 for _, conn in senders + receivers:
@@ -760,6 +839,53 @@ def cross_replica_runs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+WSS_ARGS: tuple[str, ...] = ()
+"""The relay's WSS flags for the relay-wss kinds (set up by :func:`setup_wss`)."""
+WSS_CA: list[str] = []
+
+
+def setup_wss(directory: Path) -> None:
+    """A CA and a certificate for 127.0.0.1 (``wirekube.lab.certs``), for the relay's WSS listener."""
+    global WSS_ARGS
+    from wirekube.lab.certs import make_server_cert
+
+    cert = make_server_cert(directory, [], [LOCALHOST])
+    WSS_ARGS = ("--wss-listen", f"{LOCALHOST}:0", "--tls-cert", str(cert.cert_file), "--tls-key", str(cert.key_file))
+    WSS_CA[:] = [str(cert.ca_file)]
+
+
+def wss_runs(args: argparse.Namespace) -> dict[str, Any]:
+    """Raw TCP vs WebSocket over TLS through the same relay (issue 19), interleaved for
+    ``args.rounds`` rounds at ``args.cross_size`` bytes, one pair: ``relay`` (both ends raw TCP),
+    ``relay-wss`` (the sender over WSS: what a node behind a proxy sends) and ``relay-wss2`` (both
+    ends over WSS).  Each kind runs with the relay's WSS listener on, so only the transport differs."""
+    size, kinds = args.cross_size, ("relay", "relay-wss", "relay-wss2")
+    tput: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
+    for rnd in range(args.rounds):
+        for kind in kinds if rnd % 2 == 0 else kinds[::-1]:
+            r = run_once(kind, size, 1, args.warmup, args.duration)
+            tput[kind].append(r)
+            print(f"{size:>5} B {kind:<11} round {rnd}: {r['frames_per_s']:>9} frames/s {r['mbit_per_s']:>8} Mbit/s"
+                  f"  relay cpu {r['forwarder']['cpu_utilisation']}"
+                  f"  generator busiest {r['generator']['busiest_process_utilisation']}", file=sys.stderr)
+    fps = {k: _mean(tput[k], "frames_per_s") for k in kinds}
+    ratio = round(fps["relay-wss"] / fps["relay"], 3) if fps["relay"] else None
+    both = round(fps["relay-wss2"] / fps["relay"], 3) if fps["relay"] else None
+    print(f"{size:>5} B wss/tcp: {ratio} (sender over WSS), {both} (both ends over WSS)", file=sys.stderr)
+    return {
+        "size": size, "pairs": 1,
+        "frames_per_s": {k: round(v) for k, v in fps.items()},
+        "mbit_per_s": {k: round(_mean(tput[k], "mbit_per_s"), 1) for k in kinds},
+        "wss_over_tcp_ratio": ratio,
+        "wss_both_ends_over_tcp_ratio": both,
+        "ratio_goal": 0.7,
+        "what": "one sender/receiver pair through one relay process; relay = both ends raw TCP; relay-wss = the "
+                "sender over WebSocket over TLS (websockets' blocking client), the receiver raw TCP; relay-wss2 = "
+                "both ends over WSS; means of the interleaved rounds",
+        "runs": tput,
+    }
+
+
 def multi_core_runs(args: argparse.Namespace) -> dict[str, Any]:
     """The ``--workers`` design measured before choosing it: one relay process vs N processes
     sharing the port (SO_REUSEPORT) meshed over loopback vs socat, ``args.pairs`` pairs, the
@@ -956,6 +1082,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cross-size", type=int, default=1400, help="datagram size of the cross-replica comparison")
     p.add_argument("--cross-only", action="store_true",
                    help="run only the cross-replica comparison and update that part of --out")
+    p.add_argument("--wss-only", action="store_true",
+                   help="run only the raw TCP vs WSS comparison and update that part of --out")
     p.add_argument("--workers-experiment", type=int, default=0, metavar="N",
                    help="run only the multi-core comparison (one process vs N sharing the port vs socat) and "
                         "record it under multi_core_experiment in --out")
@@ -964,6 +1092,19 @@ def main(argv: list[str] | None = None) -> int:
         print("socat is missing: apt-get install -y socat", file=sys.stderr)
         return 2
     sizes = [int(s) for s in args.sizes.split(",")]
+    wss_dir = tempfile.TemporaryDirectory(prefix="wirekube-bench-wss-")
+    setup_wss(Path(wss_dir.name))
+    if args.wss_only:
+        wait_for_quiet_machine()
+        results = json.loads(args.out.read_text()) if args.out.exists() else {}
+        load_before = os.getloadavg()[0]
+        results["wss"] = wss_runs(args)
+        results["wss"]["load_average_1m_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        results["wss_over_tcp_ratio"] = results["wss"]["wss_over_tcp_ratio"]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in results["wss"].items() if k != "runs"}, indent=2))
+        return 0
     if args.workers_experiment:
         results = json.loads(args.out.read_text()) if args.out.exists() else {}
         results["multi_core_experiment"] = multi_core_runs(args)
@@ -1013,6 +1154,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results["cross_replica"] = cross_replica_runs(args)
     results["cross_replica_ratio"] = results["cross_replica"]["ratio"]
+    results["wss"] = wss_runs(args)
+    results["wss_over_tcp_ratio"] = results["wss"]["wss_over_tcp_ratio"]
     results["failover"] = failover_runs()
 
     if not args.no_profile:
