@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures.wait import wait_for
-from tests.integration.test_gateway_controller import (
+from tests.integration.gateway_support import (
     HC,
     FakeGatewayAgents,
     Objects,
