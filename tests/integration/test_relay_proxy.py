@@ -38,7 +38,7 @@ PROXY = f"{INET_IP}:3128"
 PASSWORD = "corp-pass-7f3a"
 WRONG = "not-the-password-91c2"
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+pytestmark = pytest.mark.root
 
 
 def sh(*argv: str, stdin: str | None = None) -> None:
