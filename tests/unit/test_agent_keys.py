@@ -30,7 +30,7 @@ def test_public_key_matches_wireguard_derivation() -> None:
 
 def test_corrupt_key_is_not_overwritten(tmp_path: Path) -> None:
     (tmp_path / keys.PRIVATE_KEY_FILE).write_text("garbage")
-    with pytest.raises(keys.KeyFileError) as e:
+    with pytest.raises(keys.KeyFileError, match="cannot use the stored private key") as e:
         keys.load_or_create(tmp_path)
     assert "garbage" not in str(e.value)
     assert (tmp_path / keys.PRIVATE_KEY_FILE).read_text() == "garbage"

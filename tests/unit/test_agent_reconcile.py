@@ -250,7 +250,7 @@ def test_a_recreated_device_or_a_failed_pass_makes_the_next_pass_full(agent: Age
     assert agent.once().full
     agent.source.peers.append(peer("d", 5, "10.70.0.0/24"))
     agent.netlink.fail_next_route = True
-    with pytest.raises(DataplaneError):
+    with pytest.raises(DataplaneError, match='injected failure'):
         agent.once()
     result = agent.once()
     assert result.full and P.AddRoute(Route(ipaddress.ip_network("10.70.0.0/24"), "wire_kube")) in result.ops

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import re
 import socket
 from pathlib import Path
 
@@ -55,12 +56,13 @@ def test_uapi_get_of_a_fresh_device_has_no_key_and_no_handshake() -> None:
 
 
 @pytest.mark.parametrize(
-    "answer",
-    [b"listen_port=1\n\n", b"errno=1\n\n", b"garbage\nerrno=0\n\n", b"public_key=zz\nerrno=0\n\n",
-     b"public_key=" + b"ab" * 32 + b"\nendpoint=nope\nerrno=0\n\n"],
+    ("answer", "says"),
+    [(b"listen_port=1\n\n", "answer has no errno line"), (b"errno=1\n\n", "get failed with errno=1"),
+     (b"garbage\nerrno=0\n\n", "line without '=': 'garbage'"), (b"public_key=zz\nerrno=0\n\n", "key is not hex"),
+     (b"public_key=" + b"ab" * 32 + b"\nendpoint=nope\nerrno=0\n\n", "bad endpoint 'nope'")],
 )
-def test_uapi_protocol_errors_are_reported(answer: bytes) -> None:
-    with pytest.raises(uapi.UapiProtocolError):
+def test_uapi_protocol_errors_are_reported(answer: bytes, says: str) -> None:
+    with pytest.raises(uapi.UapiProtocolError, match=re.escape(says)):
         uapi.parse_get(answer)
 
 

@@ -4,6 +4,7 @@ fake EC2 (the real EC2 API emulator is in tests/integration/test_gateway_awsrout
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any
 
 import pytest
@@ -64,7 +65,7 @@ def test_absent_field_is_none_and_a_full_one_parses_with_defaults() -> None:
     ("rtb-0123456789abcdef0", "spec.awsVPCRoutes", "must be an object"),
 ])
 def test_invalid_fields_are_named_by_path(field: Any, path: str, words: str) -> None:
-    with pytest.raises(errors.InvalidObject) as info:
+    with pytest.raises(errors.InvalidObject, match=f"{re.escape(path)}: .*{re.escape(words)}") as info:
         ar.vpc_routes_from_cr(gw(field))
     assert info.value.field == path and words in info.value.reason
     assert str(info.value).startswith(f"WireKubeGateway/vpc: {path}: ")

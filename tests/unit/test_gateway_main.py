@@ -63,7 +63,8 @@ def test_metrics_server_serves_metrics_and_probes() -> None:
             assert r.status == 200
         healthy["ok"] = False
         for path in ("/healthz", "/readyz", "/nothing"):
-            with pytest.raises(urllib.error.HTTPError) as err:
+            with pytest.raises(urllib.error.HTTPError, match="HTTP Error 404: Not Found" if path == "/nothing"
+                               else "HTTP Error 503: Service Unavailable") as err:
                 urllib.request.urlopen(base + path, timeout=5)
             assert err.value.code in (503, 404)
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any
 
 import pytest
@@ -45,7 +46,7 @@ def test_old_status_without_new_fields_still_parses() -> None:
     ({"clients": "h1"}, "status.clients"),
 ])
 def test_bad_status_field_is_named(status: dict[str, Any], field: str) -> None:
-    with pytest.raises(InvalidObject) as err:
+    with pytest.raises(InvalidObject, match=re.escape(f"{field}: ")) as err:
         models.gateway_from_cr(gateway_obj(["a"], ["10.0.0.0/8"], status=status))
     assert err.value.field == field
 
@@ -63,6 +64,6 @@ def test_virtual_ip_parses_with_its_prefix() -> None:
 def test_bad_virtual_ip_is_named(bad: str) -> None:
     obj = gateway_obj(["gw-a"], ["10.100.0.0/24"])
     obj["spec"]["virtualIP"] = bad
-    with pytest.raises(InvalidObject) as err:
+    with pytest.raises(InvalidObject, match=re.escape(f"spec.virtualIP: '{bad}' ")) as err:
         models.gateway_from_cr(obj)
     assert err.value.field == "spec.virtualIP"

@@ -38,9 +38,14 @@ def test_slash_30_uses_both_hosts() -> None:
     assert seen == {ipaddress.IPv4Address("192.0.2.1"), ipaddress.IPv4Address("192.0.2.2")}
 
 
-@pytest.mark.parametrize("bad", ["10.0.0.0/31", "10.0.0.0/7", "fd00::/64", "10.0.0.1/24", "nope"])
-def test_bad_mesh_cidr_is_refused(bad: str) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(("bad", "says"), [
+    ("10.0.0.0/31", "must have a prefix length between /8 and /30"),
+    ("10.0.0.0/7", "must have a prefix length between /8 and /30"),
+    ("fd00::/64", "must be IPv4"), ("10.0.0.1/24", "has host bits set"),
+    ("nope", "does not appear to be an IPv4 or IPv6 network"),
+])
+def test_bad_mesh_cidr_is_refused(bad: str, says: str) -> None:
+    with pytest.raises(ValueError, match=says):
         ipam.parse_mesh_cidr(bad)
 
 

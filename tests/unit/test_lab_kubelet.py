@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ def test_a_bad_kubernetes_mode_is_one_clear_problem(doc: dict[str, object], mess
     node: dict[str, object] = {"name": "a"}
     if "pods" in doc:
         node.update(pods=1, podCIDR="10.9.0.0/24")
-    with pytest.raises(TopologyError) as e:
+    with pytest.raises(TopologyError, match=re.escape(message)) as e:
         parse_topology({"kubernetes": doc["kubernetes"], "sites": [{"name": "s", "nat": "none", "nodes": [node]}]})
     assert [p for p, _ in e.value.problems] == ["kubernetes"]
     assert message in e.value.problems[0][1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from wirekube.lab import nat
@@ -37,7 +39,7 @@ internet: {{relay: 198.18.0.2:3478, stun: [198.18.0.2:3478, 198.18.0.3:3478]}}
 sites:
   - {{name: s, nat: none, {bad}, nodes: [{{name: s-1}}]}}
 """
-    with pytest.raises(TopologyError) as e:
+    with pytest.raises(TopologyError, match=re.escape(f"{field}: must be ")) as e:
         parse_topology_yaml(doc)
     assert field in str(e.value)
 

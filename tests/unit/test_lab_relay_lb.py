@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any
 
 import pytest
@@ -44,7 +45,7 @@ def test_replicas_as_a_count_or_a_list_round_trip() -> None:
     ({"address": "198.18.0.2:3478", "replicas": 2, "mode": "x"}, "internet.relay.mode: unknown key"),
 ])
 def test_bad_replicas_are_named_by_path(relay: dict[str, Any], message: str) -> None:
-    with pytest.raises(TopologyError) as err:
+    with pytest.raises(TopologyError, match=re.escape(message)) as err:
         topo({"relay": relay})
     assert message in str(err.value)
 

@@ -37,7 +37,7 @@ MINIMAL: dict[str, Any] = {
 
 def problems_of(doc: Any) -> dict[str, str]:
     """Every problem's message by path (several messages for one path joined by " | ")."""
-    with pytest.raises(TopologyError) as info:
+    with pytest.raises(TopologyError, match=r"^topology: \d+ problems?:\n") as info:
         parse_topology(doc)
     out: dict[str, str] = {}
     for path, message in info.value.problems:
@@ -202,7 +202,7 @@ def test_every_mistake_is_reported_at_once_with_the_source() -> None:
     doc = mutated("sites.0.nat", "cone")
     doc["sites"][1]["nodes"][0]["pods"] = 2
     doc["networks"][0]["gateway"] = "nobody"
-    with pytest.raises(TopologyError) as info:
+    with pytest.raises(TopologyError, match=r"^lab\.yaml: \d+ problems:\n") as info:
         parse_topology(doc, source="lab.yaml")
     paths = [path for path, _ in info.value.problems]
     assert {"sites[0].nat", "sites[1].nodes[0].pods", "networks[0].gateway"} <= set(paths)
@@ -219,9 +219,10 @@ def test_paths_keep_document_indices_when_an_earlier_entry_is_broken() -> None:
     assert "already taken by sites[2].nodes[0].name" in problems["sites[2].nodes[1].name"]
 
 
-@pytest.mark.parametrize("text", ["sites: [", "42", "", "- a\n- b"])
-def test_documents_that_are_not_topologies(text: str) -> None:
-    with pytest.raises(TopologyError):
+@pytest.mark.parametrize(("text", "says"), [("sites: [", "not valid YAML"), ("42", "must be a mapping, got int"),
+                                            ("", "the document is empty"), ("- a\n- b", "must be a mapping, got a list")])
+def test_documents_that_are_not_topologies(text: str, says: str) -> None:
+    with pytest.raises(TopologyError, match=f"^t\\.yaml: 1 problem:\n  {says}"):
         parse_topology_yaml(text, "t.yaml")
 
 

@@ -5,6 +5,7 @@ The VMs themselves run in tests/integration/test_lab_kernel.py."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 from pathlib import Path
@@ -36,7 +37,7 @@ def test_engine_kernel_is_parsed_and_round_trips() -> None:
      "a node with engine: kernel (a VM) cannot have pods"),
 ])
 def test_engine_mistakes_are_reported_at_their_path(node: dict[str, Any], path: str, message: str) -> None:
-    with pytest.raises(TopologyError) as info:
+    with pytest.raises(TopologyError, match=re.escape(f"{path}: {message}")) as info:
         parse_topology(_doc(**node))
     assert (path, message) in list(info.value.problems)
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import re
 from typing import Any
 
 import pytest
@@ -60,7 +61,7 @@ BAD_PEERS = [
 
 @pytest.mark.parametrize(("change", "field"), BAD_PEERS)
 def test_bad_peer_names_the_field(change: dict[str, Any], field: str) -> None:
-    with pytest.raises(InvalidObject) as err:
+    with pytest.raises(InvalidObject, match=re.escape(f"{field}: ")) as err:
         models.peer_from_cr(peer(**change))
     assert err.value.field == field
     assert str(err.value).startswith(f"WireKubePeer/node-a: {field}: ")
@@ -88,7 +89,7 @@ def test_bad_peer_names_the_field(change: dict[str, Any], field: str) -> None:
 def test_bad_peer_status_names_the_field(status: dict[str, Any], field: str) -> None:
     obj = peer()
     obj["status"] = status
-    with pytest.raises(InvalidObject) as err:
+    with pytest.raises(InvalidObject, match=re.escape(f"{field}: ")) as err:
         models.peer_from_cr(obj)
     assert err.value.field == field
 
@@ -138,12 +139,12 @@ def test_crd_mirrors_reflection_and_birthday_limits() -> None:
 
 
 def test_missing_name_and_non_object_spec() -> None:
-    with pytest.raises(InvalidObject) as err:
+    with pytest.raises(InvalidObject, match="metadata.name: required") as err:
         models.peer_from_cr({"kind": "WireKubePeer", "spec": {"publicKey": KEY}})
     assert err.value.field == "metadata.name"
     obj = peer()
     obj["spec"] = ["not", "a", "map"]
-    with pytest.raises(InvalidObject) as err:
+    with pytest.raises(InvalidObject, match="spec: must be an object, got list") as err:
         models.peer_from_cr(obj)
     assert err.value.field == "spec"
 
@@ -193,7 +194,7 @@ BAD_MESHES = [
 
 @pytest.mark.parametrize(("spec", "field"), BAD_MESHES)
 def test_bad_mesh_names_the_field(spec: dict[str, Any], field: str) -> None:
-    with pytest.raises(InvalidObject) as err:
+    with pytest.raises(InvalidObject, match=re.escape(f"{field}: ")) as err:
         models.mesh_from_cr(mesh(**spec))
     assert err.value.field == field
 
@@ -242,7 +243,7 @@ def test_bad_gateway_names_the_field(path: tuple[Any, ...], value: Any, field: s
     for part in path[:-1]:
         target = target[part]
     target[path[-1]] = value
-    with pytest.raises(InvalidObject) as err:
+    with pytest.raises(InvalidObject, match=re.escape(f"{field}: ")) as err:
         models.gateway_from_cr(obj)
     assert err.value.field == field
 

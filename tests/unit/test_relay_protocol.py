@@ -250,7 +250,7 @@ def test_reading_straight_into_the_buffer() -> None:
             assert isinstance(item, DataRun)
             got.extend(run_datagrams(item))
     assert got == [b"a" * 500, b"b" * 500]
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(LocalProtocolError, match="beyond the free space"):
         decoder.buffer_updated(10**9)
 
 
@@ -299,6 +299,11 @@ def test_chunks_grow_under_bulk_reads_and_shrink_when_quiet() -> None:
     assert decoder.capacity <= 2 * 1024
 
 
+# What each refusal reason says (the start of its message).
+SAYS = {"zero_length": "frame length is zero", "oversized": "exceeds", "unknown_type": "unknown frame type",
+        "bad_length": "body must be"}
+
+
 @pytest.mark.parametrize(
     ("header", "reason"),
     [
@@ -315,11 +320,11 @@ def test_chunks_grow_under_bulk_reads_and_shrink_when_quiet() -> None:
 def test_bad_headers_are_refused_before_the_body_arrives(header: bytes, reason: str) -> None:
     decoder = FrameDecoder()
     decoder.feed(header)  # only the header: a cap on an incomplete frame is enforced up front
-    with pytest.raises(RemoteProtocolError) as e:
+    with pytest.raises(RemoteProtocolError, match=SAYS[reason]) as e:
         decoder.next_frame()
     assert e.value.reason == reason
     decoder.feed(encode_frame(FrameType.KEEPALIVE))
-    with pytest.raises(RemoteProtocolError):  # the stream position is lost: it stays broken
+    with pytest.raises(RemoteProtocolError, match=SAYS[reason]):  # the stream position is lost: it stays broken
         decoder.next_frame()
 
 
@@ -329,7 +334,7 @@ def test_bad_frame_after_a_run_is_reported_on_the_next_call() -> None:
     decoder.feed(encode_data(key, b"ok") + struct.pack(">IB", 0, 2))
     run = decoder.next_run()
     assert isinstance(run, DataRun) and run_datagrams(run) == [b"ok"]
-    with pytest.raises(RemoteProtocolError):
+    with pytest.raises(RemoteProtocolError, match="frame length is zero"):
         decoder.next_run()
 
 
@@ -351,13 +356,13 @@ def test_partial_header_needs_data() -> None:
     ],
 )
 def test_encoding_invalid_frames_is_our_error(ftype: int, body: bytes, reason: str) -> None:
-    with pytest.raises(LocalProtocolError) as e:
+    with pytest.raises(LocalProtocolError, match=SAYS[reason]) as e:
         encode_frame(ftype, body)  # type: ignore[arg-type]
     assert e.value.reason == reason
 
 
 def test_data_key_must_be_32_bytes() -> None:
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(LocalProtocolError, match="key must be 32 bytes, not 5"):
         encode_data(b"short", b"x")
 
 
@@ -370,9 +375,9 @@ def test_nat_probe_body_round_trip() -> None:
     frame = encode_nat_probe("203.0.113.9", 51820)
     address, port = parse_nat_probe(frame[HEADER_LEN:])
     assert (str(address), port) == ("203.0.113.9", 51820)
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(LocalProtocolError, match="needs an IPv4 address"):
         encode_nat_probe("::1", 1)
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(LocalProtocolError, match="port 0 out of range"):
         encode_nat_probe("192.0.2.1", 0)
 
 

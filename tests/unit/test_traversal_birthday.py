@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import socket
 import threading
 from dataclasses import replace
@@ -30,13 +31,17 @@ def test_defaults_are_within_the_hard_bounds() -> None:
     assert S.max_probes == 512 * 2 + 64 + 5 * 3
 
 
-@pytest.mark.parametrize("change", [
-    {"sockets": 257}, {"sockets": 0}, {"sockets": 256, "ports_per_socket": 9}, {"passes": 4}, {"budget": 26.0},
-    {"budget": 1.0}, {"candidates": 4, "ports_per_socket": 8}, {"window_samples": 1}, {"lead": 0.5},
-    {"max_replies": 1000},
+@pytest.mark.parametrize(("change", "says"), [
+    ({"sockets": 257}, "sockets must be 1..256"), ({"sockets": 0}, "sockets must be 1..256"),
+    ({"sockets": 256, "ports_per_socket": 9}, "sockets x ports_per_socket must be at most 2048"),
+    ({"passes": 4}, "passes must be 1..3"), ({"budget": 26.0}, "budget must be at most 25.0s"),
+    ({"budget": 1.0}, "passes must fit the budget"),
+    ({"candidates": 4, "ports_per_socket": 8}, "ports_per_socket must be 1..candidates"),
+    ({"window_samples": 1}, "window_samples must be 2..32"), ({"lead": 0.5}, "lead must exceed min_notice"),
+    ({"max_replies": 1000}, "reply and choice limits out of range"),
 ])
-def test_settings_outside_the_bounds_are_refused(change: dict[str, object]) -> None:
-    with pytest.raises(ValueError):
+def test_settings_outside_the_bounds_are_refused(change: dict[str, object], says: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(says)):
         BirthdaySettings(**change)  # type: ignore[arg-type]
 
 

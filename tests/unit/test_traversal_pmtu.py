@@ -46,9 +46,9 @@ def test_rounds_are_few() -> None:
 
 
 def test_bad_ranges() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match='need 0 < low <= high, got 1400\\.\\.1300'):
         Search(1400, 1300)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match='per_round must be at least 2'):
         Search(100, 200, per_round=1)
 
 
