@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import ipaddress
 from collections import Counter
 from typing import Any
 
@@ -343,7 +344,7 @@ def test_cut_rules() -> None:
 
 @pytest.mark.parametrize("kind", [k for k in NatKind if k is not NatKind.NONE])
 def test_every_nat_drops_unsolicited_inbound_in_input_and_forward(kind: NatKind) -> None:
-    rules = nat.router_ruleset(kind)
+    rules = nat.router_ruleset(kind, proxy=("198.18.0.9", 3128) if kind is NatKind.PROXY_ONLY else None)
     assert "\n" in rules  # multi-line for `nft -f -`
     for hook in ("hook input priority filter;", "hook forward priority filter;"):
         chain = rules.split(hook, 1)[1].split("}", 1)[0]
@@ -353,3 +354,27 @@ def test_every_nat_drops_unsolicited_inbound_in_input_and_forward(kind: NatKind)
     assert ("@fullcone" in rules) is (kind is NatKind.FULL_CONE)
     assert ("l4proto udp counter name \"udp_blocked\" drop" in rules) is (kind is NatKind.UDP_BLOCKED)
     assert "fwd" not in rules.split()  # a reserved word in nft 1.0.6
+    assert ('counter name "blocked" drop' in rules) is (kind is NatKind.PROXY_ONLY)
+
+
+def test_a_proxy_only_router_lets_out_only_tcp_to_the_proxy() -> None:
+    rules = nat.router_ruleset(NatKind.PROXY_ONLY, proxy=("198.18.0.9", 3128))
+    chain = rules.split("hook forward priority filter;", 1)[1].split("}", 1)[0]
+    allow = chain.index('oifname "wan" ip daddr 198.18.0.9 tcp dport 3128 accept')
+    assert allow < chain.index('oifname "wan" counter name "blocked" drop')
+    with pytest.raises(ValueError, match="proxy-only router needs the proxy"):
+        nat.router_ruleset(NatKind.PROXY_ONLY)
+    with pytest.raises(ValueError, match="proxy-only router needs the proxy"):
+        nat.router_ruleset(NatKind.UDP_BLOCKED, proxy=("198.18.0.9", 3128))
+
+
+def test_a_proxy_only_site_gets_the_default_proxy_and_round_trips() -> None:
+    topo = parse_topology_yaml("sites: [{name: corp, nat: proxy-only, nodes: [{name: c1}]}]")
+    assert str(topo.internet.proxy) == "198.18.0.9:3128"
+    assert ipaddress.ip_address("198.18.0.9") in topo.internet.addresses
+    assert parse_topology_yaml(topo.to_yaml()) == topo
+    plain = parse_topology_yaml("sites: [{name: s, nat: none, nodes: [{name: n1}]}]")
+    assert plain.internet.proxy is None and "proxy" not in plain.to_dict()["internet"]
+    with pytest.raises(TopologyError, match=r"internet.proxy: 198.18.0.2 is already the relay's"):
+        parse_topology_yaml("internet: {relay: 198.18.0.2:3478, stun: [198.18.0.2:3478, 198.18.0.3:3478], "
+                            "proxy: 198.18.0.2:3128}\nsites: [{name: s, nat: none, nodes: [{name: n1}]}]")

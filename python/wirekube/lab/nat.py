@@ -24,6 +24,8 @@ What each kind does (WAN interface ``wan``, LAN bridge ``lan``):
   Entries expire 180 s after the last outbound packet.
 - ``udp-blocked``: masquerade, and UDP leaving through ``wan`` is dropped (counter
   ``udp_blocked``); TCP and ICMP pass.
+- ``proxy-only``: masquerade, and nothing leaves through ``wan`` but TCP to the HTTP proxy
+  (``proxy=(address, port)``), the rest dropped (counter ``blocked``): a corporate network.
 - ``none``: no NAT and no filtering; the router only routes (the LAN is public).
 
 Every router also has an empty chain ``impair`` (forward hook, before the rest) where
@@ -38,6 +40,7 @@ TABLE = "wklab"
 IMPAIR_CHAIN = "impair"
 COUNTER_UNSOLICITED = "unsolicited"
 COUNTER_UDP_BLOCKED = "udp_blocked"
+COUNTER_BLOCKED = "blocked"
 FULL_CONE_TIMEOUT_S = 180
 
 
@@ -58,8 +61,12 @@ def cut_rules(proto: str, peer: str | None, wan: str = "wan") -> str:
                    for sel in selectors)
 
 
-def router_ruleset(nat: NatKind, wan: str = "wan", *, ports: tuple[int, int] | None = None) -> str:
-    """The nft rule set for a router of this NAT kind (``ports``: symmetric only, the UDP pool)."""
+def router_ruleset(nat: NatKind, wan: str = "wan", *, ports: tuple[int, int] | None = None,
+                   proxy: tuple[str, int] | None = None) -> str:
+    """The nft rule set for a router of this NAT kind (``ports``: symmetric only, the UDP pool;
+    ``proxy``: proxy-only only, the one address and TCP port that may be reached)."""
+    if (proxy is not None) != (nat is NatKind.PROXY_ONLY):
+        raise ValueError("a proxy-only router needs the proxy's address, and only it does")
     if ports is not None:
         low, high = ports
         if nat is not NatKind.SYMMETRIC:
@@ -78,6 +85,7 @@ def router_ruleset(nat: NatKind, wan: str = "wan", *, ports: tuple[int, int] | N
     lines += [
         f"  counter {COUNTER_UNSOLICITED} {{ }}",
         f"  counter {COUNTER_UDP_BLOCKED} {{ }}",
+        f"  counter {COUNTER_BLOCKED} {{ }}",
     ]
     if nat is NatKind.FULL_CONE:
         lines += [
@@ -111,6 +119,9 @@ def router_ruleset(nat: NatKind, wan: str = "wan", *, ports: tuple[int, int] | N
     lines.append(f'    iifname "{wan}" counter name "{COUNTER_UNSOLICITED}" drop')
     if nat is NatKind.UDP_BLOCKED:
         lines.append(f'    oifname "{wan}" meta l4proto udp counter name "{COUNTER_UDP_BLOCKED}" drop')
+    if proxy is not None:
+        lines += [f'    oifname "{wan}" ip daddr {proxy[0]} tcp dport {proxy[1]} accept',
+                  f'    oifname "{wan}" counter name "{COUNTER_BLOCKED}" drop']
     lines += [
         "  }",
         "  chain outbound_nat {",

@@ -30,6 +30,7 @@ from wirekube import errors, k8s
 from wirekube.lab.cluster import ControlPlane, write_kubeconfig
 from wirekube.lab.net import Lab, LabError, LabNotFound, default_workdir
 from wirekube.lab.procs import ProcessRecord, is_alive
+from wirekube.lab.plan import RELAY_WSS_PORT
 from wirekube.lab.topology import Endpoint, Topology
 from wirekube.progress import step
 
@@ -99,6 +100,8 @@ def up(topology: Topology, name: str = "default", *, wait: float = 90.0, mesh_ov
         replicas = lab.topology.internet.relay_replicas
         behind = f" ({len(replicas)} replicas behind a load balancer)" if replicas else ""
         step("lab", 4, steps, f"starting the relay on {lab.relay}{behind} and STUN on {', '.join(map(str, lab.stun))}")
+        if lab.topology.internet.proxy is not None:
+            start_proxy(lab)
         _start_relays(lab)
         if lab.kernel_nodes:
             step("lab", 5, steps, f"waiting for the VMs of {', '.join(sorted(lab.kernel_nodes))} to boot")
@@ -147,6 +150,8 @@ def _create_mesh(kube: k8s.Kube, lab: Lab, overrides: dict[str, Any]) -> None:
                   "handshakeTimeoutSeconds": 20, "directRetryIntervalSeconds": 30},
         "autoAllowedIPs": {"includeNodeInternalIP": False},
     }
+    if lab.topology.internet.proxy is not None:  # proxy-only sites reach the relay over WSS (issue 19)
+        spec["relay"]["wssEndpoint"] = relay_wss_endpoint(lab)
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(spec.get(key), dict):
             spec[key] = {**spec[key], **value}
@@ -189,6 +194,10 @@ def start_relay(lab: Lab, index: int) -> subprocess.Popen[Any]:
     argv = [_bin("wirekube-relay"), f"--listen={ep.host}:{ep.port}", f"--stun-listen={ep.host}:{ep.port}",
             f"--nat-probe-listen={ep.host}:{ep.port + 1}", f"--metrics-listen={ep.host}:9478",
             "--log-format=text", "--log-level=INFO"]
+    if lab.topology.internet.proxy is not None and (index in relay_replicas(lab) or ep == lab.relay):
+        tls = _proxy_files(lab)
+        argv += [f"--wss-listen={ep.host}:{RELAY_WSS_PORT}", f"--wss-path={RELAY_WSS_PATH}",
+                 f"--tls-cert={tls['cert']}", f"--tls-key={tls['key']}"]
     if index in relay_replicas(lab):
         peers = ",".join(f"{a}:{RELAY_MESH_PORT}" for a in lab.topology.internet.relay_replicas)
         argv += [f"--mesh-listen={ep.host}:{RELAY_MESH_PORT}", f"--mesh-peers={peers}",
@@ -196,6 +205,60 @@ def start_relay(lab: Lab, index: int) -> subprocess.Popen[Any]:
     proc = lab.spawn("internet", argv, lab.log_dir / f"relay-{index}.log")
     _wait_tcp(lab, "internet", str(ep.host), ep.port)
     return proc
+
+
+RELAY_WSS_PATH = "/relay"
+PROXY_USER = "wirekube-lab"
+
+
+def relay_wss_endpoint(lab: Lab) -> str:
+    return f"wss://{lab.relay.host}:{RELAY_WSS_PORT}{RELAY_WSS_PATH}"
+
+
+def _proxy_files(lab: Lab) -> dict[str, str]:
+    """The lab's CA and the relay's WSS certificate (for the relay's load-balancer address), the
+    proxy's password and the credentials file agents in proxy-only sites read; made once, in the
+    lab's directory (the key and the password 0600)."""
+    from wirekube.lab.certs import make_server_cert
+
+    base = lab.workdir / "net" / "proxy"
+    paths = {"ca": base / "tls" / "ca.crt", "cert": base / "tls" / "tls.crt", "key": base / "tls" / "tls.key",
+             "credentials": base / "credentials", "squid": base / "squid"}
+    if not paths["credentials"].exists():
+        make_server_cert(base / "tls", [], [str(lab.relay.host)])
+        fd = os.open(paths["credentials"], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{PROXY_USER}:{secrets.token_urlsafe(16)}\n")
+    return {k: str(v) for k, v in paths.items()}
+
+
+def start_proxy(lab: Lab) -> subprocess.Popen[Any]:
+    """A real squid in the internet namespace (``internet.proxy``): CONNECT to 443 only, for the
+    lab's one user; in the foreground, recorded and ended by PID like every lab process."""
+    from wirekube.lab.squid import squid_argv, squid_available, write_squid
+
+    proxy = lab.topology.internet.proxy
+    assert proxy is not None
+    why = squid_available()
+    if why is not None:
+        raise errors.WireKubeError(f"internet.proxy: {why}")
+    files = _proxy_files(lab)
+    user, _, password = Path(files["credentials"]).read_text().strip().partition(":")
+    squid = write_squid(Path(files["squid"]), str(proxy), {user: password})
+    for parent in Path(files["squid"]).parents:  # squid drops to its own user: it must reach its files
+        parent.chmod(parent.stat().st_mode | 0o001)  # search only, not listing
+        if parent == lab.workdir:
+            break
+    proc = lab.spawn("internet", squid_argv(squid), lab.log_dir / "proxy-squid.log")
+    _wait_tcp(lab, "internet", str(proxy.host), proxy.port, timeout=30.0)
+    return proc
+
+
+def squid_access_log(lab: Lab) -> list[str]:
+    from wirekube.lab.squid import SquidFiles, access_log_lines
+
+    base = Path(_proxy_files(lab)["squid"])
+    return access_log_lines(SquidFiles(base, base / "squid.conf", base / "access.log", base / "cache.log"))
 
 
 def _start_relays(lab: Lab) -> None:
@@ -239,14 +302,23 @@ def running_agents(lab: Lab, node: str) -> list[ProcessRecord]:
             and any(Path(a).name == "wirekube-agent" for a in r.argv) and is_alive(r)]
 
 
-def start_agent(lab: Lab, h: LabHandle, node: str) -> subprocess.Popen[Any]:
+def start_agent(lab: Lab, h: LabHandle, node: str, *, credentials: str | None = None) -> subprocess.Popen[Any]:
     """The same for every node: a kernel node's agent runs inside its VM (``Lab.spawn_in_node``
-    starts it through the VM's command channel; the recorded host process stands for it)."""
+    starts it through the VM's command channel; the recorded host process stands for it).  A node
+    in a ``proxy-only`` site gets ``HTTPS_PROXY`` (the API server's 127.0.0.1 forwarder stays
+    off the proxy), the proxy credentials file (``credentials`` overrides it) and the lab's CA."""
     (h.workdir / "nodes" / node).mkdir(parents=True, exist_ok=True)
     argv = agent_argv(h, node)
     if lab.kernel_nodes and node not in lab.kernel_nodes:
         argv.append("--engine=userspace")  # the mesh says auto for the kernel nodes' sake
-    return lab.spawn_in_node(node, argv, lab.log_dir / f"agent-{node}.log")
+    env = None
+    proxy = lab.topology.internet.proxy
+    if proxy is not None and lab.nodes[node].nat.value == "proxy-only":
+        files = _proxy_files(lab)
+        argv += [f"--relay-proxy-credentials-file={credentials or files['credentials']}",
+                 f"--relay-ca-file={files['ca']}"]
+        env = {**os.environ, "HTTPS_PROXY": f"http://{proxy}", "NO_PROXY": "127.0.0.1,localhost"}
+    return lab.spawn_in_node(node, argv, lab.log_dir / f"agent-{node}.log", env=env)
 
 
 # ---- convergence and status -----------------------------------------------------------------------
@@ -258,8 +330,8 @@ def expected_pairs(lab: Lab) -> dict[tuple[str, str], str]:
     from wirekube.traversal.nat import NodeFacts, choose_path
 
     kinds = {"none": NatType.OPEN, "full-cone": NatType.CONE, "port-restricted-cone": NatType.PORT_RESTRICTED_CONE,
-             "symmetric": NatType.SYMMETRIC, "udp-blocked": NatType.UNKNOWN}
-    facts = {n: NodeFacts(kinds[i.nat.value], str(i.public_ip), i.nat.value == "udp-blocked", True)
+             "symmetric": NatType.SYMMETRIC, "udp-blocked": NatType.UNKNOWN, "proxy-only": NatType.UNKNOWN}
+    facts = {n: NodeFacts(kinds[i.nat.value], str(i.public_ip), i.nat.value in ("udp-blocked", "proxy-only"), True)
              for n, i in lab.nodes.items()}
     out = {}
     for a in facts:

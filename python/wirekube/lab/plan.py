@@ -52,6 +52,7 @@ from wirekube.lab.topology import (
     IPv4,
     NatKind,
     Net4,
+    Site,
     Topology,
 )
 
@@ -222,6 +223,15 @@ _QUIET_SYSCTLS = (
 )
 
 
+def _proxy_of(topology: Topology, site: Site) -> tuple[str, int] | None:
+    proxy = topology.internet.proxy
+    return (str(proxy.host), proxy.port) if site.nat is NatKind.PROXY_ONLY and proxy is not None else None
+
+
+RELAY_WSS_PORT = 443
+"""The relay's WebSocket-over-TLS port in the lab (with an ``internet.proxy``)."""
+
+
 def relay_load_balancer_nft(topology: Topology) -> str | None:
     """The relay's "NLB" in the internet namespace, when ``internet.relay`` has replicas: each
     new TCP connection and each new UDP flow (STUN) to the relay's address goes to a replica picked
@@ -237,6 +247,8 @@ def relay_load_balancer_nft(topology: Topology) -> str | None:
         f"{i} : {addr}" for i, addr in enumerate(replicas)) + " }"
     udp_ports = sorted({e.port for e in internet.stun if e.host == lb})
     rules = [f"ip daddr {lb} tcp dport {internet.relay.port} dnat to {pick}"]
+    if internet.proxy is not None:  # the relay over WSS, behind the same "NLB"
+        rules.append(f"ip daddr {lb} tcp dport {RELAY_WSS_PORT} dnat to {pick}")
     rules += [f"ip daddr {lb} udp dport {port} dnat to {pick}" for port in udp_ports]
     body = "\n".join(f"    {r}" for r in rules)
     backends = ", ".join(str(a) for a in replicas)
@@ -400,7 +412,7 @@ def plan_lab(topology: Topology, lab: str) -> LabPlan:
             links=tuple(router_links),
             routes=(f"route add default via {inet_side} dev {IF_WAN}",),
             sysctls=_QUIET_SYSCTLS + _ROUTER_SYSCTLS,
-            nft=nat.router_ruleset(site.nat, IF_WAN) + nat.path_ruleset(
+            nft=nat.router_ruleset(site.nat, IF_WAN, proxy=_proxy_of(topology, site)) + nat.path_ruleset(
                 drop_fragments=site.drop_fragments, block_icmp=site.block_icmp, wan=IF_WAN),
         ))
 

@@ -7,8 +7,10 @@ A topology describes one lab (see ``wirekube.lab.net`` for how it is built):
   endpoints, all inside ``198.18.0.0/24`` (the lab's "services" block of the benchmarking range
   198.18.0.0/15, which the lab uses as its whole public address space).
 - ``sites``: each a LAN behind one router, with ``nat`` one of ``none`` (public addresses on the
-  nodes' NICs), ``port-restricted-cone``, ``full-cone``, ``symmetric`` or ``udp-blocked``, and
-  one or more ``nodes`` (each becomes a Kubernetes Node).
+  nodes' NICs), ``port-restricted-cone``, ``full-cone``, ``symmetric``, ``udp-blocked`` or
+  ``proxy-only`` (only TCP to ``internet.proxy``, a real squid allowing CONNECT to 443, leaves:
+  the relay is reached over WSS through it), and one or more ``nodes`` (each becomes a
+  Kubernetes Node).
 - ``networks``: optional private networks (a "VPC" subnet) attached to named nodes, holding plain
   ``hosts`` whose ``routes`` send chosen CIDRs to a node (as a VPC route table would).
 - ``management``: the CIDR of the management path from every node to the API server.
@@ -62,7 +64,7 @@ import enum
 import ipaddress
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +99,7 @@ class NatKind(str, enum.Enum):
     FULL_CONE = "full-cone"  # mapping kept; unsolicited inbound to a mapped port allowed
     SYMMETRIC = "symmetric"  # masquerade fully-random: a new port per destination
     UDP_BLOCKED = "udp-blocked"  # only TCP (and ICMP) leaves
+    PROXY_ONLY = "proxy-only"  # only TCP to the internet's HTTP proxy leaves (a corporate network)
 
     def __str__(self) -> str:
         return str(self.value)
@@ -134,6 +137,10 @@ class Internet:
     relay_replicas: tuple[IPv4, ...] = ()
     """Addresses of the relay replicas behind ``relay`` (a load balancer that picks one replica
     per new connection, TCP and UDP, as an NLB does); empty: one relay at ``relay`` itself."""
+    proxy: Endpoint | None = None
+    """A real HTTP CONNECT proxy (squid) on the internet segment, allowing CONNECT to port 443 only
+    with Basic auth: the only way out of ``proxy-only`` sites.  With it the relay also listens for
+    WebSocket over TLS on port 443."""
 
     @property
     def addresses(self) -> tuple[IPv4, ...]:
@@ -143,7 +150,15 @@ class Internet:
             seen.setdefault(endpoint.host, None)
         for replica in self.relay_replicas:
             seen.setdefault(replica, None)
+        if self.proxy is not None:
+            seen.setdefault(self.proxy.host, None)
         return tuple(seen)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"relay": self.relay_dict(), "stun": [str(s) for s in self.stun]}
+        if self.proxy is not None:
+            out["proxy"] = str(self.proxy)
+        return out
 
     def relay_dict(self) -> str | dict[str, Any]:
         if not self.relay_replicas:
@@ -267,10 +282,7 @@ class Topology:
     def to_dict(self) -> dict[str, Any]:
         """A plain document (YAML-ready) that :func:`parse_topology` turns back into ``self``."""
         return {
-            "internet": {
-                "relay": self.internet.relay_dict(),
-                "stun": [str(s) for s in self.internet.stun],
-            },
+            "internet": self.internet.to_dict(),
             "management": {"cidr": str(self.management.cidr)},
             **({"kubernetes": self.kubernetes} if self.kubernetes != "processes" else {}),
             "sites": [
@@ -533,6 +545,11 @@ def _parse(doc: Any, problems: _Problems) -> Topology | None:
             )
     if internet is None or management is None:
         return None
+    if internet.proxy is None and any(site.nat is NatKind.PROXY_ONLY for site in sites):
+        if DEFAULT_PROXY.host in internet.addresses:
+            problems.add("internet.proxy", f"a proxy-only site needs one; the default {DEFAULT_PROXY} is taken")
+            return None
+        internet = replace(internet, proxy=DEFAULT_PROXY)
     if kubernetes == "kubelet" and any(node.engine != "userspace" or node.pods for site in sites for node in site.nodes):
         problems.add("kubernetes", "kubelet nodes run pods of their own: no `pods:` and no `engine: kernel` nodes")
     return Topology(internet, tuple(sites), tuple(networks), management, kubernetes)
@@ -546,7 +563,7 @@ def _parse_internet(raw: Any, problems: _Problems) -> Internet | None:
     doc = _mapping(raw, "internet", problems)
     if doc is None:
         return None
-    _keys(doc, "internet", ("relay", "stun"), problems)
+    _keys(doc, "internet", ("relay", "stun", "proxy"), problems)
     relay = default_relay
     replicas: tuple[IPv4, ...] = ()
     if isinstance(doc.get("relay"), Mapping):
@@ -566,7 +583,17 @@ def _parse_internet(raw: Any, problems: _Problems) -> Internet | None:
     for i, replica in enumerate(replicas):
         if any(replica == e.host for e in stun):
             problems.add(f"internet.relay.replicas[{i}]", f"{replica} is also a STUN server's address")
-    return Internet(relay, stun, replicas)
+    proxy = None
+    if doc.get("proxy") is not None:
+        proxy = _endpoint(doc["proxy"], "internet.proxy", problems)
+        taken = {relay.host, *(e.host for e in stun), *replicas}
+        if proxy is not None and proxy.host in taken:
+            problems.add("internet.proxy", f"{proxy.host} is already the relay's, a replica's or a STUN server's")
+    return Internet(relay, stun, replicas, proxy)
+
+
+DEFAULT_PROXY = Endpoint(SERVICES_NET.network_address + 9, 3128)
+"""Where the HTTP proxy sits when a ``proxy-only`` site needs one and ``internet.proxy`` is not set."""
 
 
 MAX_RELAY_REPLICAS = 8

@@ -394,6 +394,9 @@ class RelayPath:
     def _primary_up(self) -> bool:
         return any(s.client is not None and not s.client.closed for s in self._slots.values())
 
+    def _fallback_up(self) -> bool:
+        return any(s.client is not None and not s.client.closed for s in self._fallbacks.values())
+
     def _fallback_wanted(self) -> bool:
         """No raw-TCP relay connection is up, and every one has been tried and failed."""
         return not self._primary_up() and all(s.failures > 0 for s in self._slots.values())
@@ -427,7 +430,10 @@ class RelayPath:
                 slot.proxy_auth_failed = isinstance(e, RelayProxyRefused) and e.auth
                 self._notify_primary()
                 delay = next(delays)
-                logger.warning("relay {} unreachable ({}); retrying in {:.0f}s", slot.url, slot.last_error, delay)
+                # Raw TCP failing again while the WSS fallback carries the traffic is expected
+                # (a proxy that allows only 443): said once, then only at debug level.
+                level = "DEBUG" if not slot.fallback and slot.failures > 1 and self._fallback_up() else "WARNING"
+                logger.log(level, "relay {} unreachable ({}); retrying in {:.0f}s", slot.url, slot.last_error, delay)
                 await asyncio.sleep(delay)
                 continue
             slot.client, slot.connected_since, slot.last_error = client, time.monotonic(), ""
