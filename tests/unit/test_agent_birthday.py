@@ -7,6 +7,7 @@ import ipaddress
 import socket
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -139,6 +140,8 @@ def test_a_won_round_moves_the_peer_onto_the_won_proxy_and_a_stall_hands_it_back
 
     now = _time.monotonic()
     t.tick(now, 1_700_000_100.0)
+    # Heartbeats went out and none came back (see test_agent_traversal for the heartbeat side).
+    t._peers["peer-b"].live = replace(t._peers["peer-b"].live, suspect_since=now + 0.1, unanswered=3)
     t.tick(now + 5, 1_700_000_105.0)
     assert t.paths()["peer-b"].transport is Transport.RELAY and str(t.paths()["peer-b"].endpoint) == "127.0.0.1:40123"
     assert bd.proxy is None and bd.session.phase is Phase.IDLE
@@ -177,11 +180,17 @@ def test_relay_roam_right_after_a_win_is_the_peer_still_switching_not_a_fallback
     rx = {"v": 100}
     t._engine_state = lambda: WgDeviceState(peers={key: WgPeerState(WgPeerConfig(key, relay_proxy, ()),
                                                                      rx_bytes=rx["v"])})
+    switched: list[tuple[str, Endpoint]] = []
+    t._fast_switch = lambda k, ep: switched.append((k, ep))
     now = bd.won_at
     for dt in (0.1, 1.0, BIRTHDAY_SETTLE_SECONDS - 0.5):  # the follower has not switched yet
         rx["v"] += 100
         t.tick(now + dt, 1_700_000_000.0)
         assert t.paths()["peer-b"].transport is Transport.DIRECT and bd.session.phase is Phase.WON
+        # each time, our WireGuard is pointed back at the won path at once (a late relayed packet
+        # roamed it; left there, each side would follow the other back to the relay)
+        assert switched[-1] == (key, Endpoint(ipaddress.ip_address("127.0.0.1"), bd.proxy_port))
+    assert len(switched) == 3
     rx["v"] += 100
     t.tick(now + BIRTHDAY_SETTLE_SECONDS + 0.1, 1_700_000_010.0)  # still on the relay: it fell back
     assert t.paths()["peer-b"].transport is Transport.RELAY and bd.session.phase is Phase.IDLE

@@ -62,10 +62,10 @@ def test_once_changes_nothing_on_a_converged_node(mode: RelayMode) -> None:
 
 
 def test_without_once_paths_the_one_shot_would_undo_traversal() -> None:
-    """The bug: no paths = the peers' own keepalive (25 s) and the relayed peer pulled off its proxy."""
+    """The bug: no paths = the relayed peer pulled off its proxy (and, were the traversal keepalive
+    not the peers' own 25 s, every peer's keepalive rewritten)."""
     wg = converged(RelayMode.AUTO)
     ops = peer_ops(RelayMode.AUTO, {}, wg)
-    assert {op.config.public_key for op in ops if isinstance(op, PutPeer) and op.set_keepalive} == {key(2), key(3), key(4)}
     assert any(isinstance(op, PutPeer) and op.set_endpoint and op.config.public_key == key(3) for op in ops)
 
 

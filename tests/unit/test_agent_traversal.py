@@ -16,12 +16,18 @@ from wirekube.traversal import nat, pathsm
 
 
 def test_matrix_relay_peer_points_at_the_proxy_and_direct_peer_gets_short_keepalive() -> None:
+    from dataclasses import replace
+
+    from wirekube.agent import traversal as traversal_module
+
     t = traversal(NatType.SYMMETRIC, [peer("sym", NatType.SYMMETRIC, "203.0.113.1"),
                                       peer("cone", NatType.CONE, "203.0.113.2")])
     paths = t.paths()
     assert paths["sym"].transport is Transport.RELAY and str(paths["sym"].endpoint.ip) == "127.0.0.1"
     assert paths["cone"].transport is Transport.DIRECT and paths["cone"].endpoint is None
-    assert paths["cone"].keepalive == DIRECT_KEEPALIVE
+    assert paths["cone"].keepalive == traversal_module.PUNCH_KEEPALIVE  # still opening the path: 1 s
+    t._peers["cone"].path = replace(t._peers["cone"].path, established=True)
+    assert t.paths()["cone"].keepalive == DIRECT_KEEPALIVE  # proven: the idle heartbeat keeps NATs open
     status = t.decorate(PeerStatus())
     assert status.relay_reasons == {"sym": "peer symmetric and local symmetric"}
     assert status.nat_type is NatType.SYMMETRIC
@@ -37,6 +43,16 @@ def engine(key: str, rx: int) -> WgDeviceState:
     return WgDeviceState(peers={key: WgPeerState(WgPeerConfig(key, None, ()), rx_bytes=rx)})
 
 
+def unanswered(t: Traversal, start: float, end: float, wall: float = 1e9) -> None:
+    """The heartbeat thread (every 0.05 s) and the ticker from ``start`` to ``end``, with the peers
+    answering nothing."""
+    by_ip = {str(p.mesh_ip): n for n, p in t._view.peers.items() if p.mesh_ip is not None}
+    for i in range(round((end - start) / 0.05)):
+        now = round(start + i * 0.05, 6)
+        t.heartbeats_due(now, by_ip, {})
+        t.tick(now, wall)
+
+
 def test_stalled_direct_peer_fails_over_only_when_a_relay_is_up() -> None:
     for relay_up, expected in ((True, Transport.RELAY), (False, Transport.DIRECT)):
         p = peer("cone", NatType.CONE, "203.0.113.2")
@@ -47,8 +63,17 @@ def test_stalled_direct_peer_fails_over_only_when_a_relay_is_up() -> None:
         t.tick(0.0, 1e9)
         rx["v"] = 148
         t.tick(0.5, 1e9)  # established
-        t.tick(2.5, 1e9)  # 2 s silent
+        t.tick(2.4, 1e9)  # silent for 1.9 s, but nothing was asked of the peer: idle, not dead
+        assert t.paths()["cone"].transport is Transport.DIRECT
+        unanswered(t, 2.45, 2.9)  # a heartbeat, then verification at the active rate from 0.3 s
+        assert t.paths()["cone"].transport is Transport.DIRECT, "0.45 s unanswered is not yet a stall"
+        switched: list[tuple[str, str]] = []
+        t._fast_switch = lambda k, e: switched.append((k, str(e)))
+        unanswered(t, 2.9, 3.1)
         assert t.paths()["cone"].transport is expected, relay_up
+        # The failover wrote the relay proxy into WireGuard itself, without waiting for a reconcile.
+        proxy = f"127.0.0.1:{t._peers['cone'].proxy_port}"
+        assert switched == ([(key, proxy)] if relay_up else []), switched
 
 
 def test_relay_mode_never_keeps_everyone_direct_and_always_relays_everyone() -> None:
@@ -84,6 +109,7 @@ def test_transport_changes_are_reported_once() -> None:
     t.tick(0.0, 1e9)
     rx["v"] = 100
     t.tick(0.5, 1e9)
+    unanswered(t, 1.0, 2.0, 1_700_000_000)
     t.tick(2.5, 1_700_000_000)
     t.tick(2.6, 1_700_000_000)
     assert seen == [("cone", "direct", "relay", "direct probe failed at 2023-11-14T22:13:20Z")]
@@ -394,3 +420,14 @@ def test_a_relay_outage_keeps_the_nat_finding_and_endpoint_and_retries_soon(monk
     t._relay = FakeRelay(True)  # relay over TCP fine, STUN silent: UDP is blocked here
     blocked = t.discover(mesh, ("192.168.1.5",))
     assert blocked.udp_blocked and blocked.nat.nat_type is NatType.UNKNOWN and blocked.endpoint is None
+
+
+def test_heartbeats_are_fast_only_where_a_path_is_being_proven() -> None:
+    """relay.mode auto: an unproven direct peer gets 10/s until it answers; never/always: nothing
+    is proven or failed over, so every peer gets the idle rate (one per 10 s)."""
+    for mode, expected in ((RelayMode.AUTO, 10), (RelayMode.NEVER, 1), (RelayMode.ALWAYS, 1)):
+        p = peer("cone", NatType.CONE, "203.0.113.2")
+        t = traversal(NatType.CONE, [p], mode)
+        by_ip = {str(p.mesh_ip): "cone"}
+        sent = sum(len(t.heartbeats_due(round(i * 0.05, 6), by_ip, {})) for i in range(20))  # 1 s
+        assert sent == expected, (mode, sent)

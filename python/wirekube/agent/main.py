@@ -44,7 +44,7 @@ from wirekube.agent.pmtu import PathMtu, targets_from
 from wirekube.agent.reconcile import Reconciler, ReconcilerSettings, Result, describe
 from wirekube.agent.registration import first_discovered
 from wirekube.agent.traversal import DIRECT_KEEPALIVE, RELAY_KEEPALIVE, Traversal
-from wirekube.agent.wg.base import WgDeviceState
+from wirekube.agent.wg.base import PutPeer, WgDeviceState, WgPeerConfig
 from wirekube.agent.wg.select import describe_engine
 from wirekube.agent.wg.userspace import SOCKET_DIR
 from wirekube.entrypoint import console_script
@@ -268,6 +268,7 @@ def run(settings: AgentSettings) -> int:
                                                                           new, reason, metrics),
             relay_proxy=settings.relay_proxy,
             relay_ca_file=settings.relay_ca_file,
+            fast_switch=lambda key, endpoint: _fast_switch(reconciler, keys.private_key, key, endpoint),
         )
     imds = _imds(settings, wake)
     ready = threading.Event()
@@ -372,6 +373,14 @@ def _transport_event(source: object, node: str, peer: str, old: str, new: str, r
     kube.emit_event({"apiVersion": "wirekube.io/v1alpha1", "kind": "WireKubePeer", "metadata": {"name": node}},
                     "TransportChanged", note, type_="Warning" if new == "relay" and old == "direct" else "Normal",
                     component="agent")
+
+
+def _fast_switch(reconciler: Reconciler | None, private_key: str, key: str, endpoint: Endpoint) -> None:
+    """Point one WireGuard peer at ``endpoint`` now (the failover's only write; see Traversal)."""
+    if reconciler is None or reconciler.engine is None:
+        return
+    config = WgPeerConfig(key, endpoint, ())
+    reconciler.engine.apply([PutPeer(config, create=False, set_allowed_ips=False, set_keepalive=False)], private_key)
 
 
 def _count_failover(metrics: AgentMetrics, peer: str, seconds: float) -> None:

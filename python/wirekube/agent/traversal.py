@@ -6,12 +6,13 @@ reconciler two things:
 
 * :meth:`Traversal.paths`: per-peer :class:`~wirekube.agent.plan.PeerPath` overrides: the relay
   proxy's 127.0.0.1 port as the endpoint of relayed peers, a peer's LAN endpoint behind the same
-  NAT, a 1 s keepalive on direct peers (their rx counters are the failover signal);
+  NAT, WireGuard's standard 25 s keepalive (liveness comes from the heartbeat, see
+  :mod:`wirekube.traversal.liveness`);
 * :meth:`Traversal.discovery` / :meth:`Traversal.decorate`: what this node publishes (endpoint
   and how it was found, NAT type, port step, UDP blocked, LAN endpoints, relay reasons).
 
 Threads: an asyncio loop (uvloop) for the relay path; a ticker (every ``tick`` s) that reads the
-engine's rx counters and drives each peer's state machine; a discovery loop (STUN + the relay's
+engine's counters and drives each peer's liveness and state machine; the heartbeat sender; a discovery loop (STUN + the relay's
 NATProbe, every ``stun_interval`` s); the probe listener (raw socket, BPF-filtered).
 """
 
@@ -54,20 +55,28 @@ from wirekube.models import (
 )
 from wirekube.relay.dial import ProxyConfig
 from wirekube.relay.protocol import PROBE_FROM_ALTERNATE_PORT
-from wirekube.traversal import birthday, birthdaypath, nat, pathsm, probe, rawudp, reflection
+from wirekube.traversal import birthday, birthdaypath, liveness, nat, pathsm, probe, rawudp, reflection
 from wirekube.traversal.birthday import BirthdaySettings, Do, Phase
 from wirekube.traversal.probe import ProbeListener
 from wirekube.traversal.relaypath import RelayPath
 
-# Failover watches rx counters, so something must come back from every peer in use at least
-# every half second. WireGuard's persistent keepalive cannot promise that: its timer is reset by
-# packets *received* too, so with two 1 s keepalives one side usually stays silent and the other
-# would see a dead path. Instead each agent sends a 2 Hz ICMP echo through the tunnel to every
-# direct peer's mesh IP: the peer's kernel answers, the answer counts as rx, and only a path that
-# works both ways keeps rx moving. The keepalive stays short for NAT mappings and hole punching.
-DIRECT_KEEPALIVE = 1
-RELAY_KEEPALIVE = 1
-HEARTBEAT_SECONDS = 0.5
+# Failover watches rx counters, so something must come back from every peer in use. WireGuard's
+# persistent keepalive cannot promise that (its timer is reset by packets *received* too, and
+# nothing answers a keepalive). Instead each agent sends an ICMP echo through the tunnel to every
+# peer's mesh IP: the peer's kernel answers, the answer counts as rx, and only a path that works
+# both ways keeps rx moving. The rate follows use (10 Hz while a peer carries traffic or is being
+# proven, one per 10 s when idle: see wirekube.traversal.liveness); the idle heartbeat also keeps
+# NAT mappings open, so the keepalive can be WireGuard's standard 25 s.
+DIRECT_KEEPALIVE = 25
+RELAY_KEEPALIVE = 25
+# A direct path still being opened keeps WireGuard's keepalive at 1 s: both NATs must see
+# outgoing packets for the hole to open, and the handshake retries ride on them (with 25 s, a
+# third of the lab's pairs passed traffic 10-15 s later). Once proven, the idle heartbeat keeps
+# the mappings open.
+PUNCH_KEEPALIVE = 1
+HEARTBEAT_POLL_SECONDS = 0.05
+HEARTBEAT_PAYLOAD = b"wirekube-heartbeat"
+AGENT_PROBE_PREFIX = b"wirekube-"  # the agent's other echo probes (path MTU) start so
 T = TypeVar("T")
 
 # Status condition: the relay proxy's loopback sendto() keeps failing with EPERM (Cilium's socket
@@ -82,7 +91,7 @@ CONDITION_RELAY_UNREACHABLE = "RelayUnreachable"
 class TraversalSettings:
     tick: float = 0.1
     stun_interval: float = 60.0
-    stall_after: float = 1.2
+    stall_after: float = 0.5  # heartbeats unanswered this long (and at least 3 of them): the path is dead
     stun_timeout: float = 2.0
 
 
@@ -108,6 +117,7 @@ class _PeerState:
     reaching us through the relay (a slow agent, e.g. in an emulated VM, flapped on it)."""
     roam_probe_at: float = -1e9
     """When a relayed peer last made us probe early by reaching us directly."""
+    live: liveness.Liveness = liveness.Liveness()
 
 
 # How long an endpoint still at our proxy after our own move to direct is put down to our lag.
@@ -161,6 +171,7 @@ class Traversal:
         birthday_settings: BirthdaySettings = BirthdaySettings(),
         relay_proxy: ProxyConfig = ProxyConfig(),
         relay_ca_file: str | None = None,
+        fast_switch: Callable[[str, Endpoint], None] | None = None,
     ) -> None:
         self.node = node_name
         self._relay_proxy = relay_proxy
@@ -173,10 +184,15 @@ class Traversal:
         self.settings = settings
         self._on_failover = on_failover
         self._on_transition = on_transition
+        # A failover writes the relay proxy into WireGuard at once (one endpoint write) rather than
+        # waiting for the next reconcile pass (2 s and more on a loaded node); the pass that the
+        # wake-up starts then finds the device as it wants it.
+        self._fast_switch = fast_switch
         self._reported: dict[str, Transport] = {}
         self._lock = threading.RLock()
         self._view = _View()
         self._peers: dict[str, _PeerState] = {}
+        self._beats: dict[str, liveness.Beats] = {}  # by peer name, owned by the heartbeat thread
         self._discovery = Discovery()
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -211,7 +227,8 @@ class Traversal:
         return self
 
     def _heartbeat_loop(self) -> None:
-        """2 Hz ICMP echo through wire_kube to every peer (see HEARTBEAT_SECONDS)."""
+        """ICMP echo through wire_kube to each peer's mesh IP when its liveness says one is due;
+        counts the heartbeat packets each peer sends and answers (see HEARTBEAT_POLL_SECONDS)."""
         try:
             sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
         except OSError as e:
@@ -219,18 +236,39 @@ class Traversal:
             return
         sock.setblocking(False)
         ident, seq = os.getpid() & 0xFFFF, 0
-        while not self._stop.wait(HEARTBEAT_SECONDS):
-            with contextlib.suppress(OSError):
-                while sock.recv(2048):  # drain the echo replies (their job was done as rx)
-                    pass
+        packet = b""
+        while not self._stop.wait(HEARTBEAT_POLL_SECONDS):
             with self._lock:
-                targets = [str(p.mesh_ip) for p in self._view.peers.values() if p.mesh_ip is not None]
+                by_ip = {str(p.mesh_ip): n for n, p in self._view.peers.items() if p.mesh_ip is not None}
+            targets = self.heartbeats_due(time.monotonic(), by_ip, _drain_heartbeats(sock, by_ip))
             seq = (seq + 1) & 0xFFFF
-            packet = icmp_echo(ident, seq)
+            if targets:
+                packet = icmp_echo(ident, seq)
             for ip in targets:
                 with contextlib.suppress(OSError):
                     sock.sendto(packet, (ip, 0))
         sock.close()
+
+    def heartbeats_due(self, now: float, by_ip: Mapping[str, str], seen: Mapping[str, liveness.Beats]) -> list[str]:
+        """Count the agents' echo packets received (``seen``, per peer name) and return the mesh IPs
+        a heartbeat is due to now (counted as sent)."""
+        targets: list[str] = []
+        with self._lock:
+            # Only relay.mode auto proves paths and fails over; in never/always nothing is urgent.
+            auto = self._view.mesh is not None and self._view.mesh.spec.relay.mode is RelayMode.AUTO
+            for ip, name in by_ip.items():
+                b, got = self._beats.get(name, liveness.Beats()), seen.get(name, liveness.Beats())
+                state = self._peers.get(name)
+                due = state is not None and liveness.due(state.live, now, auto and _urgent(state))
+                if state is not None and due:
+                    state.live = liveness.beat(state.live, now)
+                    targets.append(ip)
+                self._beats[name] = liveness.Beats(b.sent + int(due), b.answered + got.answered,
+                                                   b.requests + got.requests, b.probe_bytes + got.probe_bytes)
+            for name in list(self._beats):
+                if name not in self._peers:
+                    del self._beats[name]
+        return targets
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         def guarded() -> None:
@@ -385,7 +423,8 @@ class Traversal:
                     else:
                         path = pathsm.PeerPath.start_direct(now)
                     self._peers[name] = _PeerState(peer.spec.public_key, decision, path,
-                                                   state.proxy_port if state else 0)
+                                                   state.proxy_port if state else 0,
+                                                   live=state.live if state else liveness.Liveness())
                     changed = True
                 if mesh.spec.relay.mode is not RelayMode.NEVER and self._peers[name].proxy_port == 0:
                     self._ensure_proxy(name)
@@ -452,7 +491,9 @@ class Traversal:
                     peer = self._view.peers.get(name)
                     if peer and peer.status.host_endpoints:
                         endpoint = Endpoint.parse(peer.status.host_endpoints[0])
-                keepalive = None if mesh and mesh.spec.relay.mode is RelayMode.NEVER else DIRECT_KEEPALIVE
+                keepalive: int | None = DIRECT_KEEPALIVE if state.path.established else PUNCH_KEEPALIVE
+                if mesh and mesh.spec.relay.mode is RelayMode.NEVER:
+                    keepalive = None
                 out[name] = PeerPath(endpoint, keepalive, Transport.DIRECT)
         return out
 
@@ -622,7 +663,7 @@ class Traversal:
             if proxy is not None:
                 now = time.monotonic()
                 b.proxy, b.proxy_port, b.won_at = proxy, proxy.port, now
-                # Proven both ways just now: established, so the 2 Hz heartbeat's rx keeps it (or the
+                # Proven both ways just now: established, so the heartbeat's rx keeps it (or the
                 # stall detector hands the peer back to the relay within stall_after).
                 state.path = pathsm.PeerPath(Transport.DIRECT, since=now, established=True, last_rx_at=now)
                 self._log.info("peer {}: birthday attack won: direct over 127.0.0.1:{} <-> {}", name,
@@ -662,6 +703,7 @@ class Traversal:
             return
         changed, probes = False, []
         roamed: dict[str, Endpoint] = {}
+        switch: list[tuple[str, Endpoint]] = []
         with self._lock:
             mesh = self._view.mesh
             if mesh is None or mesh.spec.relay.mode is not RelayMode.AUTO:
@@ -670,9 +712,17 @@ class Traversal:
             for name, state in self._peers.items():
                 ws = wg.peers.get(state.key)
                 rx = ws.rx_bytes if ws is not None else 0
+                state.live = liveness.observe(state.live, now, ws.tx_bytes if ws is not None else 0, rx,
+                                              self._beats.get(name, liveness.Beats()))
                 settling = name in self._bday and now - self._bday[name].won_at < BIRTHDAY_SETTLE_SECONDS
                 at_proxy = (ws is not None and ws.config.endpoint is not None and ws.config.endpoint.ip.is_loopback
                             and bool(state.proxy_port) and ws.config.endpoint.port == state.proxy_port)
+                won = self._bday.get(name)
+                if settling and at_proxy and won is not None and won.proxy_port:
+                    # A packet the peer sent through the relay just before its own switch roamed our
+                    # WireGuard back to the relay proxy: point it at the won path again at once
+                    # (otherwise each side follows the other back to the relay).
+                    switch.append((state.key, Endpoint(ipaddress.ip_address("127.0.0.1"), won.proxy_port)))
                 if state.awaiting_direct_since is not None and (
                         state.path.transport is not Transport.DIRECT or (ws is not None and not at_proxy)
                         or now - state.awaiting_direct_since > DIRECT_WRITE_GRACE_SECONDS):
@@ -694,7 +744,9 @@ class Traversal:
                     probes.append(name)
                     roamed[name] = ws.config.endpoint
                     self._log.info("peer {}: it reaches us directly again; probing direct now", name)
-                new, action = pathsm.tick(state.path, now, rx, timing, wall=wall)
+                new, action = pathsm.tick(state.path, now, rx, timing, wall=wall,
+                                          unanswered_for=state.live.unanswered_for(now),
+                                          stall_after=state.live.stall_after(timing.stall_after))
                 if action is pathsm.Action.USE_RELAY:
                     if not state.proxy_port or not self.relay_available():
                         continue  # no relay path to fail over to: keep trying direct
@@ -704,11 +756,19 @@ class Traversal:
                         self._birthday_lost(name, wall)
                     if new.failovers > state.path.failovers and self._on_failover:
                         self._on_failover(name, new.last_failover_detect_s)
+                    if name not in self._bday:
+                        switch.append((state.key, Endpoint(ipaddress.ip_address("127.0.0.1"), state.proxy_port)))
                     changed = True
                 elif action is pathsm.Action.PROBE_DIRECT and not state.probing:
                     state.probing = True
                     probes.append(name)
                 state.path = new
+        for key, proxy in switch:
+            if self._fast_switch is not None:
+                try:
+                    self._fast_switch(key, proxy)
+                except Exception as e:  # noqa: BLE001 - the reconcile pass writes it anyway
+                    self._log.warning("fast endpoint switch to {} failed ({}); the reconcile pass will write it", proxy, e)
         for name in probes:
             self._spawn(partial(self._probe, name, roamed.get(name)), f"probe-{name}")
         if changed:
@@ -869,7 +929,8 @@ class Traversal:
             wg = None
         if wg is None:
             return {}
-        fresh = max(3.0, 2 * self.settings.stall_after)
+        # An idle peer answers one heartbeat per IDLE_INTERVAL: healthy while that keeps coming.
+        fresh = max(3.0, 2 * self.settings.stall_after, 1.5 * liveness.IDLE_INTERVAL)
         out: dict[str, str] = {}
         with self._lock:
             for name, state in self._peers.items():
@@ -879,7 +940,7 @@ class Traversal:
                 seen = reflection.observation(
                     peer.spec.endpoint, ws.config.endpoint,
                     direct=state.path.transport is Transport.DIRECT and state.path.established,
-                    healthy=now - state.path.last_rx_at <= fresh,
+                    healthy=now - state.path.last_rx_at <= fresh and not state.live.unanswered_for(now),
                     lan_path=state.decision.path is nat.Path.DIRECT_LAN)
                 if seen is not None:
                     out[name] = str(seen)
@@ -986,7 +1047,38 @@ def _raw(key: str) -> bytes:
     return base64.b64decode(key)
 
 
-def icmp_echo(ident: int, seq: int, payload: bytes = b"wirekube-heartbeat") -> bytes:
+def _urgent(state: _PeerState) -> bool:
+    """An unproven direct path is heartbeated at the active rate (it also drives the handshake)."""
+    return state.path.transport is Transport.DIRECT and not state.path.established
+
+
+def _drain_heartbeats(sock: socket.socket, by_ip: Mapping[str, str], limit: int = 4096) -> dict[str, liveness.Beats]:
+    """Read what the raw ICMP socket holds: per peer name, the agents' own echo traffic from that
+    peer's mesh IP (``answered``/``requests``: heartbeats; ``probe_bytes``: other probes such as
+    path MTU's, each counted with its answer).  Anything else (users' pings) is traffic."""
+    out: dict[str, liveness.Beats] = {}
+    for _ in range(limit):
+        try:
+            data, (src, _port) = sock.recvfrom(65535)
+        except OSError:  # BlockingIOError: drained
+            break
+        name = by_ip.get(src)
+        ihl = (data[0] & 0x0F) * 4 if data else 0
+        if name is None or len(data) < ihl + 8 or data[ihl] not in (0, 8):
+            continue
+        payload = data[ihl + 8:]
+        b = out.get(name, liveness.Beats())
+        if payload == HEARTBEAT_PAYLOAD:
+            b = replace(b, answered=b.answered + 1) if data[ihl] == 0 else replace(b, requests=b.requests + 1)
+        elif payload.startswith(AGENT_PROBE_PREFIX):
+            b = replace(b, probe_bytes=b.probe_bytes + 2 * liveness.wire_size(len(data)))
+        else:
+            continue
+        out[name] = b
+    return out
+
+
+def icmp_echo(ident: int, seq: int, payload: bytes = HEARTBEAT_PAYLOAD) -> bytes:
     header = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
     csum = rawudp.checksum(header + payload)
     return struct.pack("!BBHHH", 8, 0, csum, ident, seq) + payload

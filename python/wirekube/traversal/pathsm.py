@@ -1,13 +1,13 @@
 """Per-peer transport state machine: direct, failover to the relay, recovery (pure, clock injected).
 
-Inputs on every tick: ``now`` and the engine's cumulative ``rx_bytes`` from that peer (a direct
-peer in use has a short persistent keepalive, so a healthy path receives something every
-``keepalive`` seconds; WireGuard's latest-handshake moves only every few minutes and is useless
-as a failure signal, measured in environment-notes.md).
+Inputs on every tick: ``now``, the engine's cumulative ``rx_bytes`` from that peer, and how long
+the peer has left our heartbeats unanswered (:mod:`wirekube.traversal.liveness`; WireGuard's
+latest-handshake moves only every few minutes and is useless as a failure signal, measured in
+environment-notes.md).
 
 * ``DIRECT`` (trying): if nothing is received within ``handshake_timeout``, use the relay
   ("no direct handshake within Ns").
-* ``DIRECT`` (established): nothing received for ``stall_after`` seconds -> ``RELAY``
+* ``DIRECT`` (established): our heartbeats unanswered for ``stall_after`` seconds -> ``RELAY``
   ("direct path stalled at <time>"): a failover, counted with its detection time.
 * ``RELAY`` after a failure: every ``direct_retry_interval`` ask for a *direct probe* (sent
   beside the relayed traffic, so nothing is dropped while probing); a probe that proved the direct
@@ -66,18 +66,24 @@ def _stamp(now_wall: float) -> str:
     return dt.datetime.fromtimestamp(now_wall, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def tick(state: PeerPath, now: float, rx_bytes: int, timing: Timing, *, wall: float | None = None) -> tuple[PeerPath, Action]:
-    """Advance one peer by one observation. ``wall`` (epoch seconds) is only used in reasons."""
+def tick(state: PeerPath, now: float, rx_bytes: int, timing: Timing, *, wall: float | None = None,
+         unanswered_for: float | None = None, stall_after: float | None = None) -> tuple[PeerPath, Action]:
+    """Advance one peer by one observation. ``wall`` (epoch seconds) is only used in reasons.
+
+    ``unanswered_for``: how long the peer has left what we sent unanswered (from
+    :mod:`wirekube.traversal.liveness`); when given, it rather than the time since the last rx
+    decides a stall, so an idle peer heartbeated rarely is not mistaken for a dead one;
+    ``stall_after`` then overrides ``timing.stall_after`` (it grows when answers are slow)."""
     received = state.last_rx_bytes >= 0 and rx_bytes > state.last_rx_bytes
     if received or state.last_rx_bytes < 0:
         state = replace(state, last_rx_bytes=rx_bytes, last_rx_at=now if received else state.last_rx_at)
     if state.transport is Transport.DIRECT:
         if received and not state.established:
             return replace(state, established=True, reason=""), Action.NONE
-        silent = now - state.last_rx_at
+        silent = now - state.last_rx_at if unanswered_for is None else unanswered_for
         if not state.established and now - state.since >= timing.handshake_timeout:
             return _to_relay(state, now, timing, f"no direct handshake within {timing.handshake_timeout:.0f}s"), Action.USE_RELAY
-        if state.established and silent >= timing.stall_after:
+        if state.established and silent >= (stall_after if stall_after is not None else timing.stall_after):
             when = _stamp(wall if wall is not None else now)
             nxt = _to_relay(state, now, timing, f"direct probe failed at {when}")
             return replace(nxt, failovers=state.failovers + 1, last_failover_detect_s=silent), Action.USE_RELAY
