@@ -44,7 +44,7 @@ bench: setup bench-relay bench-nat bench-scale bench-gateway  ## every benchmark
 bench-gateway: setup  ## gateway failover (agent stopped / health target lost) in the eks-hybrid lab
 	@.venv/bin/python bench/gateway_bench.py
 
-bench-scale: setup  ## one agent's view of 100..1,000 peers in the real API server; relay with 1,000 clients
+bench-scale: setup  ## one agent's view of 100..1,000 peers in the real API server; relay with 1,000 clients; watch fan-out by layout at 100/1,000/5,000 nodes (issue 20)
 	@.venv/bin/python bench/scale_bench.py
 
 bench-nat: setup  ## convergence, failover blackout over 10 cuts, relayed vs direct iperf3 (default lab)

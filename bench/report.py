@@ -80,10 +80,69 @@ def plot_gaps(series: list[tuple[str, list[float]]], title: str, path: Path, goa
     plt.close(fig)
 
 
+def plot_watch(rows: list[dict[str, Any]], at: dict[str, Any], path: Path) -> None:
+    """Bytes one status change delivers to each watching agent, and a whole convergence wave's
+    watch traffic, against N, one line per layout (issue 20)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for layout, color in (("v1alpha1", "#d8553b"), ("split", "#3b7dd8")):
+        pts = sorted((r["nodes"], r) for r in rows if r["layout"] == layout)
+        if not pts:
+            continue
+        ns = [n for n, _ in pts]
+        for ax, get, extra in ((left, lambda r: r["one_change"]["bytes_per_agent_max"], "one_change_bytes_per_agent"),
+                               (right, lambda r: r["wave_total"]["watch_gb"], "wave_watch_gb")):
+            ys = [max(get(r), 1e-3 if ax is right else 1) for _, r in pts]
+            ax.plot(ns, ys, "o-", color=color, label=f"{layout} (measured)")
+            proj = at.get(layout) or {}
+            if proj and not proj.get("measured") and 5000 not in ns:
+                ax.plot([ns[-1], 5000], [ys[-1], max(float(proj[extra]), 1e-3 if ax is right else 1)], "o--",
+                        color=color, alpha=0.5, label=f"{layout} (extrapolated)")
+    left.set(xscale="log", yscale="log", xlabel="nodes N", ylabel="bytes per watching agent (0 drawn at 1)",
+             title="one node's transport change")
+    left.axhline(2048, color="grey", linestyle=":", label="goal 2 KB")
+    right.set(xscale="log", yscale="log", xlabel="nodes N", ylabel="GB of watch traffic, N agents (0 at 0.001)",
+              title="a convergence wave (3 transport writes per node)")
+    right.axhline(20, color="grey", linestyle=":", label="goal 20 GB at 5,000")
+    for ax in (left, right):
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def watch_lines(watch: dict[str, Any]) -> list[str]:
+    rows = watch.get("rows") or []
+    lines = ["### Watch fan-out by layout (issue 20)", "",
+             "| layout | N | peer object B | one transport change B/agent | one fact change B/agent "
+             "| wave GB (N agents) | API server CPU s / wave node | API server RSS MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["layout"], r["nodes"])):
+        lean = " (lean)" if r.get("lean") else ""
+        lines.append(f"| {r['layout']} | {r['nodes']}{lean} | {r['peer_object_bytes_max']} | "
+                     f"{r['one_change']['bytes_per_agent_max']} | {r['one_fact_change']['bytes_per_agent_max']} | "
+                     f"{r['wave_total']['watch_gb']:.4g} | "
+                     f"{r['wave_sample']['apiserver_cpu_s'] / max(1, r['wave_sample']['nodes']):.3g} | "
+                     f"{r['wave_sample']['apiserver_rss_mb']} |")
+    lines.append("")
+    for layout, proj in sorted((watch.get("at_5000") or {}).items()):
+        how = "measured" if proj.get("measured") else f"extrapolated from N = {proj.get('from_nodes')}"
+        lines.append(f"* at N = 5,000, {layout} ({how}): peer object {proj['peer_object_bytes']} B, one transport "
+                     f"change {proj['one_change_bytes_per_agent']} B per agent, a wave {proj['wave_watch_gb']} GB")
+    if watch.get("acceptance"):
+        lines += ["", "Acceptance: " + ", ".join(f"{k} = {v}" for k, v in watch["acceptance"].items())]
+    return lines + [""]
+
+
 def section(name: str, data: dict[str, Any], out_dir: Path) -> list[str]:
     lines = [f"## {name}", ""]
     if data.get("description"):
         lines += [str(data["description"]), ""]
+    watch = data.get("watch")
+    if isinstance(watch, dict) and watch.get("rows"):
+        png = out_dir / f"{name}-watch.png"
+        plot_watch(watch["rows"], watch.get("at_5000") or {}, png)
+        lines += watch_lines(watch) + [f"![{name} watch fan-out]({png.name})", ""]
     figures = list(flatten(data))
     ratios = [f for f in figures if "ratio" in f[0]]
     rest = [f for f in figures if "ratio" not in f[0]]

@@ -275,28 +275,88 @@ def relay_scale(n: int) -> dict[str, Any]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--parts", default="agent,relay,watch",
+                   help="which parts to run (agent, relay, watch); parts not run keep their last results")
     p.add_argument("--sizes", default="100,300,1000")
     p.add_argument("--relay-clients", type=int, default=1000)
+    p.add_argument("--watch-sizes", default="100,1000,5000",
+                   help="N for the watch fan-out part (from 5,000 on, split runs lean: see bench/watch_scale.py)")
+    p.add_argument("--watchers", type=int, default=30, help="real watching agents (W) per run")
+    p.add_argument("--wave-nodes", type=int, default=30, help="nodes whose convergence-wave writes are sampled")
+    p.add_argument("--layouts", default="v1alpha1,split",
+                   help="v1alpha1 = the old all-on-WireKubePeer status; split = issue 20's layout")
+    p.add_argument("--old-layout-max-nodes", type=int, default=1000,
+                   help="largest N run with the v1alpha1 layout (its objects grow with N: ~2.3 GB of etcd at "
+                        "5,000, beyond etcd's 2 GB quota; larger N are extrapolated from the two largest runs)")
     args = p.parse_args()
-    sizes = [int(x) for x in args.sizes.split(",")]
-    agent = agent_scale(sizes)
-    out = {"description": "control-plane scale: one agent's view of N peers in the real API server (informer "
-                          "sync, then the agent's Reconciler against an in-memory node: a full reconcile of an "
-                          "empty node, the event-driven pass after one peer changed (median of 5), and a periodic "
-                          "full resync of the converged node; the CPU of deciding, not of netlink/UAPI I/O); "
-                          "the relay holding N authenticated clients",
-           "agent": agent,
-           # The same figures keyed by size (the report flattens mappings, not lists).
-           "agent_summary": {str(row["peers"]): {k: row[k] for k in (
-               "one_change_cpu_ratio", "full_reconcile_cpu_s", "one_change_cpu_s", "resync_cpu_s", "peak_rss_mb")}
-               for row in agent},
-           "relay": relay_scale(args.relay_clients),
-           "goals": {"full_reconcile_cpu_s_at_1000": 2.0, "agent_rss_mb_at_1000": 150, "relay_rss_mb_at_1000": 200,
-                     "one_change_cpu_ratio_at_1000": 0.1}}
+    parts = set(args.parts.split(","))
+    path = HERE / "results" / "scale.json"
+    out: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    if "agent" in parts:
+        sizes = [int(x) for x in args.sizes.split(",")]
+        agent = agent_scale(sizes)
+        out["agent"] = agent
+        # The same figures keyed by size (the report flattens mappings, not lists).
+        out["agent_summary"] = {str(row["peers"]): {k: row[k] for k in (
+            "one_change_cpu_ratio", "full_reconcile_cpu_s", "one_change_cpu_s", "resync_cpu_s", "peak_rss_mb")}
+            for row in agent}
+    if "relay" in parts:
+        out["relay"] = relay_scale(args.relay_clients)
+    if "watch" in parts:
+        out["watch"] = watch_part(args)
+    out["description"] = (
+        "control-plane scale: one agent's view of N peers in the real API server (informer "
+        "sync, then the agent's Reconciler against an in-memory node: a full reconcile of an "
+        "empty node, the event-driven pass after one peer changed (median of 5), and a periodic "
+        "full resync of the converged node; the CPU of deciding, not of netlink/UAPI I/O); "
+        "the relay holding N authenticated clients; watch: the bytes every watching agent receives "
+        "for one status change and for a convergence wave, today's layout against issue 20's, "
+        "in the same run (see bench/watch_scale.py)")
+    out["goals"] = {"full_reconcile_cpu_s_at_1000": 2.0, "agent_rss_mb_at_1000": 150, "relay_rss_mb_at_1000": 200,
+                    "one_change_cpu_ratio_at_1000": 0.1, "peer_object_bytes_at_5000": 2048,
+                    "one_change_bytes_per_agent_at_5000": 2048, "wave_watch_gb_at_5000": 20}
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "scale.json").write_text(json.dumps(out, indent=2) + "\n")
+    path.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
     return 0
+
+
+def watch_part(args: argparse.Namespace) -> dict[str, Any]:
+    import datetime
+
+    from bench import watch_scale
+
+    sizes = [int(x) for x in args.watch_sizes.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for layout in args.layouts.split(","):
+            run = [n for n in sizes if layout != "v1alpha1" or n <= args.old_layout_max_nodes]
+            rows += watch_scale.run_layout(layout, run, args.watchers, args.wave_nodes, Path(tmp))
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    at = watch_scale.projection(rows, 5000)
+    split = at.get("split", {})
+    acceptance = {}
+    if split:
+        acceptance = {
+            "peer_object_bytes_at_5000": split["peer_object_bytes"],
+            "peer_object_at_most_2kb": split["peer_object_bytes"] <= 2048,
+            "one_transport_change_bytes_per_agent_at_5000": split["one_change_bytes_per_agent"],
+            "one_transport_change_at_most_2kb": split["one_change_bytes_per_agent"] <= 2048,
+            "wave_watch_gb_at_5000": split["wave_watch_gb"],
+            "wave_at_most_20gb": split["wave_watch_gb"] <= 20,
+            "wave_watch_gb_at_5000_v1alpha1": at.get("v1alpha1", {}).get("wave_watch_gb"),
+            "measured_at_5000": split.get("measured", False)}
+    return {"when": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "load_average": [float(x) for x in load],
+            "watchers": args.watchers, "wave_nodes_sampled": args.wave_nodes,
+            "rows": rows, "at_5000": at, "acceptance": acceptance,
+            # keyed by layout and N, for bench/report.py (it flattens mappings, not lists)
+            "summary": {f"{r['layout']}_{r['nodes']}": {
+                "peer_object_bytes": r["peer_object_bytes_max"],
+                "one_change_bytes_per_agent": r["one_change"]["bytes_per_agent_max"],
+                "wave_watch_gb": r["wave_total"]["watch_gb"],
+                "wave_apiserver_cpu_s_per_node": round(r["wave_sample"]["apiserver_cpu_s"]
+                                                       / r["wave_sample"]["nodes"], 4)} for r in rows}}
 
 
 if __name__ == "__main__":
