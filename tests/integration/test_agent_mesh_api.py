@@ -354,7 +354,7 @@ def test_api_server_outage_keeps_traffic_and_agents_resume(mesh: Mesh) -> None:
 
     mesh.cp.stop_apiserver()
     try:
-        with pytest.raises(errors.ApiError):
+        with pytest.raises(errors.ApiError, match="API server unreachable"):
             mesh.kube.list(k8s.PEERS)
         deadline = time.monotonic() + OUTAGE
         while time.monotonic() < deadline:  # the outage itself: watch agents and traffic throughout

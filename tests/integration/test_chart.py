@@ -371,7 +371,7 @@ def test_install_upgrade_uninstall_keeps_crds(chart_cluster: Any) -> None:
         assert kube.get(secrets, "wkt-wirekube-relay-mesh", NS)["data"]["secret"] == mesh_secret
     finally:
         run(helm, "uninstall", "wkt", "-n", NS, "--wait", env=env)
-    with pytest.raises(errors.NotFound):
+    with pytest.raises(errors.NotFound, match='"default" not found'):
         kube.get(k8s.MESHES, "default")
     names = {c["metadata"]["name"] for c in kube.list(k8s.CRDS)[0]}
     assert "wirekubepeers.wirekube.io" in names  # CRDs outlive the release
@@ -456,10 +456,10 @@ def test_admission_policy_binds_agent_to_its_own_node(chart_cluster: Any, tmp_pa
         kube.patch_merge(k8s.PEERS, "node-a", {"spec": {"allowedIPs": ["10.255.0.1/32", "10.200.0.0/24"]}})
         agent.patch_merge(k8s.PEERS, "node-a", {"spec": {"allowedIPs": ["10.255.0.1/32", "10.200.0.0/24",
                                                                         "192.168.7.5/32"]}})
-        with pytest.raises(errors.Forbidden):
+        with pytest.raises(errors.Forbidden, match="may only write the WireKubePeer named node-a, not node-b"):
             agent.patch_status(k8s.PEERS, "node-b", {"status": {"connected": False}})
         # Route grants are the administrator's and the controller's: an agent cannot write one.
-        with pytest.raises(errors.Forbidden):
+        with pytest.raises(errors.Forbidden, match='cannot create resource "wirekuberoutegrants"'):
             agent.create(k8s.ROUTE_GRANTS, {"apiVersion": "wirekube.io/v1alpha1", "kind": "WireKubeRouteGrant",
                                             "metadata": {"name": "self-granted"},
                                             "spec": {"nodes": ["node-a"], "cidrs": ["10.50.0.0/16"]}})
@@ -511,7 +511,8 @@ def test_relay_may_write_only_the_status_lease_named_after_its_pod(chart_cluster
             return False
 
         wait_for(denied_by_policy, 30, "the relay-own-lease policy to deny another Lease")
-        with pytest.raises(errors.Forbidden):  # RBAC: the release namespace only
+        with pytest.raises(errors.Forbidden, match='cannot create resource "leases" .* in the namespace "default"'):
+            # RBAC: the release namespace only
             relay.create(k8s.LEASES, {**other, "metadata": {"name": "wkr-relay-0"}}, "default")
         # Its own Lease, through the relay's real writer: created, then updated, then removed.
         publisher = LeasePublisher(relay, LeaseSettings("wkr-relay-0", NS, owner_pod=("wkr-relay-0",
@@ -531,7 +532,7 @@ def test_relay_may_write_only_the_status_lease_named_after_its_pod(chart_cluster
         [row] = replica_rows([lease], time.time())
         assert (row.replica, row.keys, row.links, row.stale) == ("abcd1234", 4, 1, False)
         asyncio.run(publisher.close(delete=True))
-        with pytest.raises(errors.NotFound):
+        with pytest.raises(errors.NotFound, match='"wkr-relay-0" not found'):
             kube.get(k8s.LEASES, "wkr-relay-0", NS)
         relay.close()
     finally:

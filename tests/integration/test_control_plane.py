@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import threading
 import time
 from pathlib import Path
@@ -82,10 +83,10 @@ BAD_PEERS: list[tuple[str, dict[str, Any], str]] = [
 @pytest.mark.parametrize(("case", "change", "field"), BAD_PEERS, ids=[c[0] for c in BAD_PEERS])
 def test_bad_peer_rejected_by_api_server(kube: k8s.Kube, unique: str, case: str, change: dict[str, Any],
                                          field: str) -> None:
-    with pytest.raises(errors.Invalid) as err:
+    with pytest.raises(errors.Invalid, match=re.escape(field)) as err:
         kube.create(k8s.PEERS, peer_body(f"{case}-{unique}", **change))
     assert field in str(err.value)
-    with pytest.raises(errors.NotFound):
+    with pytest.raises(errors.NotFound, match=f"\"{case}-{unique}\" not found"):
         kube.get(k8s.PEERS, f"{case}-{unique}")
 
 
@@ -110,7 +111,7 @@ BAD_MESH_SPECS: list[tuple[dict[str, Any], str]] = [
 @pytest.mark.parametrize(("spec", "field"), BAD_MESH_SPECS)
 def test_bad_mesh_rejected_by_api_server(kube: k8s.Kube, spec: dict[str, Any], field: str) -> None:
     body = {"apiVersion": "wirekube.io/v1alpha1", "kind": "WireKubeMesh", "metadata": {"name": "default"}, "spec": spec}
-    with pytest.raises(errors.Invalid) as err:
+    with pytest.raises(errors.Invalid, match=re.escape(field)) as err:
         kube.create(k8s.MESHES, body)
     assert field in str(err.value)
 
@@ -129,20 +130,20 @@ def test_bad_gateway_rejected_by_api_server(kube: k8s.Kube, unique: str) -> None
     for path, value, expected in cases:
         body = copy.deepcopy(base)
         body["spec"][path[0]] = value
-        with pytest.raises(errors.Invalid) as err:
+        with pytest.raises(errors.Invalid, match=re.escape(expected)) as err:
             kube.create(k8s.GATEWAYS, body)
         assert expected in str(err.value), (path, str(err.value))
 
 
 def test_errors_are_mapped(kube: k8s.Kube, unique: str) -> None:
-    with pytest.raises(errors.NotFound):
+    with pytest.raises(errors.NotFound, match=f"\"missing-{unique}\" not found"):
         kube.get(k8s.PEERS, f"missing-{unique}")
     kube.create(k8s.PEERS, peer_body(f"dup-{unique}"))
-    with pytest.raises(errors.AlreadyExists):
+    with pytest.raises(errors.AlreadyExists, match=f"\"dup-{unique}\" already exists"):
         kube.create(k8s.PEERS, peer_body(f"dup-{unique}"))
     stale = kube.get(k8s.PEERS, f"dup-{unique}")
     kube.patch_merge(k8s.PEERS, f"dup-{unique}", {"spec": {"persistentKeepalive": 10}})
-    with pytest.raises(errors.Conflict):
+    with pytest.raises(errors.Conflict, match="the object has been modified"):
         kube.replace(k8s.PEERS, stale)
 
 

@@ -8,6 +8,7 @@ forwarding acknowledgements), as in test_gateway_controller.py.  Every wait has 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -247,6 +248,6 @@ def test_the_api_server_rejects_a_malformed_field(kube: k8s.Kube, unique: str, f
                                                   words: str) -> None:
     body = {"apiVersion": "wirekube.io/v1alpha1", "kind": "WireKubeGateway", "metadata": {"name": f"bad-{unique}"},
             "spec": {"peerRefs": ["x"], "routes": [{"cidr": "10.0.0.0/24"}], "awsVPCRoutes": field}}
-    with pytest.raises(errors.Invalid) as info:
+    with pytest.raises(errors.Invalid, match=f"spec\\.awsVPCRoutes.*{re.escape(words)}") as info:
         kube.create(k8s.GATEWAYS, body)
     assert "awsVPCRoutes" in str(info.value) and words in str(info.value)

@@ -51,7 +51,7 @@ def test_only_peers_in_the_cluster_register_and_removal_disconnects(
 
         async def scenario() -> str:
             client = await connect_when_admitted(address, member)
-            with pytest.raises(RelayRejected) as refused:
+            with pytest.raises(RelayRejected, match="relay refused: key is not authorized") as refused:
                 await RelayClient.connect(*address, stranger)
             assert "not authorized" in refused.value.reason
             await asyncio.to_thread(kube.delete, k8s.PEERS, name)

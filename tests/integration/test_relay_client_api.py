@@ -56,9 +56,9 @@ def test_two_clients_exchange_datagrams() -> None:
             await a.close()
             await b.close()
             assert a.closed and a.close_reason == "closed by us"
-            with pytest.raises(RelayClosed):
+            with pytest.raises(RelayClosed, match="closed by us"):
                 a.send(b.public_key, b"late")
-            with pytest.raises(RelayClosed):
+            with pytest.raises(RelayClosed, match="closed by us"):
                 await a.recv()
 
     run(scenario())
@@ -92,7 +92,7 @@ def test_keepalives_flow_and_keep_the_connection_up() -> None:
 def test_refused_registration_raises_with_the_relays_reason() -> None:
     async def scenario() -> None:
         async with running_relay(authorizer=PeerAuthorizer([])) as relay:
-            with pytest.raises(RelayRejected) as e:
+            with pytest.raises(RelayRejected, match="relay refused: key is not authorized") as e:
                 await RelayClient.connect(*relay.address, X25519PrivateKey.generate())
             assert "not authorized" in e.value.reason
 
@@ -176,7 +176,7 @@ def test_connect_to_nothing_fails_fast() -> None:
         with socket.socket() as s:
             s.bind((LOCALHOST, 0))
             port = s.getsockname()[1]  # bound, not listening: connection refused
-            with pytest.raises(OSError):
+            with pytest.raises(OSError, match="Connect call failed"):
                 await RelayClient.connect(LOCALHOST, port, X25519PrivateKey.generate())
 
     run(scenario())
@@ -191,7 +191,7 @@ def test_client_refuses_data_before_registered() -> None:
     async def scenario() -> None:
         server = await asyncio.start_server(rogue, LOCALHOST, 0)
         port = server.sockets[0].getsockname()[1]
-        with pytest.raises(Exception) as e:
+        with pytest.raises(Exception, match="relay sent Data before Registered") as e:
             await RelayClient.connect(LOCALHOST, port, X25519PrivateKey.generate())
         assert "before Registered" in str(e.value)
         server.close()

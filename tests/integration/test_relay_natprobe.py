@@ -49,7 +49,7 @@ def test_production_policy_refuses_loopback_and_sends_nothing() -> None:
             # had been sent would already be readable.
             assert await c.read() == (KEEPALIVE, b"")
             assert relay.stats.nat_probes["refused_loopback"] == 1
-            with pytest.raises(BlockingIOError):
+            with pytest.raises(BlockingIOError, match="Resource temporarily unavailable"):
                 sink.recvfrom(64)
             sink.close()
 
