@@ -207,7 +207,7 @@ def test_bad_upgrades_are_refused_with_http_and_counted(cert: ServerCert) -> Non
             writer.write(frame(0x01, b"k" * 32))
             assert await asyncio.wait_for(reader.read(), 5) == b""
             # a WebSocket for another path
-            with pytest.raises(InvalidStatus) as refused:
+            with pytest.raises(InvalidStatus, match="HTTP 404") as refused:
                 await connect(f"wss://{LOCALHOST}:{relay.wss_address[1]}/other", ssl=client_context(cert))
             assert refused.value.response.status_code == 404
             await wait_until(lambda: sum(relay.stats.wss_refused.values()) == 4, what="four refusals counted")
