@@ -875,6 +875,7 @@ def wss_runs(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "size": size, "pairs": 1,
         "frames_per_s": {k: round(v) for k, v in fps.items()},
+        "relay_cpu_us_per_delivered_frame": {k: _cpu_per_frame(tput[k]) for k in kinds},
         "mbit_per_s": {k: round(_mean(tput[k], "mbit_per_s"), 1) for k in kinds},
         "wss_over_tcp_ratio": ratio,
         "wss_both_ends_over_tcp_ratio": both,
@@ -884,6 +885,13 @@ def wss_runs(args: argparse.Namespace) -> dict[str, Any]:
                 "both ends over WSS; means of the interleaved rounds",
         "runs": tput,
     }
+
+
+def _cpu_per_frame(runs: list[dict[str, Any]]) -> float | None:
+    """The relay's CPU microseconds per delivered frame, median over runs: what the transport
+    costs the relay, less at the mercy of other processes than frames/s on a shared machine."""
+    per = [r["forwarder"]["cpu_s"] * 1e6 / (r["frames_per_s"] * r["seconds"]) for r in runs if r["frames_per_s"]]
+    return round(statistics.median(per), 2) if per else None
 
 
 def multi_core_runs(args: argparse.Namespace) -> dict[str, Any]:
