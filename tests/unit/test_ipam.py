@@ -83,7 +83,7 @@ def test_probe_wraps_and_exhaustion_is_an_error() -> None:
     hosts = [ipaddress.IPv4Address("10.9.0.1"), ipaddress.IPv4Address("10.9.0.2")]
     assert ipam.choose_mesh_ip("n", net, {hosts[0]: "a"}) == hosts[1]
     assert ipam.choose_mesh_ip("n", net, {hosts[1]: "a"}) == hosts[0]
-    with pytest.raises(ipam.AddressSpaceExhausted):
+    with pytest.raises(ipam.AddressSpaceExhausted, match=r"no free address left in 10\.9\.0\.0/30 for node 'n'"):
         ipam.choose_mesh_ip("n", net, {hosts[0]: "a", hosts[1]: "b"})
 
 
