@@ -184,6 +184,9 @@ def test_a_path_change_is_detected_and_applied_within_30s(lab: Any) -> None:
     ips = {n: mesh_ip(kube, n) for n in (A, B)}
     if route_mtu(lab_, A, ips[B]) != 0:
         pytest.fail("the previous test should have left pma-pmb at the full size")
+    # The pair carries traffic (a 5/s ping, as a path in use does): its path MTU is checked every
+    # 3 s. An idle pair is checked every 15 s (unit-tested in test_traversal_pmtu.py).
+    pinger = lab_.spawn(A, ["ping", "-n", "-q", "-i", "0.2", ips[B]])
     lab_.set_wan_mtu("pmb", 1400)
     started = time.monotonic()
     try:
@@ -200,4 +203,5 @@ def test_a_path_change_is_detected_and_applied_within_30s(lab: Any) -> None:
         print(f"path change applied after {time.monotonic() - started:.1f} s")
         assert ping(lab_, A, ips[B], df=False).returncode == 0
     finally:
+        lab_.stop(pinger)
         lab_.set_wan_mtu("pmb", 1500)

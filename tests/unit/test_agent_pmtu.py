@@ -50,6 +50,8 @@ def test_targets_are_the_direct_peers_with_an_endpoint_and_none_when_the_mtu_is_
     v6 = replace(A, spec=replace(A.spec, endpoint=Endpoint.parse("[2001:db8::1]:51820")))
     got6 = targets_from(Snap(m, (ME, v6)), wg_with(v6), {}, "me")
     assert got6 is not None and got6["a"].overhead == 80
+    quiet = targets_from(snap, wg_with(A, B), {}, "me", active=lambda name: name != "a")
+    assert quiet is not None and not quiet["a"].active and quiet["b"].active  # traversal's liveness decides
 
 
 class FakeProber:

@@ -88,3 +88,24 @@ def test_wireguard_padding_is_counted() -> None:
     assert largest_inner(1280, 60) == 1216 and wire_size(1216, 60) == 1276 and wire_size(1217, 60) == 1292
     assert largest_inner(1500, 60) == 1440 and wire_size(1420, 60, link_mtu=1420) == 1480
     assert largest_inner(1280, 80) == 1200
+
+
+def test_idle_peers_are_checked_rarely_and_at_once_when_they_carry_traffic_again() -> None:
+    """The check's cost follows use like the heartbeat's: an idle peer every idle_check_every,
+    and a peer that becomes active is checked on the next pass if its last check is older than
+    check_every (a path that shrank while nobody used it is found within seconds of use)."""
+    s = Schedule(Timing(check_every=3, idle_check_every=30, check_failures=2, research_every=600))
+    s.follow({"busy": "1.1.1.1:1", "quiet": "2.2.2.2:2"}, idle=["quiet"])
+    s.searched("busy", 1420, 0)
+    s.searched("quiet", 1420, 0)
+    checks = []
+    for now in range(1, 61):
+        due = s.to_check(now)
+        checks.extend(name for name, _ in due)
+        for name, _ in due:
+            s.checked(name, True, now)
+    assert checks.count("busy") == 20 and checks.count("quiet") == 2
+    s.follow({"busy": "1.1.1.1:1", "quiet": "2.2.2.2:2"}, idle=[])  # traffic to quiet again
+    assert ("quiet", 1420) in s.to_check(65)  # its last check was at 60 s: due again at once
+    s.checked("quiet", True, 65)
+    assert ("quiet", 1420) not in s.to_check(66)

@@ -284,7 +284,8 @@ def run(settings: AgentSettings) -> int:
         inner_paths = paths
         pathmtu = PathMtu(
             lambda: targets_from(reconciler.source.snapshot(), reconciler.engine.get() if reconciler.engine else None,
-                                 inner_paths(), settings.node_name) if reconciler else {},
+                                 inner_paths(), settings.node_name,
+                                 active=traversal.active if traversal is not None else None) if reconciler else {},
             wake,
             ifname=lambda: snap.mesh.spec.interface_name if reconciler and (snap := reconciler.source.snapshot())
             else None,

@@ -58,6 +58,8 @@ class Target:
     link_mtu: int
     """The interface's MTU: the largest size searched."""
     overhead: int = pmtu.IPV4_OVERHEAD
+    active: bool = True
+    """It carried traffic lately (the traversal's liveness): idle peers are checked less often."""
 
 
 def mss_ruleset(ifname: str) -> str:
@@ -247,7 +249,7 @@ class PathMtu:
         targets = self._targets()
         self._ensure_mss(now, enabled=targets is not None)
         targets = targets or {}
-        self._schedule.follow({n: t.endpoint for n, t in targets.items()})
+        self._schedule.follow({n: t.endpoint for n, t in targets.items()}, idle=[n for n, t in targets.items() if not t.active])
         for name in [n for n in self._searches if n not in targets]:
             del self._searches[name]
             self._first.pop(name, None)
@@ -321,6 +323,7 @@ def targets_from(
     wg: WgDeviceState | None,
     paths: Mapping[str, PeerPath],
     node_name: str,
+    active: Callable[[str], bool] | None = None,
 ) -> dict[str, Target] | None:
     """The direct peers to measure, from the reconciler's snapshot (``wirekube.agent.reconcile
     .Snapshot``), the WireGuard device and the traversal's paths; None when the mesh has a fixed
@@ -345,5 +348,6 @@ def targets_from(
         if endpoint is None or state is None or state.last_handshake <= 0:
             continue  # no session yet: probes would only queue behind the handshake
         out[peer.name] = Target(str(ips[peer.name]), str(endpoint), mesh.spec.mtu,
-                                pmtu.overhead(endpoint.ip.version == 6))
+                                pmtu.overhead(endpoint.ip.version == 6),
+                                active=active(peer.name) if active is not None else True)
     return out

@@ -249,6 +249,13 @@ class Traversal:
                     sock.sendto(packet, (ip, 0))
         sock.close()
 
+    def active(self, name: str) -> bool:
+        """Whether the peer carried traffic beyond heartbeats lately (see liveness): path MTU checks
+        follow it too."""
+        with self._lock:
+            state = self._peers.get(name)
+            return state is not None and state.live.active(time.monotonic())
+
     def heartbeats_due(self, now: float, by_ip: Mapping[str, str], seen: Mapping[str, liveness.Beats]) -> list[str]:
         """Count the agents' echo packets received (``seen``, per peer name) and return the mesh IPs
         a heartbeat is due to now (counted as sent)."""
