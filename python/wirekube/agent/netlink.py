@@ -310,14 +310,6 @@ class Netlink:
 
         self._with_wg(send, "wireguard set")
 
-    def kernel_wireguard_available(self) -> bool:
-        try:
-            wg = WireGuard()
-        except (NetlinkError, OSError):
-            return False
-        wg.close()
-        return True
-
     def _with_wg(self, fn: Callable[[WireGuard], T], what: str) -> T:
         """Run ``fn`` on this thread's generic-netlink WireGuard socket, opened on first use.
 

@@ -636,11 +636,6 @@ class Lab:
             raise LabError(f"exit code {result.returncode} in {target}", full, err)
         return result
 
-    def node_exec(self, node: str, argv: Sequence[str], **kwargs: Any
-                  ) -> subprocess.CompletedProcess[str]:
-        self._holder(node)
-        return self.exec(node, argv, **kwargs)
-
     def spawn(self, target: str, argv: Sequence[str], log_path: str | Path | None = None, *,
               env: Mapping[str, str] | None = None, pipe: bool = False) -> subprocess.Popen[Any]:
         """Start a supervised long-running process inside ``target``; returns its Popen.

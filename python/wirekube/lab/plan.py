@@ -165,10 +165,6 @@ class LabPlan:
         return netns_prefix(self.lab)
 
     @property
-    def internet_netns(self) -> str:
-        return self.targets[INTERNET]
-
-    @property
     def mgmt_netns(self) -> str:
         return netns_name(self.lab, MGMT)
 

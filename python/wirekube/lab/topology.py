@@ -262,15 +262,6 @@ class Topology:
             for node in site.nodes:
                 yield site, node
 
-    def node_names(self) -> tuple[str, ...]:
-        return tuple(node.name for _, node in self.nodes())
-
-    def site_of(self, node_name: str) -> Site:
-        for site, node in self.nodes():
-            if node.name == node_name:
-                return site
-        raise KeyError(node_name)
-
     def nat_by_site(self) -> dict[str, NatKind]:
         return {site.name: site.nat for site in self.sites}
 

@@ -120,11 +120,6 @@ class BirthdaySettings:
         """Datagrams one side sends in one round, at most (pings, pongs, choose/chosen)."""
         return self.flows * self.passes + self.max_replies + self.choose_attempts * self.max_choices
 
-    @property
-    def max_seconds(self) -> float:
-        """Wall-clock seconds one round can take from notBefore (the prober's hard deadline)."""
-        return self.budget
-
 
 # ---- the maths ---------------------------------------------------------------------------------------
 
