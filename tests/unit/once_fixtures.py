@@ -25,4 +25,4 @@ LAN = Peer("d", PeerSpec(key(4), Endpoint.parse("198.51.100.1:40001"), (ipaddres
            status=PeerStatus(host_endpoints=("192.168.1.4:51820",)))
 PEERS = (SELF, DIRECT, RELAYED, LAN)
 PROXY = Endpoint.parse("127.0.0.1:45678")
-FACTS = P.NodeFacts("a", key(1))
+FACTS = P.LocalFacts("a", key(1))

@@ -7,7 +7,7 @@ import ipaddress
 
 from wirekube import ipam
 from wirekube.agent import plan as P
-from wirekube.agent.plan import NodeFacts, Observed, LinkState, PeerPath, Rule
+from wirekube.agent.plan import LinkState, LocalFacts, Observed, PeerPath, Rule
 from wirekube.agent.wg.base import WgDeviceState, WgPeerState
 from wirekube.models import Endpoint, Mesh, MeshSpec, Peer, PeerSpec, RoutingSpec
 
@@ -35,7 +35,7 @@ def peer(name: str, n: int, *extra: str, ts: str = "", endpoint: str | None = "1
 
 
 ME = peer("me", 1, ts="2025-01-01T00:00:00Z")
-FACTS = NodeFacts(
+FACTS = LocalFacts(
     name="me",
     public_key=key(1),
     addresses=(ipaddress.ip_address("192.168.1.1"),),
@@ -44,7 +44,7 @@ FACTS = NodeFacts(
 )
 
 
-def desired(*others: Peer, m: Mesh | None = None, facts: NodeFacts = FACTS,
+def desired(*others: Peer, m: Mesh | None = None, facts: LocalFacts = FACTS,
             paths: dict[str, PeerPath] | None = None) -> P.Desired:
     return P.plan(m or mesh(), [ME, *others], facts, paths)
 

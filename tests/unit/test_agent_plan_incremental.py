@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from wirekube.agent import plan as P
-from wirekube.agent.plan import IncrementalPlanner, LinkState, NodeFacts, Observed, PeerPath, Route, Rule
+from wirekube.agent.plan import IncrementalPlanner, LinkState, LocalFacts, Observed, PeerPath, Route, Rule
 from wirekube.agent.wg.base import WgDeviceState, WgPeerState
 from wirekube.models import Endpoint, LocalSubnetPolicy, Mesh, MeshSpec, Peer, PeerSpec, RoutingSpec, Transport
 
@@ -61,7 +61,7 @@ def make_mesh(routing: RoutingSpec, excludes: tuple[ipaddress.IPv4Network, ...],
     return Mesh("default", MeshSpec(mesh_cidr=CIDR, mtu=mtu, routing=replace(routing, exclude_cidrs=excludes)))
 
 
-FACTS = NodeFacts(
+FACTS = LocalFacts(
     name="me",
     public_key=ME_KEY,
     addresses=(ipaddress.ip_address("192.168.1.1"),),

@@ -127,7 +127,7 @@ def test_new_node_probes_past_claimed_hash_address() -> None:
 def test_status_from_engine_view() -> None:
     k2, k3 = base64.b64encode(b"\x02" * 32).decode(), base64.b64encode(b"\x03" * 32).decode()
     peers = [Peer("b", PeerSpec(k2, None, (net("10.255.0.2/32"),))), Peer("c", PeerSpec(k3, None, (net("10.255.0.3/32"),)))]
-    d = P.plan(MESH, peers, P.NodeFacts("a", KEY))
+    d = P.plan(MESH, peers, P.LocalFacts("a", KEY))
     now = 1_700_000_000.0
     wg = WgDeviceState(KEY, 51820, 0x574B, {k2: WgPeerState(d.peers[k2], last_handshake=now - 30),
                                             k3: WgPeerState(d.peers[k3])})

@@ -103,8 +103,9 @@ class Route:
 
 
 @dataclass(frozen=True)
-class NodeFacts:
-    """What the planner needs to know about this node."""
+class LocalFacts:
+    """What the planner needs to know about this node (not to be confused with
+    :class:`wirekube.traversal.nat.NodeFacts`, a node's NAT as path selection sees it)."""
 
     name: str
     public_key: str
@@ -254,7 +255,7 @@ Op = LinkOp | WgOp | AddRoute | DelRoute | AddRule | DelRule
 def plan(
     mesh: Mesh,
     peers: Sequence[Peer],
-    node: NodeFacts,
+    node: LocalFacts,
     paths: Mapping[str, PeerPath] | None = None,
 ) -> Desired:
     """The desired dataplane of ``node`` (see the module docstring for the rules).
@@ -423,7 +424,7 @@ class _MeshIps:
 
 
 def _valid_identities(
-    ordered: Sequence[Peer], node: NodeFacts, mesh: Mesh, own_ip: ipaddress.IPv4Address | None, skipped: list[Skipped]
+    ordered: Sequence[Peer], node: LocalFacts, mesh: Mesh, own_ip: ipaddress.IPv4Address | None, skipped: list[Skipped]
 ) -> list[Peer]:
     """Other peers whose key and mesh IP are usable (older peers win conflicts)."""
     keys: dict[str, str] = {node.public_key: node.name}
@@ -475,7 +476,7 @@ def _identity_problem(
 def _accepted_entries(
     peer: Peer,
     mesh: Mesh,
-    node: NodeFacts,
+    node: LocalFacts,
     taken: set[IPNetwork],
     dropped: list[Dropped],
 ) -> list[IPNetwork]:
@@ -498,7 +499,7 @@ def _accepted_entries(
 
 def _claim_reason(
     peer: Peer,
-    node: NodeFacts,
+    node: LocalFacts,
     own_ip: ipaddress.IPv4Address | None,
     mesh_ips: _MeshIps,
     mesh_cidr: ipaddress.IPv4Network,
@@ -523,7 +524,7 @@ def _claim_reason(
     return ""
 
 
-def _static_drop(entry: IPNetwork, node: NodeFacts, routing: RoutingSpec) -> tuple[str, bool]:
+def _static_drop(entry: IPNetwork, node: LocalFacts, routing: RoutingSpec) -> tuple[str, bool]:
     """Why ``entry`` is dropped whatever the other peers claim ("" for kept), and whether it must
     then still be checked against the entries older peers already route (an allowed default
     route is not: several peers may offer one)."""
@@ -590,7 +591,7 @@ class _Local:
     """Every net whose ownership by an older peer could change what this peer routes."""
 
 
-def _local(peer: Peer, mesh: Mesh, node: NodeFacts, own_ip: ipaddress.IPv4Address | None) -> _Local:
+def _local(peer: Peer, mesh: Mesh, node: LocalFacts, own_ip: ipaddress.IPv4Address | None) -> _Local:
     spec = mesh.spec
     key = peer.spec.public_key
     key_error = _key_error(key) or (_same_key(node.name) if key == node.public_key else "")
@@ -717,7 +718,7 @@ class IncrementalPlanner:
         self,
         mesh: Mesh,
         peers: Sequence[Peer],
-        node: NodeFacts,
+        node: LocalFacts,
         paths: Mapping[str, PeerPath] | None = None,
     ) -> Desired:
         paths = paths or {}
@@ -803,7 +804,7 @@ class IncrementalPlanner:
         removed: list[str],
         current: Mapping[str, Peer],
         mesh: Mesh,
-        node: NodeFacts,
+        node: LocalFacts,
         own_ip: ipaddress.IPv4Address | None,
     ) -> None:
         seed_keys: set[str] = set()
@@ -1017,7 +1018,7 @@ class IncrementalPlanner:
             self._out.pop("dropped", None)
         self._set_routes(name, ())
 
-    def _desired(self, mesh: Mesh, node: NodeFacts, own_ip: ipaddress.IPv4Address | None) -> Desired:
+    def _desired(self, mesh: Mesh, node: LocalFacts, own_ip: ipaddress.IPv4Address | None) -> Desired:
         out = self._out
         if "peers" not in out:
             out["peers"] = (dict(self._configs), dict(self._names))

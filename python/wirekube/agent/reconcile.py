@@ -32,7 +32,7 @@ from wirekube.agent import plan as planner
 from wirekube.authority import Authorizer, Guarded, Refusal
 from wirekube.agent.keys import KeyPair
 from wirekube.agent.netlink import Netlink
-from wirekube.agent.plan import Desired, NodeFacts, Observed, Op, PeerPath, Skipped
+from wirekube.agent.plan import Desired, LocalFacts, Observed, Op, PeerPath, Skipped
 from wirekube.agent.status import own_status
 from wirekube.agent.wg.select import select_engine
 from wirekube.agent.wg.base import PutPeer, RemovePeer, SetDevice, WgDeviceState, WireGuardEngine
@@ -117,7 +117,7 @@ class Reconciler:
         netlink: Netlink,
         clock: Callable[[], float] = time.time,
         paths: Callable[[], Mapping[str, PeerPath]] = dict,
-        on_snapshot: Callable[[Snapshot, NodeFacts], None] | None = None,
+        on_snapshot: Callable[[Snapshot, LocalFacts], None] | None = None,
         decorate_status: Callable[[PeerStatus], PeerStatus] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         guarded: Callable[[Mesh], Sequence[Guarded]] = lambda mesh: (),
@@ -201,7 +201,7 @@ class Reconciler:
             self._report(snap, desired, paths, observed.wg, refusals)
             return Result(ops, desired, observed, full)
 
-    def _authorize(self, snap: Snapshot, facts: NodeFacts) -> tuple[Snapshot, tuple[Refusal, ...]]:
+    def _authorize(self, snap: Snapshot, facts: LocalFacts) -> tuple[Snapshot, tuple[Refusal, ...]]:
         """The snapshot with only the AllowedIPs entries each peer is granted (wirekube.authority)."""
         granted = snap.granted if snap.granted is not None else {p.name: p.spec.allowed_ips for p in snap.peers}
         guarded = self.authorizer.guarded(snap.mesh, snap.peers, facts.api_server_ips, facts.addresses,
@@ -210,7 +210,7 @@ class Reconciler:
         self.refusals = refusals
         return dataclasses.replace(snap, peers=peers), refusals
 
-    def _plan(self, snap: Snapshot, facts: NodeFacts, paths: Mapping[str, PeerPath], full: bool) -> Desired:
+    def _plan(self, snap: Snapshot, facts: LocalFacts, paths: Mapping[str, PeerPath], full: bool) -> Desired:
         """The incremental plan; a full pass also plans from scratch and keeps that one if they
         differ (they never should: the difference is logged as the bug it is)."""
         warm = self.planner.warm
@@ -223,9 +223,9 @@ class Reconciler:
                 self.planner, desired = fresh, check
         return desired
 
-    def _facts(self, ifname: str) -> NodeFacts:
+    def _facts(self, ifname: str) -> LocalFacts:
         addresses, subnets = self.netlink.node_addresses(ifname)
-        return NodeFacts(
+        return LocalFacts(
             name=self.settings.node_name,
             public_key=self.keys.public_key,
             addresses=addresses,
