@@ -16,6 +16,9 @@ Writes ``bench/results/scale.json``:
   <= 150 MB RSS; one change well under 10 % of a full reconcile's CPU.
 * relay: 1,000 clients each proving key ownership on one relay on 127.0.0.1: handshakes per
   second and the relay's RSS. Goal: <= 200 MB RSS.
+* heartbeat: probe packets/s per node at 100 and 1,000 idle peers (the real heartbeat thread on a
+  veth, plus the path MTU checks; bench/heartbeat_bench.py). Goal at 1,000: at most 10 % of the
+  former fixed 2 Hz per peer.
 
     python bench/scale_bench.py [--sizes 100,300,1000] [--relay-clients 1000]
 """
@@ -275,8 +278,8 @@ def relay_scale(n: int) -> dict[str, Any]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", default="agent,relay,watch",
-                   help="which parts to run (agent, relay, watch); parts not run keep their last results")
+    p.add_argument("--parts", default="agent,relay,watch,heartbeat",
+                   help="which parts to run (agent, relay, watch, heartbeat); parts not run keep their last results")
     p.add_argument("--sizes", default="100,300,1000")
     p.add_argument("--relay-clients", type=int, default=1000)
     p.add_argument("--watch-sizes", default="100,1000,5000",
@@ -304,6 +307,11 @@ def main() -> int:
         out["relay"] = relay_scale(args.relay_clients)
     if "watch" in parts:
         out["watch"] = watch_part(args)
+    if "heartbeat" in parts:
+        sys.path.insert(0, str(HERE))
+        import heartbeat_bench
+
+        out["heartbeat"] = heartbeat_bench.heartbeat_cost([100, 1000])
     out["description"] = (
         "control-plane scale: one agent's view of N peers in the real API server (informer "
         "sync, then the agent's Reconciler against an in-memory node: a full reconcile of an "

@@ -185,7 +185,8 @@ def test_a_path_change_is_detected_and_applied_within_30s(lab: Any) -> None:
     if route_mtu(lab_, A, ips[B]) != 0:
         pytest.fail("the previous test should have left pma-pmb at the full size")
     # The pair carries traffic (a 5/s ping, as a path in use does): its path MTU is checked every
-    # 3 s. An idle pair is checked every 15 s (unit-tested in test_traversal_pmtu.py).
+    # 3 s. An idle pair is checked every 30 s, and at once when it carries traffic again (unit-tested in
+    # test_traversal_pmtu.py).
     pinger = lab_.spawn(A, ["ping", "-n", "-q", "-i", "0.2", ips[B]])
     lab_.set_wan_mtu("pmb", 1400)
     started = time.monotonic()
