@@ -21,12 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tests.fixtures.root import require_root
 from tests.fixtures.wait import wait_for
-
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
 from tests.integration.relay_support import (
     CHALLENGE,
     ERROR,
