@@ -431,7 +431,8 @@ def test_doctor_local_flags_a_killed_agents_state_until_it_is_back(lab: Any) -> 
         code, findings = _doctor_local(lab_, node)
         assert code == 1, findings
         stale = {f["subject"]: f for f in findings if f["check"] == "stale-state"}
-        assert set(stale) == {"link wire_kube", "ip rules", "table 22347"}, findings  # no gateway: no nft table
+        # no gateway: no table inet wirekube; spec.mtu auto: the MSS clamp's table is left too
+        assert set(stale) == {"link wire_kube", "ip rules", "table 22347", "nft inet wirekube_mss"}, findings
         assert all(f["verdict"] == "fail" and "wirekubectl cleanup" in f["fix"] for f in stale.values())
         assert "wireguard-go link wire_kube" in stale["link wire_kube"]["detail"]
         assert "daemon pid" in stale["link wire_kube"]["detail"]  # wireguard-go outlives the agent

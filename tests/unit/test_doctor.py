@@ -116,7 +116,8 @@ UP = AgentProbe("http://127.0.0.1:9090", True, True, "http://127.0.0.1:9090/heal
 DOWN = AgentProbe("http://127.0.0.1:9090", False, None, "nothing answers on http://127.0.0.1:9090/healthz")
 RULES = (RuleInfo("ipv4 pref 100 fwmark 0x574b lookup 254", 100, True), RuleInfo("ipv4 pref 200 lookup 22347", 200, True))
 ROUTES = ("10.255.1.2/32 dev wire_kube table 22347",)
-FULL = NodeState("wire_kube", "tun", True, 4242, RULES, ROUTES, NftState(True, "table inet wirekube with 2 chains"))
+FULL = NodeState("wire_kube", "tun", True, 4242, RULES, ROUTES, NftState(True, "table inet wirekube with 2 chains"),
+                 NftState(True, "table inet wirekube_mss with 1 chains and 1 rules"))
 EMPTY = NodeState("wire_kube", None)
 
 
@@ -129,7 +130,7 @@ def test_state_without_an_agent_is_stale() -> None:
     stale = [f for f in findings if f.check == "stale-state"]
     assert [(f.subject, f.verdict) for f in stale] == [
         ("link wire_kube", doctor.FAIL), ("ip rules", doctor.FAIL), ("table 22347", doctor.FAIL),
-        ("nft inet wirekube", doctor.FAIL)]
+        ("nft inet wirekube", doctor.FAIL), ("nft inet wirekube_mss", doctor.FAIL)]  # the MSS clamp is stale too
     assert all("wirekubectl cleanup" in f.fix and "restart" in f.fix for f in stale)
     assert "daemon pid 4242" in stale[0].detail and "wireguard-go" in stale[0].detail
     assert by_subject(findings)[DOWN.url].verdict == doctor.FAIL
@@ -212,6 +213,11 @@ def test_nft_table_states(tmp_path: Path) -> None:
     assert (tmp_path / "args").read_text().split() == ["-j", "list", "table", "inet", "wirekube"]
     absent = nodestate.nft_table(_fake_nft(tmp_path, "", "Error: No such file or directory\nlist table inet wirekube", 1))
     assert absent.present is False
+    mss = nodestate.nft_table(_fake_nft(tmp_path, listing.replace('"wirekube"', '"wirekube_mss"'), "", 0),
+                              nodestate.NFT_MSS_TABLE)
+    assert mss.present and (tmp_path / "args").read_text().split()[-1] == "wirekube_mss"
+    from wirekube.agent.pmtu import MSS_TABLE
+    assert nodestate.NFT_MSS_TABLE == MSS_TABLE  # doctor looks for the table the agent writes
     denied = nodestate.nft_table(_fake_nft(tmp_path, "", "Error: Operation not permitted", 1))
     assert denied.present is None and "Operation not permitted" in denied.detail
 

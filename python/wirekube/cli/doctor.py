@@ -264,6 +264,7 @@ def check_local(state: NodeState) -> list[Finding]:
          if owned else "no WireKube rules", CLEANUP_FIX),
         (f"table {ROUTE_TABLE_ID}", bool(state.routes), _routes_detail(state.routes), CLEANUP_FIX),
         ("nft inet wirekube", state.nft.present, state.nft.detail or "no table inet wirekube", CLEANUP_FIX),
+        ("nft inet wirekube_mss", state.mss.present, state.mss.detail or "no table inet wirekube_mss", CLEANUP_FIX),
     ]
     findings: list[Finding] = []
     stale = any(present for _, present, _, _ in items) or bool(foreign)
@@ -280,7 +281,7 @@ def check_local(state: NodeState) -> list[Finding]:
             if present is None:
                 findings.append(Finding("local-dataplane", WARN, subject, detail, "run as root with nft installed"))
             elif present or subject.startswith(("table", "nft")):
-                # no routes (no peers yet) and no nft table (not a gateway node) are both normal
+                # no routes (no peers yet) and no nft table (not a gateway node, a fixed MTU) are normal
                 findings.append(Finding("local-dataplane", OK, subject, detail))
             else:
                 findings.append(Finding("local-dataplane", WARN, subject, f"{detail} although the agent runs",
@@ -299,7 +300,7 @@ def check_local(state: NodeState) -> list[Finding]:
         for subject, present, detail, _ in items:
             if present is None:
                 findings.append(Finding("stale-state", WARN, subject, detail, "run as root with nft installed"))
-        findings.append(Finding("stale-state", OK, "node", "no WireKube link, rules, table 22347 routes or nft table "
+        findings.append(Finding("stale-state", OK, "node", "no WireKube link, rules, table 22347 routes or nft tables "
                                                            "left: nothing stale"))
     for r in foreign:
         findings.append(Finding("foreign-rule", WARN if agent.healthy else FAIL, f"pref {r.priority}",

@@ -34,6 +34,7 @@ from wirekube.models import ROUTE_TABLE
 DEFAULT_AGENT_URL = "http://127.0.0.1:9090"
 NFT_FAMILY = "inet"
 NFT_TABLE = "wirekube"
+NFT_MSS_TABLE = "wirekube_mss"  # == wirekube.agent.pmtu.MSS_TABLE (a unit test holds them together)
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/run/netns")
 
@@ -73,6 +74,8 @@ class NodeState:
     rules: tuple[RuleInfo, ...] = ()
     routes: tuple[str, ...] = ()
     nft: NftState = NftState(False)
+    mss: NftState = NftState(False)
+    """The TCP MSS clamp's table ``inet wirekube_mss`` (path MTU, see wirekube.agent.pmtu)."""
     agent: AgentProbe = AgentProbe(DEFAULT_AGENT_URL, False)
     netns: str = ""
 
@@ -112,12 +115,12 @@ def _get(host: str, port: int, path: str, timeout: float) -> int:
 # ---- nftables -----------------------------------------------------------------------------------
 
 
-def nft_table(nft: str | None = None) -> NftState:
+def nft_table(nft: str | None = None, table: str = NFT_TABLE) -> NftState:
     nft = nft or shutil.which("nft")
     if nft is None:
-        return NftState(None, "nft is not installed; cannot inspect table inet wirekube")
+        return NftState(None, f"nft is not installed; cannot inspect table {NFT_FAMILY} {table}")
     try:
-        done = subprocess.run([nft, "-j", "list", "table", NFT_FAMILY, NFT_TABLE],  # noqa: S603
+        done = subprocess.run([nft, "-j", "list", "table", NFT_FAMILY, table],  # noqa: S603
                               capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError) as e:
         return NftState(None, f"nft: {e}")
@@ -125,15 +128,15 @@ def nft_table(nft: str | None = None) -> NftState:
         err = done.stderr.strip().splitlines()
         first = err[0] if err else f"exit {done.returncode}"
         if "No such file or directory" in first:
-            return NftState(False, f"no table {NFT_FAMILY} {NFT_TABLE}")
-        return NftState(None, f"nft list table {NFT_FAMILY} {NFT_TABLE}: {first}")
+            return NftState(False, f"no table {NFT_FAMILY} {table}")
+        return NftState(None, f"nft list table {NFT_FAMILY} {table}: {first}")
     try:
         items = json.loads(done.stdout).get("nftables", [])
     except (ValueError, AttributeError):
-        return NftState(True, f"table {NFT_FAMILY} {NFT_TABLE} exists (unreadable JSON)")
+        return NftState(True, f"table {NFT_FAMILY} {table} exists (unreadable JSON)")
     chains = sum(1 for i in items if "chain" in i)
     rules = sum(1 for i in items if "rule" in i)
-    return NftState(True, f"table {NFT_FAMILY} {NFT_TABLE} with {chains} chains and {rules} rules")
+    return NftState(True, f"table {NFT_FAMILY} {table} with {chains} chains and {rules} rules")
 
 
 # ---- netlink ------------------------------------------------------------------------------------
@@ -183,6 +186,7 @@ def inspect(
             rules=rules,
             routes=routes,
             nft=nft_table(nft),
+            mss=nft_table(nft, NFT_MSS_TABLE),
             agent=probe_agent(agent_url),
             netns=netns or "",
         )
