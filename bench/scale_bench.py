@@ -288,6 +288,9 @@ def main() -> int:
     p.add_argument("--wave-nodes", type=int, default=30, help="nodes whose convergence-wave writes are sampled")
     p.add_argument("--layouts", default="v1alpha1,split",
                    help="v1alpha1 = the old all-on-WireKubePeer status; split = issue 20's layout")
+    p.add_argument("--watch-rows-from", default="",
+                   help="comma-separated stderr logs of earlier runs: their 'watch <layout> <N>: {...}' rows are "
+                        "kept beside this run's (a row measured now replaces the same layout and N)")
     p.add_argument("--old-layout-max-nodes", type=int, default=1000,
                    help="largest N run with the v1alpha1 layout (its objects grow with N: ~2.3 GB of etcd at "
                         "5,000, beyond etcd's 2 GB quota; larger N are extrapolated from the two largest runs)")
@@ -334,12 +337,34 @@ def watch_part(args: argparse.Namespace) -> dict[str, Any]:
 
     from bench import watch_scale
 
-    sizes = [int(x) for x in args.watch_sizes.split(",")]
+    sizes = [int(x) for x in args.watch_sizes.split(",") if x]
     rows = []
+    logged = []
+    for log in filter(None, args.watch_rows_from.split(",")):
+        for line in Path(log).read_text().splitlines():
+            if line.startswith("watch ") and ": {" in line:
+                row = json.loads(line.split(": ", 1)[1])
+                row["from_log"] = Path(log).name
+                logged.append(row)
     with tempfile.TemporaryDirectory() as tmp:
         for layout in args.layouts.split(","):
             run = [n for n in sizes if layout != "v1alpha1" or n <= args.old_layout_max_nodes]
             rows += watch_scale.run_layout(layout, run, args.watchers, args.wave_nodes, Path(tmp))
+    measured = {(r["layout"], r["nodes"]) for r in rows}
+    rows = [r for r in logged if (r["layout"], r["nodes"]) not in measured] + rows
+    # A wave whose signals reached no watching agent within the 1 s grace (a loaded machine) left
+    # their size unmeasured: take it from a run that measured it (a signal's size does not depend on N).
+    known = [r["wave_total"]["event_bytes_mean"]["signals"] for r in rows
+             if r["wave_total"]["event_bytes_mean"].get("signals")]
+    for r in rows:
+        wt = r["wave_total"]
+        if wt["writes_per_node"].get("signals") and not wt["event_bytes_mean"].get("signals") and known:
+            wt["event_bytes_mean"]["signals"] = max(known)
+            wt["signal_event_bytes_from_another_run"] = True
+            wt["watch_bytes"] = round(r["nodes"] * wt["writes_per_node"]["signals"] * max(known)
+                                      + r["nodes"] * wt["writes_per_node"]["peers"] * r["nodes"]
+                                      * wt["event_bytes_mean"]["peers"])
+            wt["watch_gb"] = round(wt["watch_bytes"] / 1e9, 3)
     load = Path("/proc/loadavg").read_text().split()[:3]
     at = watch_scale.projection(rows, 5000)
     split = at.get("split", {})

@@ -330,17 +330,38 @@ class Bench:
     def pid(self, proc: str) -> int:
         return self.cp.processes()[proc]
 
+    @staticmethod
+    def _retrying(call: Any) -> Any:
+        """An overloaded API server answers 504 (its own request deadline): try again, 5 times."""
+        from wirekube import errors
+
+        for attempt in range(5):
+            try:
+                return call()
+            except errors.Temporary:
+                if attempt == 4:
+                    raise
+                time.sleep(1 + attempt)
+        raise AssertionError("unreachable")
+
     def _put_status(self, res: k8s.Resource, i: int, status: dict[str, Any]) -> tuple[int, float]:
         key = (res.plural, name(i))
         body = dict(self.objs[key])
         body["status"] = status
         t = time.monotonic()
-        out = self.kube.replace_status(res, body)
+        out = self._retrying(lambda: self.kube.replace_status(res, body))
         self.objs[key] = out
         return int(out["metadata"]["resourceVersion"]), t
 
     def _create(self, res: k8s.Resource, body: dict[str, Any]) -> dict[str, Any]:
-        out = self.kube.create(res, body)
+        from wirekube import errors
+
+        def create() -> Any:
+            try:
+                return self.kube.create(res, body)
+            except errors.AlreadyExists:  # a retried create that had gone through
+                return self.kube.get(res, body["metadata"]["name"])
+        out = self._retrying(create)
         self.objs[(res.plural, body["metadata"]["name"])] = out
         return out
 
@@ -610,12 +631,14 @@ def projection(rows: list[dict[str, Any]], target: int) -> dict[str, Any]:
         # x event bytes (linear in N for a v1alpha1 peer, flat for a signal), times N nodes.
         wt = r2["wave_total"]
         peer_event = lin(lambda r: r["wave_total"]["event_bytes_mean"]["peers"])
+        # A signal's size does not depend on N: the largest one measured at any N.
+        signal_event = max(r["wave_total"]["event_bytes_mean"]["signals"] for _, r in pts)
         wave = target * (wt["writes_per_node"]["peers"] * target * peer_event
-                         + wt["writes_per_node"]["signals"] * wt["event_bytes_mean"]["signals"])
+                         + wt["writes_per_node"]["signals"] * signal_event)
         out[layout] = {"measured": False, "from_nodes": [n1, n2],
                        "peer_object_bytes": round(lin(lambda r: r["peer_object_bytes_max"])),
                        "one_change_bytes_per_agent": round(lin(lambda r: r["one_change"]["bytes_per_agent_max"])),
                        "one_fact_change_bytes_per_agent": round(lin(
                            lambda r: r["one_fact_change"]["bytes_per_agent_max"])),
-                       "wave_watch_gb": round(wave / 1e9, 1)}
+                       "wave_watch_gb": round(wave / 1e9, 3)}
     return out
