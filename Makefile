@@ -4,7 +4,7 @@ CACHE ?= $(HOME)/.cache/wirekube
 export PATH := $(CURDIR)/.venv/bin:$(CACHE)/bin:$(CACHE)/tools:$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: setup images lab-chart test-chart test test-kernel unit lab lab-down bench bench-relay bench-nat bench-scale bench-gateway clean
+.PHONY: setup images lab-chart test-chart test test-kernel unit lab lab-down bench bench-relay bench-nat bench-scale bench-writes bench-gateway clean
 
 setup:  ## install Debian packages, build kube-apiserver/etcd, helm/kubectl, Python venv
 	@bash ci/setup.sh
@@ -46,6 +46,9 @@ bench-gateway: setup  ## gateway failover (agent stopped / health target lost) i
 
 bench-scale: setup  ## one agent's view of 100..1,000 peers in the real API server; relay with 1,000 clients; watch fan-out by layout at 100/1,000/5,000 nodes (issue 20)
 	@.venv/bin/python bench/scale_bench.py
+
+bench-writes: setup  ## steady-state status writes per node over 10 minutes in the default lab (issue 20)
+	@.venv/bin/python bench/writes_bench.py
 
 bench-nat: setup  ## convergence, failover blackout over 10 cuts, relayed vs direct iperf3 (default lab)
 	@.venv/bin/python bench/nat_bench.py

@@ -79,6 +79,12 @@ PEERS = Resource("wirekube.io", "v1alpha1", "wirekubepeers", "WireKubePeer")
 MESHES = Resource("wirekube.io", "v1alpha1", "wirekubemeshes", "WireKubeMesh")
 GATEWAYS = Resource("wirekube.io", "v1alpha1", "wirekubegateways", "WireKubeGateway")
 ROUTE_GRANTS = Resource("wirekube.io", "v1alpha1", "wirekuberoutegrants", "WireKubeRouteGrant")
+NODE_REPORTS = Resource("wirekube.io", "v1alpha1", "wirekubenodereports", "WireKubeNodeReport")
+"""A node's per-pair observations (transports, relay reasons, path MTUs): read by wirekubectl,
+never watched by agents (issue 20)."""
+PAIR_SIGNALS = Resource("wirekube.io", "v1alpha1", "wirekubepairsignals", "WireKubePairSignal")
+"""One node's word to one other node (an observed endpoint, a birthday round): only the
+addressee watches it (label ``wirekube.io/to``)."""
 NODES = Resource("", "v1", "nodes", "Node")
 NAMESPACES = Resource("", "v1", "namespaces", "Namespace")
 SERVICES = Resource("", "v1", "services", "Service", namespaced=True)
@@ -89,7 +95,7 @@ CILIUMNODES = Resource("cilium.io", "v2", "ciliumnodes", "CiliumNode")
 ENDPOINTSLICES = Resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", namespaced=True)
 """The relay replicas find each other through their headless Service's slices."""
 
-RESOURCES = {r.plural: r for r in (PEERS, MESHES, GATEWAYS, ROUTE_GRANTS, NODES, NAMESPACES, SERVICES, EVENTS, LEASES, CRDS, CILIUMNODES)}
+RESOURCES = {r.plural: r for r in (PEERS, MESHES, GATEWAYS, ROUTE_GRANTS, NODE_REPORTS, PAIR_SIGNALS, NODES, NAMESPACES, SERVICES, EVENTS, LEASES, CRDS, CILIUMNODES)}
 RESOURCES[ENDPOINTSLICES.plural] = ENDPOINTSLICES
 
 _ERROR_BY_STATUS: dict[int, type[errors.ApiError]] = {

@@ -14,10 +14,11 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import hashlib
 import ipaddress
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from wirekube import API_VERSION, ipam
@@ -622,12 +623,12 @@ def _peer_status(c: _Ctx, status: Mapping[str, Any]) -> PeerStatus:
     )
 
 
-def _birthday(c: _Ctx, rounds: Mapping[str, Any]) -> dict[str, BirthdayRound]:
+def _birthday(c: _Ctx, rounds: Mapping[str, Any], where: str = "status.birthday.{}") -> dict[str, BirthdayRound]:
     if len(rounds) > MAX_BIRTHDAY_ROUNDS:
         raise c.fail("status.birthday", f"at most {MAX_BIRTHDAY_ROUNDS} peers, got {len(rounds)}")
     out: dict[str, BirthdayRound] = {}
     for k, v in rounds.items():
-        path = f"status.birthday.{k}"
+        path = where.format(k)
         entry = c.mapping(v, path)
         stamp = c.string(entry.get("notBefore"), f"{path}.notBefore")
         if not _RFC3339.match(stamp):
@@ -705,6 +706,130 @@ def peer_status_to_cr(status: PeerStatus) -> dict[str, Any]:
     }
     if status.path_mtu:
         out["pathMTU"] = dict(sorted(status.path_mtu.items()))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Where a node's status goes (issue 20): per-node facts on WireKubePeer (every agent watches it),
+# per-pair observations on the node's WireKubeNodeReport (nobody watches it), per-pair
+# coordination on WireKubePairSignal "<from>.<to>" (only <to> watches it).
+# --------------------------------------------------------------------------------------------
+
+LABEL_SIGNAL_FROM = "wirekube.io/from"
+LABEL_SIGNAL_TO = "wirekube.io/to"
+
+REPORT_FIELDS = ("transportMode", "peerTransports", "relayReasons", "pathMTU", "lastHandshake")
+"""status fields that live on the WireKubeNodeReport (and no longer on WireKubePeer)."""
+SIGNAL_FIELDS = ("observedEndpoints", "birthday")
+"""status fields a v1alpha1 agent kept on its WireKubePeer and an issue-20 agent sends as pair signals."""
+PAIR_FIELDS = REPORT_FIELDS + SIGNAL_FIELDS
+
+
+def peer_facts_to_cr(status: PeerStatus) -> dict[str, Any]:
+    """The WireKubePeer status: what every agent needs from every peer, O(1) in the mesh's size."""
+    return {k: v for k, v in peer_status_to_cr(status).items() if k not in PAIR_FIELDS}
+
+
+def report_status_to_cr(status: PeerStatus) -> dict[str, Any]:
+    """The WireKubeNodeReport status: this node's view of each pair."""
+    full = peer_status_to_cr(status)
+    out = {"peerTransports": full["peerTransports"], "relayReasons": full["relayReasons"],
+           "pathMTU": dict(sorted(status.path_mtu.items()))}
+    if status.transport_mode is not None:  # a summary of the pairs: readers of pairs want it, agents do not
+        out["transportMode"] = status.transport_mode.value
+    if status.last_handshake:
+        out["lastHandshake"] = status.last_handshake
+    return out
+
+
+REFLECTION_WITNESSES = 24
+"""Expected number of nodes that report where they see a given node (endpoint reflection needs
+agreeing observers, not every peer's vote): each node is a witness for a subject with probability
+REFLECTION_WITNESSES / peers, decided by a hash of both names (no coordination; in meshes of up
+to that many peers everybody is one). With 40 % of pairs relayed, ~14 witnesses on direct paths
+are expected, none with a probability near e^-14."""
+
+
+def is_witness(subject: str, observer: str, peers: int) -> bool:
+    """Whether ``observer`` reports its observation of ``subject`` (see REFLECTION_WITNESSES)."""
+    if peers <= REFLECTION_WITNESSES:
+        return True
+    digest = hashlib.blake2b(f"{subject}\0{observer}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < (REFLECTION_WITNESSES / peers) * 2**64
+
+
+def pair_signal_specs(status: PeerStatus, sender: str = "", peers: int = 0) -> dict[str, dict[str, Any]]:
+    """What this node (``sender``, in a mesh of ``peers``) tells each other node: the spec of the
+    WireKubePairSignal to that node, by its name. Observed endpoints only as one of the subject's
+    witnesses (:func:`is_witness`); birthday rounds always."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, endpoint in status.observed_endpoints.items():
+        if is_witness(name, sender, peers):
+            out.setdefault(name, {})["observedEndpoint"] = endpoint
+    for name, r in status.birthday.items():
+        out.setdefault(name, {})["birthday"] = {"round": r.round, "notBefore": r.not_before,
+                                                 "portMin": r.port_min, "portMax": r.port_max}
+    return dict(sorted(out.items()))
+
+
+def pair_signal_name(sender: str, addressee: str) -> str:
+    return f"{sender}.{addressee}"
+
+
+def pair_signal_body(sender: str, addressee: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": "WireKubePairSignal",
+            "metadata": {"name": pair_signal_name(sender, addressee),
+                         "labels": {LABEL_SIGNAL_FROM: sender, LABEL_SIGNAL_TO: addressee}},
+            "spec": dict(spec)}
+
+
+@dataclass(frozen=True)
+class PairSignal:
+    sender: str
+    addressee: str
+    observed_endpoint: str = ""
+    birthday: BirthdayRound | None = None
+
+
+def pair_signal_from_cr(obj: Mapping[str, Any]) -> PairSignal:
+    name = _name(obj)
+    c = _Ctx("WireKubePairSignal", name)
+    labels = c.mapping(c.mapping(obj.get("metadata"), "metadata").get("labels"), "metadata.labels")
+    sender = c.string(labels.get(LABEL_SIGNAL_FROM), f"metadata.labels.{LABEL_SIGNAL_FROM}")
+    addressee = c.string(labels.get(LABEL_SIGNAL_TO), f"metadata.labels.{LABEL_SIGNAL_TO}")
+    if not sender or not addressee:
+        raise c.fail("metadata.labels", f"{LABEL_SIGNAL_FROM} and {LABEL_SIGNAL_TO} are required")
+    spec = c.mapping(obj.get("spec"), "spec")
+    observed = spec.get("observedEndpoint")
+    rounds = _birthday(c, {addressee: spec["birthday"]}, "spec.birthday") if spec.get("birthday") is not None else {}
+    return PairSignal(sender, addressee, str(c.endpoint(observed, "spec.observedEndpoint")) if observed else "",
+                      rounds.get(addressee))
+
+
+def with_signal(peer: Peer, signal: PairSignal) -> Peer:
+    """``peer`` as its addressee sees it: the signal's observed endpoint and birthday round in the
+    status maps a v1alpha1 agent would have published them in (so readers need no second path)."""
+    status = peer.status
+    observed = dict(status.observed_endpoints)
+    rounds = dict(status.birthday)
+    if signal.observed_endpoint:
+        observed[signal.addressee] = signal.observed_endpoint
+    if signal.birthday is not None:
+        rounds[signal.addressee] = signal.birthday
+    return replace(peer, status=replace(status, observed_endpoints=observed, birthday=rounds))
+
+
+def overlay_report(peer_obj: Mapping[str, Any], report_obj: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A WireKubePeer dict whose status also holds its node's report (the v1alpha1 shape), for
+    readers of every pair (wirekubectl status, doctor, the lab). Without a report (an agent that
+    predates issue 20) the peer's own status fields stand."""
+    out = dict(peer_obj)
+    status = dict(out.get("status") or {})
+    rstatus = (report_obj or {}).get("status") or {}
+    for k in REPORT_FIELDS:
+        if k in rstatus:
+            status[k] = rstatus[k]
+    out["status"] = status
     return out
 
 

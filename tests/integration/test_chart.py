@@ -22,7 +22,7 @@ import yaml
 
 from tests.fixtures.keys import public_key
 from tests.fixtures.wait import wait_for
-from wirekube import errors, k8s
+from wirekube import errors, k8s, models
 from wirekube.lab.cluster import ControlPlane
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -225,7 +225,7 @@ def test_templated_crds_carry_keep_policy() -> None:
     crds = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
     assert {c["metadata"]["name"] for c in crds} == {
         "wirekubepeers.wirekube.io", "wirekubemeshes.wirekube.io", "wirekubegateways.wirekube.io",
-        "wirekuberoutegrants.wirekube.io"}
+        "wirekuberoutegrants.wirekube.io", "wirekubenodereports.wirekube.io", "wirekubepairsignals.wirekube.io"}
     assert all(c["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for c in crds)
 
 
@@ -463,12 +463,43 @@ def test_admission_policy_binds_agent_to_its_own_node(chart_cluster: Any, tmp_pa
             agent.create(k8s.ROUTE_GRANTS, {"apiVersion": "wirekube.io/v1alpha1", "kind": "WireKubeRouteGrant",
                                             "metadata": {"name": "self-granted"},
                                             "spec": {"nodes": ["node-a"], "cidrs": ["10.50.0.0/16"]}})
+        # Issue 20: its own WireKubeNodeReport only, and pair signals only from itself.
+        report = {"apiVersion": "wirekube.io/v1alpha1", "kind": "WireKubeNodeReport", "metadata": {"name": "node-a"}}
+        agent.create(k8s.NODE_REPORTS, report)
+        agent.patch_status(k8s.NODE_REPORTS, "node-a", {"status": {"peerTransports": {"node-b": "relay"}}})
+        with pytest.raises(errors.Forbidden, match="may only write the WireKubeNodeReport named node-a, not node-b"):
+            agent.create(k8s.NODE_REPORTS, {**report, "metadata": {"name": "node-b"}})
+        observed = {"observedEndpoint": "198.51.100.1:51820"}
+
+        def signal_policy_denies() -> bool:
+            try:
+                agent.create(k8s.PAIR_SIGNALS, models.pair_signal_body("node-b", "node-a", observed))
+            except errors.Forbidden as e:
+                return "ValidatingAdmissionPolicy" in str(e)
+            kube.delete(k8s.PAIR_SIGNALS, "node-b.node-a")  # written before the policy loaded
+            return False
+
+        wait_for(signal_policy_denies, 30, "the pair-signal policy to take effect")
+        with pytest.raises(errors.Forbidden, match=r"may only write WireKubePairSignals named node-a\.<addressee>"):
+            agent.create(k8s.PAIR_SIGNALS, models.pair_signal_body("node-b", "node-a", observed))
+        forged = models.pair_signal_body("node-a", "node-c", observed)
+        forged["metadata"]["labels"]["wirekube.io/to"] = "node-b"  # delivered to B, named for C
+        with pytest.raises(errors.Forbidden, match="must carry the labels wirekube.io/from=node-a"):
+            agent.create(k8s.PAIR_SIGNALS, forged)
+        agent.create(k8s.PAIR_SIGNALS, models.pair_signal_body("node-a", "node-b", observed))
+        to_b, _ = agent.list(k8s.PAIR_SIGNALS, label_selector="wirekube.io/to=node-b")
+        assert [o["metadata"]["name"] for o in to_b] == ["node-a.node-b"]
+        kube.create(k8s.PAIR_SIGNALS, models.pair_signal_body("node-b", "node-a", observed))
+        with pytest.raises(errors.Forbidden, match=r"may only write WireKubePairSignals named node-a\.<addressee>"):
+            agent.delete(k8s.PAIR_SIGNALS, "node-b.node-a")
+        agent.delete(k8s.PAIR_SIGNALS, "node-a.node-b")
         agent.close()
     finally:
         run(tool("helm"), "uninstall", "wkp", "-n", NS, "--wait", env=env)
-        for name in ("node-a", "node-b"):
+        for res, name in ((k8s.PEERS, "node-a"), (k8s.PEERS, "node-b"), (k8s.NODE_REPORTS, "node-a"),
+                          (k8s.PAIR_SIGNALS, "node-a.node-b"), (k8s.PAIR_SIGNALS, "node-b.node-a")):
             try:
-                kube.delete(k8s.PEERS, name)
+                kube.delete(res, name)
             except errors.NotFound:
                 pass
 

@@ -32,7 +32,7 @@ import pytest
 
 from tests.fixtures.root import require_root
 from tests.fixtures.wait import wait_for
-from wirekube import k8s
+from wirekube import k8s, reports
 from wirekube.lab import orchestrate
 from wirekube.lab.nat import router_ruleset
 from wirekube.lab.net import Lab
@@ -79,7 +79,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, k8s.Kub
 
 
 def status(kube: k8s.Kube, node: str) -> dict[str, Any]:
-    return kube.get(k8s.PEERS, node).get("status") or {}
+    return reports.get_peer(kube, node).get("status") or {}
 
 
 def wg_endpoint(lab_: Lab, node: str, peer_key: str) -> str:

@@ -29,7 +29,7 @@ import pytest
 
 from tests.fixtures.root import require_root
 from tests.fixtures.wait import wait_for
-from wirekube import k8s
+from wirekube import k8s, reports
 from wirekube.lab import orchestrate, procs, scenario
 from wirekube.lab.net import Lab
 from wirekube.lab.topology import default_topology
@@ -190,7 +190,7 @@ def test_failover_on_udp_cut_and_recovery(lab: Any) -> None:
             lab_.stop(pinger)
     gap = longest_gap(out)
     assert gap <= 2.0, f"longest ping gap {gap:.2f}s"
-    status = kube.get(k8s.PEERS, a)["status"]
+    status = reports.get_peer(kube, a)["status"]
     assert status["peerTransports"][b] == "relay"
     assert status["relayReasons"][b]
     events = [e for e in kube.list(k8s.EVENTS, "default")[0]
@@ -202,7 +202,7 @@ def test_failover_on_udp_cut_and_recovery(lab: Any) -> None:
         lab_.restore("fullcone")
     # directRetryIntervalSeconds is 30 in the lab: probes beside the relay bring it back (a probe
     # lost on a loaded machine costs one more interval).
-    wait_for(lambda: kube.get(k8s.PEERS, a)["status"]["peerTransports"][b] == "direct", 150, "back to direct",
+    wait_for(lambda: reports.get_peer(kube, a)["status"]["peerTransports"][b] == "direct", 150, "back to direct",
              interval=0.5)
     assert orchestrate.ping(lab_, a, b_ip) is not None
 
@@ -389,7 +389,7 @@ def test_once_dry_run_on_a_converged_node_changes_nothing(lab: Any) -> None:
     no operation at all."""
     lab_, kube, name = lab
     node = "prc-1"
-    transports = set(kube.get(k8s.PEERS, node)["status"]["peerTransports"].values())
+    transports = set(reports.get_peer(kube, node)["status"]["peerTransports"].values())
     assert transports == {"direct", "relay"}, transports
     # The node's own agent command line, minus its metrics port (the running agent holds it).
     argv = [a for a in orchestrate.agent_argv(lab_handle(name), node) if not a.startswith("--metrics-listen")]
@@ -494,7 +494,7 @@ def test_route_claims_without_authority_capture_nothing(lab: Any) -> None:
     expected = orchestrate.expected_pairs(lab_)
     relayed, direct = ("udpblock-1", "ec2-a"), ("fullcone-1", "prc-1")
     assert expected[relayed] == "relay" and expected[direct] == "direct"
-    peers = {p["metadata"]["name"]: p for p in kube.list(k8s.PEERS)[0]}
+    peers = {p["metadata"]["name"]: p for p in reports.list_peers(kube)}
     mesh = kube.get(k8s.MESHES, "default")
     mesh_cidr = mesh["spec"]["meshCIDR"]
     def transports(peers: dict[str, Any]) -> dict[str, dict[str, str]]:
@@ -568,7 +568,7 @@ def test_route_claims_without_authority_capture_nothing(lab: Any) -> None:
         outputs = {pair: p.communicate(timeout=60)[0] for pair, p in pingers.items()}
     for pair, out in outputs.items():
         assert _missing_seqs(out) == [], f"{pair} lost pings while hostile claims existed"
-    peers = {p["metadata"]["name"]: p for p in kube.list(k8s.PEERS)[0]}
+    peers = {p["metadata"]["name"]: p for p in reports.list_peers(kube)}
     assert transports(peers) == transports_before  # no lab pair changed transport
 
     # An administrator's grant is routed (on top of the gateway's route), and withdrawn again.

@@ -35,7 +35,7 @@ import pytest
 
 from tests.fixtures.root import require_root
 from tests.fixtures.wait import wait_for
-from wirekube import k8s
+from wirekube import k8s, reports
 from wirekube.lab import orchestrate, vm
 from wirekube.lab.net import Lab
 from wirekube.lab.topology import parse_topology_yaml
@@ -147,7 +147,7 @@ def _record() -> None:
 
 
 def _peers(kube: k8s.Kube) -> dict[str, Any]:
-    return {p["metadata"]["name"]: p for p in kube.list(k8s.PEERS)[0]}
+    return {p["metadata"]["name"]: p for p in reports.list_peers(kube)}
 
 
 def _mesh_ip(kube: k8s.Kube, node: str) -> str:
@@ -155,7 +155,7 @@ def _mesh_ip(kube: k8s.Kube, node: str) -> str:
 
 
 def _transport(kube: k8s.Kube, a: str, b: str) -> str | None:
-    status = kube.get(k8s.PEERS, a).get("status") or {}
+    status = reports.get_peer(kube, a).get("status") or {}
     return (status.get("peerTransports") or {}).get(b)
 
 

@@ -37,7 +37,7 @@ import pytest
 
 from tests.fixtures.root import require_root
 from tests.fixtures.wait import wait_for
-from wirekube import k8s
+from wirekube import k8s, reports
 from wirekube.cli import doctor
 from wirekube.cli.status import fetch_report, render_table
 from wirekube.lab import orchestrate
@@ -155,9 +155,9 @@ def test_auto_finds_the_path_mtu_and_large_packets_pass_both_ways(lab: Any) -> N
         wait_for(lambda: route_mtu(lab_, node, ips[peer]) == SMALL, 60, f"{node}: mtu {SMALL} on the route to {peer}")
     print(f"auto: every route to and from {C} at mtu {SMALL} after {time.monotonic() - started:.1f} s")
     assert route_mtu(lab_, A, ips[B]) == 0 and route_mtu(lab_, B, ips[A]) == 0  # 1500-byte sites keep 1420
-    wait_for(lambda: kube.get(k8s.PEERS, A).get("status", {}).get("pathMTU") == {C: SMALL}, 30,
+    wait_for(lambda: reports.get_peer(kube, A).get("status", {}).get("pathMTU") == {C: SMALL}, 30,
              f"{A} publishes pathMTU {{{C}: {SMALL}}}")
-    wait_for(lambda: kube.get(k8s.PEERS, C)["status"].get("pathMTU") == {A: SMALL, B: SMALL}, 30,
+    wait_for(lambda: reports.get_peer(kube, C)["status"].get("pathMTU") == {A: SMALL, B: SMALL}, 30,
              f"{C} publishes pathMTU {SMALL} for both peers")
     report = fetch_report(kube)  # what `wirekubectl status` shows
     assert {(p.source, p.target): p.path_mtu for p in report.pairs if p.path_mtu} == {

@@ -1,7 +1,8 @@
 """Where the agent's view of the mesh comes from.
 
-- :class:`KubeSource`: the API server (informers on WireKubeMesh and WireKubePeer; registration
-  of the node's own peer; status and Events).  It keeps its last view while the API server is
+- :class:`KubeSource`: the API server (informers on WireKubeMesh and WireKubePeer, and on the
+  WireKubePairSignals addressed to this node; registration of the node's own peer; status, the
+  node's WireKubeNodeReport, the signals it sends, and Events).  It keeps its last view while the API server is
   unreachable (informers reconnect with backoff), so the dataplane keeps its last state.
 - :class:`FileSource`: a YAML/JSON file holding ``mesh`` (a WireKubeMesh object) and ``peers``
   (WireKubePeer objects), re-read when it changes.  For standalone use and dataplane tests.
@@ -11,6 +12,7 @@ Only ``wirekube.k8s`` talks to the API server; this module passes it plain dicts
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -34,15 +36,31 @@ from wirekube.agent.registration import (
 from wirekube.errors import AlreadyExists, ApiError, InvalidObject, NotFound
 from wirekube.gateway.contract import client_allowed_ips
 from wirekube.models import (
+    LABEL_NODE,
+    LABEL_SIGNAL_FROM,
+    LABEL_SIGNAL_TO,
     MESH_SINGLETON,
+    PAIR_FIELDS,
     IPNetwork,
+    PairSignal,
     Peer,
     PeerStatus,
     mesh_from_cr,
+    pair_signal_body,
+    pair_signal_from_cr,
+    pair_signal_name,
+    pair_signal_specs,
+    peer_facts_to_cr,
     peer_from_cr,
     peer_status_to_cr,
+    report_status_to_cr,
     route_grant_from_cr,
+    with_signal,
 )
+
+SPLIT_RECHECK_SECONDS = 300.0
+"""Without the WireKubeNodeReport / WireKubePairSignal CRDs (a chart from before issue 20) the
+agent publishes the v1alpha1 way (everything on its WireKubePeer) and looks again this often."""
 
 
 def parse_peers(
@@ -165,6 +183,17 @@ class KubeSource:
         # This node's own Node object (annotations, addresses): registration reads it every pass,
         # so it is watched rather than fetched (one GET per event pass at 1,000 peers adds up).
         self.node = k8s.Informer(kube, k8s.NODES, on_event=self._event, field_selector=f"metadata.name={node_name}")
+        # Only what other nodes address to this one: O(pairs this node coordinates), not O(N).
+        self.signals = k8s.Informer(kube, k8s.PAIR_SIGNALS, on_event=self._event,
+                                    label_selector=f"{LABEL_SIGNAL_TO}={node_name}")
+        self._signals_memo: tuple[str, dict[str, PairSignal]] | None = None
+        self._report: dict[str, Any] | None = None
+        """The node's WireKubeNodeReport status as last read or written (None: not read yet)."""
+        self._report_read = False
+        self._sent: dict[str, dict[str, Any]] | None = None
+        """Specs of the pair signals this node has sent, by addressee (None: not listed yet)."""
+        self._legacy_since: float | None = None
+        """When the split CRDs were last found missing (then everything goes on the WireKubePeer)."""
         self.on_gateway_change: Callable[[], None] = lambda: None
         """Also told when a WireKubeGateway changes (the gateway agent's wake-up)."""
         self._reported: dict[str, str] = {}
@@ -183,11 +212,13 @@ class KubeSource:
         self.gateways.start()
         self.grants.start()
         self.node.start()
+        self.signals.start()
         return self
 
     def stop(self) -> None:
         # Side by side: each informer may take a while to leave a blocked watch.
-        stoppers = [threading.Thread(target=i.stop, daemon=True) for i in (self.peers, self.meshes, self.gateways, self.grants, self.node)]
+        stoppers = [threading.Thread(target=i.stop, daemon=True) for i in (self.peers, self.meshes, self.gateways, self.grants, self.node,
+                                                                  self.signals)]
         for t in stoppers:
             t.start()
         for t in stoppers:
@@ -237,7 +268,49 @@ class KubeSource:
         gateways = parse_gateways(self.gateways.cache.values())
         peers = augment_peers(peers, gateways, self.node_name)
         granted = merge_grants(granted, client_allowed_ips(gateways, self.node_name))
-        return Snapshot(mesh, peers, rejected, granted)
+        return Snapshot(mesh, self._with_signals(peers), rejected, granted)
+
+    def _with_signals(self, peers: tuple[Peer, ...]) -> tuple[Peer, ...]:
+        """Each peer with what it signalled to this node (status.observedEndpoints[<this node>],
+        status.birthday[<this node>], where traversal reads them), and this node's own peer with
+        the path MTUs of its report (``--once`` keeps them)."""
+        incoming = self._incoming_signals()
+        if self._report is None and not self._report_read:
+            self._report_read = True  # once per process: the writes keep it current afterwards
+            try:
+                self._report = dict(self.kube.get(self._k8s.NODE_REPORTS, self.node_name).get("status") or {})
+            except ApiError:
+                pass  # none yet (or not served): the first publish creates it
+        own_mtus = (self._report or {}).get("pathMTU") or {}
+        if not incoming and not own_mtus:
+            return peers
+        out = []
+        for p in peers:
+            if p.name in incoming:
+                p = with_signal(p, incoming[p.name])
+            elif p.name == self.node_name and own_mtus and not p.status.path_mtu:
+                p = dataclasses.replace(p, status=dataclasses.replace(
+                    p.status, path_mtu={str(k): int(v) for k, v in own_mtus.items() if isinstance(v, int)}))
+            out.append(p)
+        return tuple(out)
+
+    def _incoming_signals(self) -> dict[str, PairSignal]:
+        if not self.signals.wait_synced(0):
+            return {}
+        rv = self.signals.resource_version
+        if self._signals_memo is not None and self._signals_memo[0] == rv:
+            return self._signals_memo[1]
+        by_sender: dict[str, PairSignal] = {}
+        for obj in self.signals.cache.values():
+            try:
+                sig = pair_signal_from_cr(obj)
+            except InvalidObject as e:
+                self._log.warning("ignoring {}", e)
+                continue
+            if sig.addressee == self.node_name and obj["metadata"]["name"] == pair_signal_name(sig.sender, sig.addressee):
+                by_sender[sig.sender] = sig
+        self._signals_memo = (rv, by_sender)
+        return by_sender
 
     def _granted(self) -> dict[str, tuple[IPNetwork, ...]] | None:
         """Route grants by node; None while they are not known yet.
@@ -327,10 +400,20 @@ class KubeSource:
             return PeerStatus()
 
     def publish(self, status: PeerStatus, skipped: Sequence[Skipped]) -> None:
+        """Write what changed, each part where its readers are (issue 20): per-node facts on the
+        WireKubePeer, this node's view of each pair on its WireKubeNodeReport, observed endpoints
+        and birthday rounds as pair signals. Nothing is written when nothing a reader needs
+        changed (a later handshake time alone is not a change)."""
         obj = self.peers.cache.get(self.node_name)
+        legacy = self._legacy()
         if obj is not None:
-            wanted = peer_status_to_cr(status)
             current = obj.get("status") or {}
+            if legacy:
+                wanted = peer_status_to_cr(status)
+            else:
+                wanted = peer_facts_to_cr(status)
+                # What a v1alpha1 agent (or this one, before the CRDs were there) left here goes, once.
+                wanted.update({k: None for k in PAIR_FIELDS if k in current})
             if any(current.get(k) != v for k, v in wanted.items()):
                 # A merge patch merges maps: keys that are gone (a removed peer) must be nulled.
                 for k, v in wanted.items():
@@ -341,7 +424,94 @@ class KubeSource:
                     self.kube.patch_status(self._k8s.PEERS, self.node_name, {"status": wanted})
                 except ApiError as e:
                     self._log.warning("cannot write own status: {}", e)
+        if obj is not None and not legacy:
+            try:
+                try:
+                    self._publish_report(status)
+                    self._publish_signals(status)
+                except NotFound:  # deleted behind our back, or the CRDs are not served: read again
+                    self._report, self._sent = None, None
+                    self._publish_report(status)
+                    self._publish_signals(status)
+            except NotFound:
+                self._go_legacy()
+            except ApiError as e:
+                self._log.warning("cannot write own report or pair signals: {}", e)
         self._report_skipped(skipped)
+
+    # ------------------------------------------------------------------ report and pair signals
+
+    def _legacy(self) -> bool:
+        if self._legacy_since is None:
+            return False
+        if time.monotonic() - self._legacy_since < SPLIT_RECHECK_SECONDS:
+            return True
+        self._legacy_since = None  # look again: the CRDs may have been installed since
+        self._report, self._sent = None, None
+        return False
+
+    def _go_legacy(self) -> None:
+        self._log.error("WireKubeNodeReport / WireKubePairSignal are not served (install the chart's CRDs): "
+                        "publishing every pair on the WireKubePeer, as v1alpha1 agents do")
+        self._legacy_since = time.monotonic()
+        self._on_change()  # the next pass writes the full status
+
+    def _publish_report(self, status: PeerStatus) -> None:
+        wanted = report_status_to_cr(status)
+        if self._report is None:
+            try:
+                self._report = dict(self.kube.get(self._k8s.NODE_REPORTS, self.node_name).get("status") or {})
+            except NotFound:
+                self.kube.create(self._k8s.NODE_REPORTS, {
+                    "apiVersion": "wirekube.io/v1alpha1", "kind": "WireKubeNodeReport",
+                    "metadata": {"name": self.node_name, "labels": {LABEL_NODE: self.node_name}}})
+                self._report = {}
+        current = self._report
+        # A handshake time advances by itself: it is written with the next real change, not alone.
+        if all(current.get(k) == v for k, v in wanted.items() if k != "lastHandshake"):
+            return
+        patch: dict[str, Any] = dict(wanted)
+        for k, v in wanted.items():
+            old = current.get(k)
+            if isinstance(v, dict) and isinstance(old, dict):
+                patch[k] = {**{gone: None for gone in old if gone not in v}, **v}
+        for k in current:
+            if k not in wanted:
+                patch[k] = None
+        written = self.kube.patch_status(self._k8s.NODE_REPORTS, self.node_name, {"status": patch})
+        self._report = dict(written.get("status") or {})
+
+    def _publish_signals(self, status: PeerStatus) -> None:
+        wanted = pair_signal_specs(status, self.node_name, len(self.peers.cache))
+        if self._sent is None:
+            mine, _ = self.kube.list(self._k8s.PAIR_SIGNALS, label_selector=f"{LABEL_SIGNAL_FROM}={self.node_name}")
+            self._sent = {}
+            for obj in mine:
+                to = ((obj.get("metadata") or {}).get("labels") or {}).get(LABEL_SIGNAL_TO, "")
+                self._sent[to] = dict(obj.get("spec") or {})
+        sent = self._sent
+        for to, spec in wanted.items():
+            if sent.get(to) == spec:
+                continue
+            if to in sent:
+                try:
+                    self.kube.patch_merge(self._k8s.PAIR_SIGNALS, pair_signal_name(self.node_name, to),
+                                          {"spec": {k: spec.get(k) for k in ("observedEndpoint", "birthday")}})
+                except NotFound:
+                    self.kube.create(self._k8s.PAIR_SIGNALS, pair_signal_body(self.node_name, to, spec))
+            else:
+                try:
+                    self.kube.create(self._k8s.PAIR_SIGNALS, pair_signal_body(self.node_name, to, spec))
+                except AlreadyExists:
+                    self.kube.patch_merge(self._k8s.PAIR_SIGNALS, pair_signal_name(self.node_name, to),
+                                          {"spec": {k: spec.get(k) for k in ("observedEndpoint", "birthday")}})
+            sent[to] = spec
+        for to in sorted(set(sent) - set(wanted)):
+            try:
+                self.kube.delete(self._k8s.PAIR_SIGNALS, pair_signal_name(self.node_name, to))
+            except NotFound:
+                pass
+            del sent[to]
 
     def _report_skipped(self, skipped: Sequence[Skipped]) -> None:
         current = {s.peer: s.reason for s in skipped}

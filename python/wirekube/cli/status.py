@@ -215,7 +215,9 @@ def render_yaml(report: Report) -> str:
 def fetch_report(kube: Any) -> Report:
     from wirekube import errors, k8s
 
-    peers, _ = kube.list(k8s.PEERS)
+    from wirekube import reports
+
+    peers = reports.list_peers(kube)
     gateways, _ = kube.list(k8s.GATEWAYS)
     try:
         mesh = kube.get(k8s.MESHES, "default")

@@ -71,7 +71,9 @@ def _doctor(args: argparse.Namespace) -> int:
     if args.local:
         return _doctor_local(args)
     kube = _kube(args)
-    peers, _ = kube.list(k8s.PEERS)
+    from wirekube import reports
+
+    peers = reports.list_peers(kube)
     gateways, _ = kube.list(k8s.GATEWAYS)
     nodes, _ = kube.list(k8s.NODES)
     try:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wirekube import errors, k8s
+from wirekube import errors, k8s, reports
 from wirekube.lab.cluster import ControlPlane, write_kubeconfig
 from wirekube.lab.net import Lab, LabError, LabNotFound, default_workdir
 from wirekube.lab.procs import ProcessRecord, is_alive
@@ -355,7 +355,7 @@ def ping(lab: Lab, src: str, dst_ip: str, count: int = 1, timeout: float = 1.0) 
 
 def collect_nodes(lab: Lab, kube: k8s.Kube, peers: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     if peers is None:
-        peers = {p["metadata"]["name"]: p for p in kube.list(k8s.PEERS)[0]}
+        peers = {p["metadata"]["name"]: p for p in reports.list_peers(kube)}
     nodes = []
     for name, info in sorted(lab.nodes.items()):
         p = peers.get(name, {})
@@ -367,7 +367,7 @@ def collect_nodes(lab: Lab, kube: k8s.Kube, peers: dict[str, Any] | None = None)
 
 
 def collect(lab: Lab, kube: k8s.Kube) -> dict[str, Any]:
-    peers = {p["metadata"]["name"]: p for p in kube.list(k8s.PEERS)[0]}
+    peers = {p["metadata"]["name"]: p for p in reports.list_peers(kube)}
     nodes = collect_nodes(lab, kube, peers)
     mesh_ip = {n["name"]: n["meshIP"] for n in nodes}
     pairs_in = [(a["name"], b["name"]) for a in nodes for b in nodes if a["name"] != b["name"]]
@@ -394,7 +394,7 @@ def wait_converged(lab: Lab, kube: k8s.Kube, timeout: float) -> bool:
     while time.monotonic() < deadline:
         # Ping (a process per pair; through the command channel for kernel nodes) only once every
         # agent reports the predicted transport: cheap while the mesh still forms.
-        peers = {p["metadata"]["name"]: p for p in kube.list(k8s.PEERS)[0]}
+        peers = {p["metadata"]["name"]: p for p in reports.list_peers(kube)}
         reported = sum(1 for (a, b), t in expected.items()
                        if ((peers.get(a, {}).get("status") or {}).get("peerTransports") or {}).get(b) == t)
         if reported < len(expected):
