@@ -718,7 +718,7 @@ def peer_status_to_cr(status: PeerStatus) -> dict[str, Any]:
 LABEL_SIGNAL_FROM = "wirekube.io/from"
 LABEL_SIGNAL_TO = "wirekube.io/to"
 
-REPORT_FIELDS = ("transportMode", "peerTransports", "relayReasons", "pathMTU", "lastHandshake")
+REPORT_FIELDS = ("transportMode", "peerTransports", "relayReasons", "pathMTU", "lastHandshake", "natPortStep")
 """status fields that live on the WireKubeNodeReport (and no longer on WireKubePeer)."""
 SIGNAL_FIELDS = ("observedEndpoints", "birthday")
 """status fields a v1alpha1 agent kept on its WireKubePeer and an issue-20 agent sends as pair signals."""
@@ -737,6 +737,8 @@ def report_status_to_cr(status: PeerStatus) -> dict[str, Any]:
            "pathMTU": dict(sorted(status.path_mtu.items()))}
     if status.transport_mode is not None:  # a summary of the pairs: readers of pairs want it, agents do not
         out["transportMode"] = status.transport_mode.value
+    # A symmetric NAT's port step varies from one STUN round to the next and no agent reads it.
+    out["natPortStep"] = status.nat_port_step
     if status.last_handshake:
         out["lastHandshake"] = status.last_handshake
     return out

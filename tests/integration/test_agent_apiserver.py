@@ -197,13 +197,13 @@ def test_pair_observations_reach_only_their_readers_and_unchanged_status_is_not_
         assert merged["pathMTU"] == {b: 1360}
         assert merged["observedEndpoints"] == {b: "198.51.100.7:40000"}
         assert merged["birthday"][c]["round"] == 3
-        # Nothing a reader needs changed (a handshake time advanced): nothing is written.
+        # Nothing a reader needs changed (a handshake time advanced, a port step moved): nothing is written.
         wait_for(lambda: "connected" in (srcs[a].peers.cache[a].get("status") or {}), 30, "own status cached")
         before = {r.plural: kube.get(r, a)["metadata"]["resourceVersion"] for r in (k8s.PEERS, k8s.NODE_REPORTS)}
         sig_before = {o["metadata"]["name"]: o["metadata"]["resourceVersion"] for o in signals}
         import dataclasses
 
-        later = dataclasses.replace(status, last_handshake="2026-12-07T16:02:00Z")
+        later = dataclasses.replace(status, last_handshake="2026-12-07T16:02:00Z", nat_port_step=7)
         srcs[a].publish(later, [])
         after = {r.plural: kube.get(r, a)["metadata"]["resourceVersion"] for r in (k8s.PEERS, k8s.NODE_REPORTS)}
         signals, _ = kube.list(k8s.PAIR_SIGNALS, label_selector=f"wirekube.io/from={a}")
@@ -215,7 +215,7 @@ def test_pair_observations_reach_only_their_readers_and_unchanged_status_is_not_
         assert kube.get(k8s.PEERS, a)["metadata"]["resourceVersion"] == before[k8s.PEERS.plural]
         report = kube.get(k8s.NODE_REPORTS, a)["status"]
         assert report["peerTransports"] == {b: "relay", c: "relay"} and not report.get("pathMTU")
-        assert report["lastHandshake"] == "2026-12-07T16:02:00Z"  # carried along with a real change
+        assert report["lastHandshake"] == "2026-12-07T16:02:00Z" and report["natPortStep"] == 7  # carried along
         # Withdrawn observations: their signals go.
         srcs[a].publish(dataclasses.replace(moved, observed_endpoints={}, birthday={}), [])
         assert kube.list(k8s.PAIR_SIGNALS, label_selector=f"wirekube.io/from={a}")[0] == []

@@ -34,7 +34,8 @@ def test_the_peer_object_is_the_same_size_at_any_mesh_size() -> None:
 def test_report_holds_every_pair_and_signals_the_pair_coordination() -> None:
     status = full_status(5)
     report = models.report_status_to_cr(status)
-    assert set(report) == {"transportMode", "peerTransports", "relayReasons", "pathMTU", "lastHandshake"}
+    assert set(report) == {"transportMode", "peerTransports", "relayReasons", "pathMTU", "lastHandshake",
+                           "natPortStep"}
     assert report["peerTransports"]["node-00000"] == "relay" and report["pathMTU"] == {"node-00001": 1360}
     assert models.pair_signal_specs(status) == {
         "node-00001": {"observedEndpoint": "198.51.100.7:40000"},
@@ -85,3 +86,16 @@ def test_observations_come_from_a_few_witnesses_per_subject_in_a_large_mesh() ->
     many = PeerStatus(observed_endpoints={n: "198.51.100.7:40000" for n in names[:1000]})
     sent = models.pair_signal_specs(many, "node-04999", 5000)
     assert 0 < len(sent) < 60, len(sent)
+
+
+def test_a_symmetric_nats_new_port_alone_does_not_move_the_published_endpoint() -> None:
+    from wirekube.agent.main import sticky_symmetric_endpoint
+    from wirekube.models import Endpoint, NatType
+
+    own = {"spec": {"endpoint": "198.51.100.5:40001"}}
+    moved = Endpoint.parse("198.51.100.5:52777")
+    assert str(sticky_symmetric_endpoint(moved, NatType.SYMMETRIC, own)) == "198.51.100.5:40001"
+    assert sticky_symmetric_endpoint(moved, NatType.PORT_RESTRICTED_CONE, own) == moved  # cone: its port is real
+    elsewhere = Endpoint.parse("203.0.113.9:40001")
+    assert sticky_symmetric_endpoint(elsewhere, NatType.SYMMETRIC, own) == elsewhere  # a new address is news
+    assert sticky_symmetric_endpoint(moved, NatType.SYMMETRIC, None) == moved

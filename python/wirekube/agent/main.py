@@ -57,6 +57,7 @@ from wirekube.models import (
     Engine,
     IPAddress,
     Mesh,
+    NatType,
     Peer,
     PeerStatus,
     RelayMode,
@@ -461,7 +462,8 @@ def _make_source(settings: AgentSettings, wake: object, traversal: Traversal | N
     def stun() -> tuple[Endpoint | None, EndpointDiscovery | None]:
         if traversal is not None:
             d = traversal.discovery()
-            return d.endpoint, d.method
+            return sticky_symmetric_endpoint(d.endpoint, d.nat.nat_type, source.peers.cache.get(settings.node_name)), \
+                d.method
         if settings.once and settings.traversal:
             return carried_stun_endpoint(source.snapshot(), settings.node_name)
         return None, None
@@ -472,6 +474,20 @@ def _make_source(settings: AgentSettings, wake: object, traversal: Traversal | N
 
     source = KubeSource(kube, settings.node_name, on_change=wake, discovered=discovered).start()  # type: ignore[arg-type]
     return source, resolve_host(kube.host)
+
+
+def sticky_symmetric_endpoint(found: Endpoint | None, nat_type: NatType, own: Mapping[str, Any] | None) -> Endpoint | None:
+    """Behind a symmetric NAT every STUN round maps a new port, and no peer can use that port
+    (its own flow gets yet another one): keep the published endpoint while only the port moved,
+    so discovery rounds do not rewrite the WireKubePeer every agent watches (issue 20)."""
+    if found is None or nat_type is not NatType.SYMMETRIC or own is None:
+        return found
+    text = (own.get("spec") or {}).get("endpoint")
+    try:
+        published = Endpoint.parse(text) if text else None
+    except ValueError:
+        return found
+    return published if published is not None and published.ip == found.ip else found
 
 
 def carried_stun_endpoint(snap: object, node_name: str) -> tuple[Endpoint | None, EndpointDiscovery | None]:

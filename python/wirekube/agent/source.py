@@ -467,8 +467,9 @@ class KubeSource:
                     "metadata": {"name": self.node_name, "labels": {LABEL_NODE: self.node_name}}})
                 self._report = {}
         current = self._report
-        # A handshake time advances by itself: it is written with the next real change, not alone.
-        if all(current.get(k) == v for k, v in wanted.items() if k != "lastHandshake"):
+        # A handshake time advances by itself, and a symmetric NAT's port step varies from one STUN
+        # round to the next: both are written with the next real change, never alone.
+        if all(current.get(k) == v for k, v in wanted.items() if k not in ("lastHandshake", "natPortStep")):
             return
         patch: dict[str, Any] = dict(wanted)
         for k, v in wanted.items():
