@@ -26,7 +26,7 @@ import pytest
 
 from tests.fixtures.root import require_root
 from tests.fixtures.wait import wait_for
-from wirekube import k8s
+from wirekube import k8s, reports
 from wirekube.lab import orchestrate
 from wirekube.lab.net import Lab
 from wirekube.lab.topology import parse_topology_yaml
@@ -69,7 +69,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, k8s.Kub
 
 
 def status(kube: k8s.Kube, node: str) -> dict[str, Any]:
-    return kube.get(k8s.PEERS, node).get("status") or {}
+    """The node's peer status with its WireKubeNodeReport folded in (relay reasons live there
+    since issue 20's layout)."""
+    return reports.get_peer(kube, node).get("status") or {}
 
 
 def mesh_ip(kube: k8s.Kube, node: str) -> str:
