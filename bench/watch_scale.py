@@ -307,9 +307,97 @@ def _etcd_mb(cp: ControlPlane) -> dict[str, float]:
     return out
 
 
+RETRY_PAUSES_S = (1, 2, 4, 8, 15, 30, 60)
+"""Pauses between tries of one write when the API server is overloaded (about 2 minutes in all)."""
+MEMORY_FLOOR_MB = 3072
+"""The run stops (one clear error) when the machine's available memory falls below this: the
+machine is shared, and a control plane that outgrows it must not take others' processes with it."""
+
+
+class MemoryFloor(RuntimeError):
+    pass
+
+
+def _mem_available_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Monitor:
+    """Samples the API server's and etcd's RSS, the machine's available memory and the load
+    average every 2 s while a run lasts; prints a line every 30 s; trips below the memory floor."""
+
+    def __init__(self, label: str, pids: dict[str, int], floor_mb: float = MEMORY_FLOOR_MB) -> None:
+        import threading
+
+        self.label, self.pids, self.floor_mb = label, pids, floor_mb
+        self.peak = {k: 0.0 for k in pids}
+        self.mem_min = float("inf")
+        self.loads: list[float] = []
+        self.tripped = ""
+        self.started = time.monotonic()
+        self.phase = "start"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Monitor:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def sample(self) -> None:
+        for k, pid in self.pids.items():
+            try:
+                self.peak[k] = max(self.peak[k], _rss_mb(pid))
+            except OSError:
+                pass
+        mem = _mem_available_mb()
+        self.mem_min = min(self.mem_min, mem)
+        self.loads.append(float(Path("/proc/loadavg").read_text().split()[0]))
+        if mem < self.floor_mb and not self.tripped:
+            self.tripped = (f"available memory {mem:.0f} MB fell below the bench's floor of {self.floor_mb:.0f} MB "
+                            f"during {self.phase} (RSS MB: {self.line()})")
+
+    def line(self) -> str:
+        rss = ", ".join(f"{k} {v:.0f}" for k, v in self.peak.items())
+        return (f"{self.phase}, {time.monotonic() - self.started:.0f} s: peak RSS MB {rss}; "
+                f"available {self.mem_min:.0f} MB at least; load {self.loads[-1] if self.loads else 0:.1f}")
+
+    def _run(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(2.0):
+            self.sample()
+            if time.monotonic() - last >= 30:
+                last = time.monotonic()
+                print(f"watch {self.label}: {self.line()}", file=sys.stderr, flush=True)
+
+    def check(self) -> None:
+        if self.tripped:
+            raise MemoryFloor(self.tripped)
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        self.sample()
+        return {"seconds": round(time.monotonic() - self.started, 1),
+                **{f"{k.replace('kube-', '')}_rss_mb_peak": round(v, 1) for k, v in self.peak.items()},
+                "mem_available_mb_min": round(self.mem_min), "load_1m_min": min(self.loads),
+                "load_1m_max": max(self.loads), "load_1m_mean": round(statistics.mean(self.loads), 1)}
+
+
 class Bench:
-    def __init__(self, cp: ControlPlane, layout: str, n: int, watchers: int, wave_nodes: int, lean: bool) -> None:
+    def __init__(self, cp: ControlPlane, layout: str, n: int, watchers: int, wave_nodes: int, lean: bool,
+                 monitor: Monitor | None = None, threads: int = 6) -> None:
+        import threading
+
         self.cp, self.layout, self.n, self.lean = cp, layout, n, lean
+        self.monitor = monitor or Monitor(f"{layout} {n}", {})
+        self.threads = threads
+        self._lock = threading.Lock()
+        self.retries = self.conflicts = 0
         self.kube = k8s.Kube.from_kubeconfig(cp.kubeconfig)
         self.kube._timeout = 120.0
         self.objs: dict[tuple[str, str], dict[str, Any]] = {}
@@ -330,26 +418,42 @@ class Bench:
     def pid(self, proc: str) -> int:
         return self.cp.processes()[proc]
 
-    @staticmethod
-    def _retrying(call: Any) -> Any:
-        """An overloaded API server answers 504 (its own request deadline): try again, 5 times."""
+    def _retrying(self, call: Any) -> Any:
+        """An overloaded API server answers 504 (its own 60 s request deadline), 429, or the client
+        times out: try again with a growing pause, for about 2 minutes in all. Counted in the row."""
         from wirekube import errors
 
-        for attempt in range(5):
+        for attempt, pause in enumerate(RETRY_PAUSES_S):
             try:
                 return call()
-            except errors.Temporary:
-                if attempt == 4:
-                    raise
-                time.sleep(1 + attempt)
-        raise AssertionError("unreachable")
+            except errors.Temporary as e:
+                with self._lock:
+                    self.retries += 1
+                print(f"watch {self.layout} {self.n}: retry {attempt + 1} after {type(e).__name__}: "
+                      f"{str(e)[:160]}", file=sys.stderr, flush=True)
+                self.monitor.check()
+                time.sleep(pause)
+        return call()
 
     def _put_status(self, res: k8s.Resource, i: int, status: dict[str, Any]) -> tuple[int, float]:
+        from wirekube import errors
+
         key = (res.plural, name(i))
         body = dict(self.objs[key])
         body["status"] = status
         t = time.monotonic()
-        out = self._retrying(lambda: self.kube.replace_status(res, body))
+
+        def put() -> Any:
+            try:
+                return self.kube.replace_status(res, body)
+            except errors.Conflict:
+                # A write that timed out on our side but went through moved the resourceVersion:
+                # the status is whole (not a patch), so writing it again on the latest is the same write.
+                with self._lock:
+                    self.conflicts += 1
+                body["metadata"] = self.kube.get(res, name(i))["metadata"]
+                return self.kube.replace_status(res, body)
+        out = self._retrying(put)
         self.objs[key] = out
         return int(out["metadata"]["resourceVersion"]), t
 
@@ -361,15 +465,28 @@ class Bench:
                 return self.kube.create(res, body)
             except errors.AlreadyExists:  # a retried create that had gone through
                 return self.kube.get(res, body["metadata"]["name"])
-        out = self._retrying(create)
+        out: dict[str, Any] = self._retrying(create)
         self.objs[(res.plural, body["metadata"]["name"])] = out
         return out
 
     def populate(self) -> float:
-        """Every node's objects, written by 6 threads (as N agents would, concurrently)."""
+        """Every node's objects, written by a few threads (as N agents would, concurrently; bounded,
+        so a 2-core machine's API server is not buried), with a progress line every 500 nodes."""
         import concurrent.futures
 
+        done = [0]
+
         def node(i: int) -> None:
+            self.monitor.check()
+            populate_node(i)
+            with self._lock:
+                done[0] += 1
+                if done[0] % 500 == 0 or done[0] == self.n:
+                    self.monitor.phase = f"populate {done[0]}/{self.n}"
+                    print(f"watch {self.layout} {self.n}: {self.monitor.line()}; retries {self.retries}",
+                          file=sys.stderr, flush=True)
+
+        def populate_node(i: int) -> None:
             self._create(k8s.PEERS, {"apiVersion": "wirekube.io/v1alpha1", "kind": "WireKubePeer",
                                      "metadata": {"name": name(i), "labels": {"wirekube.io/node": name(i)}},
                                      "spec": spec(i)})
@@ -386,9 +503,15 @@ class Bench:
                 self._create(SIGNALS, signal_body(i, j, 0, obs, bday))
 
         t0 = time.monotonic()
-        with concurrent.futures.ThreadPoolExecutor(6) as pool:
-            for f in [pool.submit(node, i) for i in range(self.n)]:
-                f.result()
+        with concurrent.futures.ThreadPoolExecutor(self.threads) as pool:
+            futures = [pool.submit(node, i) for i in range(self.n)]
+            try:
+                for f in futures:
+                    f.result()
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
         return time.monotonic() - t0
 
     def _signals_of(self, i: int) -> dict[int, tuple[bool, bool]]:
@@ -441,7 +564,7 @@ class Bench:
             body = dict(self.objs[key])
             body["spec"] = signal_body(i, j, self.version, obs, bday)["spec"]
             t = time.monotonic()
-            self.objs[key] = self.kube.replace(SIGNALS, body)
+            self.objs[key] = self._retrying(lambda body=body: self.kube.replace(SIGNALS, body))
             out.append(("signals", key[1], int(self.objs[key]["metadata"]["resourceVersion"]), t))
         return out
 
@@ -462,11 +585,12 @@ def _sum_streams(rep: dict[str, Any], prefix: str, suffix: str = "") -> list[int
 
 
 def run_layout(layout: str, sizes: list[int], watchers: int, wave_nodes: int, workdir: Path,
-               lean_from: int = 5000) -> list[dict[str, Any]]:
+               lean_from: int = 5000, threads: int = 6) -> list[dict[str, Any]]:
     rows = []
     for n in sizes:
         lean = n >= lean_from
         cp = ControlPlane(workdir / f"{layout}-{n}").up()
+        monitor = Monitor(f"{layout} {n}", {p: cp.processes()[p] for p in ("kube-apiserver", "etcd")}).start()
         try:
             if layout == "split":
                 cp_kube = k8s.Kube.from_kubeconfig(cp.kubeconfig)
@@ -483,9 +607,12 @@ def run_layout(layout: str, sizes: list[int], watchers: int, wave_nodes: int, wo
                         if time.monotonic() > deadline:
                             raise
                         time.sleep(0.2)
-            b = Bench(cp, layout, n, watchers, wave_nodes, lean)
+            monitor.phase = "planning the objects"
+            b = Bench(cp, layout, n, watchers, wave_nodes, lean, monitor, threads)
             api, etcd = b.pid("kube-apiserver"), b.pid("etcd")
+            monitor.phase = "populate"
             populate_s = b.populate()
+            monitor.phase = "measure"
             row: dict[str, Any] = {"layout": layout, "nodes": n, "watching_agents": len(b.watching),
                                    "lean": lean and layout == "split",
                                    "populate_s": round(populate_s, 1), **_etcd_mb(cp),
@@ -564,13 +691,13 @@ def run_layout(layout: str, sizes: list[int], watchers: int, wave_nodes: int, wo
                 # Per kind: every agent watches every WireKubePeer; a pair signal reaches exactly
                 # one agent (its addressee); a report none. Event sizes as the watchers received them.
                 when = {(x[1], x[2]) for x in all_writes}
-                sizes = {"peers": [], "signals": []}
+                event_sizes: dict[str, list[int]] = {"peers": [], "signals": []}
                 for st, evs in rep["events"].items():
                     kind_ = st.rsplit("/", 1)[-1]
-                    if st.startswith("agent/") and kind_ in sizes:
-                        sizes[kind_] += [e[2] for e in evs if (e[0], e[1]) in when]
+                    if st.startswith("agent/") and kind_ in event_sizes:
+                        event_sizes[kind_] += [e[2] for e in evs if (e[0], e[1]) in when]
                 per_node = {k: sum(1 for x in all_writes if x[0] == k) / len(sample) for k in ("peers", "signals", "reports")}
-                event = {k: (statistics.mean(v) if v else 0.0) for k, v in sizes.items()}
+                event = {k: (statistics.mean(v) if v else 0.0) for k, v in event_sizes.items()}
                 wave_bytes = n * (per_node["peers"] * n * event["peers"] + per_node["signals"] * 1 * event["signals"])
                 row["wave_sample"] = {
                     "nodes": len(sample), "writes": len(all_writes), "seconds": round(wave_s, 2),
@@ -596,11 +723,19 @@ def run_layout(layout: str, sizes: list[int], watchers: int, wave_nodes: int, wo
                     "agent_decode_cpu_s": round(rep["decode_cpu_s"] / len(sample) * n, 2),
                     "apiserver_cpu_s_extrapolated": round(api_cpu / len(sample) * n, 1)}
                 row.update(_etcd_mb(cp))
+                monitor.check()
             finally:
                 w.close()
             b.kube.close()
+            row["retries"], row["conflicts_rewritten"] = b.retries, b.conflicts
+        except BaseException as e:
+            print(f"watch {layout} {n}: FAILED ({type(e).__name__}: {str(e)[:300]}) at {monitor.line()}",
+                  file=sys.stderr, flush=True)
+            raise
         finally:
+            row_during = monitor.stop()
             cp.down()
+        row["during_run"] = row_during
         print(f"watch {layout} {n}: {json.dumps(row)}", file=sys.stderr, flush=True)
         rows.append(row)
     return rows
@@ -625,8 +760,8 @@ def projection(rows: list[dict[str, Any]], target: int) -> dict[str, Any]:
         (n1, r1), (n2, r2) = pts[-2], pts[-1]
 
         def lin(get: Any) -> float:
-            a, b = get(r1), get(r2)
-            return b + (b - a) / (n2 - n1) * (target - n2)
+            a, b = float(get(r1)), float(get(r2))
+            return float(b + (b - a) / (n2 - n1) * (target - n2))
         # The wave: writes per node (flat in N) x agents per event (N for peers, 1 for signals)
         # x event bytes (linear in N for a v1alpha1 peer, flat for a signal), times N nodes.
         wt = r2["wave_total"]
