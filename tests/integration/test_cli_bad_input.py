@@ -49,12 +49,17 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     busy = socket.socket()  # a port in use, for a relay that cannot bind
     busy.bind(("127.0.0.1", 0))
     busy.listen(1)
+    served = socket.socket(socket.AF_UNIX)  # a relay-path socket somebody already serves
+    served.bind(str(tmp / "served.sock"))
+    served.listen(1)
     try:
         yield {"unreachable": str(unreachable), "not_kubeconfig": str(not_kubeconfig), "bad_yaml": str(bad_yaml),
                "bad_topology": str(bad_topology), "bad_key": str(bad_key), "dir_key": str(dir_key),
-               "state": str(tmp / "state"), "busy": f"127.0.0.1:{busy.getsockname()[1]}"}
+               "state": str(tmp / "state"), "busy": f"127.0.0.1:{busy.getsockname()[1]}",
+               "served": str(tmp / "served.sock")}
     finally:
         busy.close()
+        served.close()
 
 
 # (script, argv with {placeholders} from `files`, expected exit code, words the last line must hold)
@@ -89,6 +94,9 @@ CASES = [
     ("wirekube-relay", ["--authorize-peers", "--kubeconfig", "/nonexistent/kubeconfig", "--listen", "127.0.0.1:0",
                         "--stun-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "text"],
      2, ["/nonexistent/kubeconfig", "no such file"]),
+    ("wirekube-relaypath", [], 2, ["--socket"]),
+    ("wirekube-relaypath", ["--socket", "{served}"], 1, ["{served}", "already served by pid"]),
+    ("wirekube-relaypath", ["--socket", "/nonexistent/dir/relaypath.sock"], 1, ["No such file"]),
     ("wirekube-gateway", ["--bogus"], 2, ["--bogus"]),
     ("wirekube-gateway", ["--kubeconfig", "/nonexistent/kubeconfig"], 1, ["/nonexistent/kubeconfig", "no such file"]),
     ("wirekube-gateway", ["--kubeconfig", "{not_kubeconfig}"], 1, ["not a kubeconfig"]),

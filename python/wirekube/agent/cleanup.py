@@ -1,7 +1,7 @@
 """Remove everything WireKube put on a node, and nothing else.
 
 Removed: the WireGuard interface (and the wireguard-go daemon serving it, found through its UAPI
-socket), the rules WireKube owns (:func:`wirekube.agent.plan.is_wirekube_rule`), every route in
+socket), the relay-path process (found through its socket in the state directory), the rules WireKube owns (:func:`wirekube.agent.plan.is_wirekube_rule`), every route in
 table 22347 and the nftables tables ``inet wirekube`` and ``inet wirekube_mss`` (the TCP MSS clamp).  Used by ``wirekubectl cleanup`` (also as an
 init container or Job).  Idempotent: a second run finds nothing to do.
 """
@@ -15,6 +15,8 @@ from pathlib import Path
 
 from loguru import logger
 
+from wirekube.agent import relayproc
+from wirekube.agent.keys import DEFAULT_STATE_DIR
 from wirekube.agent.netlink import Netlink
 from wirekube.agent.plan import is_wirekube_rule
 from wirekube.agent.pmtu import MSS_TABLE
@@ -29,6 +31,7 @@ NFT_TABLE = "wirekube"
 @dataclass
 class CleanupReport:
     daemon_stopped: bool = False
+    relay_process_stopped: bool = False
     interface_removed: bool = False
     rules_removed: list[str] = field(default_factory=list)
     routes_removed: list[str] = field(default_factory=list)
@@ -38,6 +41,7 @@ class CleanupReport:
     def changed(self) -> bool:
         return bool(
             self.daemon_stopped
+            or self.relay_process_stopped
             or self.interface_removed
             or self.rules_removed
             or self.routes_removed
@@ -45,8 +49,10 @@ class CleanupReport:
         )
 
 
-def cleanup(ifname: str = "wire_kube", socket_dir: Path = SOCKET_DIR) -> CleanupReport:
+def cleanup(ifname: str = "wire_kube", socket_dir: Path = SOCKET_DIR,
+            state_dir: Path = DEFAULT_STATE_DIR) -> CleanupReport:
     report = CleanupReport()
+    report.relay_process_stopped = relayproc.stop_process(relayproc.socket_path(state_dir))
     engine = UserspaceEngine(UserspaceSettings(ifname=ifname, socket_dir=socket_dir))
     if engine.find_daemon_pid() is not None:
         engine.stop_daemon()

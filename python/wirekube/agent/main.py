@@ -37,12 +37,14 @@ from wirekube import logsetup
 from wirekube.authority import Guarded, named_hosts
 from wirekube.agent import imds as imdsmod
 from wirekube.agent import keys as keystore
+from wirekube.agent import relayproc
 from wirekube.agent.gateway import GatewayAgent
 from wirekube.agent.netlink import Netlink
 from wirekube.agent.plan import HANDSHAKE_FRESH_SECONDS, PeerPath
 from wirekube.agent.pmtu import PathMtu, targets_from
 from wirekube.agent.reconcile import Reconciler, ReconcilerSettings, Result, describe
 from wirekube.agent.registration import first_discovered
+from wirekube.agent.relayproc import PathConfig, RelayDatapath, RelayProcessMode, RemoteRelayPath
 from wirekube.agent.traversal import DIRECT_KEEPALIVE, RELAY_KEEPALIVE, Traversal
 from wirekube.agent.wg.base import PutPeer, WgDeviceState, WgPeerConfig
 from wirekube.agent.wg.select import describe_engine
@@ -99,6 +101,9 @@ class AgentSettings:
     ``--relay-proxy-credentials-file``)."""
     relay_ca_file: str | None = None
     """CA bundle a ``wss://`` relay's certificate must chain to (``None``: the system's)."""
+    relay_process: RelayProcessMode = RelayProcessMode.SPAWN
+    """Where relayed packets are carried (see :mod:`wirekube.agent.relayproc`): a process that
+    outlives the agent, started by it (spawn) or by somebody else (external), or the agent itself."""
 
 
 def parse_args(argv: list[str] | None = None) -> AgentSettings:
@@ -134,6 +139,11 @@ def parse_args(argv: list[str] | None = None) -> AgentSettings:
                    default=os.environ.get("WIREKUBE_RELAY_PROXY_CREDENTIALS_FILE") or None,
                    help="user:password for the HTTPS_PROXY proxy (Basic auth), e.g. from a Secret "
                         "(env WIREKUBE_RELAY_PROXY_CREDENTIALS_FILE)")
+    p.add_argument("--relay-process", choices=[m.value for m in RelayProcessMode],
+                   default=os.environ.get("WIREKUBE_RELAY_PROCESS", RelayProcessMode.SPAWN.value),
+                   help="where relayed packets are carried: a process of their own that outlives the agent, "
+                        "started by the agent (spawn, default) or run beside it (external: the chart's "
+                        "relaypath container), or inside the agent (inprocess) (env WIREKUBE_RELAY_PROCESS)")
     a = p.parse_args(argv)
     if not a.node_name:
         p.error("--node-name (or NODE_NAME) is required")
@@ -163,7 +173,18 @@ def parse_args(argv: list[str] | None = None) -> AgentSettings:
         imds_url="" if a.no_imds else a.imds_url,
         relay_proxy=relay_proxy,
         relay_ca_file=a.relay_ca_file,
+        relay_process=RelayProcessMode(a.relay_process),
     )
+
+
+def _relay_datapath(settings: AgentSettings) -> Callable[[PathConfig], RelayDatapath] | None:
+    """The relay-path process for this node's state directory (None: in the agent)."""
+    if settings.relay_process is RelayProcessMode.INPROCESS:
+        return None
+    path = relayproc.socket_path(settings.state_dir)
+    spawn = (relayproc.spawner(path, settings.state_dir / "relaypath.log", settings.log_level)
+             if settings.relay_process is RelayProcessMode.SPAWN else None)
+    return lambda config: RemoteRelayPath(path, config, spawn=spawn)
 
 
 def relay_proxy_config(env: Mapping[str, str], credentials_file: str | None) -> ProxyConfig:
@@ -270,6 +291,7 @@ def run(settings: AgentSettings) -> int:
             relay_proxy=settings.relay_proxy,
             relay_ca_file=settings.relay_ca_file,
             fast_switch=lambda key, endpoint: _fast_switch(reconciler, keys.private_key, key, endpoint),
+            relay_datapath=_relay_datapath(settings),
         )
     imds = _imds(settings, wake)
     ready = threading.Event()

@@ -58,6 +58,7 @@ from wirekube.relay.protocol import PROBE_FROM_ALTERNATE_PORT
 from wirekube.traversal import birthday, birthdaypath, liveness, nat, pathsm, probe, rawudp, reflection
 from wirekube.traversal.birthday import BirthdaySettings, Do, Phase
 from wirekube.traversal.probe import ProbeListener
+from wirekube.agent.relayproc import PathConfig, RelayDatapath
 from wirekube.traversal.relaypath import RelayPath
 
 # Failover watches rx counters, so something must come back from every peer in use. WireGuard's
@@ -172,8 +173,12 @@ class Traversal:
         relay_proxy: ProxyConfig = ProxyConfig(),
         relay_ca_file: str | None = None,
         fast_switch: Callable[[str, Endpoint], None] | None = None,
+        relay_datapath: Callable[[PathConfig], RelayDatapath] | None = None,
     ) -> None:
         self.node = node_name
+        # Where relayed packets are carried: by default a RelayPath in this process; the agent
+        # passes the relay-path process (agent/relayproc.py), which outlives it.
+        self._relay_datapath = relay_datapath or _in_process
         self._relay_proxy = relay_proxy
         self._relay_ca_file = relay_ca_file
         self._relay_problem_last: tuple[str, str] | None = None
@@ -196,7 +201,7 @@ class Traversal:
         self._discovery = Discovery()
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._relay: RelayPath | None = None
+        self._relay: RelayDatapath | None = None
         self._listener: ProbeListener | None = None
         self._threads: list[threading.Thread] = []
         self._discovered_once = threading.Event()
@@ -323,8 +328,8 @@ class Traversal:
 
     def _ensure_io(self, mesh: Mesh) -> None:
         port = mesh.spec.listen_port
-        self._relay = RelayPath(self._private, port, fwmark=FWMARK, proxy=self._relay_proxy,
-                                ca_file=self._relay_ca_file)
+        self._relay = self._relay_datapath(PathConfig.of(self._private, port, fwmark=FWMARK, proxy=self._relay_proxy,
+                                                         ca_file=self._relay_ca_file))
         try:
             self._listener = ProbeListener(self._private, _raw(self.public_key), port, self._known_peer,
                                            on_ping=self._peer_probed_us).start()
@@ -880,12 +885,11 @@ class Traversal:
         """Ask the relay to send UDP probes to our mapping from its two ports; was the second seen?"""
         if self._relay is None or self._listener is None or self._loop is None:
             return None
-        client = self._relay._client()
-        if client is None:
+        if not self._relay.connected_relays():
             return None
         self._listener.nat_probes_seen.clear()
         try:
-            sent = bool(self._call(client.nat_probe(first.mapped_ip, first.mapped_port, timeout=3.0), timeout=5.0))
+            sent = bool(self._call(self._relay.nat_probe(first.mapped_ip, first.mapped_port, timeout=3.0), timeout=9.0))
         except Exception:  # noqa: BLE001 - inconclusive
             return None
         if not sent:
@@ -1048,6 +1052,11 @@ class Traversal:
         s = self._relay.stats
         return {"relay_connections": len(self._relay.connected_relays()), "relay_reconnects": s.relay_reconnects,
                 "eperm_events": s.eperm_events, "eperm_recoveries": s.eperm_recoveries}
+
+
+def _in_process(config: PathConfig) -> RelayDatapath:
+    return RelayPath(config.key(), config.wireguard_port, fwmark=config.fwmark, proxy=config.proxy,
+                     ca_file=config.ca_file)
 
 
 def _raw(key: str) -> bytes:

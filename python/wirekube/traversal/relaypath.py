@@ -488,6 +488,14 @@ class RelayPath:
                     return client
         return None
 
+    async def nat_probe(self, ip: str, port: int, timeout: float = 3.0) -> bool | None:
+        """Ask a connected relay to send its two UDP probes to ``ip:port`` (see
+        :meth:`RelayClient.nat_probe`); None when no relay is connected."""
+        client = self._client()
+        if client is None:
+            return None
+        return await client.nat_probe(ip, port, timeout=timeout)
+
     def transport(self) -> str:
         """How relayed traffic leaves: ``tcp``, ``wss``, with `` via proxy HOST:PORT`` when it
         goes through an HTTP proxy; ``""`` when no relay connection is up."""
@@ -536,14 +544,31 @@ class RelayPath:
 
     # ---- proxies -------------------------------------------------------------------------------
 
-    async def ensure_proxy(self, peer_key: bytes) -> int:
-        """The loopback port standing for ``peer_key`` (created on first use)."""
+    async def ensure_proxy(self, peer_key: bytes, port: int = 0) -> int:
+        """The loopback port standing for ``peer_key`` (created on first use, on ``port`` when it
+        is given and free: a proxy re-created after a restart keeps WireGuard's endpoint valid)."""
         proxy = self._proxies.get(peer_key)
         if proxy is None:
-            proxy = PeerProxy(self, peer_key)
-            await proxy.open()
+            if any(p.port == port for p in self._proxies.values()):
+                port = 0  # SO_REUSEADDR would let two proxies share it
+            proxy = PeerProxy(self, peer_key, port)
+            try:
+                await proxy.open()
+            except OSError:
+                if not port:
+                    raise
+                proxy = PeerProxy(self, peer_key)  # the old port is taken: any free one
+                await proxy.open()
             self._proxies[peer_key] = proxy
         return proxy.port
+
+    def retain(self, peer_keys: Iterable[bytes]) -> list[bytes]:
+        """Close every proxy whose peer is not in ``peer_keys``; returns the keys closed."""
+        keep = set(peer_keys)
+        gone = [k for k in self._proxies if k not in keep]
+        for key in gone:
+            self.remove_proxy(key)
+        return gone
 
     def remove_proxy(self, peer_key: bytes) -> None:
         proxy = self._proxies.pop(peer_key, None)
