@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -16,8 +17,6 @@ from wirekube.traversal import nat, pathsm
 
 
 def test_matrix_relay_peer_points_at_the_proxy_and_direct_peer_gets_short_keepalive() -> None:
-    from dataclasses import replace
-
     from wirekube.agent import traversal as traversal_module
 
     t = traversal(NatType.SYMMETRIC, [peer("sym", NatType.SYMMETRIC, "203.0.113.1"),
@@ -31,6 +30,32 @@ def test_matrix_relay_peer_points_at_the_proxy_and_direct_peer_gets_short_keepal
     status = t.decorate(PeerStatus())
     assert status.relay_reasons == {"sym": "peer symmetric and local symmetric"}
     assert status.nat_type is NatType.SYMMETRIC
+
+
+def test_a_restarted_agent_keeps_an_inherited_proven_direct_session() -> None:
+    """kill -9 and restart: the device still holds a direct session the previous agent proved
+    (keepalive 25, fresh handshake), so the new agent starts it proven and rewrites nothing; a
+    session still being opened (keepalive 1), a stale one or one at a relay proxy starts unproven."""
+    import time
+
+    p = peer("cone", NatType.CONE, "203.0.113.2")
+    public = Endpoint(ipaddress.ip_address("203.0.113.2"), 51820)
+    proxy = Endpoint(ipaddress.ip_address("127.0.0.1"), 40001)
+    now = time.time()
+    cases = [((public, DIRECT_KEEPALIVE, now - 30), DIRECT_KEEPALIVE, True),
+             ((public, 1, now - 30), 1, False),
+             ((public, DIRECT_KEEPALIVE, now - 600), 1, False),
+             ((public, DIRECT_KEEPALIVE, 0.0), 1, False),
+             ((proxy, DIRECT_KEEPALIVE, now - 30), 1, False)]
+    for (endpoint, keepalive, handshake), want_keepalive, proven in cases:
+        t = traversal(NatType.CONE, [])
+        device = WgDeviceState(peers={p.spec.public_key: WgPeerState(
+            WgPeerConfig(p.spec.public_key, endpoint, (), keepalive), rx_bytes=5000, last_handshake=handshake)})
+        t._engine_state = lambda device=device: device  # type: ignore[misc]
+        t._view = replace(t._view, peers={"cone": p})
+        t._sync_peers()
+        assert t._peers["cone"].path.established is proven, (endpoint, keepalive, handshake)
+        assert t.paths()["cone"].keepalive == want_keepalive, (endpoint, keepalive, handshake)
 
 
 def test_same_public_address_uses_the_lan_endpoint() -> None:

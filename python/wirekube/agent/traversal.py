@@ -36,8 +36,9 @@ import uvloop
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from loguru import logger
 
-from wirekube.agent.plan import PeerPath
-from wirekube.agent.wg.base import WgDeviceState
+from wirekube.agent.plan import HANDSHAKE_FRESH_SECONDS, PeerPath
+from wirekube.agent.relayproc import PathConfig, RelayDatapath
+from wirekube.agent.wg.base import WgDeviceState, WgPeerState
 from wirekube.gateway import conditions as cond
 from wirekube.models import (
     ANNOTATION_BIRTHDAY,
@@ -58,7 +59,6 @@ from wirekube.relay.protocol import PROBE_FROM_ALTERNATE_PORT
 from wirekube.traversal import birthday, birthdaypath, liveness, nat, pathsm, probe, rawudp, reflection
 from wirekube.traversal.birthday import BirthdaySettings, Do, Phase
 from wirekube.traversal.probe import ProbeListener
-from wirekube.agent.relayproc import PathConfig, RelayDatapath
 from wirekube.traversal.relaypath import RelayPath
 
 # Failover watches rx counters, so something must come back from every peer in use. WireGuard's
@@ -381,6 +381,12 @@ class Traversal:
 
     # ------------------------------------------------------------------ per-peer decisions
 
+    def _device_now(self) -> WgDeviceState | None:
+        try:
+            return self._engine_state()
+        except Exception:  # noqa: BLE001 - the engine may be (re)starting: decide without it
+            return None
+
     def _facts_of(self, peer: Peer) -> nat.NodeFacts:
         ep = peer.spec.endpoint
         return nat.NodeFacts(
@@ -414,6 +420,9 @@ class Traversal:
                 return
             timing = self._timing(mesh)
             local = self._local_facts()
+            device: WgDeviceState | None = None
+            if any(n not in self._peers for n in self._view.peers):
+                device = self._device_now()
             for name in list(self._peers):
                 if name not in self._view.peers:
                     gone = self._peers.pop(name)
@@ -432,6 +441,11 @@ class Traversal:
                     elif (state is not None and state.decision.path not in (nat.Path.RELAY, nat.Path.BIRTHDAY)
                           and state.key == peer.spec.public_key):
                         path = state.path  # same direct-ish decision: keep the running state machine
+                    elif state is None and device is not None and _proven_before(
+                            device.peers.get(peer.spec.public_key), time.time()):
+                        # A restarted agent inherits a working direct session: keep it as proven
+                        # (no keepalive rewrite, failover armed at once).
+                        path = replace(pathsm.PeerPath.start_direct(now), established=True)
                     else:
                         path = pathsm.PeerPath.start_direct(now)
                     self._peers[name] = _PeerState(peer.spec.public_key, decision, path,
@@ -1052,6 +1066,14 @@ class Traversal:
         s = self._relay.stats
         return {"relay_connections": len(self._relay.connected_relays()), "relay_reconnects": s.relay_reconnects,
                 "eperm_events": s.eperm_events, "eperm_recoveries": s.eperm_recoveries}
+
+
+def _proven_before(ws: WgPeerState | None, wall: float) -> bool:
+    """The device already holds a direct session with this peer that the previous agent had
+    proven (its keepalive is the proven one) and that handshook recently."""
+    return (ws is not None and ws.config.endpoint is not None and not ws.config.endpoint.ip.is_loopback
+            and ws.config.persistent_keepalive == DIRECT_KEEPALIVE and ws.last_handshake > 0
+            and wall - ws.last_handshake < HANDSHAKE_FRESH_SECONDS)
 
 
 def _in_process(config: PathConfig) -> RelayDatapath:
