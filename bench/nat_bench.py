@@ -7,7 +7,10 @@ Writes three result files:
   over the transport the NAT matrix predicts (default topology, 8 nodes, 56 pairs).
 * ``failover.json``: the longest gap of a 10/s ping across a direct pair when UDP between
   their routers is cut, over N cuts (goal <= 2000 ms; the reference tolerates ~4000 ms), and how
-  long the pair took to return to direct after each cut was lifted.
+  long the pair took to return to direct after each cut was lifted; and (part ``restart``) the
+  longest gap of a 10/s ping across a relayed pair when both its agents are killed -9 and started
+  3 s later, and when both are restarted gracefully (``relayed_restart_gap_ms``,
+  ``relayed_graceful_restart_gap_ms``).
 * ``relay_throughput.json``: iperf3 through the same pair (ec2-a -> ec2-b) direct and relayed
   (mesh relay.mode switched to always and back), runs interleaved, 1 and 4 streams; the ratio
   relayed/direct is the figure (goal >= 0.8 with one stream, >= 0.75 with four).
@@ -128,6 +131,48 @@ def failover(lab: Any, kube: k8s.Kube, cuts: int) -> dict[str, Any]:
         "false_failovers_during_cuts": len(false), "false_failover_events": false,
         "cpu_stress": stress, "load_average": os.getloadavg()[0],
     }
+
+
+def _ping_around(lab: Any, src: str, dst: str, seconds: int, action: Any) -> str:
+    """A 10/s ping from ``src`` to ``dst`` for ``seconds``; ``action()`` runs once 10 replies are in."""
+    pinger = lab.spawn(src, ["ping", "-D", "-n", "-i", "0.1", "-W", "1", "-w", str(seconds), dst], pipe=True)
+    head: list[str] = []
+    deadline = time.monotonic() + 15
+    while sum("bytes from" in ln for ln in head) < 10:
+        line = pinger.stdout.readline()
+        if not line or time.monotonic() > deadline:
+            raise RuntimeError(f"no steady ping replies from {src} to {dst}: {''.join(head)[-300:]}")
+        head.append(line)
+    action()
+    rest, _ = pinger.communicate(timeout=seconds + 60)
+    return "".join(head) + rest
+
+
+def relayed_restarts(lab: Any, kube: k8s.Kube, h: Any) -> dict[str, Any]:
+    """Issue 16: both agents of a relayed pair (sym1-1 <-> sym2-1) killed -9 and started 3 s
+    later, then stopped with SIGTERM and started: the 10/s ping's longest gap and lost pings."""
+    a, b = "sym1-1", "sym2-1"
+    dst = mesh_ip(lab, kube, b)
+    wait_for(lambda: transport(kube, a, b) == "relay", 120, "the pair relayed before the restarts")
+    killed = _ping_around(lab, a, dst, 12, lambda: orchestrate.restart_agents(lab, h, (a, b), kill=True, down_for=3.0))
+    if not orchestrate.wait_converged(lab, kube, timeout=120):
+        raise RuntimeError("the mesh did not re-converge within 120 s after the kill -9")
+    graceful = _ping_around(lab, a, dst, 12, lambda: orchestrate.restart_agents(lab, h, (a, b), kill=False))
+    seqs = sorted({int(m) for m in re.findall(r"icmp_seq=(\d+)", graceful)})
+    lost = sorted(set(range(seqs[0], seqs[-1] + 1)) - set(seqs)) if seqs else []
+    out = {
+        "relayed_restart_description": f"10/s ping {a} -> {b} (relayed by the NAT matrix) while both agents are "
+                                       "killed -9 and started 3 s later; the relay path process outlives them",
+        "relayed_restart_gap_ms": round(longest_gap(killed) * 1000, 1),
+        "relayed_graceful_restart_gap_ms": round(longest_gap(graceful) * 1000, 1),
+        "relayed_graceful_restart_lost_pings": len(lost),
+        "relayed_restart_goal_ms": 1000,
+        "relayed_restart_before_ms": 4450,
+        "relayed_restart_load_average": os.getloadavg()[0],
+    }
+    print(f"relayed restart: kill -9 gap {out['relayed_restart_gap_ms']} ms, graceful gap "
+          f"{out['relayed_graceful_restart_gap_ms']} ms, {len(lost)} lost", file=sys.stderr)
+    return out
 
 
 def iperf(lab: Any, src: str, dst_ip: str, seconds: int, streams: int) -> dict[str, float]:
@@ -291,7 +336,7 @@ def throughput(lab: Any, kube: k8s.Kube, seconds: int, rounds: int) -> dict[str,
     return out
 
 
-PARTS = ("convergence", "failover", "iperf")
+PARTS = ("convergence", "failover", "restart", "iperf")
 
 
 def main() -> int:
@@ -300,7 +345,7 @@ def main() -> int:
     p.add_argument("--seconds", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--only", default=",".join(PARTS),
-                   help="comma-separated parts to run (convergence, failover, iperf); the lab always comes up, "
+                   help="comma-separated parts to run (convergence, failover, restart, iperf); the lab always comes up, "
                         "and only the named parts write their result files")
     args = p.parse_args()
     parts = set(args.only.split(","))
@@ -313,15 +358,21 @@ def main() -> int:
         started = time.monotonic()
         orchestrate.up(default_topology(), name, wait=120, mesh_overrides=overrides)
         st = orchestrate.state(name)
-        lab, kube, _ = orchestrate.attach(name)
+        lab, kube, h = orchestrate.attach(name)
         if "convergence" in parts:
             (RESULTS / "convergence.json").write_text(json.dumps({
                 "description": "agents started -> every ordered pair on its predicted transport (default lab)",
                 "nodes": len(lab.nodes), "pairs": len(lab.nodes) * (len(lab.nodes) - 1),
                 "convergence_seconds": st.get("convergence_seconds"), "goal_seconds": 30,
                 "lab_up_total_seconds": round(time.monotonic() - started, 1)}, indent=2) + "\n")
-        if "failover" in parts:
-            (RESULTS / "failover.json").write_text(json.dumps(failover(lab, kube, args.cuts), indent=2) + "\n")
+        if "failover" in parts or "restart" in parts:
+            path = RESULTS / "failover.json"
+            result = json.loads(path.read_text()) if path.exists() else {}
+            if "failover" in parts:
+                result.update(failover(lab, kube, args.cuts))
+            if "restart" in parts:
+                result.update(relayed_restarts(lab, kube, h))
+            path.write_text(json.dumps(result, indent=2) + "\n")
         if "iperf" in parts:
             (RESULTS / "relay_throughput.json").write_text(
                 json.dumps(throughput(lab, kube, args.seconds, args.rounds), indent=2) + "\n")

@@ -449,20 +449,6 @@ def test_doctor_local_flags_a_killed_agents_state_until_it_is_back(lab: Any) -> 
     assert orchestrate.wait_converged(lab_, kube, timeout=120), "the mesh did not re-converge"
 
 
-def _restart_agents(lab_: Lab, name: str, nodes: tuple[str, ...], *, kill: bool, down_for: float = 0.0) -> None:
-    """Stop the nodes' agents (kill -9, or SIGTERM and wait), keep them down ``down_for`` s (the
-    scenario's own pause, not a wait for anything), start them again."""
-    records = [r for node in nodes for r in orchestrate.running_agents(lab_, node)]
-    assert len(records) == len(nodes), records
-    for record in records:
-        if kill:
-            os.kill(record.pid, signal.SIGKILL)  # by the PID the lab recorded, nothing else
-        lab_.stop(record.pid, grace=10)  # SIGTERM + wait (or, killed: reap and drop the record)
-    time.sleep(down_for)
-    for node in nodes:
-        orchestrate.start_agent(lab_, lab_handle(name), node)
-
-
 def test_a_relayed_pair_keeps_flowing_through_agent_restarts(lab: Any) -> None:
     """Issue 16: both agents of a relayed pair killed (-9) and restarted 3 s later: longest gap of
     a 10/s ping <= 1 s; both stopped gracefully (SIGTERM) and started: no ping lost.  The relay
@@ -471,6 +457,7 @@ def test_a_relayed_pair_keeps_flowing_through_agent_restarts(lab: Any) -> None:
     a, b = "sym1-1", "sym2-1"  # symmetric<->symmetric: relay only
     assert pairs_by_key(lab_, kube)[(a, b)]["transport"] == "relay"
     b_ip = next(n["meshIP"] for n in orchestrate.collect_nodes(lab_, kube) if n["name"] == b)
+    h = lab_handle(name)
 
     def ping_during(seconds: int, action: Any) -> str:
         pinger = lab_.spawn(a, [sys.executable, "-c", PINGER, b_ip, str(seconds)], pipe=True)
@@ -488,10 +475,10 @@ def test_a_relayed_pair_keeps_flowing_through_agent_restarts(lab: Any) -> None:
                 lab_.stop(pinger)
         return "".join(head) + rest
 
-    killed = ping_during(10, lambda: _restart_agents(lab_, name, (a, b), kill=True, down_for=3.0))
+    killed = ping_during(10, lambda: orchestrate.restart_agents(lab_, h, (a, b), kill=True, down_for=3.0))
     wait_for(lambda: all(orchestrate.running_agents(lab_, n) for n in (a, b)), 30, "agents back")
     assert orchestrate.wait_converged(lab_, kube, timeout=120), "the mesh did not re-converge after kill -9"
-    graceful = ping_during(10, lambda: _restart_agents(lab_, name, (a, b), kill=False))
+    graceful = ping_during(10, lambda: orchestrate.restart_agents(lab_, h, (a, b), kill=False))
     kill_gap, lost = longest_gap(killed), _missing_seqs(graceful)
     print(f"relayed pair {a} -> {b}: both agents kill -9, back 3 s later: longest gap {kill_gap:.2f}s; "
           f"both restarted gracefully: {len(lost)} pings lost (longest gap {longest_gap(graceful):.2f}s)")

@@ -324,6 +324,22 @@ def start_agent(lab: Lab, h: LabHandle, node: str, *, credentials: str | None = 
 # ---- convergence and status -----------------------------------------------------------------------
 
 
+def restart_agents(lab: Lab, h: LabHandle, nodes: tuple[str, ...], *, kill: bool, down_for: float = 0.0) -> None:
+    """Stop the agents of ``nodes`` (kill -9, or SIGTERM and wait for them), keep them down
+    ``down_for`` seconds (a scenario's pause), start them again.  Namespace nodes only: a kernel
+    node's recorded process stands for the agent inside its VM."""
+    records = [r for node in nodes for r in running_agents(lab, node)]
+    if len(records) != len(nodes):
+        raise LabError(f"expected one running agent per node of {nodes}, found {len(records)}")
+    for record in records:
+        if kill:
+            os.kill(record.pid, 9)  # the PID the lab recorded for that agent, nothing else
+        lab.stop(record.pid, grace=10)  # SIGTERM and wait (killed: reaps it and drops the record)
+    time.sleep(down_for)
+    for node in nodes:
+        start_agent(lab, h, node)
+
+
 def expected_pairs(lab: Lab) -> dict[tuple[str, str], str]:
     """Every ordered pair with the transport the NAT matrix predicts ("direct" or "relay")."""
     from wirekube.models import NatType, RelayMode
