@@ -70,7 +70,7 @@ class FakeProber:
 
 
 def test_a_shrunk_path_is_found_applied_published_and_rechecked(monkeypatch: Any) -> None:
-    monkeypatch.setattr(agent_pmtu, "run_nft", lambda text: None)
+    monkeypatch.setattr(agent_pmtu.nftables, "run", lambda text: None)
     targets = {"a": Target("10.255.0.2", "198.18.1.2:51820", 1420), "b": Target("10.255.0.3", "198.19.1.10:51820", 1420)}
     wakes: list[int] = []
     svc = PathMtu(lambda: targets, lambda: wakes.append(1), ifname=lambda: "wire_kube",
@@ -119,7 +119,7 @@ class LossyOnce(FakeProber):
 
 
 def test_a_low_answer_is_confirmed_and_the_larger_wins(monkeypatch: Any) -> None:
-    monkeypatch.setattr(agent_pmtu, "run_nft", lambda text: None)
+    monkeypatch.setattr(agent_pmtu.nftables, "run", lambda text: None)
     targets = {"a": Target("10.255.0.2", "198.18.1.2:51820", 1420)}
     svc = PathMtu(lambda: targets, lambda: None, ifname=lambda: "wire_kube")
     prober = LossyOnce({"10.255.0.2": 1216})

@@ -8,13 +8,12 @@ init container or Job).  Idempotent: a second run finds nothing to do.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loguru import logger
 
+from wirekube.agent import nft as nftables
 from wirekube.agent import relayproc
 from wirekube.agent.keys import DEFAULT_STATE_DIR
 from wirekube.agent.netlink import Netlink
@@ -66,20 +65,7 @@ def cleanup(ifname: str = "wire_kube", socket_dir: Path = SOCKET_DIR,
             if is_wirekube_rule(rule):
                 nl.del_rule(rule)
                 report.rules_removed.append(str(rule))
-    report.nft_table_removed = _delete_nft_table()
-    report.nft_table_removed = _delete_nft_table(NFT_FAMILY, MSS_TABLE) or report.nft_table_removed
+    report.nft_table_removed = nftables.delete_table(NFT_FAMILY, NFT_TABLE)
+    report.nft_table_removed = nftables.delete_table(NFT_FAMILY, MSS_TABLE) or report.nft_table_removed
     logger.info("cleanup: {}", report)
     return report
-
-
-def _delete_nft_table(family: str = NFT_FAMILY, table: str = NFT_TABLE) -> bool:
-    nft = shutil.which("nft")
-    if nft is None:
-        return False
-    probe = subprocess.run([nft, "list", "table", family, table], capture_output=True, check=False)  # noqa: S603
-    if probe.returncode != 0:
-        return False
-    done = subprocess.run([nft, "delete", "table", family, table], capture_output=True, check=False)  # noqa: S603
-    if done.returncode != 0:
-        raise DataplaneError(f"nft delete table {family} {table}: {done.stderr.decode().strip()}")
-    return True

@@ -29,6 +29,7 @@ from typing import Any
 
 from loguru import logger
 
+from wirekube.agent import nft as nftables
 from wirekube.agent.netlink import SYSCTL_ROOT
 from wirekube.agent.vip import VirtualIPs
 from wirekube.errors import ApiError, InvalidObject
@@ -156,21 +157,8 @@ def probe(hc: HealthCheck) -> tuple[bool, str]:
 # ------------------------------------------------------------------------------------------ agent
 
 
-def run_nft(text: str) -> None:
-    nft = shutil.which("nft")
-    if nft is None:
-        raise OSError("nft not found")
-    done = subprocess.run([nft, "-f", "-"], input=text, capture_output=True, text=True, check=False)  # noqa: S603
-    if done.returncode != 0:
-        raise OSError(f"nft -f: {done.stderr.strip()}\n{text}")
-
-
 def nft_table_present() -> bool:
-    nft = shutil.which("nft")
-    if nft is None:
-        return False
-    return subprocess.run([nft, "list", "table", NFT_FAMILY, NFT_TABLE], capture_output=True,  # noqa: S603
-                          check=False).returncode == 0
+    return nftables.table_present(NFT_FAMILY, NFT_TABLE)
 
 
 def _write_sysctl(path: Path, value: str, only_if: str | None = None) -> None:
@@ -192,7 +180,7 @@ class GatewayAgent:
         gateway_objects: Callable[[], Iterable[Mapping[str, Any]]],
         ifname: Callable[[], str | None],
         *,
-        nft: Callable[[str], None] = run_nft,
+        nft: Callable[[str], None] = nftables.run,
         table_present: Callable[[], bool] = nft_table_present,
         check: Callable[[HealthCheck], tuple[bool, str]] = probe,
         clock: Callable[[], float] = time.time,

@@ -26,10 +26,8 @@ import errno
 import ipaddress
 import os
 import select
-import shutil
 import socket
 import struct
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -37,6 +35,7 @@ from dataclasses import dataclass, replace
 
 from loguru import logger
 
+from wirekube.agent import nft as nftables
 from wirekube.agent.plan import PeerPath, mesh_ip_claims
 from wirekube.agent.wg.base import WgDeviceState
 from wirekube.models import Peer, PeerStatus, Transport
@@ -77,15 +76,6 @@ def mss_ruleset(ifname: str) -> str:
 
 def mss_delete() -> str:
     return f"table {MSS_FAMILY} {MSS_TABLE} {{}}\ndelete table {MSS_FAMILY} {MSS_TABLE}\n"
-
-
-def run_nft(text: str) -> None:
-    nft = shutil.which("nft")
-    if nft is None:
-        raise OSError("nft not found")
-    done = subprocess.run([nft, "-f", "-"], input=text, capture_output=True, text=True, check=False)  # noqa: S603
-    if done.returncode != 0:
-        raise OSError(f"nft -f: {done.stderr.strip()}")
 
 
 def echo_request(ident: int, seq: int, size: int) -> bytes:
@@ -310,7 +300,7 @@ class PathMtu:
         if ifname is None or (ifname == self._mss_for and now - self._mss_at < 60):
             return  # the mesh is not known yet: leave things as they are
         try:
-            run_nft(mss_ruleset(ifname) if ifname else mss_delete())
+            nftables.run(mss_ruleset(ifname) if ifname else mss_delete())
             if ifname != self._mss_for and (ifname or self._mss_for is not None):
                 self._log.info("TCP MSS clamp to the route MTU: {}", f"on {ifname}" if ifname else "off")
         except OSError as e:
