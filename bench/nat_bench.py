@@ -36,7 +36,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from wirekube import k8s  # noqa: E402
+from wirekube import k8s, reports  # noqa: E402
 from wirekube.lab import orchestrate  # noqa: E402
 from wirekube.lab.topology import default_topology  # noqa: E402
 
@@ -58,7 +58,8 @@ def mesh_ip(lab: Any, kube: k8s.Kube, node: str) -> str:
 
 
 def transport(kube: k8s.Kube, a: str, b: str) -> str:
-    return ((kube.get(k8s.PEERS, a).get("status") or {}).get("peerTransports") or {}).get(b, "")
+    """``a``'s transport to ``b`` (from its WireKubeNodeReport since issue 20's layout)."""
+    return ((reports.get_peer(kube, a).get("status") or {}).get("peerTransports") or {}).get(b, "")
 
 
 def longest_gap(output: str, until: float | None = None) -> float:

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import calendar
 import re
-import shutil
 import signal
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.lab import running_lab
 from tests.fixtures.root import require_root
 from tests.fixtures.wait import wait_for
 from wirekube import k8s, reports
@@ -37,7 +36,7 @@ from wirekube.lab import orchestrate
 from wirekube.lab.nat import router_ruleset
 from wirekube.lab.net import Lab
 from wirekube.lab.plan import IF_WAN
-from wirekube.lab.topology import NatKind, parse_topology_yaml
+from wirekube.lab.topology import NatKind
 from wirekube.traversal import birthday
 
 pytestmark = [pytest.mark.netns, pytest.mark.apiserver]
@@ -59,23 +58,10 @@ SETTINGS = birthday.BirthdaySettings()
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, k8s.Kube, str]]:
     require_root()
-    name = f"bd{uuid.uuid4().hex[:5]}"
-    lab_ = None
-    try:
-        orchestrate.up(parse_topology_yaml(TOPOLOGY), name, wait=90,
-                       mesh_overrides={"relay": {"directRetryIntervalSeconds": RETRY, "handshakeTimeoutSeconds": RETRY}})
-        lab_, kube, _ = orchestrate.attach(name)
-        yield lab_, kube, name
-        kube.close()
-    finally:
-        if lab_ is not None:  # keep the agents' logs for a post-mortem (down removes them)
-            keep = tmp_path_factory.mktemp("birthday-logs")
-            for log in lab_.log_dir.glob("agent-*.log"):
-                shutil.copy(log, keep / log.name)
-            print(f"agent logs kept in {keep}")
-        orchestrate.down(name)
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    assert f"wkl-{name}." not in out, "down left namespaces behind"
+    overrides = {"relay": {"directRetryIntervalSeconds": RETRY, "handshakeTimeoutSeconds": RETRY}}
+    with running_lab(TOPOLOGY, f"bd{uuid.uuid4().hex[:5]}", tmp_path_factory.mktemp("birthday-logs"),
+                     mesh_overrides=overrides) as (lab_, kube, handle):
+        yield lab_, kube, handle.name
 
 
 def status(kube: k8s.Kube, node: str) -> dict[str, Any]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import time
 import uuid
@@ -35,14 +34,13 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.lab import running_lab
 from tests.fixtures.root import require_root
 from tests.fixtures.wait import wait_for
 from wirekube import k8s, reports
 from wirekube.cli import doctor
 from wirekube.cli.status import fetch_report, render_table
-from wirekube.lab import orchestrate
 from wirekube.lab.net import Lab
-from wirekube.lab.topology import parse_topology_yaml
 from wirekube.traversal import pmtu
 
 pytestmark = [pytest.mark.netns, pytest.mark.apiserver]
@@ -69,22 +67,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, k8s.Kub
     for tool in ("iperf3", "ping"):
         if subprocess.run(["which", tool], capture_output=True).returncode != 0:
             pytest.skip(f"needs {tool} (skipped: not installed; ci/setup.sh installs it)")
-    name = f"pm{uuid.uuid4().hex[:5]}"
-    lab_ = None
-    try:
-        orchestrate.up(parse_topology_yaml(TOPOLOGY), name, wait=90, mesh_overrides={"mtu": 1420})
-        lab_, kube, _ = orchestrate.attach(name)
-        yield lab_, kube, name
-        kube.close()
-    finally:
-        if lab_ is not None:  # keep the agents' logs for a post-mortem (down removes them)
-            keep = tmp_path_factory.mktemp("pmtu-logs")
-            for log in lab_.log_dir.glob("agent-*.log"):
-                shutil.copy(log, keep / log.name)
-            print(f"agent logs kept in {keep}")
-        orchestrate.down(name)
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    assert f"wkl-{name}." not in out, "down left namespaces behind"
+    with running_lab(TOPOLOGY, f"pm{uuid.uuid4().hex[:5]}", tmp_path_factory.mktemp("pmtu-logs"),
+                     mesh_overrides={"mtu": 1420}) as (lab_, kube, handle):
+        yield lab_, kube, handle.name
 
 
 def mesh_ip(kube: k8s.Kube, node: str) -> str:

@@ -16,20 +16,18 @@ credentials file and the CA, as the chart would give them.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from tests.fixtures.lab import running_lab
 from tests.fixtures.root import require_root
 from tests.fixtures.wait import wait_for
 from wirekube import k8s, reports
 from wirekube.lab import orchestrate
 from wirekube.lab.net import Lab
-from wirekube.lab.topology import parse_topology_yaml
 
 pytestmark = [pytest.mark.netns, pytest.mark.apiserver]
 
@@ -50,22 +48,9 @@ VIA = "relay over wss via proxy 198.18.0.9:3128"
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, k8s.Kube, orchestrate.LabHandle]]:
     require_root()
-    name = f"px{uuid.uuid4().hex[:5]}"
-    lab_ = None
-    try:
-        orchestrate.up(parse_topology_yaml(TOPOLOGY), name, wait=150)
-        lab_, kube, handle = orchestrate.attach(name)
-        yield lab_, kube, handle
-        kube.close()
-    finally:
-        if lab_ is not None:  # keep the logs for a post-mortem (down removes them)
-            keep = tmp_path_factory.mktemp("proxy-lab-logs")
-            for log in lab_.log_dir.glob("*.log"):
-                shutil.copy(log, keep / log.name)
-            print(f"lab logs kept in {keep}")
-        orchestrate.down(name)
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    assert f"wkl-{name}." not in out, "down left namespaces behind"
+    with running_lab(TOPOLOGY, f"px{uuid.uuid4().hex[:5]}", tmp_path_factory.mktemp("proxy-lab-logs"), wait=150,
+                     logs="*.log") as running:
+        yield running
 
 
 def status(kube: k8s.Kube, node: str) -> dict[str, Any]:
