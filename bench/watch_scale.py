@@ -617,9 +617,12 @@ def run_layout(layout: str, sizes: list[int], watchers: int, wave_nodes: int, wo
                                    "lean": lean and layout == "split",
                                    "populate_s": round(populate_s, 1), **_etcd_mb(cp),
                                    "apiserver_rss_mb_populated": round(_rss_mb(api), 1)}
-            sizes_ = [len(json.dumps(b.objs[(k8s.PEERS.plural, name(i))])) for i in range(0, n, max(1, n // 50))]
+            # Every node's WireKubePeer as the API server returned it (rows without
+            # peer_objects_measured, before 2026-12-07 19:40, sampled 50 of them).
+            sizes_ = [len(json.dumps(b.objs[(k8s.PEERS.plural, name(i))])) for i in range(n)]
             row["peer_object_bytes_median"] = int(statistics.median(sizes_))
             row["peer_object_bytes_max"] = max(sizes_)
+            row["peer_objects_measured"] = len(sizes_)
             if layout == "split":
                 rs = [len(json.dumps(b.objs[(REPORTS.plural, name(i))])) for i in b.sample]
                 row["report_object_bytes_median"] = int(statistics.median(rs))
