@@ -35,6 +35,10 @@ MAX_MESSAGE = 1 << 20
 at most :data:`WRITE_CHUNK`)."""
 WRITE_CHUNK = 256 * 1024
 """Writes larger than this are sent as several messages (the stream may be split anywhere)."""
+READ_CHUNK = 256 * 1024
+"""Largest read from TLS at a time (TLS decrypts straight into the bridge's buffer)."""
+MIN_READ = 16 * 1024
+"""Smallest receive buffer (an idle connection's)."""
 OUTER_HIGH_WATER = 128 * 1024
 """Bytes the TLS transport may hold before the bridge keeps further writes in its own queue
 (where they are counted as the stream's write buffer, and joined into fewer messages)."""
@@ -42,6 +46,7 @@ OUTER_HIGH_WATER = 128 * 1024
 _log = logger.bind(component="relay-wss")
 
 InnerProtocol = asyncio.BufferedProtocol | asyncio.Protocol
+Payload = bytes | bytearray | memoryview
 ViolationHook = Callable[[str], None]
 """``on_violation(reason)``: what a peer did wrong (for counters); the bridge logs it itself."""
 
@@ -133,7 +138,7 @@ class WsStreamTransport(asyncio.Transport):
         return self._bridge.inner
 
 
-class WsBridge(asyncio.Protocol):
+class WsBridge(asyncio.BufferedProtocol):
     """One WebSocket connection carrying a byte stream for ``inner``.
 
     Server side: build with :meth:`server`; the inner protocol is made (by ``factory``) and
@@ -155,6 +160,7 @@ class WsBridge(asyncio.Protocol):
         self._close_timeout = close_timeout
         self._on_violation = on_violation
         self._timer: asyncio.TimerHandle | None = None
+        self._rbuf = memoryview(bytearray(0))
         self._out: deque[bytes] = deque()
         self.queued = 0
         """Stream bytes in ``_out``."""
@@ -197,19 +203,49 @@ class WsBridge(asyncio.Protocol):
             self.ws.send_request(self._request)
             self._flush()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Where TLS decrypts to, with no ``bytes`` made per read (the copying read path of
+        uvloop and asyncio allocates :data:`READ_CHUNK` bytes for every TLS record, which cost
+        more than decrypting it).  One buffer per connection, reused: the ``websockets`` reader
+        copies what it is given before :meth:`buffer_updated` returns.  It grows to what TLS has
+        pending (``sizehint``), up to :data:`READ_CHUNK`, and halves while reads use a sliver."""
+        want = min(max(sizehint, MIN_READ), READ_CHUNK)
+        if len(self._rbuf) < want:
+            self._rbuf = memoryview(bytearray(want))
+        return self._rbuf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        size = len(self._rbuf)
+        self.data_received(self._rbuf[:nbytes])
+        if nbytes * 16 < size and size > MIN_READ and len(self._rbuf) == size:
+            self._rbuf = memoryview(bytearray(max(size // 2, MIN_READ)))
+
+    def data_received(self, data: bytes | bytearray | memoryview) -> None:
         ws = self.ws
         try:
-            ws.receive_data(data)
+            ws.receive_data(cast(bytes, data))  # StreamReader.feed_data copies any buffer
         except EOFError:  # data after the peer's EOF: nothing to do
             return
+        payloads: list[Payload] = []  # binary payloads of this read, fed to the inner protocol in one go
         for event in ws.events_received():
             if isinstance(event, Frame):
+                if event.opcode is Opcode.BINARY or event.opcode is Opcode.CONT:
+                    payloads.append(event.data)
+                    continue
+                if payloads:
+                    self._feed(payloads)
+                    payloads = []
+                    if self._lost:
+                        return
                 self._frame(event)
             elif isinstance(event, Request):
                 self._upgrade_request(event)
             elif isinstance(event, Response):
                 self._upgrade_response(event)
+            if self._lost:
+                return
+        if payloads:
+            self._feed(payloads)
             if self._lost:
                 return
         if ws.parser_exc is not None and ws.state is not State.OPEN:
@@ -293,30 +329,45 @@ class WsBridge(asyncio.Protocol):
     # -- frames -------------------------------------------------------------------------------
 
     def _frame(self, frame: Frame) -> None:
-        if frame.opcode is Opcode.BINARY or frame.opcode is Opcode.CONT:
-            if self.inner is not None and not self.closing:
-                self._feed(frame.data)
-        elif frame.opcode is Opcode.TEXT:
+        """A frame other than binary data (those go to :meth:`_feed`)."""
+        if frame.opcode is Opcode.TEXT:
             self._violation("text_message", "text message (only binary messages carry the relay protocol)")
             self.ws.fail(CloseCode.UNSUPPORTED_DATA, "binary messages only")
             self._closing_started()
         elif frame.opcode is Opcode.CLOSE:
             self._closing_started()
 
-    def _feed(self, data: bytes | bytearray | memoryview) -> None:
+    def _feed(self, payloads: list[Payload]) -> None:
+        """Hand the stream bytes of one read's binary messages to the inner protocol: copied
+        back to back into its buffer, so it parses (and forwards) them in one pass, as it would
+        one read of a raw TCP socket, however many messages they came in."""
         inner = self.inner
-        if isinstance(inner, asyncio.BufferedProtocol):
+        if inner is None or self.closing:
+            return
+        if not isinstance(inner, asyncio.BufferedProtocol):
+            inner.data_received(b"".join(payloads))
+            return
+        remaining = sum(map(len, payloads))
+        buf = memoryview(inner.get_buffer(remaining))
+        filled = 0
+        for data in payloads:
             view = memoryview(data)
             while view:
-                buf = memoryview(inner.get_buffer(len(view)))
-                n = min(len(buf), len(view))
-                buf[:n] = view[:n]
-                inner.buffer_updated(n)
+                n = min(len(buf) - filled, len(view))
+                buf[filled:filled + n] = view[:n]
+                filled += n
+                remaining -= n
                 view = view[n:]
-                if self.closing or self._lost:
-                    return
-        elif inner is not None:
-            inner.data_received(bytes(data))
+                if filled == len(buf):  # the inner buffer is full: let it take this much first
+                    buf.release()
+                    inner.buffer_updated(filled)
+                    if self.closing or self._lost or not remaining:
+                        return
+                    buf = memoryview(inner.get_buffer(remaining))
+                    filled = 0
+        buf.release()
+        if filled:
+            inner.buffer_updated(filled)
 
     def _send_stream(self, data: bytes | bytearray | memoryview) -> None:
         if self.ws.state is not State.OPEN:
