@@ -279,8 +279,9 @@ def relay_scale(n: int) -> dict[str, Any]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", default="agent,relay,watch,heartbeat",
-                   help="which parts to run (agent, relay, watch, heartbeat); parts not run keep their last results")
+    p.add_argument("--parts", default="agent,relay,watch,conditions,heartbeat",
+                   help="which parts to run (agent, relay, watch, conditions, heartbeat); parts not run keep "
+                        "their last results")
     p.add_argument("--sizes", default="100,300,1000")
     p.add_argument("--relay-clients", type=int, default=1000)
     p.add_argument("--watch-sizes", default="100,1000,5000",
@@ -314,6 +315,11 @@ def main() -> int:
         out["relay"] = relay_scale(args.relay_clients)
     if "watch" in parts:
         out["watch"] = watch_part(args)
+    if "conditions" in parts:
+        from bench import watch_scale
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out["relay_condition"] = watch_scale.relay_condition_probe(Path(tmp))
     if "heartbeat" in parts:
         sys.path.insert(0, str(HERE))
         import heartbeat_bench
@@ -329,6 +335,16 @@ def main() -> int:
         "in the same run (see bench/watch_scale.py)")
     if isinstance(out.get("watch"), dict) and out["watch"].get("rows"):
         out["description"] += ". Watch at N = 5,000: " + watch_note(out["watch"])
+    rc = out.get("relay_condition")
+    if isinstance(rc, dict) and rc.get("peer_object_bytes"):
+        sz, ev = rc["peer_object_bytes"], rc["watch_event_bytes_per_agent"]
+        out["description"] += (
+            f" Not in the bench's objects: the agent's RelayUnreachable condition (set in a full relay outage, "
+            f"False after it, and kept) takes a WireKubePeer from {sz['bench_shape']} B to "
+            f"{sz['relay_unreachable_true']} B while True and {sz['relay_unreachable_false_stays']} B after; "
+            f"its two writes send {ev['true']} + {ev['false']} B to every agent, so a relay outage and its "
+            f"recovery at {rc['nodes']:,} nodes cost {rc['outage_and_recovery_watch_gb']} GB of watch traffic "
+            f"(part conditions, one node against the real API server).")
     out["goals"] = {"full_reconcile_cpu_s_at_1000": 2.0, "agent_rss_mb_at_1000": 150, "relay_rss_mb_at_1000": 200,
                     "one_change_cpu_ratio_at_1000": 0.1, "peer_object_bytes_at_5000": 2048,
                     "one_change_bytes_per_agent_at_5000": 2048, "wave_watch_gb_at_5000": 20}

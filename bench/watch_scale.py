@@ -580,6 +580,53 @@ class Bench:
         return writes
 
 
+def relay_condition_probe(workdir: Path, nodes: int = 5000) -> dict[str, Any]:
+    """The bench's WireKubePeer carries one condition (RoutesGranted). The agent adds
+    ``RelayUnreachable`` (agent/traversal.py) when every relay address has failed: True during a
+    full relay outage, False ("Connected") after it, and it stays. Measured against the real API
+    server with one node of the split layout's shape (the bytes do not depend on N): the object's
+    size in each state, the watch event each of the two writes sends to every agent, and what a
+    relay outage and its recovery cost at ``nodes`` (every node writes both, every agent watches)."""
+    from wirekube.gateway import conditions as cond
+
+    i = nodes // 3 + 1
+    cp = ControlPlane(workdir / "relay-condition").up()
+    try:
+        kube = k8s.Kube.from_kubeconfig(cp.kubeconfig)
+        obj = kube.create(k8s.PEERS, {"apiVersion": "wirekube.io/v1alpha1", "kind": "WireKubePeer",
+                                      "metadata": {"name": name(i), "labels": {"wirekube.io/node": name(i)}},
+                                      "spec": spec(i)})
+        obj = kube.replace_status(k8s.PEERS, {**obj, "status": facts(i, -1)})
+        sizes = {"bench_shape": len(json.dumps(obj))}
+        stream = f"agent/{name(0)}/peers"
+        w = Watchers(cp, [{"stream": stream, "path": k8s.PEERS.path(), "rv": obj["metadata"]["resourceVersion"]}], "")
+        try:
+            # The relay-path's message names every relay address with its error (traversal/relaypath.py).
+            message = ("tcp://198.51.100.10:8443: [Errno 111] Connection refused; "
+                       "tcp://198.51.100.11:8443: [Errno 111] Connection refused")
+            now = time.time()
+            events = []
+            for state, (status, reason, msg) in (("true", (True, "Unreachable", message)),
+                                                 ("false_stays", (False, "Connected", "relay connected over tcp"))):
+                conditions = cond.set_condition(obj["status"]["conditions"], "RelayUnreachable", status, reason,
+                                                msg, now, 0)
+                now += 60
+                w.reset()
+                obj = kube.patch_status(k8s.PEERS, name(i), {"status": {"conditions": conditions}})
+                rep = w.wait_for(stream, name(i), int(obj["metadata"]["resourceVersion"]), timeout=60)
+                sizes[f"relay_unreachable_{state}"] = len(json.dumps(obj))
+                events.append(sum(e[2] for e in rep["events"][stream]))
+        finally:
+            w.close()
+        kube.close()
+    finally:
+        cp.down()
+    return {"peer_object_bytes": sizes, "watch_event_bytes_per_agent": {"true": events[0], "false": events[1]},
+            "nodes": nodes, "relay_message_addresses": 2,
+            "outage_and_recovery_watch_gb": round(sum(events) * nodes * nodes / 1e9, 1),
+            "goal_peer_object_bytes": 2048, "goal_wave_watch_gb": 20}
+
+
 def _sum_streams(rep: dict[str, Any], prefix: str, suffix: str = "") -> list[int]:
     return [v for k, v in rep["counts"].items() if k.startswith(prefix) and k.endswith(suffix)]
 
