@@ -22,7 +22,10 @@ What it does, on 127.0.0.1 only:
 * **WSS vs raw TCP** (issue 19, ``--wss-only`` runs just this).  One pair through one relay
   process whose WSS listener is on: both ends raw TCP, the sender over WebSocket over TLS, and
   both ends over WSS, interleaved; ``wss_over_tcp_ratio`` = sender-over-WSS / raw TCP at
-  ``--cross-size`` bytes.
+  ``--cross-size`` bytes.  The WSS ends are the agent's own ``RelayClient`` (``wss://``, uvloop):
+  the sender writes the same ~64 KiB blobs with ``send_frames`` (one WebSocket message each)
+  while its flow control allows; every process's CPU per delivered frame is recorded, since on
+  a 2-core machine the sender's TLS and masking compete with the relay for the same CPUs.
 * **Relay cost.**  The relay runs as the real ``wirekube-relay`` process; its user and system CPU
   seconds in the window come from /proc/PID/stat and its peak RSS from VmHWM.
 * **Where the time goes.**  One extra 100-byte run with the relay under cProfile (not counted in
@@ -117,68 +120,107 @@ def _nodelay(sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class WsSock:
-    """The socket calls the generators use, over a WebSocket over TLS to the relay's WSS listener
-    (the ``websockets`` library's blocking client: its own masking and framing, TLS by Python's
-    ssl), so the same generator code measures the relay over WSS."""
+def _wss_client(cfg: dict[str, Any], on_frames: Any = None, on_flow: Any = None) -> Any:
+    """The agent's own relay client (``RelayClient`` over ``WsBridge`` over uvloop's TLS), registered
+    over the relay's WSS listener: what a node behind a proxy runs."""
+    from wirekube.relay.client import RelayClient, RelayClientSettings
 
-    def __init__(self, address: tuple[str, int], ca_file: str) -> None:
-        import ssl
-
-        from websockets.sync.client import connect
-
-        context = ssl.create_default_context(cafile=ca_file)
-        self._stack = contextlib.ExitStack()  # websockets wants its connection used as a context manager
-        self.ws = self._stack.enter_context(connect(f"wss://{address[0]}:{address[1]}/", ssl=context, max_size=None,
-                                                    compression=None, open_timeout=20))
-        sock = self.ws.socket
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buffer = bytearray()
-        self.timeout: float | None = None
-
-    def settimeout(self, timeout: float | None) -> None:
-        self.timeout = timeout
-
-    def sendall(self, data: bytes | bytearray) -> None:
-        self.ws.send(bytes(data))
-
-    def _fill(self) -> bool:
-        from websockets.exceptions import ConnectionClosed
-
-        try:
-            message = self.ws.recv(timeout=self.timeout)
-        except ConnectionClosed:
-            return False
-        self.buffer += message if isinstance(message, bytes) else message.encode()
-        return True
-
-    def recv(self, n: int) -> bytes:
-        if not self.buffer and not self._fill():
-            return b""
-        out = bytes(self.buffer[:n])
-        del self.buffer[:n]
-        return out
-
-    def recv_into(self, view: memoryview) -> int:
-        if not self.buffer and not self._fill():
-            return 0
-        n = min(len(view), len(self.buffer))
-        view[:n] = self.buffer[:n]
-        del self.buffer[:n]
-        return n
-
-    def shutdown(self, how: int) -> None:
-        pass
-
-    def close(self) -> None:
-        self._stack.close()
+    host, port = cfg["wss"]
+    return RelayClient.connect_url(f"wss://{host}:{port}/", X25519PrivateKey.from_private_bytes(cfg["private_key"]),
+                                   on_frames=on_frames or (lambda source, frames: None), on_flow=on_flow,
+                                   settings=RelayClientSettings(ca_file=cfg["ca_file"], connect_timeout=20))
 
 
-def _connect(cfg: dict[str, Any], wss_key: str) -> Any:
-    """A raw TCP socket to ``cfg["connect"]``, or a WebSocket to the relay's WSS listener."""
-    if cfg.get(wss_key):
-        return WsSock(cfg[wss_key], cfg["ca_file"])
+def wss_sender_main(ctl: Connection, cfg: dict[str, Any]) -> None:
+    """:func:`sender_main` over WSS through the agent's client: the same blobs, written with
+    ``send_frames`` (one WebSocket message each) while the client's flow control allows."""
+    import asyncio
+
+    import uvloop
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        writable = asyncio.Event()
+        writable.set()
+        client = await _wss_client(cfg, on_flow=lambda paused: writable.clear() if paused else writable.set())
+        frame = encode_data(cfg["dest_key"], bytes(cfg["size"]))
+        blob = bytearray(frame * max(1, BLOB_TARGET // len(frame)))
+        blob[FRAME_OVERHEAD : FRAME_OVERHEAD + len(MARKER)] = MARKER
+        stamp_at = FRAME_OVERHEAD + len(MARKER)
+        ctl.send("ready")
+        window = Window(*await loop.run_in_executor(None, ctl.recv))
+        await asyncio.sleep(max(0.0, window.start - time.monotonic()))
+        sent = sent_in_window = 0
+        cpu_start = None
+        pack_into = struct.pack_into
+        while True:
+            now = time.monotonic()
+            if now >= window.end:
+                break
+            if cpu_start is None and now >= window.measure:
+                cpu_start = time.process_time()
+            if not writable.is_set():
+                await writable.wait()
+                continue
+            pack_into(">Q", blob, stamp_at, time.monotonic_ns())
+            client.send_frames(blob)  # serialised (masked, encrypted) or copied before it returns
+            sent += len(blob)
+            if cpu_start is not None:
+                sent_in_window += len(blob)
+            await asyncio.sleep(0)
+        cpu_end = time.process_time()
+        ctl.send({"bytes_sent": sent, "bytes_sent_in_window": sent_in_window,
+                  "cpu_s": cpu_end - (cpu_start if cpu_start is not None else cpu_end)})
+        await loop.run_in_executor(None, ctl.recv)  # hold the connection until the receivers are done
+        await client.close()
+
+    uvloop.run(main())
+
+
+def wss_receiver_main(ctl: Connection, cfg: dict[str, Any]) -> None:
+    """:func:`receiver_main` over WSS through the agent's client (``on_frames``: views of the
+    received Data frames in wire form, counted and searched for stamps)."""
+    import asyncio
+
+    import uvloop
+
+    window: Window | None = None
+    received_in_window = 0
+    latencies: list[int] = []
+    cpu_start: float | None = None
+
+    def on_frames(source: bytes, frames: memoryview) -> None:
+        nonlocal received_in_window, cpu_start
+        now_ns = time.monotonic_ns()
+        if window is None or not window.measure <= now_ns / 1e9 < window.end:
+            return
+        if cpu_start is None:
+            cpu_start = time.process_time()
+        received_in_window += len(frames)
+        data = frames.tobytes()  # whole frames: a stamp never straddles two calls
+        at = data.find(MARKER)
+        while at >= 0:
+            latencies.append(now_ns - int.from_bytes(data[at + len(MARKER) : at + STAMP_LEN], "big"))
+            at = data.find(MARKER, at + STAMP_LEN)
+
+    async def main() -> None:
+        nonlocal window
+        loop = asyncio.get_running_loop()
+        client = await _wss_client(cfg, on_frames=on_frames)
+        ctl.send("ready")
+        window = Window(*await loop.run_in_executor(None, ctl.recv))
+        await asyncio.sleep(max(0.0, window.end - time.monotonic()))
+        cpu = time.process_time() - cpu_start if cpu_start is not None else 0.0
+        ctl.send({"bytes_received_in_window": received_in_window, "cpu_s": cpu,
+                  "latencies_ns": latencies[:: max(1, len(latencies) // 20000)]})
+        await loop.run_in_executor(None, ctl.recv)
+        await client.close()
+
+    uvloop.run(main())
+
+
+def _connect(cfg: dict[str, Any]) -> Any:
+    """A raw TCP socket to ``cfg["connect"]``."""
     sock = socket.create_connection(cfg["connect"])
     _nodelay(sock)
     return sock
@@ -186,7 +228,9 @@ def _connect(cfg: dict[str, Any], wss_key: str) -> Any:
 
 def sender_main(ctl: Connection, cfg: dict[str, Any]) -> None:
     """Connect (and register, for the relay), then send blobs until the window ends."""
-    sock = _connect(cfg, "wss")
+    if cfg.get("wss"):
+        return wss_sender_main(ctl, cfg)
+    sock = _connect(cfg)
     if cfg["register"]:
         _register_blocking(sock, cfg["private_key"])
     frame = encode_data(cfg["dest_key"], bytes(cfg["size"]))
@@ -228,8 +272,10 @@ def sender_main(ctl: Connection, cfg: dict[str, Any]) -> None:
 
 def receiver_main(ctl: Connection, cfg: dict[str, Any]) -> None:
     """Receive and count; find stamped frames with bytes.find; report the window's figures."""
+    if cfg.get("wss"):
+        return wss_receiver_main(ctl, cfg)
     if cfg["register"]:
-        sock = _connect(cfg, "wss")
+        sock = _connect(cfg)
         _register_blocking(sock, cfg["private_key"])
     else:
         listener = socket.create_server((LOCALHOST, 0))
@@ -861,13 +907,16 @@ def wss_runs(args: argparse.Namespace) -> dict[str, Any]:
     ends over WSS).  Each kind runs with the relay's WSS listener on, so only the transport differs."""
     size, kinds = args.cross_size, ("relay", "relay-wss", "relay-wss2")
     tput: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
+    loads: dict[str, list[float]] = {k: [] for k in kinds}
     for rnd in range(args.rounds):
         for kind in kinds if rnd % 2 == 0 else kinds[::-1]:
+            loads[kind].append(round(os.getloadavg()[0], 2))
             r = run_once(kind, size, 1, args.warmup, args.duration)
             tput[kind].append(r)
             print(f"{size:>5} B {kind:<11} round {rnd}: {r['frames_per_s']:>9} frames/s {r['mbit_per_s']:>8} Mbit/s"
                   f"  relay cpu {r['forwarder']['cpu_utilisation']}"
-                  f"  generator busiest {r['generator']['busiest_process_utilisation']}", file=sys.stderr)
+                  f"  generator busiest {r['generator']['busiest_process_utilisation']}"
+                  f"  load {loads[kind][-1]}", file=sys.stderr)
     fps = {k: _mean(tput[k], "frames_per_s") for k in kinds}
     ratio = round(fps["relay-wss"] / fps["relay"], 3) if fps["relay"] else None
     both = round(fps["relay-wss2"] / fps["relay"], 3) if fps["relay"] else None
@@ -876,21 +925,32 @@ def wss_runs(args: argparse.Namespace) -> dict[str, Any]:
         "size": size, "pairs": 1,
         "frames_per_s": {k: round(v) for k, v in fps.items()},
         "relay_cpu_us_per_delivered_frame": {k: _cpu_per_frame(tput[k]) for k in kinds},
+        "sender_cpu_us_per_delivered_frame": {k: _cpu_per_frame(tput[k], "sender_cpu_s") for k in kinds},
+        "receiver_cpu_us_per_delivered_frame": {k: _cpu_per_frame(tput[k], "receiver_cpu_s") for k in kinds},
+        "frames_per_s_per_round": {k: [r["frames_per_s"] for r in tput[k]] for k in kinds},
+        "load_average_1m_per_round": loads,
+        "other_processes_cores_per_round": {k: [r["machine_cpu"]["disturbance_cores"] for r in tput[k]]
+                                            for k in kinds},
         "mbit_per_s": {k: round(_mean(tput[k], "mbit_per_s"), 1) for k in kinds},
         "wss_over_tcp_ratio": ratio,
         "wss_both_ends_over_tcp_ratio": both,
         "ratio_goal": 0.7,
         "what": "one sender/receiver pair through one relay process; relay = both ends raw TCP; relay-wss = the "
-                "sender over WebSocket over TLS (websockets' blocking client), the receiver raw TCP; relay-wss2 = "
-                "both ends over WSS; means of the interleaved rounds",
+                "sender over WebSocket over TLS (the agent's RelayClient over wss://, uvloop), the receiver raw TCP; "
+                "relay-wss2 = both ends over WSS; means of the interleaved rounds. On this 2-core machine relay, sender "
+                "and receiver share the CPUs, so frames/s follows the CPU all three spend per frame",
         "runs": tput,
     }
 
 
-def _cpu_per_frame(runs: list[dict[str, Any]]) -> float | None:
-    """The relay's CPU microseconds per delivered frame, median over runs: what the transport
-    costs the relay, less at the mercy of other processes than frames/s on a shared machine."""
-    per = [r["forwarder"]["cpu_s"] * 1e6 / (r["frames_per_s"] * r["seconds"]) for r in runs if r["frames_per_s"]]
+def _cpu_per_frame(runs: list[dict[str, Any]], generator: str = "") -> float | None:
+    """The relay's (or with ``generator`` = sender_cpu_s | receiver_cpu_s, that generator's) CPU
+    microseconds per delivered frame, median over runs: what the transport costs, less at the
+    mercy of other processes than frames/s on a shared machine."""
+    def cpu(r: dict[str, Any]) -> float:
+        return float(sum(r["generator"][generator])) if generator else float(r["forwarder"]["cpu_s"])
+
+    per = [cpu(r) * 1e6 / (r["frames_per_s"] * r["seconds"]) for r in runs if r["frames_per_s"]]
     return round(statistics.median(per), 2) if per else None
 
 
