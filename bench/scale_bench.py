@@ -338,13 +338,14 @@ def main() -> int:
     rc = out.get("relay_condition")
     if isinstance(rc, dict) and rc.get("peer_object_bytes"):
         sz, ev = rc["peer_object_bytes"], rc["watch_event_bytes_per_agent"]
+        where = rc.get("written_to", "WireKubePeer")
         out["description"] += (
             f" Not in the bench's objects: the agent's RelayUnreachable condition (set in a full relay outage, "
-            f"False after it, and kept) takes a WireKubePeer from {sz['bench_shape']} B to "
-            f"{sz['relay_unreachable_true']} B while True and {sz['relay_unreachable_false_stays']} B after; "
-            f"its two writes send {ev['true']} + {ev['false']} B to every agent, so a relay outage and its "
-            f"recovery at {rc['nodes']:,} nodes cost {rc['outage_and_recovery_watch_gb']} GB of watch traffic "
-            f"(part conditions, one node against the real API server).")
+            f"False after it, and kept), written where the agent writes it ({where}), leaves the WireKubePeer at "
+            f"{sz['relay_unreachable_true']} B while True and {sz['relay_unreachable_false_stays']} B after "
+            f"({sz['bench_shape']} B before); its two writes send {ev['true']} + {ev['false']} B to every agent, "
+            f"so a relay outage and its recovery at {rc['nodes']:,} nodes cost {rc['outage_and_recovery_watch_gb']} GB "
+            f"of watch traffic (part conditions, one node against the real API server).")
     out["goals"] = {"full_reconcile_cpu_s_at_1000": 2.0, "agent_rss_mb_at_1000": 150, "relay_rss_mb_at_1000": 200,
                     "one_change_cpu_ratio_at_1000": 0.1, "peer_object_bytes_at_5000": 2048,
                     "one_change_bytes_per_agent_at_5000": 2048, "wave_watch_gb_at_5000": 20}

@@ -581,22 +581,40 @@ class Bench:
 
 
 def relay_condition_probe(workdir: Path, nodes: int = 5000) -> dict[str, Any]:
-    """The bench's WireKubePeer carries one condition (RoutesGranted). The agent adds
-    ``RelayUnreachable`` (agent/traversal.py) when every relay address has failed: True during a
-    full relay outage, False ("Connected") after it, and it stays. Measured against the real API
-    server with one node of the split layout's shape (the bytes do not depend on N): the object's
-    size in each state, the watch event each of the two writes sends to every agent, and what a
-    relay outage and its recovery cost at ``nodes`` (every node writes both, every agent watches)."""
+    """The bench's WireKubePeer carries no agent condition. The agent sets ``RelayUnreachable``
+    (agent/traversal.py) when every relay address has failed: True during a full relay outage,
+    False ("Connected") after it, and it stays. Written where the agent writes it (on the
+    WireKubePeer before ``conditions`` joined wirekube.models.REPORT_FIELDS, on the node's
+    WireKubeNodeReport since), against the real API server with one node of the split layout's
+    shape (the bytes do not depend on N): the peer object's size in each state, the watch events
+    each write sends to every agent (a sentinel peer's write after it proves the stream saw
+    everything before), and what a relay outage and its recovery cost at ``nodes``."""
     from wirekube.gateway import conditions as cond
+    from wirekube.models import REPORT_FIELDS
 
-    i = nodes // 3 + 1
+    on_report = "conditions" in REPORT_FIELDS
+    i, sentinel = nodes // 3 + 1, nodes // 3 + 2
     cp = ControlPlane(workdir / "relay-condition").up()
     try:
         kube = k8s.Kube.from_kubeconfig(cp.kubeconfig)
-        obj = kube.create(k8s.PEERS, {"apiVersion": "wirekube.io/v1alpha1", "kind": "WireKubePeer",
-                                      "metadata": {"name": name(i), "labels": {"wirekube.io/node": name(i)}},
-                                      "spec": spec(i)})
-        obj = kube.replace_status(k8s.PEERS, {**obj, "status": facts(i, -1)})
+        kube.apply(k8s.CRDS, _bench_crd(REPORTS, "WireKubeNodeReport", True))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                kube.list(REPORTS)
+                break
+            except Exception:  # noqa: BLE001 - the CRD is not served yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        for n in (i, sentinel):
+            obj = kube.create(k8s.PEERS, {"apiVersion": "wirekube.io/v1alpha1", "kind": "WireKubePeer",
+                                          "metadata": {"name": name(n), "labels": {"wirekube.io/node": name(n)}},
+                                          "spec": spec(n)})
+            kube.replace_status(k8s.PEERS, {**obj, "status": facts(n, -1)})
+        kube.create(REPORTS, {"apiVersion": "wirekube.io/v1alpha1", "kind": "WireKubeNodeReport",
+                              "metadata": {"name": name(i)}})
+        obj = kube.get(k8s.PEERS, name(i))
         sizes = {"bench_shape": len(json.dumps(obj))}
         stream = f"agent/{name(0)}/peers"
         w = Watchers(cp, [{"stream": stream, "path": k8s.PEERS.path(), "rv": obj["metadata"]["resourceVersion"]}], "")
@@ -605,23 +623,25 @@ def relay_condition_probe(workdir: Path, nodes: int = 5000) -> dict[str, Any]:
             message = ("tcp://198.51.100.10:8443: [Errno 111] Connection refused; "
                        "tcp://198.51.100.11:8443: [Errno 111] Connection refused")
             now = time.time()
+            conditions: list[dict[str, Any]] = list((obj.get("status") or {}).get("conditions") or [])
             events = []
             for state, (status, reason, msg) in (("true", (True, "Unreachable", message)),
                                                  ("false_stays", (False, "Connected", "relay connected over tcp"))):
-                conditions = cond.set_condition(obj["status"]["conditions"], "RelayUnreachable", status, reason,
-                                                msg, now, 0)
+                conditions = cond.set_condition(conditions, "RelayUnreachable", status, reason, msg, now, 0)
                 now += 60
                 w.reset()
-                obj = kube.patch_status(k8s.PEERS, name(i), {"status": {"conditions": conditions}})
-                rep = w.wait_for(stream, name(i), int(obj["metadata"]["resourceVersion"]), timeout=60)
-                sizes[f"relay_unreachable_{state}"] = len(json.dumps(obj))
-                events.append(sum(e[2] for e in rep["events"][stream]))
+                kube.patch_status(REPORTS if on_report else k8s.PEERS, name(i), {"status": {"conditions": conditions}})
+                mark = kube.patch_status(k8s.PEERS, name(sentinel), {"status": {"natPortStep": int(now) % 1000}})
+                rep = w.wait_for(stream, name(sentinel), int(mark["metadata"]["resourceVersion"]), timeout=60)
+                sizes[f"relay_unreachable_{state}"] = len(json.dumps(kube.get(k8s.PEERS, name(i))))
+                events.append(sum(e[2] for e in rep["events"][stream] if e[0] == name(i)))
         finally:
             w.close()
         kube.close()
     finally:
         cp.down()
-    return {"peer_object_bytes": sizes, "watch_event_bytes_per_agent": {"true": events[0], "false": events[1]},
+    return {"written_to": "WireKubeNodeReport" if on_report else "WireKubePeer",
+            "peer_object_bytes": sizes, "watch_event_bytes_per_agent": {"true": events[0], "false": events[1]},
             "nodes": nodes, "relay_message_addresses": 2,
             "outage_and_recovery_watch_gb": round(sum(events) * nodes * nodes / 1e9, 1),
             "goal_peer_object_bytes": 2048, "goal_wave_watch_gb": 20}

@@ -718,8 +718,12 @@ def peer_status_to_cr(status: PeerStatus) -> dict[str, Any]:
 LABEL_SIGNAL_FROM = "wirekube.io/from"
 LABEL_SIGNAL_TO = "wirekube.io/to"
 
-REPORT_FIELDS = ("transportMode", "peerTransports", "relayReasons", "pathMTU", "lastHandshake", "natPortStep")
-"""status fields that live on the WireKubeNodeReport (and no longer on WireKubePeer)."""
+REPORT_FIELDS = ("transportMode", "peerTransports", "relayReasons", "pathMTU", "lastHandshake", "natPortStep",
+                 "conditions")
+"""status fields that live on the WireKubeNodeReport (and no longer on WireKubePeer).  Conditions
+(RelayUnreachable, RelayProxyEPERM, RoutesGranted) are read by people and doctor, never by other
+agents, and their messages are long: on the peer, one relay outage alone took it past 2 KB and
+sent ~2 KB to every agent twice (measured by bench-scale's ``conditions`` part)."""
 SIGNAL_FIELDS = ("observedEndpoints", "birthday")
 """status fields a v1alpha1 agent kept on its WireKubePeer and an issue-20 agent sends as pair signals."""
 PAIR_FIELDS = REPORT_FIELDS + SIGNAL_FIELDS
@@ -741,6 +745,8 @@ def report_status_to_cr(status: PeerStatus) -> dict[str, Any]:
     out["natPortStep"] = status.nat_port_step
     if status.last_handshake:
         out["lastHandshake"] = status.last_handshake
+    if status.conditions:
+        out["conditions"] = full["conditions"]
     return out
 
 

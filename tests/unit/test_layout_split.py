@@ -67,6 +67,21 @@ def test_a_malformed_signal_is_named_exactly(spec: dict[str, object], field: str
         models.pair_signal_from_cr(unlabelled)
 
 
+def test_conditions_go_to_the_report_and_readers_see_them_on_the_peer() -> None:
+    """A relay outage's RelayUnreachable (its message names every relay address) must not reach
+    every agent: the agent's conditions are on its report, and readers see them folded in."""
+    unreachable = {"type": "RelayUnreachable", "status": "True", "reason": "Unreachable",
+                   "message": "tcp://198.51.100.10:8443: [Errno 111] Connection refused; " * 2,
+                   "lastTransitionTime": "2026-12-07T16:00:00Z", "observedGeneration": 0}
+    status = PeerStatus(connected=True, conditions=(unreachable,))
+    assert "conditions" not in models.peer_facts_to_cr(status)
+    assert models.report_status_to_cr(status)["conditions"] == [unreachable]
+    assert "conditions" not in models.report_status_to_cr(PeerStatus(connected=True))  # none: none written
+    peer = {"metadata": {"name": "a"}, "status": models.peer_facts_to_cr(status)}
+    report = {"metadata": {"name": "a"}, "status": models.report_status_to_cr(status)}
+    assert models.overlay_report(peer, report)["status"]["conditions"] == [unreachable]
+
+
 def test_readers_get_the_v1alpha1_shape_and_an_old_agents_peer_stands() -> None:
     peer = {"metadata": {"name": "a"}, "status": {"connected": True}}
     report = {"metadata": {"name": "a"}, "status": models.report_status_to_cr(full_status(3))}

@@ -46,6 +46,7 @@ from wirekube.models import (
     Peer,
     PeerStatus,
     mesh_from_cr,
+    overlay_report,
     pair_signal_body,
     pair_signal_from_cr,
     pair_signal_name,
@@ -275,13 +276,7 @@ class KubeSource:
         status.birthday[<this node>], where traversal reads them), and this node's own peer with
         the path MTUs of its report (``--once`` keeps them)."""
         incoming = self._incoming_signals()
-        if self._report is None and not self._report_read:
-            self._report_read = True  # once per process: the writes keep it current afterwards
-            try:
-                self._report = dict(self.kube.get(self._k8s.NODE_REPORTS, self.node_name).get("status") or {})
-            except ApiError:
-                pass  # none yet (or not served): the first publish creates it
-        own_mtus = (self._report or {}).get("pathMTU") or {}
+        own_mtus = (self._read_report() or {}).get("pathMTU") or {}
         if not incoming and not own_mtus:
             return peers
         out = []
@@ -391,13 +386,29 @@ class KubeSource:
     # ------------------------------------------------------------------ status and events
 
     def own_status(self) -> PeerStatus:
+        """What this node last published: its WireKubePeer's status with its report's conditions
+        (which live on the report since issue 20: the next pass keeps their transition times)."""
         obj = self.peers.cache.get(self.node_name)
         if obj is None:
             return PeerStatus()
+        if not self._legacy():
+            conditions = (self._read_report() or {}).get("conditions")
+            if conditions:
+                obj = overlay_report(obj, {"status": {"conditions": conditions}})
         try:
             return peer_from_cr(obj).status
         except InvalidObject:
             return PeerStatus()
+
+    def _read_report(self) -> dict[str, Any] | None:
+        """The report as stored, read once per process (the writes keep ``_report`` current)."""
+        if self._report is None and not self._report_read:
+            self._report_read = True
+            try:
+                self._report = dict(self.kube.get(self._k8s.NODE_REPORTS, self.node_name).get("status") or {})
+            except ApiError:
+                pass  # none yet (or not served): the first publish creates it
+        return self._report
 
     def publish(self, status: PeerStatus, skipped: Sequence[Skipped]) -> None:
         """Write what changed, each part where its readers are (issue 20): per-node facts on the
