@@ -635,3 +635,43 @@ def test_helm_test_passes_with_the_controller_disabled(chart_cluster: Any, tmp_p
                 delete()
             except errors.NotFound:
                 pass
+
+
+def _applied(kube_env: dict[str, str], manifest: Path) -> dict[str, tuple[str, str]]:
+    """(resourceVersion, managedFields) of every object in ``manifest``, as the API server has them."""
+    out = run(tool("kubectl"), "get", "-f", str(manifest), "-o", "json", env=kube_env).stdout
+    items = json.loads(out).get("items") or [json.loads(out)]
+    return {f"{o['kind']}/{o['metadata'].get('namespace', '')}/{o['metadata']['name']}":
+            (o["metadata"]["resourceVersion"], json.dumps(o["metadata"].get("managedFields"), sort_keys=True))
+            for o in items}
+
+
+@pytest.mark.apiserver
+@pytest.mark.parametrize("templated", [False, True], ids=["crds-dir", "crds-templated"])
+def test_gitops_server_side_apply_of_a_fresh_render_changes_nothing(chart_cluster: Any, templated: bool,
+                                                                    tmp_path: Path) -> None:
+    """Issue 22's GitOps line: render the chart (as a GitOps tool does on every sync), apply it with
+    server-side apply, render again and apply again: no object changes, managed fields included.
+    GitOps renders without cluster access, so the relay mesh secret comes from
+    relay.mesh.existingSecret (the chart's own random one is generated once only under helm)."""
+    _, kube, env = chart_cluster
+    args = ["--skip-tests", "--set", "relay.mesh.existingSecret=gitops-relay-mesh"]
+    args += ["--set", "crds.templated=true"] if templated else ["--include-crds"]
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    first.write_text(render(None, *args))
+    second.write_text(render(None, *args))
+    apply = [tool("kubectl"), "apply", "--server-side", "--field-manager=gitops"]
+    try:
+        # The module's earlier installs own some of these fields: a GitOps tool takes them over once.
+        run(*apply, "--force-conflicts", "-f", str(first), env=env)
+        before = _applied(env, first)
+        again = run(*apply, "-f", str(second), env=env)  # no --force-conflicts: nothing may conflict
+        after = _applied(env, second)
+        assert set(before) == set(after) and len(before) > 20, sorted(before)
+        drift = sorted(k for k in before if before[k] != after[k])
+        assert drift == [], f"objects changed by the second apply: {drift}\n{again.stdout}"
+    finally:
+        crds = [d for d in yaml.safe_load_all(first.read_text()) if d and d.get("kind") != "CustomResourceDefinition"]
+        rest = tmp_path / "to-delete.yaml"
+        rest.write_text(yaml.safe_dump_all(crds))
+        run(tool("kubectl"), "delete", "--ignore-not-found", "--wait=false", "-f", str(rest), env=env)
