@@ -309,7 +309,10 @@ class RemoteRelayPath:
         while not self._closed:
             try:
                 answer = await self._request({"op": "state"})
-                self._snap = _snapshot(answer)
+                try:
+                    self._snap = _snapshot(answer)
+                except (KeyError, TypeError, ValueError) as e:
+                    raise RelayProcessError(f"state answer of the wrong shape: {type(e).__name__} {e}") from None
                 if not self._retained and time.monotonic() - self._connected_at > self.retain_after:
                     await self._request({"op": "retain", "keys": [key_text(k) for k in self._wanted]})
                     self._retained = True
@@ -324,12 +327,13 @@ class RemoteRelayPath:
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            conn = await self._connection()
             try:
+                conn = await self._connection()  # (re)connecting restates everything: that can fail too
                 return await self._roundtrip(conn, request, timeout or self.io_timeout)
             except RelayProcessError:
                 raise
-            except (OSError, EOFError, TimeoutError, ValueError) as e:
+            except (OSError, EOFError, TimeoutError, ValueError, KeyError, TypeError) as e:
+                # KeyError/TypeError: an answer of the wrong shape (a process of another version)
                 self._drop_connection()
                 raise RelayProcessError(f"{self.path}: {type(e).__name__} {e}".rstrip()) from None
 
