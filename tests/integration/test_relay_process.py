@@ -62,7 +62,7 @@ def test_relayed_packets_flow_with_no_agent_and_a_new_agent_adopts_the_ports(soc
             assert relay.address is not None
             spawn = relayproc.spawner(socket_file, socket_file.parent / "relaypath.log")
             config = PathConfig.of(key_a, wg_a.getsockname()[1])
-            a = RemoteRelayPath(socket_file, config, spawn=spawn, retain_after=0.5)
+            a = RemoteRelayPath(socket_file, config, spawn=spawn)
             b = RelayPath(key_b, wg_b.getsockname()[1])  # the other node: in-process
             b.set_relays([relay.address])
             a.set_relays([relay.address])
@@ -86,14 +86,18 @@ def test_relayed_packets_flow_with_no_agent_and_a_new_agent_adopts_the_ports(soc
             await exchange("no agent")
             assert relayproc.process_pid(socket_file) == pid
 
-            again = RemoteRelayPath(socket_file, config, spawn=spawn, retain_after=0.5)
+            again = RemoteRelayPath(socket_file, config, spawn=spawn)
             again.set_relays([relay.address])
             assert await again.ensure_proxy(public_bytes(key_b)) == port_b, "a new agent keeps the old port"
             assert again.pid == pid and again.adopted == {public_bytes(key_b): port_b, public_bytes(key_c): port_c}
             await wait_until(lambda: bool(again.connected_relays()), what="state of the adopted process")
             await exchange("adopted")
-            # key_c's peer went away while the agent was down: its proxy is closed once retained.
+            assert _proxies(socket_file) == 2  # nothing closed before the agent knows its peers
+            # key_c's peer went away while the agent was down: its proxy goes once the agent's first
+            # pass with a view of the mesh says which peers there are.
+            again.retain([public_bytes(key_b)])
             await wait_until(lambda: _proxies(socket_file) == 1, timeout=10, what="the stale proxy closed")
+            await exchange("after retain")
             await again.close()
             await b.close()
         assert relayproc.stop_process(socket_file)

@@ -20,7 +20,8 @@ agent's state directory (``relaypath.sock``):
 * On every (re)connect the agent states everything it wants (key, WireGuard's port, relays,
   peers, each proxy's port), so a process that restarted, or one left from before a key
   rotation, is brought in line; proxies are re-opened on their old ports.  Proxies of peers
-  that went away while the agent was down are closed ``RETAIN_AFTER`` seconds after it is back.
+  that went away while the agent was down are closed after its first pass with a view of the
+  mesh (never on a timer: an agent back during an API-server outage keeps them all).
 * ``wirekubectl cleanup`` stops it (:func:`stop_process`).
 
 Protocol: one JSON object per line, a request then its answer (``{"error": "..."}`` on failure).
@@ -62,7 +63,6 @@ MAX_LINE = 1 << 20
 IO_TIMEOUT = 5.0
 START_TIMEOUT = 20.0
 """How long a started process may take to answer (Python starts slowly on a loaded node)."""
-RETAIN_AFTER = 30.0
 POLL_SECONDS = 0.25
 
 
@@ -84,6 +84,7 @@ class RelayDatapath(Protocol):
     def set_relays(self, addresses: Iterable[tuple[str, int] | RelayURL], fallbacks: Iterable[RelayURL] = ()) -> None: ...
     async def ensure_proxy(self, peer_key: bytes, port: int = 0) -> int: ...
     def remove_proxy(self, peer_key: bytes) -> None: ...
+    def retain(self, peer_keys: Iterable[bytes]) -> object: ...
     def connected_relays(self) -> list[tuple[str, int]]: ...
     def transport(self) -> str: ...
     def problem(self) -> tuple[str, str] | None: ...
@@ -209,14 +210,12 @@ class RemoteRelayPath:
     eperm_persistent_after = 10.0
 
     def __init__(self, path: Path, config: PathConfig, *, spawn: Callable[[], None] | None,
-                 start_timeout: float = START_TIMEOUT, io_timeout: float = IO_TIMEOUT,
-                 retain_after: float = RETAIN_AFTER) -> None:
+                 start_timeout: float = START_TIMEOUT, io_timeout: float = IO_TIMEOUT) -> None:
         self.path = path
         self.config = config
         self._spawn = spawn
         self.start_timeout = start_timeout
         self.io_timeout = io_timeout
-        self.retain_after = retain_after
         self._relays: list[str] = []
         self._fallbacks: list[str] = []
         self._wanted: dict[bytes, int] = {}  # peer key -> its proxy's port (0 until known)
@@ -225,7 +224,6 @@ class RemoteRelayPath:
         self._snap = _Snapshot()
         self._poller: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._connected_at = 0.0
         self._retained = False
         self._closed = False
         self._introduced = False
@@ -258,6 +256,16 @@ class RemoteRelayPath:
 
     def proxy_ports(self) -> dict[bytes, int]:
         return {k: p for k, p in self._wanted.items() if p}
+
+    def retain(self, peer_keys: Iterable[bytes]) -> None:
+        """The traversal's full set of peers (after a pass with a view of the mesh): once per
+        connection, the process closes the proxies of peers that went away while no agent was
+        connected.  Never on a timer: an agent that comes back while the API server is down has
+        no view yet, and must not close what still carries traffic."""
+        keys = [key_text(k) for k in peer_keys]
+        if self._conn is not None and not self._retained:
+            self._retained = True
+            self._fire({"op": "retain", "keys": keys})
 
     def connected_relays(self) -> list[tuple[str, int]]:
         return list(self._snap.connected)
@@ -313,9 +321,6 @@ class RemoteRelayPath:
                     self._snap = _snapshot(answer)
                 except (KeyError, TypeError, ValueError) as e:
                     raise RelayProcessError(f"state answer of the wrong shape: {type(e).__name__} {e}") from None
-                if not self._retained and time.monotonic() - self._connected_at > self.retain_after:
-                    await self._request({"op": "retain", "keys": [key_text(k) for k in self._wanted]})
-                    self._retained = True
             except RelayProcessError as e:
                 self._snap = _Snapshot(stats=self._snap.stats)
                 if str(e) != self._last_error:
@@ -363,7 +368,7 @@ class RemoteRelayPath:
             conn[1].close()
             raise
         self._conn = conn
-        self._connected_at, self._retained = time.monotonic(), False
+        self._retained = False
         return conn
 
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -454,6 +454,8 @@ class Traversal:
                     changed = True
                 if mesh.spec.relay.mode is not RelayMode.NEVER and self._peers[name].proxy_port == 0:
                     self._ensure_proxy(name)
+            if self._relay is not None and self._loop is not None:  # proxies of peers gone meanwhile go
+                self._loop.call_soon_threadsafe(self._relay.retain, [_raw(s.key) for s in self._peers.values()])
             self._sync_birthdays()
         self._report_transitions()
         if changed:
