@@ -11,6 +11,7 @@ import base64
 import ipaddress
 import json
 import sys
+import time
 from typing import Any
 
 from wirekube.agent import keys
@@ -29,13 +30,23 @@ def _state(dev: WgDeviceState) -> dict[str, Any]:
     }
 
 
+_T0 = time.monotonic()
+
+
+def step(what: str) -> None:
+    """Progress on stderr (a timeout then shows how far the check got, and how fast)."""
+    print(f"{time.monotonic() - _T0:7.1f}s {what}", file=sys.stderr, flush=True)
+
+
 def main(ifname: str) -> None:
+    step("imports done")
     out: dict[str, Any] = {}
     nl = Netlink()
     if nl.link(ifname) is not None:
         nl.delete_link(ifname)
     engine = KernelEngine(ifname, nl)
     try:
+        step("netlink open")
         out["created"] = engine.ensure_device()
         out["created_again"] = engine.ensure_device()
         out["fresh"] = _state(engine.get())
@@ -49,6 +60,7 @@ def main(ifname: str) -> None:
         engine.apply([SetDevice(private_key=True, listen_port=51999, fwmark=0x574B),
                       PutPeer(a, create=True), PutPeer(b, create=True)], private)
         out["configured"] = _state(engine.get())
+        step("configured")
         # Replace A's allowed IPs (not add to them), move its endpoint, change its keepalive.
         a2 = WgPeerConfig(peer_a, Endpoint.parse("198.18.3.2:40000"), (ipaddress.ip_network("10.255.1.1/32"),), 0)
         engine.apply([PutPeer(a2, create=False)], private)
@@ -62,17 +74,20 @@ def main(ifname: str) -> None:
         out["removed"] = _state(engine.get())
         engine.apply([PutPeer(a, create=False)], private)
         out["update_only_absent"] = _state(engine.get())
+        step("small cases done")
         # A large mesh in one pass: 300 peers x 8 AllowedIPs (~90 KB of attributes) goes in, and
         # the dump that comes back spans several netlink messages (merged per peer).
         many = [WgPeerConfig(base64.b64encode(i.to_bytes(2, "big") * 16).decode(), None,
                              tuple(ipaddress.ip_network(f"10.{100 + j}.{i // 250}.{i % 250}/32") for j in range(8)), 0)
                 for i in range(300)]
         engine.apply([PutPeer(c, create=True) for c in many], private)
+        step("300 peers applied")
         dev = engine.get()
         out["many"] = {"peers": len(dev.peers),
                        "all_allowed_ips": all(len(dev.peers[c.public_key].config.allowed_ips) == 8 for c in many)}
         engine.apply([RemovePeer(c.public_key) for c in many], private)
         out["many_removed"] = len(engine.get().peers)
+        step("300 peers read back and removed")
         # A second apply of the same device values changes nothing (and does not fail).
         engine.apply([SetDevice(private_key=False, listen_port=51999, fwmark=0x574B)], private)
         out["device_again"] = _state(engine.get())
