@@ -1,7 +1,7 @@
 """Remove everything WireKube put on a node, and nothing else.
 
 Removed: the WireGuard interface (and the wireguard-go daemon serving it, found through its UAPI
-socket), the relay-path process (found through its socket in the state directory), the rules WireKube owns (:func:`wirekube.agent.plan.is_wirekube_rule`), every route in
+socket), the relay-path process (found through its socket beside it), the rules WireKube owns (:func:`wirekube.agent.plan.is_wirekube_rule`), every route in
 table 22347 and the nftables tables ``inet wirekube`` and ``inet wirekube_mss`` (the TCP MSS clamp).  Used by ``wirekubectl cleanup`` (also as an
 init container or Job).  Idempotent: a second run finds nothing to do.
 """
@@ -15,7 +15,6 @@ from loguru import logger
 
 from wirekube.agent import nft as nftables
 from wirekube.agent import relayproc
-from wirekube.agent.keys import DEFAULT_STATE_DIR
 from wirekube.agent.netlink import Netlink
 from wirekube.agent.plan import is_wirekube_rule
 from wirekube.agent.pmtu import MSS_TABLE
@@ -48,10 +47,9 @@ class CleanupReport:
         )
 
 
-def cleanup(ifname: str = "wire_kube", socket_dir: Path = SOCKET_DIR,
-            state_dir: Path = DEFAULT_STATE_DIR) -> CleanupReport:
+def cleanup(ifname: str = "wire_kube", socket_dir: Path = SOCKET_DIR) -> CleanupReport:
     report = CleanupReport()
-    report.relay_process_stopped = relayproc.stop_process(relayproc.socket_path(state_dir))
+    report.relay_process_stopped = relayproc.stop_process(relayproc.socket_path(socket_dir))
     engine = UserspaceEngine(UserspaceSettings(ifname=ifname, socket_dir=socket_dir))
     if engine.find_daemon_pid() is not None:
         engine.stop_daemon()

@@ -178,10 +178,11 @@ def parse_args(argv: list[str] | None = None) -> AgentSettings:
 
 
 def _relay_datapath(settings: AgentSettings) -> Callable[[PathConfig], RelayDatapath] | None:
-    """The relay-path process for this node's state directory (None: in the agent)."""
+    """The relay-path process of this node (None: in the agent).  Its socket is beside
+    wireguard-go's, on a tmpfs; its log goes to the state directory."""
     if settings.relay_process is RelayProcessMode.INPROCESS:
         return None
-    path = relayproc.socket_path(settings.state_dir)
+    path = relayproc.socket_path(settings.socket_dir)
     spawn = (relayproc.spawner(path, settings.state_dir / "relaypath.log", settings.log_level)
              if settings.relay_process is RelayProcessMode.SPAWN else None)
     return lambda config: RemoteRelayPath(path, config, spawn=spawn)

@@ -5,8 +5,8 @@ direct peers lose nothing when the agent is killed or upgraded.  Relayed peers d
 loopback UDP proxies and the warm relay connection lived inside the agent, and every restart
 dropped them for as long as the agent took to come back.  They now live in
 ``wirekube-relaypath`` (:mod:`wirekube.agent.relayprocd`), a small process that runs the same
-:class:`~wirekube.traversal.relaypath.RelayPath` and takes its orders over a Unix socket in the
-agent's state directory (``relaypath.sock``):
+:class:`~wirekube.traversal.relaypath.RelayPath` and takes its orders over a Unix socket beside
+wireguard-go's (``/run/wireguard/wirekube-relaypath.ctl``):
 
 * ``--relay-process spawn`` (the default): the agent uses the running one, found by its socket,
   or starts one in a session of its own, which a kill -9 of the agent does not reach.
@@ -57,7 +57,9 @@ from wirekube.errors import DataplaneError
 from wirekube.relay.dial import Proxy, ProxyConfig, RelayURL
 
 PROTOCOL = 1
-SOCKET_NAME = "relaypath.sock"
+SOCKET_NAME = "wirekube-relaypath.ctl"
+"""In the dataplane's runtime directory (/run/wireguard, a tmpfs: a Unix socket on a network or
+9p filesystem cannot be connected to). Not ``*.sock``: ``wg`` lists those as interfaces."""
 MAX_LINE = 1 << 20
 """Longest request or answer line (a node with thousands of relayed peers fits easily)."""
 IO_TIMEOUT = 5.0
@@ -178,8 +180,8 @@ def peer_uid(sock: socket.socket) -> tuple[int, int]:
     return pid, uid
 
 
-def socket_path(state_dir: Path) -> Path:
-    return state_dir / SOCKET_NAME
+def socket_path(runtime_dir: Path) -> Path:
+    return runtime_dir / SOCKET_NAME
 
 
 # ---------------------------------------------------------------------------------- client

@@ -1,6 +1,6 @@
 """``wirekube-relaypath``: the relay data path as a long-lived process (see :mod:`wirekube.agent.relayproc`).
 
-Usage: ``wirekube-relaypath --socket /var/lib/wirekube/relaypath.sock [--log-file PATH]``.  The
+Usage: ``wirekube-relaypath --socket /run/wireguard/wirekube-relaypath.ctl [--log-file PATH]``.  The
 agent starts it by itself (``--relay-process spawn``); the chart runs it as a container of its
 own (``--relay-process external``).  It carries relayed WireGuard packets between loopback UDP
 proxies and the relay until it is told to stop (``wirekubectl cleanup``) or gets SIGTERM; the

@@ -120,7 +120,7 @@ def _cleanup(args: argparse.Namespace) -> int:
     from wirekube.agent.cleanup import cleanup
 
     try:
-        report = cleanup(args.interface, args.socket_dir, args.state_dir)
+        report = cleanup(args.interface, args.socket_dir)
     except WireKubeError as e:
         print(f"wirekubectl cleanup: {e}", file=sys.stderr)
         return 1
@@ -129,7 +129,6 @@ def _cleanup(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from wirekube.agent.keys import DEFAULT_STATE_DIR
     from wirekube.agent.wg.userspace import SOCKET_DIR
 
     parser = argparse.ArgumentParser(prog="wirekubectl", description="Operate a WireKube mesh.")
@@ -160,8 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
         "cleanup", help="remove WireKube's interface, rules, table 22347 routes and nft table from this node")
     clean.add_argument("--interface", default="wire_kube", help="WireGuard interface name (mesh spec.interfaceName)")
     clean.add_argument("--socket-dir", type=Path, default=SOCKET_DIR, help=argparse.SUPPRESS)
-    clean.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
-                       help="the agent's --state-dir (where the relay-path process's socket is)")
     clean.set_defaults(func=_cleanup)
     return parser
 
