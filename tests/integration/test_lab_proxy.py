@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -84,14 +85,14 @@ def test_every_pair_up_with_the_proxy_site_over_wss_through_squid(lab: Any) -> N
     assert set(status(kube, "open-1").get("relayReasons", {})) == set(CORP)
 
 
-def test_a_wrong_proxy_password_is_reported_and_nothing_else_breaks(lab: Any) -> None:
+def test_a_wrong_proxy_password_is_reported_and_nothing_else_breaks(lab: Any, tmp_path: Path) -> None:
     lab_, kube, handle = lab
     victim = "corp-2"
     for record in orchestrate.running_agents(lab_, victim):
         lab_.stop(record.pid)
     # The victim's tunnel outlives its agent (the relay path process holds it, issue 16): the
     # agent restarted with other credentials replaces it, and squid logs a tunnel when it ends.
-    wrong = handle.workdir / "wrong-credentials"
+    wrong = tmp_path / "wrong-credentials"  # not in the lab's workdir: down leaves files it did not make
     wrong.write_text("wirekube-lab:definitely-not-the-password\n")
     orchestrate.start_agent(lab_, handle, victim, credentials=str(wrong))
 
