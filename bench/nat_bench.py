@@ -101,17 +101,8 @@ def failover(lab: Any, kube: k8s.Kube, cuts: int) -> dict[str, Any]:
     before = set(direct_to_relay_events(kube))
     for i in range(cuts):
         wait_for(lambda: transport(kube, a, b) == "direct", 120, f"cut {i}: direct before the cut")
-        pinger = lab.spawn(a, ["ping", "-D", "-n", "-i", "0.1", "-W", "1", "-w", "8", dst], pipe=True)
-        head: list[str] = []
-        deadline = time.monotonic() + 15
-        while sum("bytes from" in ln for ln in head) < 15:
-            line = pinger.stdout.readline()
-            if not line or time.monotonic() > deadline:
-                raise RuntimeError(f"cut {i}: no steady ping replies before the cut: {''.join(head)[-300:]}")
-            head.append(line)
-        lab.cut("fullcone", "udp", peer=wan)
-        rest, _ = pinger.communicate(timeout=30)
-        gaps.append(round(longest_gap("".join(head) + rest, until=time.time() - 0.2) * 1000, 1))
+        output = _ping_around(lab, a, dst, 8, lambda: lab.cut("fullcone", "udp", peer=wan), steady=15)
+        gaps.append(round(longest_gap(output, until=time.time() - 0.2) * 1000, 1))
         lab.restore("fullcone")
         lifted = time.monotonic()
         wait_for(lambda: transport(kube, a, b) == "direct", 120, f"cut {i}: back to direct")
@@ -134,12 +125,13 @@ def failover(lab: Any, kube: k8s.Kube, cuts: int) -> dict[str, Any]:
     }
 
 
-def _ping_around(lab: Any, src: str, dst: str, seconds: int, action: Any) -> str:
-    """A 10/s ping from ``src`` to ``dst`` for ``seconds``; ``action()`` runs once 10 replies are in."""
+def _ping_around(lab: Any, src: str, dst: str, seconds: int, action: Any, steady: int = 10) -> str:
+    """A 10/s ping from ``src`` to ``dst`` for ``seconds``; ``action()`` runs once ``steady``
+    replies are in; the whole output."""
     pinger = lab.spawn(src, ["ping", "-D", "-n", "-i", "0.1", "-W", "1", "-w", str(seconds), dst], pipe=True)
     head: list[str] = []
     deadline = time.monotonic() + 15
-    while sum("bytes from" in ln for ln in head) < 10:
+    while sum("bytes from" in ln for ln in head) < steady:
         line = pinger.stdout.readline()
         if not line or time.monotonic() > deadline:
             raise RuntimeError(f"no steady ping replies from {src} to {dst}: {''.join(head)[-300:]}")

@@ -161,6 +161,24 @@ PINGER = textwrap.dedent("""
 """)
 
 
+def _ping_around(lab_: Lab, src: str, dst_ip: str, seconds: int, action: Any, touched: str) -> str:
+    """A 10/s ping from ``src`` for ``seconds``; ``action()`` runs once 10 replies are in; its output."""
+    pinger = lab_.spawn(src, [sys.executable, "-c", PINGER, dst_ip, str(seconds)], pipe=True)
+    try:
+        assert pinger.stdout is not None
+        head: list[str] = []
+        deadline = time.monotonic() + 15
+        while sum("bytes from" in ln for ln in head) < 10:
+            assert time.monotonic() < deadline, f"no ping replies before {touched}"
+            head.append(pinger.stdout.readline())
+        action()
+        rest, _ = pinger.communicate(timeout=seconds + 60)
+    finally:
+        if pinger.poll() is None:
+            lab_.stop(pinger)
+    return "".join(head) + rest
+
+
 def longest_gap(output: str) -> float:
     stamps = [float(m) for m in re.findall(r"^\[(\d+\.\d+)\] \d+ bytes from", output, re.M)]
     assert len(stamps) > 20, output[-500:]
@@ -278,20 +296,7 @@ def test_relay_replica_kill_9_and_a_rolling_restart_keep_a_relayed_pair_flowing(
     victim = _replica_of(lab_, a)
 
     def ping_during(seconds: int, action: Any) -> float:
-        pinger = lab_.spawn(a, [sys.executable, "-c", PINGER, b_ip, str(seconds)], pipe=True)
-        try:
-            assert pinger.stdout is not None
-            head: list[str] = []
-            deadline = time.monotonic() + 15
-            while sum("bytes from" in ln for ln in head) < 10:
-                assert time.monotonic() < deadline, "no ping replies before the relay was touched"
-                head.append(pinger.stdout.readline())
-            action()
-            rest, _ = pinger.communicate(timeout=seconds + 30)
-        finally:
-            if pinger.poll() is None:
-                lab_.stop(pinger)
-        return longest_gap("".join(head) + rest)
+        return longest_gap(_ping_around(lab_, a, b_ip, seconds, action, "the relay was touched"))
 
     def kill_9() -> None:
         pid = _relay_pid(lab_, victim)
@@ -460,20 +465,7 @@ def test_a_relayed_pair_keeps_flowing_through_agent_restarts(lab: Any) -> None:
     h = lab_handle(name)
 
     def ping_during(seconds: int, action: Any) -> str:
-        pinger = lab_.spawn(a, [sys.executable, "-c", PINGER, b_ip, str(seconds)], pipe=True)
-        try:
-            assert pinger.stdout is not None
-            head: list[str] = []
-            deadline = time.monotonic() + 15
-            while sum("bytes from" in ln for ln in head) < 10:
-                assert time.monotonic() < deadline, "no ping replies before the agents were touched"
-                head.append(pinger.stdout.readline())
-            action()
-            rest, _ = pinger.communicate(timeout=seconds + 60)
-        finally:
-            if pinger.poll() is None:
-                lab_.stop(pinger)
-        return "".join(head) + rest
+        return _ping_around(lab_, a, b_ip, seconds, action, "the agents were touched")
 
     killed = ping_during(10, lambda: orchestrate.restart_agents(lab_, h, (a, b), kill=True, down_for=3.0))
     wait_for(lambda: all(orchestrate.running_agents(lab_, n) for n in (a, b)), 30, "agents back")
