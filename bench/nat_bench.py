@@ -62,6 +62,21 @@ def transport(kube: k8s.Kube, a: str, b: str) -> str:
     return ((reports.get_peer(kube, a).get("status") or {}).get("peerTransports") or {}).get(b, "")
 
 
+def on_direct(lab: Any, kube: k8s.Kube, a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` both report each other as direct *and* their WireGuard sends to
+    each other's real endpoint, not to a loopback relay proxy: the reported transport can lag the
+    device, and a cut made then measures no failover."""
+    if transport(kube, a, b) != "direct" or transport(kube, b, a) != "direct":
+        return False
+    keys = {n: reports.get_peer(kube, n)["spec"]["publicKey"] for n in (a, b)}
+    for src, dst in ((a, b), (b, a)):
+        out = lab.exec(src, ["wg", "show", "wire_kube", "endpoints"], check=False).stdout
+        ep = next((line.split()[1] for line in out.splitlines() if line.split()[:1] == [keys[dst]]), "")
+        if not ep or ep.startswith("127.") or ep == "(none)":
+            return False
+    return True
+
+
 def longest_gap(output: str, until: float | None = None) -> float:
     """The longest time between two replies; with ``until`` (the epoch time the ping ended), the
     time from the last reply to then counts too (a path that never came back is one long gap)."""
@@ -100,12 +115,12 @@ def failover(lab: Any, kube: k8s.Kube, cuts: int) -> dict[str, Any]:
     gaps, recoveries = [], []
     before = set(direct_to_relay_events(kube))
     for i in range(cuts):
-        wait_for(lambda: transport(kube, a, b) == "direct", 120, f"cut {i}: direct before the cut")
+        wait_for(lambda: on_direct(lab, kube, a, b), 120, f"cut {i}: direct (both ends, in WireGuard) before the cut")
         output = _ping_around(lab, a, dst, 8, lambda: lab.cut("fullcone", "udp", peer=wan), steady=15)
         gaps.append(round(longest_gap(output, until=time.time() - 0.2) * 1000, 1))
         lab.restore("fullcone")
         lifted = time.monotonic()
-        wait_for(lambda: transport(kube, a, b) == "direct", 120, f"cut {i}: back to direct")
+        wait_for(lambda: on_direct(lab, kube, a, b), 120, f"cut {i}: back to direct")
         recoveries.append(round(time.monotonic() - lifted, 2))
         print(f"cut {i + 1}/{cuts}: gap {gaps[-1]} ms, back to direct after {recoveries[-1]} s", file=sys.stderr)
     # A cut of fullcone <-> prc may fail over only pairs between those two sites; any other

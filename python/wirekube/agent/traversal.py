@@ -772,13 +772,15 @@ class Traversal:
                     probes.append(name)
                     roamed[name] = ws.config.endpoint
                     self._log.info("peer {}: it reaches us directly again; probing direct now", name)
+                stall_after = state.live.stall_after(timing.stall_after)
                 new, action = pathsm.tick(state.path, now, rx, timing, wall=wall,
-                                          unanswered_for=state.live.unanswered_for(now),
-                                          stall_after=state.live.stall_after(timing.stall_after))
+                                          unanswered_for=state.live.unanswered_for(now), stall_after=stall_after)
                 if action is pathsm.Action.USE_RELAY:
                     if not state.proxy_port or not self.relay_available():
                         continue  # no relay path to fail over to: keep trying direct
-                    self._log.warning("peer {}: {} -> relay", name, new.reason)
+                    self._log.warning("peer {}: {} -> relay (unanswered {:.2f}s, {} heartbeats; threshold {:.2f}s)",
+                                      name, new.reason, state.live.unanswered_seconds(), state.live.unanswered,
+                                      stall_after)
                     if name in self._bday:  # a won birthday path died: new rounds after the retry interval
                         new = replace(new, relay_by_matrix=True)
                         self._birthday_lost(name, wall)
