@@ -603,7 +603,7 @@ def relay_condition_probe(workdir: Path, nodes: int = 5000) -> dict[str, Any]:
             try:
                 kube.list(REPORTS)
                 break
-            except Exception:  # noqa: BLE001 - the CRD is not served yet
+            except Exception:  # the CRD is not served yet
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)

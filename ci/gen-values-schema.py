@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _generated import write_or_check_all  # ci/ is sys.path[0] when a generator runs
-
 import yaml
+
+from _generated import write_or_check_all  # ci/ is sys.path[0] when a generator runs
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "wirekube"

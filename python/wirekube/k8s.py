@@ -15,8 +15,10 @@ The client is synchronous (``kubernetes`` is); asyncio services run these calls 
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import socket
@@ -25,8 +27,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-import builtins
-import functools
 from typing import Any, ParamSpec, TypeVar, cast
 
 import kubernetes.client

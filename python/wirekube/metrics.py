@@ -145,7 +145,7 @@ def serve(host: str, port: int, registry: CollectorRegistry, ready: Callable[[],
     """/metrics, /healthz, /readyz on a daemon thread; returns the server (``.shutdown()`` it)."""
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's API
+        def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
                 self._reply(200, generate_latest(registry), "text/plain; version=0.0.4; charset=utf-8")

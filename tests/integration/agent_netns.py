@@ -16,16 +16,15 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.fixtures.wait import wait_for  # noqa: F401 - re-exported for the agent tests
+from tests.fixtures.wait import wait_for
 from wirekube import ipam
 from wirekube.agent import keys as keystore
 
@@ -114,7 +113,7 @@ class NetnsLab:
         address = SUBNET.network_address + 10 + index
         sh("ip", "-n", ns, "addr", "add", f"{address}/{SUBNET.prefixlen}", "dev", "eth0")
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
-        holder = subprocess.Popen(  # noqa: S603
+        holder = subprocess.Popen(
             ["ip", "netns", "exec", ns, "unshare", "-m", "--propagation", "private", "sh", "-c",
              "mount -t tmpfs none /run/wireguard && exec sleep infinity"],
             start_new_session=True,
@@ -152,7 +151,7 @@ class NetnsLab:
     def start_agent(self, node: Node, resync: float = 2.0) -> subprocess.Popen[bytes]:
         node.agent_log = node.state_dir / "agent.log"
         with open(node.agent_log, "ab") as log:
-            node.agent = subprocess.Popen(  # noqa: S603
+            node.agent = subprocess.Popen(
                 self.agent_argv(node, "--resync-seconds", str(resync)),
                 stdout=log, stderr=log, start_new_session=True,
             )
@@ -214,7 +213,7 @@ class ContinuousPing:
 
     def __init__(self, src: Node, dst: ipaddress.IPv4Address, interval: float = 0.1) -> None:
         self.label = f"{src.name} -> {dst}"
-        self._proc = subprocess.Popen(  # noqa: S603
+        self._proc = subprocess.Popen(
             src.enter("ping", "-n", "-D", "-O", "-i", str(interval), str(dst)),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )

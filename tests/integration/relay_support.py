@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import shutil
-import subprocess
-import sys
-import threading
 import hashlib
 import hmac
 import ipaddress
+import json
+import shutil
 import socket
 import struct
+import subprocess
+import sys
+import threading
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import replace
 from typing import Any, TypeVar, cast

@@ -14,11 +14,10 @@ import pytest
 
 from tests.fixtures.keys import public_key
 from tests.integration.agent_netns import wait_for
-from wirekube import ipam, k8s
+from wirekube import ipam, k8s, reports
 from wirekube.agent.plan import Skipped
 from wirekube.agent.source import KubeSource
 from wirekube.lab.cluster import ControlPlane
-from wirekube import reports
 from wirekube.models import PAIR_FIELDS, BirthdayRound, PeerStatus, Transport, TransportMode
 
 pytestmark = [pytest.mark.apiserver, pytest.mark.timeout(300)]

@@ -98,7 +98,7 @@ class Mesh:
     def join(self, name: str) -> Node:
         """A new machine: namespace on the bridge, API path, Node object, agent."""
         node = self.lab.add_node(name)
-        proxy = subprocess.Popen(  # noqa: S603
+        proxy = subprocess.Popen(
             [sys.executable, "-m", "wirekube.lab.apiproxy", "--target",
              f"127.0.0.1:{self.cp.state.apiserver_port}", node.netns],  # type: ignore[union-attr]
             stdout=subprocess.PIPE, stderr=self._proxy_log(), text=True)

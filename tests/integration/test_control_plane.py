@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import re
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -211,9 +210,9 @@ def test_informer_stop_ends_an_open_watch_instead_of_waiting_it_out(kube: k8s.Ku
     agent's shutdown (DaemonSet rollout, SIGTERM) waits for every open watch."""
     inf = k8s.Informer(kube, k8s.PEERS, lambda t, o: None, watch_timeout_seconds=60).start()
     assert inf.wait_synced(30)
-    wait_for(lambda: inf._response is not None, 10, "the watch is open")  # noqa: SLF001
+    wait_for(lambda: inf._response is not None, 10, "the watch is open")
     inf.stop(timeout=5)
-    assert inf._thread is not None and not inf._thread.is_alive()  # noqa: SLF001
+    assert inf._thread is not None and not inf._thread.is_alive()
 
 
 def test_leader_election_single_leader_and_handover(kube: k8s.Kube, unique: str) -> None:
@@ -305,7 +304,7 @@ def test_many_open_watches_and_writes_share_one_pool_without_discarding(kube: k8
     informers = [k8s.Informer(kube, k8s.PEERS, lambda t, o: None, watch_timeout_seconds=60).start() for _ in range(12)]
     try:
         assert all(i.wait_synced(30) for i in informers)
-        wait_for(lambda: all(i._response is not None for i in informers), 10, "every watch open")  # noqa: SLF001
+        wait_for(lambda: all(i._response is not None for i in informers), 10, "every watch open")
         for n in range(6):
             kube.create(k8s.PEERS, peer_body(f"pool-{unique}-{n}"))
         for n in range(6):

@@ -15,10 +15,16 @@ from typing import Any
 import pytest
 
 from tests.fixtures.wait import wait_for
-
-from tests.integration.gateway_support import API, HC, FakeGatewayAgents, Objects, condition, events_about, settings, status
+from tests.integration.gateway_support import (
+    HC,
+    FakeGatewayAgents,
+    Objects,
+    condition,
+    events_about,
+    settings,
+    status,
+)
 from wirekube import errors, ipam, k8s, models
-from wirekube.gateway import contract
 from wirekube.gateway.controller import GatewayController
 from wirekube.gateway.podcidr import ANNOTATION_POD_CIDRS
 from wirekube.lab.cluster import ControlPlane

@@ -27,7 +27,6 @@ import pytest
 
 from tests.fixtures.root import require_root
 from tests.fixtures.wait import wait_for
-
 from wirekube.lab import procs
 from wirekube.lab.net import Lab, LabError
 from wirekube.lab.plan import netns_prefix

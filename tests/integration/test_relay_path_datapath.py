@@ -28,6 +28,7 @@ from wirekube.relay.protocol import (
 )
 from wirekube.traversal.relaypath import BATCH_BYTES, RelayPath
 
+
 def udp_receive_queue(port: int) -> tuple[int, int]:
     """(bytes queued unread, datagrams dropped) of the UDP socket bound to 127.0.0.1:``port``,
     from /proc/net/udp (this network namespace)."""

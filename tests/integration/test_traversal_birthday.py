@@ -29,7 +29,6 @@ import pytest
 
 from tests.fixtures.root import require_root
 from tests.fixtures.stun import stun_server_script
-
 from wirekube.lab.nat import router_ruleset
 from wirekube.lab.topology import NatKind
 from wirekube.traversal import birthday

@@ -22,7 +22,6 @@ import pytest
 
 from tests.fixtures.root import require_root
 from tests.fixtures.stun import stun_server_script
-
 from wirekube.models import NatType
 
 pytestmark = pytest.mark.netns

@@ -16,8 +16,18 @@ from tests.fixtures.wait import wait_for
 from tests.unit.traversal_fixtures import peer, traversal
 from wirekube.agent.traversal import BIRTHDAY_PENDING
 from wirekube.agent.wg.base import WgDeviceState, WgPeerConfig, WgPeerState
-from wirekube.models import (ANNOTATION_BIRTHDAY, BirthdayRound, Mesh, MeshSpec, NatType, Peer, PeerStatus, RelaySpec,
-                             Toggle, Transport)
+from wirekube.models import (
+    ANNOTATION_BIRTHDAY,
+    BirthdayRound,
+    Mesh,
+    MeshSpec,
+    NatType,
+    Peer,
+    PeerStatus,
+    RelaySpec,
+    Toggle,
+    Transport,
+)
 from wirekube.traversal import birthday, birthdaypath
 from wirekube.traversal.birthday import Phase
 

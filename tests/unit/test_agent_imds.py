@@ -48,14 +48,14 @@ def fake() -> Iterator[FakeImds]:
             if state.stall is not None:
                 state.stall.wait(10)
 
-        def do_PUT(self) -> None:  # noqa: N802
+        def do_PUT(self) -> None:
             self._record()
             if self.path == "/latest/api/token" and self.headers.get(imds.TOKEN_TTL_HEADER):
                 self._reply(state.token_status, TOKEN if state.token_status == 200 else "forbidden")
             else:
                 self._reply(400, "missing ttl")
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             self._record()
             if self.headers.get(imds.TOKEN_HEADER) != TOKEN:
                 self._reply(401, "unauthorized")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.once_fixtures import DIRECT, FACTS, LAN, PEERS, PROXY, SELF, key, mesh
+from tests.unit.once_fixtures import FACTS, PEERS, PROXY, SELF, key, mesh
 from wirekube.agent import plan as P
 from wirekube.agent.main import carried_stun_endpoint, loopback_udp_ports, once_paths
 from wirekube.agent.plan import PeerPath

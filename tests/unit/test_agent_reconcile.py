@@ -16,8 +16,8 @@ from wirekube.agent.keys import KeyPair
 from wirekube.agent.plan import LinkState, Route, Rule, Skipped
 from wirekube.agent.reconcile import Reconciler, ReconcilerSettings, Snapshot
 from wirekube.agent.wg.base import PutPeer, RemovePeer, SetDevice, WgDeviceState, WgOp, WgPeerConfig, WgPeerState
-from wirekube.errors import DataplaneError
 from wirekube.authority import Refusal
+from wirekube.errors import DataplaneError
 from wirekube.models import Endpoint, IPNetwork, Mesh, MeshSpec, Peer, PeerSpec, PeerStatus
 
 MY_KEY = base64.b64encode(bytes([1]) * 32).decode()

@@ -21,8 +21,8 @@ from wirekube.agent.registration import (
 from wirekube.agent.status import own_status
 from wirekube.agent.wg.base import WgDeviceState, WgPeerState
 from wirekube.models import (
-    EndpointDiscovery,
     Endpoint,
+    EndpointDiscovery,
     Mesh,
     MeshSpec,
     NatType,

@@ -13,7 +13,7 @@ from tests.unit.traversal_fixtures import FakeRelay, peer, traversal
 from wirekube.agent.traversal import DIRECT_KEEPALIVE, Traversal
 from wirekube.agent.wg.base import WgDeviceState, WgPeerConfig, WgPeerState
 from wirekube.models import Endpoint, Mesh, MeshSpec, NatType, PeerStatus, RelayMode, RelaySpec, Transport
-from wirekube.traversal import nat, pathsm
+from wirekube.traversal import pathsm
 
 
 def test_matrix_relay_peer_points_at_the_proxy_and_direct_peer_gets_short_keepalive() -> None:
@@ -265,8 +265,8 @@ def test_ticker_survives_an_unreadable_engine() -> None:
     """wireguard-go's UAPI socket is missing while it (re)starts: that tick fails, the ticker lives on."""
     import threading
 
-    from wirekube.agent.traversal import TraversalSettings
     from tests.fixtures.wait import wait_for
+    from wirekube.agent.traversal import TraversalSettings
     from wirekube.errors import DataplaneError
 
     calls: list[int] = []

@@ -61,7 +61,7 @@ def test_qemu_has_no_network_but_the_two_taps(tmp_path: Path) -> None:
     pieces = vm.GuestPieces(tmp_path / "vmlinuz", tmp_path / "initrd", tmp_path / "modules")
     config = vm.GuestConfig("k1", "198.19.1.10/24", "198.19.1.1", "10.254.0.10/32", "10.254.0.1", 6443,
                             "52:54:00:00:00:01", "52:54:00:00:00:02", str(tmp_path / "tok"), str(tmp_path), ())
-    if vm._qemu() is None:  # noqa: SLF001
+    if vm._qemu() is None:
         pytest.skip("qemu-system-x86_64 not installed (ci/build-vm.sh installs it)")
     argv = vm.qemu_argv(pieces, config, tmp_path / "c.json", tmp_path)
     netdevs = [argv[i + 1] for i, a in enumerate(argv) if a == "-netdev"]
@@ -72,13 +72,13 @@ def test_qemu_has_no_network_but_the_two_taps(tmp_path: Path) -> None:
     assert "readonly=on" in argv[argv.index("-virtfs") + 1]  # the host root is shared read-only
     keep = next(w for w in argv[argv.index("-append") + 1].split() if w.startswith("wk.keep="))
     assert str(Path(__file__).resolve().parents[1]) in keep.split("=", 1)[1].split(",")  # tests/ under /tmp too
-    assert argv[:4] == ["nice", "-n", str(vm.QEMU_NICE), vm._qemu()]  # noqa: SLF001 - exec'd: qemu keeps the PID
+    assert argv[:4] == ["nice", "-n", str(vm.QEMU_NICE), vm._qemu()]
 
 
 def test_frames_round_trip_and_split_anywhere() -> None:
     a, b = socket.socketpair()
     payloads = [(b"h", b'{"token": "t"}'), (b"o", b"x" * 70000), (b"x", b"0"), (b"e", b"")]
-    data = b"".join(vm._HDR.pack(k, len(p)) + p for k, p in payloads)  # noqa: SLF001
+    data = b"".join(vm._HDR.pack(k, len(p)) + p for k, p in payloads)
 
     def dribble() -> None:
         for i in range(0, len(data), 7777):
@@ -96,7 +96,7 @@ def test_frames_round_trip_and_split_anywhere() -> None:
 
 def test_an_oversized_frame_is_refused() -> None:
     a, b = socket.socketpair()
-    a.sendall(vm._HDR.pack(b"o", vm.MAX_FRAME + 1))  # noqa: SLF001
+    a.sendall(vm._HDR.pack(b"o", vm.MAX_FRAME + 1))
     with pytest.raises(ValueError, match="exceeds"):
         vm.recv_frame(b)
 
@@ -118,7 +118,7 @@ def test_command_server_runs_relays_and_checks_the_token() -> None:
     for token, argv, want_code, want_out in (("good", ["sh", "-c", "echo hi; echo err >&2; exit 3"], 3, b"hi\n"),
                                              ("bad", ["true"], 126, b"")):
         client, server = socket.socketpair()
-        t = threading.Thread(target=vm._Command(server, "good").run)  # noqa: SLF001
+        t = threading.Thread(target=vm._Command(server, "good").run)
         t.start()
         vm.send_frame(client, b"h", ('{"token": "%s", "argv": %s}' % (token, str(argv).replace("'", '"'))).encode())
         vm.send_frame(client, b"e", b"")

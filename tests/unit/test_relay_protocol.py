@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 
 from wirekube.relay.protocol import (
     FIXED_BODY_LEN,
-    MIN_BODY_LEN,
     HEADER_LEN,
     KEY_LEN,
     MAX_BODY_LEN,
     MAX_FRAME_LENGTH,
+    MIN_BODY_LEN,
     NEED_DATA,
     PROBE_FROM_ALTERNATE_PORT,
     PROBE_FROM_STUN_PORT,

@@ -19,7 +19,6 @@ from wirekube.agent.netlink import Netlink
 from wirekube.agent.plan import is_wirekube_rule
 from wirekube.agent.pmtu import MSS_TABLE
 from wirekube.agent.wg.userspace import SOCKET_DIR, UserspaceEngine, UserspaceSettings
-from wirekube.errors import DataplaneError
 from wirekube.models import ROUTE_TABLE
 
 NFT_FAMILY = "inet"

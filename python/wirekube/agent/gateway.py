@@ -145,7 +145,7 @@ def probe(hc: HealthCheck) -> tuple[bool, str]:
         return True, f"tcp {host}:{port} ok in {(time.monotonic() - started) * 1000:.0f} ms"
     ping = shutil.which("ping") or "ping"
     try:
-        proc = subprocess.run([ping, "-n", "-q", "-c", "1", "-W", str(hc.timeout_seconds), host],  # noqa: S603
+        proc = subprocess.run([ping, "-n", "-q", "-c", "1", "-W", str(hc.timeout_seconds), host],
                               capture_output=True, text=True, timeout=hc.timeout_seconds + 2, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
         return False, f"icmp {host}: {e}"

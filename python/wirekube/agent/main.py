@@ -24,17 +24,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
+from typing import Any
 from urllib.parse import urlparse
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from loguru import logger
 
 from wirekube import logsetup
-from wirekube.authority import Guarded, named_hosts
 from wirekube.agent import imds as imdsmod
 from wirekube.agent import keys as keystore
 from wirekube.agent import relayproc
@@ -49,10 +48,10 @@ from wirekube.agent.traversal import DIRECT_KEEPALIVE, RELAY_KEEPALIVE, Traversa
 from wirekube.agent.wg.base import PutPeer, WgDeviceState, WgPeerConfig
 from wirekube.agent.wg.select import describe_engine
 from wirekube.agent.wg.userspace import SOCKET_DIR
+from wirekube.authority import Guarded, named_hosts
 from wirekube.entrypoint import console_script
 from wirekube.errors import WireKubeError
 from wirekube.metrics import AgentMetrics, AgentSnapshot, PeerSample, serve
-from wirekube.relay.dial import ProxyConfig
 from wirekube.models import (
     Endpoint,
     EndpointDiscovery,
@@ -66,6 +65,7 @@ from wirekube.models import (
     Transport,
     key_fingerprint,
 )
+from wirekube.relay.dial import ProxyConfig
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ def run(text: str) -> None:
     nft = _nft()
     if nft is None:
         raise OSError("nft not found")
-    done = subprocess.run([nft, "-f", "-"], input=text, capture_output=True, text=True, check=False)  # noqa: S603
+    done = subprocess.run([nft, "-f", "-"], input=text, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise OSError(f"nft -f: {done.stderr.strip()}\n{text}")
 
@@ -27,7 +27,7 @@ def table_present(family: str, table: str) -> bool:
     nft = _nft()
     if nft is None:
         return False
-    return subprocess.run([nft, "list", "table", family, table], capture_output=True,  # noqa: S603
+    return subprocess.run([nft, "list", "table", family, table], capture_output=True,
                           check=False).returncode == 0
 
 
@@ -36,7 +36,7 @@ def delete_table(family: str, table: str) -> bool:
     nft = _nft()
     if nft is None or not table_present(family, table):
         return False
-    done = subprocess.run([nft, "delete", "table", family, table], capture_output=True, check=False)  # noqa: S603
+    done = subprocess.run([nft, "delete", "table", family, table], capture_output=True, check=False)
     if done.returncode != 0:
         raise DataplaneError(f"nft delete table {family} {table}: {done.stderr.decode().strip()}")
     return True

@@ -29,14 +29,14 @@ from typing import Protocol
 from loguru import logger
 
 from wirekube.agent import plan as planner
-from wirekube.authority import Authorizer, Guarded, Refusal
 from wirekube.agent.keys import KeyPair
 from wirekube.agent.netlink import Netlink
 from wirekube.agent.plan import Desired, LocalFacts, Observed, Op, PeerPath, Skipped
 from wirekube.agent.status import own_status
-from wirekube.agent.wg.select import select_engine
 from wirekube.agent.wg.base import PutPeer, RemovePeer, SetDevice, WgDeviceState, WireGuardEngine
+from wirekube.agent.wg.select import select_engine
 from wirekube.agent.wg.userspace import SOCKET_DIR, UserspaceSettings
+from wirekube.authority import Authorizer, Guarded, Refusal
 from wirekube.errors import DataplaneError, WireKubeError
 from wirekube.gateway import conditions as cond
 from wirekube.models import ROUTE_TABLE, Engine, IPAddress, IPNetwork, Mesh, Peer, PeerStatus, key_fingerprint

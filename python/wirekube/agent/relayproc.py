@@ -450,7 +450,7 @@ def spawner(path: Path, log_file: Path | None, log_level: str = "INFO") -> Calla
         if log_file is not None:
             argv += ["--log-file", str(log_file)]
         try:
-            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,  # noqa: S603
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
         except OSError as e:
             raise RelayProcessError(f"cannot start the relay path process: {e}") from e

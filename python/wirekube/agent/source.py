@@ -23,7 +23,6 @@ import yaml
 from loguru import logger
 
 from wirekube.agent.gateway import augment_peers, parse_gateways
-from wirekube.authority import Refusal, grants_by_node, merge_grants
 from wirekube.agent.plan import Skipped
 from wirekube.agent.reconcile import Snapshot
 from wirekube.agent.registration import (
@@ -33,6 +32,7 @@ from wirekube.agent.registration import (
     node_info_from_obj,
     update_patch,
 )
+from wirekube.authority import Refusal, grants_by_node, merge_grants
 from wirekube.errors import AlreadyExists, ApiError, InvalidObject, NotFound
 from wirekube.gateway.contract import client_allowed_ips
 from wirekube.models import (

@@ -76,7 +76,7 @@ class KernelAddresses:
             try:
                 ipr.addr("add", index=place.index, address=str(vip.ip), local=str(vip.ip),
                          prefixlen=vip.network.prefixlen)
-            except Exception as e:  # noqa: BLE001 - EEXIST: already ours
+            except Exception as e:  # EEXIST: already ours
                 if getattr(e, "code", None) != 17:
                     raise
 

@@ -213,9 +213,7 @@ def render_yaml(report: Report) -> str:
 
 
 def fetch_report(kube: Any) -> Report:
-    from wirekube import errors, k8s
-
-    from wirekube import reports
+    from wirekube import errors, k8s, reports
 
     peers = reports.list_peers(kube)
     gateways, _ = kube.list(k8s.GATEWAYS)

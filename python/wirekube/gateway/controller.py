@@ -37,9 +37,16 @@ from wirekube.gateway import conditions as cond
 from wirekube.gateway.awsfollower import DISABLED, SYNCING, AWSSettings, EC2Api, RouteFollower, SyncResult
 from wirekube.gateway.cidrs import OwnedCIDR
 from wirekube.gateway.clients import own_addresses
-from wirekube.gateway.metrics import ControllerMetrics, GatewaySummary, Summary
-from wirekube.gateway.plan import ClusterView, GatewayMemory, GatewayPlan, PlanSettings, invalid_gateway_patch, plan_gateway
 from wirekube.gateway.grants import plan_grants
+from wirekube.gateway.metrics import ControllerMetrics, GatewaySummary, Summary
+from wirekube.gateway.plan import (
+    ClusterView,
+    GatewayMemory,
+    GatewayPlan,
+    PlanSettings,
+    invalid_gateway_patch,
+    plan_gateway,
+)
 from wirekube.gateway.podcidr import PodCIDRPlan, Refusal, cilium_pod_cidrs, node_pod_cidrs, plan_pod_cidrs
 from wirekube.gateway.relay import RelayDiscovery, discover_relay
 from wirekube.models import (

@@ -133,7 +133,7 @@ def _handler(
     metrics: ControllerMetrics, healthy: Callable[[], bool], ready: Callable[[], bool]
 ) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:
             if self.path == "/metrics":
                 self._reply(200, metrics.exposition(), CONTENT_TYPE)
             elif self.path == "/healthz":
@@ -153,7 +153,7 @@ def _handler(
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - silence access logs
+        def log_message(self, format: str, *args: object) -> None:
             return
 
     return Handler

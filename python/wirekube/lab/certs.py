@@ -30,7 +30,7 @@ def make_server_cert(directory: Path, names: list[str], ips: list[str], *, days:
     """A fresh CA and a server certificate for ``names`` (DNS) and ``ips``, written to
     ``directory`` as ``ca.crt``, ``tls.crt`` and ``tls.key`` (the names a TLS Secret uses)."""
     directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "wirekube lab CA")])

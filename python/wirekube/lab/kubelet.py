@@ -365,7 +365,7 @@ def node_shims(root: Path) -> list[int]:
 
 
 def _records(lab: Lab) -> list[dict[str, Any]]:
-    return list((lab._state.read() or {}).get("processes", []))  # noqa: SLF001
+    return list((lab._state.read() or {}).get("processes", []))
 
 
 def node_usage(lab: Lab, workdir: Path) -> dict[str, dict[str, float]]:
@@ -441,7 +441,7 @@ def up(topology: Topology, name: str, *, wait: float = 240.0) -> LabHandle:
     from wirekube.progress import step
 
     o.down(name)
-    h = o._handle(name)  # noqa: SLF001
+    h = o._handle(name)
     steps = 6
     step("lab", 1, steps, "building the network (namespaces, NAT routers, management path)")
     lab = Lab(topology, name=name)
@@ -456,7 +456,7 @@ def up(topology: Topology, name: str, *, wait: float = 240.0) -> LabHandle:
         (h.workdir / o.STATE).write_text(json.dumps({"cluster": str(h.cluster_dir), "kubernetes": "kubelet"}))
         kube = k8s.Kube.from_kubeconfig(cp.kubeconfig)
         step("lab", 3, steps, f"starting the relay on {lab.relay} and STUN on {', '.join(map(str, lab.stun))}")
-        o._start_relays(lab)  # noqa: SLF001
+        o._start_relays(lab)
         step("lab", 4, steps, f"kube-controller-manager, kube-scheduler; containerd + kubelet on {len(lab.nodes)} nodes")
         t0 = time.monotonic()
         images = up_nodes(lab, kube, h.workdir, h.cluster_dir, h.admin_kubeconfig, h.node_kubeconfig)

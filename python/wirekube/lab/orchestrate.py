@@ -29,8 +29,8 @@ from typing import Any
 from wirekube import errors, k8s, reports
 from wirekube.lab.cluster import ControlPlane, write_kubeconfig
 from wirekube.lab.net import Lab, LabError, LabNotFound, default_workdir
-from wirekube.lab.procs import ProcessRecord, is_alive
 from wirekube.lab.plan import RELAY_WSS_PORT
+from wirekube.lab.procs import ProcessRecord, is_alive
 from wirekube.lab.topology import Endpoint, Topology
 from wirekube.progress import step
 
@@ -297,7 +297,7 @@ def agent_argv(h: LabHandle, node: str) -> list[str]:
 
 def running_agents(lab: Lab, node: str) -> list[ProcessRecord]:
     """The live agent processes of ``node``, from the lab's own records (PID + start time; never by name)."""
-    records = [ProcessRecord.from_json(r) for r in (lab._state.read() or {}).get("processes", [])]  # noqa: SLF001
+    records = [ProcessRecord.from_json(r) for r in (lab._state.read() or {}).get("processes", [])]
     return [r for r in records if r.role == "spawn" and r.target == node
             and any(Path(a).name == "wirekube-agent" for a in r.argv) and is_alive(r)]
 

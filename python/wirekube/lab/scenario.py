@@ -38,10 +38,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from wirekube import k8s
-from wirekube.models import mesh_from_cr
 from wirekube.lab import orchestrate
 from wirekube.lab.net import Lab
 from wirekube.lab.topology import PrivateNetwork, Topology
+from wirekube.models import mesh_from_cr
 from wirekube.progress import step
 from wirekube.waiting import wait_for
 

@@ -295,7 +295,7 @@ def watch_mesh_peers(mesh: RelayMesh, service: str, namespace: str, kubeconfig: 
 
     try:
         kube = k8s.Kube.auto(kubeconfig)
-    except Exception as e:  # noqa: BLE001 - kubeconfig/in-cluster loading raises many types
+    except Exception as e:  # kubeconfig/in-cluster loading raises many types
         raise StartupError(f"--mesh-service: no usable Kubernetes client: {e}") from e
     informer = k8s.Informer(kube, k8s.ENDPOINTSLICES, on_event=changed, namespace=namespace,
                             label_selector=f"kubernetes.io/service-name={service}").start()
@@ -311,7 +311,7 @@ def start_status_lease(settings: CliSettings, relay: RelayServer, mesh: RelayMes
         raise AdapterMissing("--status-lease needs the Kubernetes adapter") from e
     try:
         kube = k8s.Kube.auto(settings.kubeconfig)
-    except Exception as e:  # noqa: BLE001 - kubeconfig/in-cluster loading raises many types
+    except Exception as e:  # kubeconfig/in-cluster loading raises many types
         raise StartupError(f"--status-lease: no usable Kubernetes client: {e}") from e
     pod, uid = os.environ.get("POD_NAME"), os.environ.get("POD_UID")
     lease = LeaseSettings(name=settings.status_lease,
@@ -358,7 +358,7 @@ def watch_peers(authorizer: PeerAuthorizer, kubeconfig: str | None) -> Callable[
 
     try:
         kube = k8s.Kube.auto(kubeconfig)
-    except Exception as e:  # noqa: BLE001 - kubeconfig/in-cluster loading raises many types
+    except Exception as e:  # kubeconfig/in-cluster loading raises many types
         raise StartupError(f"--authorize-peers: no usable Kubernetes client: {e}") from e
     informer = k8s.Informer(kube, k8s.PEERS, on_event=changed).start()
 

@@ -464,7 +464,7 @@ class RelayMesh:
                     loop.create_connection(lambda: MeshLink(self, dialed=True, address=text), addr[0], addr[1]),
                     self.settings.handshake_timeout,
                 )
-            except (OSError, asyncio.TimeoutError) as e:
+            except (TimeoutError, OSError) as e:
                 self._log.debug("mesh peer {} unreachable: {}", text, e or type(e).__name__)
             if link is not None:
                 await link.closed_future

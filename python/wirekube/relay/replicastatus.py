@@ -159,7 +159,7 @@ class LeasePublisher:
                     self.kube.delete, k8s.LEASES, self.settings.name, self.settings.namespace), 3.0)
             except errors.NotFound:
                 pass
-            except (errors.WireKubeError, asyncio.TimeoutError) as e:
+            except (TimeoutError, errors.WireKubeError) as e:
                 _log.warning("could not remove Lease {}/{}: {}", self.settings.namespace, self.settings.name,
                              e or "timed out")
 

@@ -484,7 +484,7 @@ class _QuietLogger:
 
     info = warning = error = debug
 
-    def isEnabledFor(self, level: int) -> bool:  # noqa: N802 - logging's name
+    def isEnabledFor(self, level: int) -> bool:
         return False
 
 

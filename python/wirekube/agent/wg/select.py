@@ -46,7 +46,7 @@ def module_hint() -> str | None:
     if modprobe is None:
         return "modprobe not found"
     try:
-        done = subprocess.run([modprobe, "-n", "wireguard"], capture_output=True, text=True,  # noqa: S603
+        done = subprocess.run([modprobe, "-n", "wireguard"], capture_output=True, text=True,
                               timeout=5, check=False)
     except (OSError, subprocess.SubprocessError) as e:
         return f"modprobe -n wireguard: {e}"

@@ -104,7 +104,7 @@ class UserspaceEngine:
         env = {**os.environ, "WG_PROCESS_FOREGROUND": "1"}
         out = open(self.settings.log_path, "ab") if self.settings.log_path else subprocess.DEVNULL  # noqa: SIM115
         try:
-            child = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+            child = subprocess.Popen(
                 [self.settings.binary, "-f", self.ifname],
                 env=env,
                 stdin=subprocess.DEVNULL,
