@@ -339,7 +339,7 @@ def run(settings: AgentSettings) -> int:
     server = None
     if settings.metrics_listen:
         host, _, port = settings.metrics_listen.rpartition(":")
-        server = serve(host or "0.0.0.0", int(port), metrics.registry, ready.is_set)
+        server = serve(host or "0.0.0.0", int(port), metrics.registry, ready.is_set)  # noqa: S104 - ':PORT' means every address
     if traversal is not None:
         traversal.start()
     if pathmtu is not None:

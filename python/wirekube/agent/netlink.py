@@ -261,7 +261,7 @@ class Netlink:
                 for msg in self._ipr.get_routes(family=family, table=table):
                     if msg.get_attr("RTA_TABLE", msg["table"]) != table:
                         continue
-                    dst = msg.get_attr("RTA_DST") or ("0.0.0.0" if family == socket.AF_INET else "::")
+                    dst = msg.get_attr("RTA_DST") or ("0.0.0.0" if family == socket.AF_INET else "::")  # noqa: S104 - a route, not a bind
                     net = ipaddress.ip_network(f"{dst}/{msg['dst_len']}", strict=False)
                     metrics = msg.get_attr("RTA_METRICS")
                     mtu = (metrics.get_attr("RTAX_MTU") if metrics is not None else None) or 0

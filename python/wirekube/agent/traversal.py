@@ -825,7 +825,7 @@ class Traversal:
                 if state is not None:
                     state.probing = False
                     was = state.path.transport
-                    state.path, action = pathsm.probe_result(state.path, time.monotonic(), ok)
+                    state.path, _ = pathsm.probe_result(state.path, time.monotonic(), ok)
                     if ok and was is not Transport.DIRECT and state.path.transport is Transport.DIRECT:
                         state.awaiting_direct_since = time.monotonic()
             if ok:

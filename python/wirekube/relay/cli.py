@@ -66,7 +66,7 @@ class AdapterMissing(StartupError):
 @dataclass(frozen=True)
 class CliSettings:
     relay: RelaySettings = field(default_factory=RelaySettings)
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "0.0.0.0"  # noqa: S104 - Prometheus scrapes the pod
     metrics_port: int = DEFAULT_METRICS_PORT
     authorize_peers: bool = False
     kubeconfig: str | None = None
@@ -86,7 +86,7 @@ def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int
         if default_port is None:
             raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
         host, port = text, str(default_port)
-    host = host.strip("[]") or "0.0.0.0"
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - ':PORT' means every address
     try:
         number = int(port)
     except ValueError:
@@ -108,11 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="WireKube relay: WireGuard datagrams over framed TCP, a STUN responder and NAT probes.",
     )
     hp = "HOST:PORT"
-    p.add_argument("--listen", type=parse_hostport, default=("0.0.0.0", DEFAULT_PORT), metavar=hp,
+    p.add_argument("--listen", type=parse_hostport, default=("0.0.0.0", DEFAULT_PORT), metavar=hp,  # noqa: S104 - clients come from anywhere
                    help="TCP address for relay clients (default 0.0.0.0:3478)")
     p.add_argument("--stun-listen", type=parse_hostport, default=None, metavar=hp,
                    help="UDP address of the STUN responder and of the first NAT probe (default: --listen)")
-    p.add_argument("--metrics-listen", type=parse_hostport, default=("0.0.0.0", DEFAULT_METRICS_PORT), metavar=hp,
+    p.add_argument("--metrics-listen", type=parse_hostport, default=("0.0.0.0", DEFAULT_METRICS_PORT), metavar=hp,  # noqa: S104 - scraped
                    help="HTTP address serving /metrics and /healthz (default 0.0.0.0:9478)")
     p.add_argument("--nat-probe-listen", type=parse_hostport, default=None, metavar=hp,
                    help="UDP address the second NAT probe is sent from (default: the STUN host, any free port)")
@@ -253,7 +253,7 @@ def _mesh_settings(args: argparse.Namespace) -> MeshSettings | None:
         raise UsageError(f"--mesh-secret-file: cannot read {args.mesh_secret_file}: {e.strerror}") from e
     except ValueError as e:
         raise UsageError(f"--mesh-secret-file {args.mesh_secret_file}: {e}") from e
-    host, port = args.mesh_listen or ("0.0.0.0", DEFAULT_MESH_PORT)
+    host, port = args.mesh_listen or ("0.0.0.0", DEFAULT_MESH_PORT)  # noqa: S104 - the other replicas dial the pod
     return MeshSettings(secret=secret, listen_host=host, listen_port=port, peers=tuple(args.mesh_peers))
 
 

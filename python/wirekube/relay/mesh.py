@@ -83,7 +83,7 @@ MAX_UNPROVEN_LINKS = 32
 class MeshSettings:
     secret: bytes = field(repr=False)
     """Shared by every replica (at least 16 bytes); proves a link's other end is a replica."""
-    listen_host: str = "0.0.0.0"
+    listen_host: str = "0.0.0.0"  # noqa: S104 - the other replicas dial the pod
     listen_port: int = DEFAULT_MESH_PORT
     peers: tuple[tuple[str, int], ...] = ()
     """Replica mesh addresses to dial (may include this replica's own: it is recognised)."""
@@ -470,7 +470,7 @@ class RelayMesh:
                 await link.closed_future
                 if link.peer_id is not None:
                     delay = self.settings.redial_initial
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not a secret
             delay = min(delay * 2, self.settings.redial_max)
 
     async def _keepalive_loop(self) -> None:

@@ -70,10 +70,10 @@ _log = logger.bind(component="relay")
 class RelaySettings:
     """Everything the relay server needs; built once in ``main``."""
 
-    listen_host: str = "0.0.0.0"
+    listen_host: str = "0.0.0.0"  # noqa: S104 - relay clients come from anywhere
     """TCP address for relay clients."""
     listen_port: int = 3478
-    stun_host: str | None = "0.0.0.0"
+    stun_host: str | None = "0.0.0.0"  # noqa: S104 - STUN clients come from anywhere
     """UDP address of the STUN responder (and of the first NAT probe); ``None`` disables both."""
     stun_port: int = 3478
     nat_probe_host: str | None = None

@@ -48,6 +48,7 @@ probing sockets are separate from WireGuard's, and WireGuard only moves to the w
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -156,7 +157,7 @@ def own_window(ports: Sequence[int], flows: int) -> tuple[int, int]:
     if len(ports) < 2:
         return 0, 0
     step = port_step(list(ports))
-    increasing = all(b > a for a, b in zip(ports, ports[1:], strict=False))
+    increasing = all(b > a for a, b in itertools.pairwise(ports))
     if step > 0 and increasing:
         first = ports[-1] + step
         return _clip(first), _clip(first + step * (flows - 1))

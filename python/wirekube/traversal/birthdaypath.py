@@ -48,7 +48,7 @@ def _udp_socket() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with contextlib.suppress(OSError):  # needs CAP_NET_ADMIN; keeps the probes out of the tunnel
         sock.setsockopt(socket.SOL_SOCKET, SO_MARK, FWMARK)
-    sock.bind(("0.0.0.0", 0))
+    sock.bind(("0.0.0.0", 0))  # noqa: S104 - an ephemeral probe socket on the node's routes
     sock.setblocking(False)
     return sock
 
@@ -61,7 +61,7 @@ def measure_ports(targets: Sequence[StunTarget], samples: int, *, timeout: float
     socks = [_udp_socket() for _ in range(samples)]
     try:
         requests = {}
-        for i, sock in enumerate(socks):
+        for i in range(len(socks)):
             msg = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
             requests[i] = (msg.transaction_id, bytes(msg), targets[i % len(targets)])
         mapped: dict[int, int] = {}

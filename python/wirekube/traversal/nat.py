@@ -25,6 +25,7 @@ attack); UDP-blocked always relays; two nodes behind the same public address use
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -111,7 +112,7 @@ def settle(
 
 def port_step(ports: Sequence[int]) -> int:
     """The typical increment between successive mapped ports (median of the deltas; 0 = random)."""
-    deltas = [b - a for a, b in zip(ports, ports[1:], strict=False) if b != a]
+    deltas = [b - a for a, b in itertools.pairwise(ports) if b != a]
     if not deltas:
         return 0
     step = int(statistics.median(deltas))

@@ -149,7 +149,7 @@ def stun_probe(
     answers: dict[str, StunSample] = {}
     with PortSocket(local_port) as sock:
         for _ in range(attempts):
-            for tid, (t, raw) in requests.items():
+            for t, raw in requests.values():
                 if t.label not in answers:
                     sock.send(t.ip, t.port, raw)
             window_end = time.monotonic() + timeout / attempts
