@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -1069,7 +1070,7 @@ def failover_runs() -> dict[str, Any]:
                 await acting
             await asyncio.sleep(0.3)
             stamps = [start, *arrivals]
-            return max(y - x for x, y in zip(stamps, stamps[1:], strict=False))
+            return max(y - x for x, y in itertools.pairwise(stamps))
 
         def kill_9() -> None:
             replicas.relays[0].proc.kill()

@@ -165,7 +165,7 @@ class Harness:
             self.ip("r", "addr", "add", f"10.77.{net}.1/24", "dev", f"to{n}")
             self.ip("r", "link", "set", f"to{n}", "up")
         sh(*self.exec_argv("r", ["sysctl", "-qw", "net.ipv4.ip_forward=1"]))
-        relay_log = open(self.tmp / "relay.log", "w")
+        relay_log = open(self.tmp / "relay.log", "w")  # noqa: SIM115 - handed to the relay process
         env = {**os.environ, "PYTHONPATH": self.relay_pythonpath} if self.relay_pythonpath else None
         self.spawn("relay", "r", [sys.executable, "-m", "wirekube.relay.cli", "--listen", "10.77.1.1:3478",
                                   "--stun-listen", "10.77.1.1:3478", "--metrics-listen", "10.77.1.1:9100",
@@ -314,7 +314,7 @@ class Harness:
         return out
 
     def down(self) -> None:
-        for name, p in list(self.procs.items()):
+        for p in list(self.procs.values()):
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     if p.stdin is not None:

@@ -484,7 +484,7 @@ def test_admission_policy_binds_agent_to_its_own_node(chart_cluster: Any, tmp_pa
             agent.create(k8s.PAIR_SIGNALS, models.pair_signal_body("node-b", "node-a", observed))
         forged = models.pair_signal_body("node-a", "node-c", observed)
         forged["metadata"]["labels"]["wirekube.io/to"] = "node-b"  # delivered to B, named for C
-        with pytest.raises(errors.Forbidden, match="must carry the labels wirekube.io/from=node-a"):
+        with pytest.raises(errors.Forbidden, match=r"must carry the labels wirekube.io/from=node-a"):
             agent.create(k8s.PAIR_SIGNALS, forged)
         agent.create(k8s.PAIR_SIGNALS, models.pair_signal_body("node-a", "node-b", observed))
         to_b, _ = agent.list(k8s.PAIR_SIGNALS, label_selector="wirekube.io/to=node-b")
@@ -542,7 +542,7 @@ def test_relay_may_write_only_the_status_lease_named_after_its_pod(chart_cluster
             return False
 
         wait_for(denied_by_policy, 30, "the relay-own-lease policy to deny another Lease")
-        with pytest.raises(errors.Forbidden, match='cannot create resource "leases" .* in the namespace "default"'):
+        with pytest.raises(errors.Forbidden, match=r'cannot create resource "leases" .* in the namespace "default"'):
             # RBAC: the release namespace only
             relay.create(k8s.LEASES, {**other, "metadata": {"name": "wkr-relay-0"}}, "default")
         # Its own Lease, through the relay's real writer: created, then updated, then removed.
@@ -601,7 +601,8 @@ def test_helm_test_passes_with_the_controller_disabled(chart_cluster: Any, tmp_p
                 return kube.get(pods, "wkn-wirekube-test-connected", NS)
             except errors.NotFound:
                 if helm_test is not None and helm_test.poll() is not None:
-                    raise AssertionError(f"helm test ended before creating its Pod:\n{helm_test.communicate()[0]}")
+                    raise AssertionError(
+                        f"helm test ended before creating its Pod:\n{helm_test.communicate()[0]}") from None
                 return None
 
         pod = wait_for(hook_pod, 60, "helm test to create its Pod")
@@ -654,7 +655,7 @@ def test_gitops_server_side_apply_of_a_fresh_render_changes_nothing(chart_cluste
     server-side apply, render again and apply again: no object changes, managed fields included.
     GitOps renders without cluster access, so the relay mesh secret comes from
     relay.mesh.existingSecret (the chart's own random one is generated once only under helm)."""
-    _, kube, env = chart_cluster
+    _, _, env = chart_cluster
     args = ["--skip-tests", "--set", "relay.mesh.existingSecret=gitops-relay-mesh"]
     args += ["--set", "crds.templated=true"] if templated else ["--include-crds"]
     first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"

@@ -91,7 +91,7 @@ def test_bad_peer_rejected_by_api_server(kube: k8s.Kube, unique: str, case: str,
 
 def test_bad_status_enum_rejected(kube: k8s.Kube, unique: str) -> None:
     kube.create(k8s.PEERS, peer_body(f"st-{unique}"))
-    with pytest.raises(errors.Invalid, match="status.natType"):
+    with pytest.raises(errors.Invalid, match=r"status.natType"):
         kube.patch_status(k8s.PEERS, f"st-{unique}", {"status": {"natType": "weird"}})
 
 

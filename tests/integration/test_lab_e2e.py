@@ -12,6 +12,7 @@ relay restart is survived without restarting agents).
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import os
 import re
@@ -182,7 +183,7 @@ def _ping_around(lab_: Lab, src: str, dst_ip: str, seconds: int, action: Any, to
 def longest_gap(output: str) -> float:
     stamps = [float(m) for m in re.findall(r"^\[(\d+\.\d+)\] \d+ bytes from", output, re.M)]
     assert len(stamps) > 20, output[-500:]
-    return max(b - a for a, b in zip(stamps, stamps[1:], strict=False))
+    return max(b - a for a, b in itertools.pairwise(stamps))
 
 
 def test_failover_on_udp_cut_and_recovery(lab: Any) -> None:
@@ -624,7 +625,7 @@ def test_no_private_key_appears_in_any_log(lab: Any) -> None:
     """Every log line the lab wrote, in any form a key can take (base64, hex)."""
     import base64
 
-    lab_, _, name = lab
+    lab_, _, _ = lab
     keys = [p.read_text().strip() for p in Path(lab_.workdir).glob("nodes/*/private.key")]
     assert len(keys) == len(lab_.nodes), "every node's key file was found"
     forms = [f for k in keys for f in (k, base64.b64decode(k).hex(), k.rstrip("="))]

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -148,7 +148,7 @@ def test_bad_addresses_are_rejected_by_the_parser() -> None:
 class FakeInformer:
     """Stands in for k8s.Informer: a cache and an on_event callback driven by the test."""
 
-    instances: list[FakeInformer] = []
+    instances: ClassVar[list[FakeInformer]] = []
 
     def __init__(self, kube: object, res: object, on_event: Callable[[str, dict[str, Any]], None]) -> None:
         self.resource = res

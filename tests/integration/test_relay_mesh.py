@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import random
 import signal
@@ -399,13 +400,14 @@ class RelayProcess:
             secret.write_bytes(SECRET)
         peers = [f"--mesh-peers={','.join(f'{LOCALHOST}:{p}' for p in mesh_ports)}"] if static_peers else []
         self.log = tmp / f"relay-{index}.log"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "wirekube.relay.cli", f"--listen={LOCALHOST}:{self.port}",
-             f"--stun-listen={LOCALHOST}:0", f"--metrics-listen={LOCALHOST}:0", "--log-format=text",
-             f"--mesh-listen={LOCALHOST}:{self.mesh_port}", *peers, f"--mesh-secret-file={secret}",
-             "--drain-timeout=5", *extra],
-            stdout=subprocess.DEVNULL, stderr=open(self.log, "w"),
-        )
+        with open(self.log, "w") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "wirekube.relay.cli", f"--listen={LOCALHOST}:{self.port}",
+                 f"--stun-listen={LOCALHOST}:0", f"--metrics-listen={LOCALHOST}:0", "--log-format=text",
+                 f"--mesh-listen={LOCALHOST}:{self.mesh_port}", *peers, f"--mesh-secret-file={secret}",
+                 "--drain-timeout=5", *extra],
+                stdout=subprocess.DEVNULL, stderr=log,
+            )
 
     @property
     def address(self) -> tuple[str, int]:
@@ -476,7 +478,7 @@ async def ping_pair(a: Endpoint, b: Endpoint, seconds: float, during: asyncio.Fu
         await asyncio.sleep(0.1)
     await asyncio.sleep(0.3)
     times = [start, *b.received]
-    return max(y - x for x, y in zip(times, times[1:], strict=False)) if b.received else seconds
+    return max(y - x for x, y in itertools.pairwise(times)) if b.received else seconds
 
 
 def test_kill_9_of_the_replica_carrying_a_pair_reconnects_through_the_lb_and_traffic_resumes(tmp_path: Path) -> None:

@@ -164,7 +164,7 @@ def test_hostile_requests_get_one_error_line_and_the_process_keeps_serving(socke
         assert await a.ensure_proxy(b"\x01" * 32) > 0
         await a.close()
         orphan = RemoteRelayPath(socket_file.parent / "nobody.sock", PathConfig.of(key, 51820), spawn=None)
-        with pytest.raises(RelayProcessError, match="No such file.*relaypath container"):
+        with pytest.raises(RelayProcessError, match=r"No such file.*relaypath container"):
             await orphan.ensure_proxy(b"\x02" * 32)
         await orphan.close()
         assert relayproc.stop_process(socket_file)

@@ -18,7 +18,7 @@ import struct
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -82,7 +82,7 @@ class WsWriter:
     # leaves refused clients unclosed) must not have its pending task garbage-collected inside a
     # later relay's loop ("Task was destroyed but it is pending", whenever the cyclic GC happens
     # to run). Held here until done; the loop's shutdown cancels what is left.
-    running: set[asyncio.Future[None]] = set()
+    running: ClassVar[set[asyncio.Future[None]]] = set()
 
     def __init__(self, conn: ClientConnection) -> None:
         self.conn = conn

@@ -6,7 +6,7 @@ traversal ticker reads the device at 10 Hz; measured in the lab's kernel nodes."
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -16,7 +16,7 @@ from wirekube.waiting import wait_for
 
 
 class FakeWireGuard:
-    opened: list[FakeWireGuard] = []
+    opened: ClassVar[list[FakeWireGuard]] = []
 
     def __init__(self) -> None:
         self.closed = False

@@ -57,7 +57,7 @@ def test_spec_mtu_is_auto_by_default_or_a_fixed_number() -> None:
     fixed = mesh_from_cr(spec(mtu=1420)).spec
     assert (fixed.mtu, fixed.path_mtu) == (1420, False)
     for bad in ("1420", "Auto", 1279, True):
-        with pytest.raises(WireKubeError, match="spec.mtu: must be 'auto' or an integer"):
+        with pytest.raises(WireKubeError, match=r"spec.mtu: must be 'auto' or an integer"):
             mesh_from_cr(spec(mtu=bad))
     assert "pathMTU" not in peer_status_to_cr(PeerStatus())
     assert peer_status_to_cr(PeerStatus(path_mtu={"b": 1300, "a": 1220}))["pathMTU"] == {"a": 1220, "b": 1300}

@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import replace
 from typing import Any
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tests.fixtures.keys import public_key

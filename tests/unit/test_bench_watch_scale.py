@@ -81,7 +81,7 @@ def test_the_memory_floor_stops_the_run() -> None:
     monitor = watch_scale.Monitor("split 5000", {}, floor_mb=10**9)
     monitor.phase = "populate 500/5000"
     monitor.sample()
-    with pytest.raises(watch_scale.MemoryFloor, match="fell below the bench's floor .* during populate 500/5000"):
+    with pytest.raises(watch_scale.MemoryFloor, match=r"fell below the bench's floor .* during populate 500/5000"):
         monitor.check()
     summary = monitor.stop()
     assert summary["mem_available_mb_min"] > 0 and summary["load_1m_max"] >= summary["load_1m_min"]

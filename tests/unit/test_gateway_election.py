@@ -123,7 +123,7 @@ def test_healthy_since_restarts_after_a_break() -> None:
 @given(st.lists(st.booleans(), min_size=1, max_size=6), st.integers(min_value=-1, max_value=5))
 def test_election_target_is_always_the_first_healthy_unless_failback_pending(health: list[bool], cur: int) -> None:
     names = [f"p{i}" for i in range(len(health))]
-    verdicts = {n: OK if h else BAD for n, h in zip(names, health)}
+    verdicts = {n: OK if h else BAD for n, h in zip(names, health, strict=True)}
     current = names[cur] if 0 <= cur < len(names) else ""
     e = elect(names, verdicts, current, {n: 0.0 for n in names}, 1000.0, 30)
     healthy = [n for n in names if verdicts[n].healthy]

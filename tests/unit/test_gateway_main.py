@@ -56,7 +56,7 @@ def test_metrics_server_serves_metrics_and_probes() -> None:
     healthy = {"ok": True}
     server = MetricsServer("127.0.0.1", 0, ControllerMetrics(), lambda: healthy["ok"], lambda: False).start()
     try:
-        base = "http://%s:%d" % server.address
+        base = "http://{}:{}".format(*server.address)
         with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
             assert b"wirekube_gateway_leader 0.0" in r.read()
         with urllib.request.urlopen(base + "/healthz", timeout=5) as r:

@@ -22,7 +22,7 @@ sites:
 
 def test_site_options_parse_and_round_trip() -> None:
     topo = parse_topology_yaml(DOC)
-    big, small, honest = topo.sites
+    big, small, _honest = topo.sites
     assert (big.wan_mtu, big.drop_fragments, big.block_icmp) == (1500, False, False)
     assert (small.wan_mtu, small.drop_fragments, small.block_icmp) == (1280, True, True)
     assert parse_topology_yaml(topo.to_yaml()) == topo

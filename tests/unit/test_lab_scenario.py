@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
@@ -99,7 +100,7 @@ class _Events:
 
 
 class _Lab:
-    nodes = {"udpblock-1": type("Info", (), {"lan_ip": "192.168.6.10"})()}
+    nodes: ClassVar[dict[str, Any]] = {"udpblock-1": type("Info", (), {"lan_ip": "192.168.6.10"})()}
 
 
 def test_a_failed_kubelet_probe_says_why_the_gateway_does_not_route_it() -> None:

@@ -120,7 +120,7 @@ def test_command_server_runs_relays_and_checks_the_token() -> None:
         client, server = socket.socketpair()
         t = threading.Thread(target=vm._Command(server, "good").run)
         t.start()
-        vm.send_frame(client, b"h", ('{"token": "%s", "argv": %s}' % (token, str(argv).replace("'", '"'))).encode())
+        vm.send_frame(client, b"h", json.dumps({"token": token, "argv": argv}).encode())
         vm.send_frame(client, b"e", b"")
         out, code = b"", None
         while (frame := vm.recv_frame(client)) is not None:

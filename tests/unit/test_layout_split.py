@@ -63,7 +63,7 @@ def test_a_malformed_signal_is_named_exactly(spec: dict[str, object], field: str
         models.pair_signal_from_cr(models.pair_signal_body("a", "b", spec))
     unlabelled = models.pair_signal_body("a", "b", {})
     del unlabelled["metadata"]["labels"]
-    with pytest.raises(InvalidObject, match="wirekube.io/from and wirekube.io/to are required"):
+    with pytest.raises(InvalidObject, match=r"wirekube.io/from and wirekube.io/to are required"):
         models.pair_signal_from_cr(unlabelled)
 
 

@@ -139,7 +139,7 @@ def test_crd_mirrors_reflection_and_birthday_limits() -> None:
 
 
 def test_missing_name_and_non_object_spec() -> None:
-    with pytest.raises(InvalidObject, match="metadata.name: required") as err:
+    with pytest.raises(InvalidObject, match=r"metadata.name: required") as err:
         models.peer_from_cr({"kind": "WireKubePeer", "spec": {"publicKey": KEY}})
     assert err.value.field == "metadata.name"
     obj = peer()

@@ -87,7 +87,7 @@ def test_the_agent_refuses_unusable_proxy_settings_in_one_line(
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    with pytest.raises(SystemExit, match="^2$") as exited:  # argparse: usage error
+    with pytest.raises(SystemExit, match=r"^2$") as exited:  # argparse: usage error
         parse_args(["--node-name", "n1", *(a.format(tmp=tmp_path) for a in argv)])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert exited.value.code == 2 and last.startswith("wirekube-agent: error: ") and error in last

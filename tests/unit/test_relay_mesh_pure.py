@@ -80,7 +80,7 @@ def test_a_forward_frame_survives_any_split_and_carries_whole_data_frames(datagr
 
 def test_a_forwarded_batch_must_be_nothing_but_whole_data_frames() -> None:
     good = encode_data(b"k" * 32, b"x" * 10)
-    with pytest.raises(RemoteProtocolError, match='ends inside a frame$'):
+    with pytest.raises(RemoteProtocolError, match=r'ends inside a frame$'):
         count_data_frames(good[:-1])
     with pytest.raises(RemoteProtocolError, match='holds something other than Data frames'):
         count_data_frames(good + encode_hello(b"i" * 16, b"n" * 16))

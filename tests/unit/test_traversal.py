@@ -56,7 +56,7 @@ def test_predict_ports_nearest_first_and_bounded() -> None:
     assert all(1024 <= p <= 65535 for p in nat.predict_ports(65534, 1, 10))
 
 
-O, C, P, S, U = NatType.OPEN, NatType.CONE, NatType.PORT_RESTRICTED_CONE, NatType.SYMMETRIC, NatType.UNKNOWN
+O, C, P, S, U = NatType.OPEN, NatType.CONE, NatType.PORT_RESTRICTED_CONE, NatType.SYMMETRIC, NatType.UNKNOWN  # noqa: E741 - the table below reads best by initial
 
 
 @pytest.mark.parametrize(
