@@ -220,7 +220,8 @@ class Authorizer:
         for p in peers:
             nets = granted.get(p.name, ())
             hit = self._memo.get(p.name)
-            if hit is not None and (hit[1] is nets or tuple(hit[1]) == tuple(nets)) and (hit[0] is p or hit[0].spec == p.spec):
+            if (hit is not None and (hit[1] is nets or tuple(hit[1]) == tuple(nets))
+                    and (hit[0] is p or hit[0].spec == p.spec)):
                 kept, refused = hit[2], hit[3]
             else:
                 kept, refused = peer_refusals(p, nets, self._guard, mesh.spec.mesh_cidr)

@@ -95,7 +95,8 @@ CILIUMNODES = Resource("cilium.io", "v2", "ciliumnodes", "CiliumNode")
 ENDPOINTSLICES = Resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", namespaced=True)
 """The relay replicas find each other through their headless Service's slices."""
 
-RESOURCES = {r.plural: r for r in (PEERS, MESHES, GATEWAYS, ROUTE_GRANTS, NODE_REPORTS, PAIR_SIGNALS, NODES, NAMESPACES, SERVICES, EVENTS, LEASES, CRDS, CILIUMNODES)}
+RESOURCES = {r.plural: r for r in (PEERS, MESHES, GATEWAYS, ROUTE_GRANTS, NODE_REPORTS, PAIR_SIGNALS, NODES, NAMESPACES,
+                                   SERVICES, EVENTS, LEASES, CRDS, CILIUMNODES)}
 RESOURCES[ENDPOINTSLICES.plural] = ENDPOINTSLICES
 
 _ERROR_BY_STATUS: dict[int, type[errors.ApiError]] = {
@@ -286,7 +287,8 @@ class Kube:
             page = self._request(
                 "GET",
                 res.path(namespace),
-                query={"labelSelector": label_selector, "fieldSelector": field_selector, "limit": 500, "continue": cont},
+                query={"labelSelector": label_selector, "fieldSelector": field_selector, "limit": 500,
+                       "continue": cont},
             )
             for item in page.get("items", []):
                 item.setdefault("apiVersion", res.api_version)

@@ -59,14 +59,16 @@ class _AgentCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         snap = self._metrics.snapshot
         peers = sorted(snap.peers.items())
-        connected = GaugeMetricFamily("wirekube_peer_connected", "1 when the peer had a recent handshake", labels=["node", "peer"])
+        connected = GaugeMetricFamily("wirekube_peer_connected", "1 when the peer had a recent handshake",
+                                      labels=["node", "peer"])
         mode = GaugeMetricFamily("wirekube_peer_transport_mode", "1 for the transport in use toward the peer",
                                  labels=["node", "peer", "mode"])
         handshake = GaugeMetricFamily("wirekube_peer_last_handshake_seconds", "Unix time of the last handshake",
                                       labels=["node", "peer"])
         sent = CounterMetricFamily("wirekube_peer_bytes_sent", "Bytes sent to the peer (WireGuard counter)",
                                    labels=["node", "peer"])
-        received = CounterMetricFamily("wirekube_peer_bytes_received", "Bytes received from the peer", labels=["node", "peer"])
+        received = CounterMetricFamily("wirekube_peer_bytes_received", "Bytes received from the peer",
+                                       labels=["node", "peer"])
         latency = GaugeMetricFamily("wirekube_peer_latency_seconds", "Last measured round trip to the peer",
                                     labels=["node", "peer"])
         node = snap.node
@@ -121,7 +123,8 @@ class AgentMetrics:
                                         registry=self.registry)
         self.eperm = Counter("wirekube_agent_relay_proxy_eperm", "EPERM on the relay proxy's loopback socket",
                              registry=self.registry)
-        self.eperm_recoveries = Counter("wirekube_agent_relay_proxy_eperm_recoveries", "Proxy sockets recreated after EPERM",
+        self.eperm_recoveries = Counter("wirekube_agent_relay_proxy_eperm_recoveries",
+                                        "Proxy sockets recreated after EPERM",
                                         registry=self.registry)
         self.reconcile_ops = Counter("wirekube_reconcile_operations", "Dataplane operations applied", ["kind"],
                                      registry=self.registry)

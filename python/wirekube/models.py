@@ -632,7 +632,8 @@ def _birthday(c: _Ctx, rounds: Mapping[str, Any], where: str = "status.birthday.
         entry = c.mapping(v, path)
         stamp = c.string(entry.get("notBefore"), f"{path}.notBefore")
         if not _RFC3339.match(stamp):
-            raise c.fail(f"{path}.notBefore", f"must be an RFC 3339 time such as 2025-01-01T00:00:00.000Z, got {stamp!r}")
+            raise c.fail(f"{path}.notBefore",
+                         f"must be an RFC 3339 time such as 2025-01-01T00:00:00.000Z, got {stamp!r}")
         low = c.integer(entry.get("portMin"), f"{path}.portMin", 0, 0, 65535)
         high = c.integer(entry.get("portMax"), f"{path}.portMax", 0, 0, 65535)
         if low > high:
@@ -996,7 +997,8 @@ def _virtual_ip(c: _Ctx, value: object) -> ipaddress.IPv4Interface | None:
     try:
         iface = ipaddress.IPv4Interface(text)
     except ValueError:
-        raise c.fail("spec.virtualIP", f"{text!r} is not an IPv4 address with a prefix length (10.100.0.10/24)") from None
+        raise c.fail("spec.virtualIP",
+                     f"{text!r} is not an IPv4 address with a prefix length (10.100.0.10/24)") from None
     if "/" not in text or iface.network.prefixlen >= 31 or iface.ip in (iface.network.network_address,
                                                                       iface.network.broadcast_address):
         raise c.fail("spec.virtualIP", f"{text!r} must be a host address in a subnet, like 10.100.0.10/24")

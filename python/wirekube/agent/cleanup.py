@@ -1,9 +1,10 @@
 """Remove everything WireKube put on a node, and nothing else.
 
 Removed: the WireGuard interface (and the wireguard-go daemon serving it, found through its UAPI
-socket), the relay-path process (found through its socket beside it), the rules WireKube owns (:func:`wirekube.agent.plan.is_wirekube_rule`), every route in
-table 22347 and the nftables tables ``inet wirekube`` and ``inet wirekube_mss`` (the TCP MSS clamp).  Used by ``wirekubectl cleanup`` (also as an
-init container or Job).  Idempotent: a second run finds nothing to do.
+socket), the relay-path process (found through its socket beside it), the rules WireKube owns
+(:func:`wirekube.agent.plan.is_wirekube_rule`), every route in table 22347 and the nftables tables
+``inet wirekube`` and ``inet wirekube_mss`` (the TCP MSS clamp).  Used by ``wirekubectl cleanup``
+(also as an init container or Job).  Idempotent: a second run finds nothing to do.
 """
 
 from __future__ import annotations

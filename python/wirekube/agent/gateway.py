@@ -95,7 +95,8 @@ def nft_ruleset(ifname: str, active: Sequence[ForwardingDuty]) -> str:
     v4 = [d for d in active if any(r.version == 4 for r in d.routes)]
     if not v4:
         return head
-    routes = sorted({r for d in v4 for r in d.routes if r.version == 4}, key=lambda n: (int(n.network_address), n.prefixlen))
+    routes = sorted({r for d in v4 for r in d.routes if r.version == 4},
+                    key=lambda n: (int(n.network_address), n.prefixlen))
     lines = [
         f"table {NFT_FAMILY} {NFT_TABLE} {{",
         "\tchain forward {",

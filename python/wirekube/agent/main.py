@@ -499,7 +499,8 @@ def _make_source(settings: AgentSettings, wake: object, traversal: Traversal | N
     return source, resolve_host(kube.host)
 
 
-def sticky_symmetric_endpoint(found: Endpoint | None, nat_type: NatType, own: Mapping[str, Any] | None) -> Endpoint | None:
+def sticky_symmetric_endpoint(found: Endpoint | None, nat_type: NatType,
+                              own: Mapping[str, Any] | None) -> Endpoint | None:
     """Behind a symmetric NAT every STUN round maps a new port, and no peer can use that port
     (its own flow gets yet another one): keep the published endpoint while only the port moved,
     so discovery rounds do not rewrite the WireKubePeer every agent watches (issue 20)."""

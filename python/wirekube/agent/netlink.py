@@ -201,7 +201,8 @@ class Netlink:
 
     def add_address(self, ifname: str, address: ipaddress.IPv4Interface | ipaddress.IPv6Interface) -> None:
         try:
-            self._ipr.addr("add", index=self._index(ifname), address=str(address.ip), prefixlen=address.network.prefixlen)
+            self._ipr.addr("add", index=self._index(ifname), address=str(address.ip),
+                           prefixlen=address.network.prefixlen)
         except NetlinkError as e:
             if not _is(e, errno.EEXIST):
                 raise DataplaneError(f"add address {address} to {ifname}: {e}") from e

@@ -1029,11 +1029,13 @@ class IncrementalPlanner:
         if "skipped" not in out:
             out["skipped"] = tuple(
                 [Skipped(n, self._skip_id[n]) for n in sorted(self._skip_id, key=lambda n: self._local[n].order)]
-                + [Skipped(n, self._skip_claim[n]) for n in sorted(self._skip_claim, key=lambda n: self._local[n].order)]
+                + [Skipped(n, self._skip_claim[n])
+                   for n in sorted(self._skip_claim, key=lambda n: self._local[n].order)]
             )
         if "dropped" not in out:
             with_drops = [n for n, r in self._result.items() if r[1]]
-            out["dropped"] = tuple(d for n in sorted(with_drops, key=lambda n: self._local[n].order) for d in self._result[n][1])
+            out["dropped"] = tuple(d for n in sorted(with_drops, key=lambda n: self._local[n].order)
+                                   for d in self._result[n][1])
         families = {4, 6} if self._v6_routes else {4}
         rules_key = (node.api_server_ips, self._v6_routes > 0)
         if out.get("rules_key") != rules_key:

@@ -239,7 +239,8 @@ class PathMtu:
         targets = self._targets()
         self._ensure_mss(now, enabled=targets is not None)
         targets = targets or {}
-        self._schedule.follow({n: t.endpoint for n, t in targets.items()}, idle=[n for n, t in targets.items() if not t.active])
+        self._schedule.follow({n: t.endpoint for n, t in targets.items()},
+                              idle=[n for n, t in targets.items() if not t.active])
         for name in [n for n in self._searches if n not in targets]:
             del self._searches[name]
             self._first.pop(name, None)

@@ -83,7 +83,8 @@ class RelayStats(Protocol):
 class RelayDatapath(Protocol):
     """What the traversal uses of a relay data path (a :class:`RelayPath` or a :class:`RemoteRelayPath`)."""
 
-    def set_relays(self, addresses: Iterable[tuple[str, int] | RelayURL], fallbacks: Iterable[RelayURL] = ()) -> None: ...
+    def set_relays(self, addresses: Iterable[tuple[str, int] | RelayURL],
+                   fallbacks: Iterable[RelayURL] = ()) -> None: ...
     async def ensure_proxy(self, peer_key: bytes, port: int = 0) -> int: ...
     def remove_proxy(self, peer_key: bytes) -> None: ...
     def retain(self, peer_keys: Iterable[bytes]) -> object: ...
@@ -378,7 +379,8 @@ class RemoteRelayPath:
             return await self._dial()
         except OSError as e:
             if self._spawn is None:
-                raise RelayProcessError(f"{self.path}: {e.strerror or e} (is the relaypath container running?)") from None
+                raise RelayProcessError(
+                    f"{self.path}: {e.strerror or e} (is the relaypath container running?)") from None
         self._spawn()
         deadline = time.monotonic() + self.start_timeout
         while True:
@@ -415,7 +417,8 @@ class RemoteRelayPath:
         await self._roundtrip(conn, {"op": "relays", "relays": self._relays, "fallbacks": self._fallbacks},
                               self.io_timeout)
         for key, port in list(self._wanted.items()):
-            answer = await self._roundtrip(conn, {"op": "ensure", "key": key_text(key), "port": port or held.get(key, 0)},
+            answer = await self._roundtrip(conn, {"op": "ensure", "key": key_text(key),
+                                                  "port": port or held.get(key, 0)},
                                            self.io_timeout)
             if key in self._wanted:
                 self._wanted[key] = int(answer["port"])

@@ -218,7 +218,8 @@ class KubeSource:
 
     def stop(self) -> None:
         # Side by side: each informer may take a while to leave a blocked watch.
-        stoppers = [threading.Thread(target=i.stop, daemon=True) for i in (self.peers, self.meshes, self.gateways, self.grants, self.node,
+        stoppers = [threading.Thread(target=i.stop, daemon=True)
+                    for i in (self.peers, self.meshes, self.gateways, self.grants, self.node,
                                                                   self.signals)]
         for t in stoppers:
             t.start()
@@ -302,7 +303,8 @@ class KubeSource:
             except InvalidObject as e:
                 self._log.warning("ignoring {}", e)
                 continue
-            if sig.addressee == self.node_name and obj["metadata"]["name"] == pair_signal_name(sig.sender, sig.addressee):
+            if (sig.addressee == self.node_name
+                    and obj["metadata"]["name"] == pair_signal_name(sig.sender, sig.addressee)):
                 by_sender[sig.sender] = sig
         self._signals_memo = (rv, by_sender)
         return by_sender

@@ -12,7 +12,8 @@ reconciler two things:
   and how it was found, NAT type, port step, UDP blocked, LAN endpoints, relay reasons).
 
 Threads: an asyncio loop (uvloop) for the relay path; a ticker (every ``tick`` s) that reads the
-engine's counters and drives each peer's liveness and state machine; the heartbeat sender; a discovery loop (STUN + the relay's
+engine's counters and drives each peer's liveness and state machine; the heartbeat sender; a discovery loop
+(STUN + the relay's
 NATProbe, every ``stun_interval`` s); the probe listener (raw socket, BPF-filtered).
 """
 
@@ -355,8 +356,8 @@ class Traversal:
 
     def relay_addresses(self, mesh: Mesh) -> list[tuple[str, int]]:
         spec = mesh.spec.relay
-        hosts = [spec.external_endpoint] if spec.provider is RelayProvider.EXTERNAL and spec.external_endpoint else list(
-            mesh.status.relay_endpoints)
+        external = spec.provider is RelayProvider.EXTERNAL and spec.external_endpoint
+        hosts = [spec.external_endpoint] if external else list(mesh.status.relay_endpoints)
         out: list[tuple[str, int]] = []
         for hp in hosts:
             if hp is None:
@@ -404,7 +405,8 @@ class Traversal:
         """Birthday attack toward ``peer``: the annotation on either node of the pair decides
         ("disabled" wins), else the mesh. Both agents compute the same answer for the pair."""
         own = self._view.own
-        values = {peer.annotations.get(ANNOTATION_BIRTHDAY, ""), own.annotations.get(ANNOTATION_BIRTHDAY, "") if own else ""}
+        values = {peer.annotations.get(ANNOTATION_BIRTHDAY, ""),
+                  own.annotations.get(ANNOTATION_BIRTHDAY, "") if own else ""}
         if "disabled" in values:
             return False
         if "enabled" in values:
@@ -798,7 +800,8 @@ class Traversal:
                 try:
                     self._fast_switch(key, proxy)
                 except Exception as e:  # noqa: BLE001 - the reconcile pass writes it anyway
-                    self._log.warning("fast endpoint switch to {} failed ({}); the reconcile pass will write it", proxy, e)
+                    self._log.warning("fast endpoint switch to {} failed ({}); the reconcile pass will write it",
+                                      proxy, e)
         for name in probes:
             self._spawn(partial(self._probe, name, roamed.get(name)), f"probe-{name}")
         if changed:
@@ -1017,7 +1020,8 @@ class Traversal:
         except RuntimeError:  # the proxies changed while being read
             return sorted(self._eperm_last)
 
-    def _eperm_condition(self, conditions: tuple[Mapping[str, object], ...], wall: float) -> tuple[Mapping[str, object], ...]:
+    def _eperm_condition(self, conditions: tuple[Mapping[str, object], ...],
+                         wall: float) -> tuple[Mapping[str, object], ...]:
         ports = sorted(set(self._eperm_ports()))
         with self._lock:
             by_port = {s.proxy_port: n for n, s in self._peers.items() if s.proxy_port}

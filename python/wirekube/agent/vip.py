@@ -133,7 +133,8 @@ class VirtualIPs:
     def held(self) -> frozenset[ipaddress.IPv4Interface]:
         return frozenset(self._announced)
 
-    def sync(self, wanted: Mapping[str, ipaddress.IPv4Interface], candidates: Iterable[ipaddress.IPv4Interface]) -> None:
+    def sync(self, wanted: Mapping[str, ipaddress.IPv4Interface],
+             candidates: Iterable[ipaddress.IPv4Interface]) -> None:
         """Hold every VIP in ``wanted`` (gateway -> VIP); drop every other ``candidate`` found here.
 
         ``candidates`` are the VIPs of every gateway naming this node: the ones it may have held

@@ -108,7 +108,8 @@ def plan_gateway(
         for name in refs
     }
     healthy_since = update_healthy_since(memory.healthy_since, verdicts, now)
-    current = gateway.status.active_peer if gateway.status.active_peer in refs and gateway.status.active_peer in view.peers else ""
+    active = gateway.status.active_peer
+    current = active if active in refs and active in view.peers else ""
     election = elect(refs, verdicts, current, healthy_since, now, settings.failback_after)
     epoch = _epoch(gateway, election.target, current, memory.handover)
     forwarding = gateway.status.forwarding

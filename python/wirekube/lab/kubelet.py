@@ -457,11 +457,13 @@ def up(topology: Topology, name: str, *, wait: float = 240.0) -> LabHandle:
         kube = k8s.Kube.from_kubeconfig(cp.kubeconfig)
         step("lab", 3, steps, f"starting the relay on {lab.relay} and STUN on {', '.join(map(str, lab.stun))}")
         o._start_relays(lab)
-        step("lab", 4, steps, f"kube-controller-manager, kube-scheduler; containerd + kubelet on {len(lab.nodes)} nodes")
+        step("lab", 4, steps,
+             f"kube-controller-manager, kube-scheduler; containerd + kubelet on {len(lab.nodes)} nodes")
         t0 = time.monotonic()
         images = up_nodes(lab, kube, h.workdir, h.cluster_dir, h.admin_kubeconfig, h.node_kubeconfig)
         nodes_ready = time.monotonic() - t0
-        step("lab", 5, steps, "helm install wirekube charts/wirekube -n wirekube-system --create-namespace -f values.yaml")
+        step("lab", 5, steps,
+             "helm install wirekube charts/wirekube -n wirekube-system --create-namespace -f values.yaml")
         values = h.workdir / "values.yaml"
         values.write_text(yaml.safe_dump(lab_values(lab, images), sort_keys=False))
         t1 = time.monotonic()

@@ -541,7 +541,8 @@ def _parse(doc: Any, problems: _Problems) -> Topology | None:
             problems.add("internet.proxy", f"a proxy-only site needs one; the default {DEFAULT_PROXY} is taken")
             return None
         internet = replace(internet, proxy=DEFAULT_PROXY)
-    if kubernetes == "kubelet" and any(node.engine != "userspace" or node.pods for site in sites for node in site.nodes):
+    if kubernetes == "kubelet" and any(node.engine != "userspace" or node.pods
+                                       for site in sites for node in site.nodes):
         problems.add("kubernetes", "kubelet nodes run pods of their own: no `pods:` and no `engine: kernel` nodes")
     return Topology(internet, tuple(sites), tuple(networks), management, kubernetes)
 
@@ -746,7 +747,8 @@ def _parse_site(
                 nodes.append(node)
     wan_mtu = doc.get("wanMTU", DEFAULT_WAN_MTU)
     if not isinstance(wan_mtu, int) or isinstance(wan_mtu, bool) or not MIN_WAN_MTU <= wan_mtu <= DEFAULT_WAN_MTU:
-        problems.add(f"{path}.wanMTU", f"must be a whole number from {MIN_WAN_MTU} to {DEFAULT_WAN_MTU}, not {wan_mtu!r}")
+        problems.add(f"{path}.wanMTU",
+                     f"must be a whole number from {MIN_WAN_MTU} to {DEFAULT_WAN_MTU}, not {wan_mtu!r}")
         wan_mtu = DEFAULT_WAN_MTU
     flags = {}
     for key in ("dropFragments", "blockICMP"):

@@ -205,7 +205,8 @@ class LeasePublisher:
                 self._resource_version = self.kube.create(k8s.LEASES, body, ns)["metadata"]["resourceVersion"]
                 return
             except errors.AlreadyExists:  # left by an earlier process of this pod: take it over
-                self._resource_version = self.kube.get(k8s.LEASES, self.settings.name, ns)["metadata"]["resourceVersion"]
+                held = self.kube.get(k8s.LEASES, self.settings.name, ns)
+                self._resource_version = held["metadata"]["resourceVersion"]
         body["metadata"]["resourceVersion"] = self._resource_version
         try:
             self._resource_version = self.kube.replace(k8s.LEASES, body, ns)["metadata"]["resourceVersion"]

@@ -9,7 +9,8 @@
   peer arrived on it), the follower answers CHOSEN and adopts the flow at once; the leader adopts
   it on CHOSEN. Each side then keeps that one socket and closes the rest. Datagrams that are not
   probes arriving on the adopted flow before the proxy takes over (the peer's WireGuard switched
-  first) are kept and handed to WireGuard by the proxy: nothing is lost in the switch. Hard limits: ``settings.sockets`` sockets, ``settings.max_probes`` datagrams,
+  first) are kept and handed to WireGuard by the proxy: nothing is lost in the switch. Hard limits:
+  ``settings.sockets`` sockets, ``settings.max_probes`` datagrams,
   ``settings.budget`` seconds after notBefore (checked on every loop pass; :class:`ProbeStats`
   reports what was used).
 * :class:`WonPathProxy`: the won socket cannot be WireGuard's listen socket (that one has its own
@@ -83,7 +84,8 @@ def measure_ports(targets: Sequence[StunTarget], samples: int, *, timeout: float
                             continue
                         if response.transaction_id != requests[i][0]:
                             continue
-                        addr = response.attributes.get("XOR-MAPPED-ADDRESS") or response.attributes.get("MAPPED-ADDRESS")
+                        addr = (response.attributes.get("XOR-MAPPED-ADDRESS")
+                                or response.attributes.get("MAPPED-ADDRESS"))
                         if addr:
                             mapped[i] = int(addr[1])
             if len(mapped) == len(socks):
@@ -310,7 +312,8 @@ class WonPathProxy:
             self.sock.close()
 
 
-def chosen_answerer(round_: int, own_public: bytes, peer_public: bytes, secret: bytes) -> Callable[[bytes], bytes | None]:
+def chosen_answerer(round_: int, own_public: bytes, peer_public: bytes,
+                    secret: bytes) -> Callable[[bytes], bytes | None]:
     """The won path's answer to the peer's CHOOSE of this round (its first CHOSEN was lost)."""
 
     def answer(data: bytes) -> bytes | None:

@@ -82,7 +82,8 @@ def tick(state: PeerPath, now: float, rx_bytes: int, timing: Timing, *, wall: fl
             return replace(state, established=True, reason=""), Action.NONE
         silent = now - state.last_rx_at if unanswered_for is None else unanswered_for
         if not state.established and now - state.since >= timing.handshake_timeout:
-            return _to_relay(state, now, timing, f"no direct handshake within {timing.handshake_timeout:.0f}s"), Action.USE_RELAY
+            return (_to_relay(state, now, timing, f"no direct handshake within {timing.handshake_timeout:.0f}s"),
+                    Action.USE_RELAY)
         if state.established and silent >= (stall_after if stall_after is not None else timing.stall_after):
             when = _stamp(wall if wall is not None else now)
             nxt = _to_relay(state, now, timing, f"direct probe failed at {when}")
@@ -108,4 +109,5 @@ def probe_result(state: PeerPath, now: float, ok: bool) -> tuple[PeerPath, Actio
     """The outcome of a PROBE_DIRECT: both directions answered -> back to direct."""
     if state.transport is not Transport.RELAY or not ok:
         return state, Action.NONE
-    return replace(state, transport=Transport.DIRECT, since=now, reason="", established=True, last_rx_at=now), Action.USE_DIRECT
+    return (replace(state, transport=Transport.DIRECT, since=now, reason="", established=True, last_rx_at=now),
+            Action.USE_DIRECT)

@@ -116,7 +116,8 @@ def attach_filter(sock: socket.socket, port: int) -> None:
     prog = bpf_program(port)
     arr = (_SockFilter * len(prog))(*[_SockFilter(*ins) for ins in prog])
     fprog = _SockFprog(len(prog), ctypes.cast(arr, ctypes.POINTER(_SockFilter)))
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(ctypes.string_at(ctypes.addressof(fprog), ctypes.sizeof(fprog))))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER,
+                    bytes(ctypes.string_at(ctypes.addressof(fprog), ctypes.sizeof(fprog))))
 
 
 # ---- the listener ---------------------------------------------------------------------------------
