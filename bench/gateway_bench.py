@@ -44,7 +44,8 @@ def main() -> int:
     try:
         lab, kube, h = drill.up(name)
         for i in range(args.rounds):
-            for kind, fn in (("agent-stopped", drill.stop_agent_drill), ("health-target-lost", drill.health_target_drill)):
+            for kind, fn in (("agent-stopped", drill.stop_agent_drill),
+                             ("health-target-lost", drill.health_target_drill)):
                 drill.restore(lab, kube, h)
                 r = fn(lab, kube)
                 runs[kind].append(r)

@@ -938,8 +938,8 @@ def wss_runs(args: argparse.Namespace) -> dict[str, Any]:
         "ratio_goal": 0.7,
         "what": "one sender/receiver pair through one relay process; relay = both ends raw TCP; relay-wss = the "
                 "sender over WebSocket over TLS (the agent's RelayClient over wss://, uvloop), the receiver raw TCP; "
-                "relay-wss2 = both ends over WSS; means of the interleaved rounds. On this 2-core machine relay, sender "
-                "and receiver share the CPUs, so frames/s follows the CPU all three spend per frame",
+                "relay-wss2 = both ends over WSS; means of the interleaved rounds. On this 2-core machine relay, "
+                "sender and receiver share the CPUs, so frames/s follows the CPU all three spend per frame",
         "runs": tput,
     }
 

@@ -50,7 +50,8 @@ def find_lists(data: Any, suffix: str, prefix: str = "") -> Iterator[tuple[str, 
 
 def throughput_points(data: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
     for key, value in flatten(data):
-        if key.endswith(("mbit_s", "mbit_per_s", "mbps")) and ".runs." not in f".{key}." and not key.startswith("summary"):
+        if (key.endswith(("mbit_s", "mbit_per_s", "mbps")) and ".runs." not in f".{key}."
+                and not key.startswith("summary")):
             yield key.rsplit(".", 1)[0] or key, value
 
 

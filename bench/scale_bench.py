@@ -364,7 +364,8 @@ def old_layout_at(rows: list[dict[str, Any]], target: int) -> dict[str, Any]:
         return {}
     r, base = old[-1], old[0]
     k = (target / r["nodes"]) ** 2
-    rss = base["apiserver_rss_mb_populated"] + (r["apiserver_rss_mb_populated"] - base["apiserver_rss_mb_populated"]) * k
+    base_rss = base["apiserver_rss_mb_populated"]
+    rss = base_rss + (r["apiserver_rss_mb_populated"] - base_rss) * k
     return {"from_nodes": r["nodes"], "etcd_db_mb_estimate": round(r["etcd_db_mb"] * k),
             "etcd_quota_mb": 2048, "apiserver_rss_mb_estimate": round(rss),
             "machine_memory_mb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20)}

@@ -228,7 +228,8 @@ WATCHERS = textwrap.dedent(r"""
                 cpu["s"] += time.thread_time() - c0
             with lock:
                 counts[stream] = counts.get(stream, 0) + len(line)
-                events.setdefault(stream, []).append((m.group(1).decode() if m else "?", int(m.group(2)) if m else 0, len(line), t))
+                events.setdefault(stream, []).append((m.group(1).decode() if m else "?", int(m.group(2)) if m else 0,
+                                                      len(line), t))
     for w in spec["streams"]:
         threading.Thread(target=watch, args=(w["stream"], w["path"], w["rv"], w.get("selector")), daemon=True).start()
     for _ in spec["streams"]:
@@ -766,7 +767,8 @@ def run_layout(layout: str, sizes: list[int], watchers: int, wave_nodes: int, wo
                     kind_ = st.rsplit("/", 1)[-1]
                     if st.startswith("agent/") and kind_ in event_sizes:
                         event_sizes[kind_] += [e[2] for e in evs if (e[0], e[1]) in when]
-                per_node = {k: sum(1 for x in all_writes if x[0] == k) / len(sample) for k in ("peers", "signals", "reports")}
+                per_node = {k: sum(1 for x in all_writes if x[0] == k) / len(sample)
+                            for k in ("peers", "signals", "reports")}
                 event = {k: (statistics.mean(v) if v else 0.0) for k, v in event_sizes.items()}
                 wave_bytes = n * (per_node["peers"] * n * event["peers"] + per_node["signals"] * 1 * event["signals"])
                 row["wave_sample"] = {

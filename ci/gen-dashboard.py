@@ -84,7 +84,8 @@ def dashboard() -> dict[str, Any]:
 
 
 def main() -> int:
-    return write_or_check(OUT, json.dumps(dashboard(), indent=2) + "\n", __doc__.split("\n\n")[0], "ci/gen-dashboard.py")
+    return write_or_check(OUT, json.dumps(dashboard(), indent=2) + "\n", __doc__.split("\n\n")[0],
+                          "ci/gen-dashboard.py")
 
 
 if __name__ == "__main__":

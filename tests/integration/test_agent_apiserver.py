@@ -37,8 +37,9 @@ def cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
 def kube(cp: ControlPlane) -> Iterator[k8s.Kube]:
     client = k8s.Kube.from_kubeconfig(cp.kubeconfig)
     client.create(k8s.MESHES, {"apiVersion": "wirekube.io/v1alpha1", "kind": "WireKubeMesh",
-                               "metadata": {"name": "default"}, "spec": {"meshCIDR": CIDR, "listenPort": 51820,
-                                                                         "autoAllowedIPs": {"includeNodeInternalIP": True}}})
+                               "metadata": {"name": "default"},
+                               "spec": {"meshCIDR": CIDR, "listenPort": 51820,
+                                        "autoAllowedIPs": {"includeNodeInternalIP": True}}})
     yield client
     client.close()
 
@@ -192,7 +193,8 @@ def test_pair_observations_reach_only_their_readers_and_unchanged_status_is_not_
         assert seen is not None and not seen.status.birthday and set(seen.status.observed_endpoints) == {b}
         # Readers of every pair (wirekubectl status, doctor, the lab) get the v1alpha1 shape.
         merged = reports.get_peer(kube, a)["status"]
-        assert merged["peerTransports"] == {b: "direct", c: "relay"} and merged["relayReasons"] == {c: "udp blocked (peer)"}
+        assert merged["peerTransports"] == {b: "direct", c: "relay"}
+        assert merged["relayReasons"] == {c: "udp blocked (peer)"}
         assert merged["pathMTU"] == {b: 1360}
         assert merged["observedEndpoints"] == {b: "198.51.100.7:40000"}
         assert merged["birthday"][c]["round"] == 3
@@ -206,7 +208,8 @@ def test_pair_observations_reach_only_their_readers_and_unchanged_status_is_not_
         srcs[a].publish(later, [])
         after = {r.plural: kube.get(r, a)["metadata"]["resourceVersion"] for r in (k8s.PEERS, k8s.NODE_REPORTS)}
         signals, _ = kube.list(k8s.PAIR_SIGNALS, label_selector=f"wirekube.io/from={a}")
-        assert after == before and {o["metadata"]["name"]: o["metadata"]["resourceVersion"] for o in signals} == sig_before
+        assert after == before
+        assert {o["metadata"]["name"]: o["metadata"]["resourceVersion"] for o in signals} == sig_before
         # A transport change is written to the report only; the peer object stays as it was.
         moved = dataclasses.replace(later, peer_transports={b: Transport.RELAY, c: Transport.RELAY},
                                     relay_reasons={b: "direct path failed", c: "udp blocked (peer)"}, path_mtu={})

@@ -133,7 +133,8 @@ def test_removed_peer_disappears_everywhere(lab: NetnsLab) -> None:
     gone = nodes[3]
     lab.write_peers(nodes[:3])
     for n in nodes[:3]:
-        wait_for(lambda: not any(str(gone.mesh_ip) in r for r in table_routes(n)), CONVERGE, f"route removal on {n.name}")
+        wait_for(lambda: not any(str(gone.mesh_ip) in r for r in table_routes(n)), CONVERGE,
+                 f"route removal on {n.name}")
         wait_for(lambda: gone.public_key not in wg_peers(n), CONVERGE, f"peer removal on {n.name}")
         assert len(table_routes(n)) == 2
     assert lab.reachable(nodes[0], nodes[1].mesh_ip)

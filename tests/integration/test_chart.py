@@ -619,7 +619,8 @@ def test_helm_test_passes_with_the_controller_disabled(chart_cluster: Any, tmp_p
         assert command[0] == "wirekubectl"
         check = run(str(Path(sys.executable).parent / "wirekubectl"), *command[1:], env={"KUBECONFIG": str(kubeconfig)},
                     check=False)
-        assert check.returncode == 0, f"the hook's command failed under its ServiceAccount:\n{check.stdout}{check.stderr}"
+        assert check.returncode == 0, (
+            f"the hook's command failed under its ServiceAccount:\n{check.stdout}{check.stderr}")
         assert "helm-test-a" in check.stdout
         kube.patch_status(pods, pod["metadata"]["name"], {"status": {"phase": "Succeeded"}}, NS)
         out, _ = helm_test.communicate(timeout=120)

@@ -32,7 +32,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     unreachable = tmp / "unreachable.kubeconfig"
     unreachable.write_text(
         "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
-        f"clusters: [{{name: c, cluster: {{server: 'https://127.0.0.1:{dead_port}', insecure-skip-tls-verify: true}}}}]\n"
+        f"clusters: [{{name: c, cluster: {{server: 'https://127.0.0.1:{dead_port}', "
+        "insecure-skip-tls-verify: true}}]\n"
         "users: [{name: u, user: {token: t}}]\n"
         "contexts: [{name: c, context: {cluster: c, user: u}}]\n")
     not_kubeconfig = tmp / "notes.txt"
@@ -73,7 +74,8 @@ CASES = [
     ("wirekube-lab", ["status", "--name", "Bad.Name"], 2, ["--name", "Bad.Name"]),
     ("wirekube-lab", ["up", "--wait", "soon"], 2, ["--wait", "soon"]),
     ("wirekube-lab", ["nonsense"], 2, ["invalid choice"]),
-    ("wirekubectl", ["--kubeconfig", "/nonexistent/kubeconfig", "status"], 1, ["/nonexistent/kubeconfig", "no such file"]),
+    ("wirekubectl", ["--kubeconfig", "/nonexistent/kubeconfig", "status"], 1,
+     ["/nonexistent/kubeconfig", "no such file"]),
     ("wirekubectl", ["--kubeconfig", "{not_kubeconfig}", "status"], 1, ["not a kubeconfig"]),
     ("wirekubectl", ["--kubeconfig", "{unreachable}", "status"], 1, ["API server unreachable"]),
     ("wirekubectl", ["--kubeconfig", "{unreachable}", "doctor"], 1, ["API server unreachable"]),

@@ -148,7 +148,8 @@ def test_errors_are_mapped(kube: k8s.Kube, unique: str) -> None:
 
 def test_json_patch_appends_allowed_ip(kube: k8s.Kube, unique: str) -> None:
     kube.create(k8s.PEERS, peer_body(f"jp-{unique}"))
-    out = kube.patch_json(k8s.PEERS, f"jp-{unique}", [{"op": "add", "path": "/spec/allowedIPs/-", "value": "10.200.0.0/25"}])
+    out = kube.patch_json(k8s.PEERS, f"jp-{unique}",
+                          [{"op": "add", "path": "/spec/allowedIPs/-", "value": "10.200.0.0/25"}])
     assert out["spec"]["allowedIPs"] == ["10.255.0.9/32", "10.200.0.0/25"]
 
 
@@ -220,8 +221,10 @@ def test_leader_election_single_leader_and_handover(kube: k8s.Kube, unique: str)
         kube.create(k8s.NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "wirekube-system"}})
     except errors.AlreadyExists:
         pass
-    a = k8s.LeaderElector(kube, f"lease-{unique}", "wirekube-system", identity="a", lease_duration=2, renew_deadline=1.5)
-    b = k8s.LeaderElector(kube, f"lease-{unique}", "wirekube-system", identity="b", lease_duration=2, renew_deadline=1.5)
+    a = k8s.LeaderElector(kube, f"lease-{unique}", "wirekube-system", identity="a", lease_duration=2,
+                          renew_deadline=1.5)
+    b = k8s.LeaderElector(kube, f"lease-{unique}", "wirekube-system", identity="b", lease_duration=2,
+                          renew_deadline=1.5)
     assert a.try_acquire_or_renew() is True
     assert b.try_acquire_or_renew() is False
     assert a.try_acquire_or_renew() is True  # renew

@@ -155,7 +155,8 @@ def test_pod_cidr_sync_from_node_spec(
         assert n2 in mesh_cond["message"]
         # What the Node says is granted to that node (and only that): the agents' authority.
         grant = wait_for(lambda: _get(kube, k8s.ROUTE_GRANTS, f"node.{n1}"), what="route grant of n1")
-        assert grant["spec"] == {"nodes": [n1], "cidrs": [pod1], "description": f"kept by the gateway controller from Node {n1}"}
+        assert grant["spec"] == {"nodes": [n1], "cidrs": [pod1],
+                                 "description": f"kept by the gateway controller from Node {n1}"}
         assert grant["metadata"]["labels"][models.LABEL_MANAGED_BY] == models.GRANT_MANAGER
         assert _get(kube, k8s.ROUTE_GRANTS, f"node.{n2}") is None  # its pod CIDR was refused: nothing granted
 

@@ -143,7 +143,8 @@ def test_off_relay_on_direct_then_fallback_and_retry(lab: Any) -> None:
         assert int(sockets) == SETTINGS.sockets and int(flows) == SETTINGS.flows
         assert int(sent_n) <= SETTINGS.max_probes and float(seconds) <= SETTINGS.budget
         assert float(estimate) > 50
-        remote = re.findall(r"birthday attack won: direct over 127\.0\.0\.1:\d+ <-> ([\d.]+):(\d+)", agent_log(lab_, node))
+        remote = re.findall(r"birthday attack won: direct over 127\.0\.0\.1:\d+ <-> ([\d.]+):(\d+)",
+                            agent_log(lab_, node))
         assert remote and POOL[0] <= int(remote[-1][1]) <= POOL[1]
         assert not status(kube, node).get("birthday")  # the round is over: entries withdrawn
     assert orchestrate.ping(lab_, A, mesh_ip[B], count=3) is not None

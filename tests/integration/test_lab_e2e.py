@@ -366,14 +366,16 @@ def test_doctor_is_clean_then_flags_an_injected_overlap(lab: Any) -> None:
     try:
         faulty = lab_.exec("ec2-a", doctor, timeout=120)
         assert faulty.returncode == 1
-        assert "[FAIL] cidr-overlap" in faulty.stdout and "fix: choose a meshCIDR outside the Service CIDR" in faulty.stdout
+        assert "[FAIL] cidr-overlap" in faulty.stdout
+        assert "fix: choose a meshCIDR outside the Service CIDR" in faulty.stdout
     finally:
         kube.patch_merge(k8s.MESHES, "default", {"spec": {"serviceCIDRs": None}})
 
 
 def test_agent_metrics_show_per_peer_transport_and_handshakes(lab: Any) -> None:
     lab_, _, _ = lab
-    fetch = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9090/metrics', timeout=5).read().decode())"
+    fetch = ("import urllib.request; "
+             "print(urllib.request.urlopen('http://127.0.0.1:9090/metrics', timeout=5).read().decode())")
     text = lab_.exec("prc-1", [sys.executable, "-c", fetch], timeout=30, check=True).stdout
     assert re.search(r'wirekube_peer_transport_mode\{mode="relay",node="prc-1",peer="sym1-1"\} 1\.0', text), text[:2000]
     assert re.search(r'wirekube_peer_transport_mode\{mode="direct",node="prc-1",peer="ec2-a"\} 1\.0', text)
@@ -579,13 +581,15 @@ def test_route_claims_without_authority_capture_nothing(lab: Any) -> None:
         claimed = {e for entries in claims.values() for e in entries if e != claims["hostile-meship"][0]}
         for node in lab_.nodes:
             table, allowed = _table(lab_, node), _allowed(lab_, node)
-            leaked = {e for e in claimed if re.search(rf"(^|\s){re.escape(e.removesuffix('/32'))}(/\d+)?\s", table + " ")
+            leaked = {e for e in claimed
+                      if re.search(rf"(^|\s){re.escape(e.removesuffix('/32'))}(/\d+)?\s", table + " ")
                       or e in allowed}
             assert not leaked, f"{node} routes {leaked}:\n{table}"
             assert allowed.count(claims["hostile-meship"][0]) == (0 if node == "ec2-b" else 1)
         # doctor lists every claim no agent routes, each with its fix.
         doctor = lab_.exec("ec2-a", [sys.executable, "-m", "wirekube.cli.wirekubectl", "--kubeconfig",
-                                     f"/run/wirekube-lab/{lab_name}/node.kubeconfig", "doctor", "-o", "json"], timeout=120)
+                                     f"/run/wirekube-lab/{lab_name}/node.kubeconfig", "doctor", "-o", "json"],
+                           timeout=120)
         assert doctor.stdout, doctor.stderr[-3000:]
         listed = {f["subject"]: f for f in json.loads(doctor.stdout) if f["check"] == "route-claims"}
         for peer_name, entries in claims.items():

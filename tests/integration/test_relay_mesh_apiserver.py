@@ -87,7 +87,8 @@ def test_wirekubectl_status_lists_each_replica_and_its_keys_from_their_leases(
         relays, meshes, publishers = [], [], []
         for name, port in zip(names, ports, strict=True):
             relay = RelayServer(relay_settings())
-            mesh = RelayMesh(relay, MeshSettings(secret=b"s" * 32, listen_host="127.0.0.1", listen_port=port, peers=peers))
+            mesh = RelayMesh(relay, MeshSettings(secret=b"s" * 32, listen_host="127.0.0.1", listen_port=port,
+                                                 peers=peers))
             await relay.start()
             await mesh.start()
             publisher = LeasePublisher(

@@ -78,7 +78,8 @@ def test_relay_restart_reconnects_without_touching_proxies() -> None:
             await relay2.close("test restart")
         async with running_relay(relay_settings(listen_port=addr[1])):
             try:
-                await wait_until(lambda: a.stats.relay_reconnects >= 1 and a.connected_relays() and b.connected_relays(),
+                await wait_until(lambda: (a.stats.relay_reconnects >= 1 and a.connected_relays()
+                                          and b.connected_relays()),
                                  timeout=15, what="reconnect after restart")
                 assert a.proxy_ports()[public_bytes(key_b)] == port  # the WireGuard endpoint did not change
                 wg_a.sendto(b"again", ("127.0.0.1", port))
@@ -104,7 +105,8 @@ def test_eperm_recreates_the_socket_on_the_same_port() -> None:
             proxy.on_eperm()  # what error_received does when the socket-LB hook refuses sendto
             proxy.on_eperm()
             await wait_until(lambda: path.stats.eperm_recoveries == 1, what="recreated")
-            assert proxy.sock is not old and proxy.sock is not None and proxy.port == port and path.stats.eperm_events == 2
+            assert proxy.sock is not old and proxy.sock is not None and proxy.port == port
+            assert path.stats.eperm_events == 2
             assert path.eperm_active() == []
         finally:
             await path.close()

@@ -28,7 +28,8 @@ def peer_obj(
     host_endpoints: list[str] | None = None,
 ) -> dict[str, Any]:
     mesh_ip = ipam.mesh_ip(name, MESH_CIDR)
-    spec: dict[str, Any] = {"publicKey": public_key(), "allowedIPs": allowed if allowed is not None else [f"{mesh_ip}/32"]}
+    spec: dict[str, Any] = {"publicKey": public_key(),
+                            "allowedIPs": allowed if allowed is not None else [f"{mesh_ip}/32"]}
     if endpoint:
         spec["endpoint"] = endpoint
     status: dict[str, Any] = {"connected": connected}
@@ -83,7 +84,8 @@ def gateway_obj(
 HC = {"enabled": True, "target": "10.100.0.2:443", "intervalSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 2}
 
 
-def view(*peers: models.Peer, m: models.Mesh | None = None, addresses: dict[str, list[str]] | None = None) -> ClusterView:
+def view(*peers: models.Peer, m: models.Mesh | None = None,
+         addresses: dict[str, list[str]] | None = None) -> ClusterView:
     return ClusterView(
         mesh=m if m is not None else mesh(),
         peers={p.name: p for p in peers},

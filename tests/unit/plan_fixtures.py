@@ -31,7 +31,8 @@ def peer(name: str, n: int, *extra: str, ts: str = "", endpoint: str | None = "1
          mesh_ip: str | None = None) -> Peer:
     first = mesh_ip or f"{ipam.mesh_ip(name, CIDR)}/32"
     ep = Endpoint.parse(endpoint.format(n=n)) if endpoint else None
-    return Peer(name, PeerSpec(key(n), ep, tuple(net(x) for x in (first, *extra))), creation_timestamp=ts or f"2025-01-01T00:00:{n:02d}Z")
+    return Peer(name, PeerSpec(key(n), ep, tuple(net(x) for x in (first, *extra))),
+                creation_timestamp=ts or f"2025-01-01T00:00:{n:02d}Z")
 
 
 ME = peer("me", 1, ts="2025-01-01T00:00:00Z")

@@ -88,7 +88,8 @@ def test_loopback_udp_ports_reads_proc_net(tmp_path: Path) -> None:
     (tmp_path / "udp").write_text(header +
                                   "  767: 0100007F:DCAE 0100007F:CA6C 01 00000000:00000000 00:00000000 00000000 0 0 1\n"
                                   "12477: 00000000:CA6C 00000000:0000 07 00000000:00000000 00:00000000 00000000 0 0 2\n"
-                                  "12478: 0A0000C0:1F90 00000000:0000 07 00000000:00000000 00:00000000 00000000 0 0 3\n")
+                                  "12478: 0A0000C0:1F90 00000000:0000 07 00000000:00000000 00:00000000 "
+                                  "00000000 0 0 3\n")
     assert loopback_udp_ports(tmp_path) == {0xDCAE, 0xCA6C}, "10.0.0.192:8080 is not loopback"
     assert loopback_udp_ports(tmp_path / "missing") == set()
 

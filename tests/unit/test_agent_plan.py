@@ -54,7 +54,9 @@ def test_passive_peer_without_allowed_ips_gets_nothing() -> None:
         ("claims my address", peer("x", 5, "192.168.1.1/32"), "this node's own address"),
         ("contains b's mesh IP", peer("x", 5, f"{ipam.mesh_ip('b', CIDR)}/32"), "mesh IP"),
         ("same mesh IP as older b", peer("x", 5, mesh_ip=f"{ipam.mesh_ip('b', CIDR)}/32"), "already claimed"),
-        ("duplicate key of b", Peer("x", PeerSpec(key(2), None, (net("10.255.9.9/32"),)), creation_timestamp="2025-02-01T00:00:00Z"), "same key"),
+        ("duplicate key of b",
+         Peer("x", PeerSpec(key(2), None, (net("10.255.9.9/32"),)), creation_timestamp="2025-02-01T00:00:00Z"),
+         "same key"),
     ],
 )
 def test_invalid_peers_are_skipped_and_the_rest_keeps_working(name: str, bad: Peer, reason: str) -> None:
@@ -202,7 +204,8 @@ def test_endpoint_roaming(observed_ep: str | None, age: float, forced: bool, rew
     ops = P.diff(d, obs, NOW)
     assert (ops != ()) is rewritten
     if rewritten:
-        assert ops == (PutPeer(d.peers[key(2)], create=False, set_endpoint=True, set_allowed_ips=False, set_keepalive=False),)
+        assert ops == (PutPeer(d.peers[key(2)], create=False, set_endpoint=True, set_allowed_ips=False,
+                               set_keepalive=False),)
 
 
 def test_only_wirekube_rules_are_removed_and_duplicates_are_collapsed() -> None:
@@ -232,7 +235,8 @@ def test_link_repairs_and_removals_come_last() -> None:
     assert ops[0] == P.SetMtu(1420)
     assert P.AddAddress(d.link.address) in ops and P.SetUp() in ops  # type: ignore[arg-type]
     assert ops[-1] == P.DelAddress(wrong)
-    assert {P.SetSysctl("rp_filter", "2"), P.SetSysctl("disable_xfrm", "1"), P.SetSysctl("disable_policy", "1")} <= set(ops)
+    assert {P.SetSysctl("rp_filter", "2"), P.SetSysctl("disable_xfrm", "1"),
+            P.SetSysctl("disable_policy", "1")} <= set(ops)
 
 
 def test_new_private_key_is_installed_when_identity_differs() -> None:

@@ -34,7 +34,8 @@ class Snap:
 
 
 def wg_with(*peers: Any) -> WgDeviceState:
-    return WgDeviceState(peers={p.spec.public_key: WgPeerState(WgPeerConfig(p.spec.public_key, p.spec.endpoint, ()), last_handshake=1.0)
+    return WgDeviceState(peers={p.spec.public_key: WgPeerState(WgPeerConfig(p.spec.public_key, p.spec.endpoint, ()),
+                                                               last_handshake=1.0)
                                 for p in peers})
 
 
@@ -71,7 +72,8 @@ class FakeProber:
 
 def test_a_shrunk_path_is_found_applied_published_and_rechecked(monkeypatch: Any) -> None:
     monkeypatch.setattr(agent_pmtu.nftables, "run", lambda text: None)
-    targets = {"a": Target("10.255.0.2", "198.18.1.2:51820", 1420), "b": Target("10.255.0.3", "198.19.1.10:51820", 1420)}
+    targets = {"a": Target("10.255.0.2", "198.18.1.2:51820", 1420),
+               "b": Target("10.255.0.3", "198.19.1.10:51820", 1420)}
     wakes: list[int] = []
     svc = PathMtu(lambda: targets, lambda: wakes.append(1), ifname=lambda: "wire_kube",
                   timing=pmtu.Timing(check_every=5, check_failures=2))

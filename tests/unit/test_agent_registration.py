@@ -104,7 +104,8 @@ def test_up_to_date_peer_needs_no_patch() -> None:
     reg = desired_registration(node, MESH, KEY, None, [])
     body = new_peer_body(node, reg)
     body["metadata"]["creationTimestamp"] = "2025-01-01T00:00:00Z"
-    assert update_patch(node, desired_registration(node, MESH, KEY, peer_from_cr(body), []), peer_from_cr(body), body) == {}
+    desired = desired_registration(node, MESH, KEY, peer_from_cr(body), [])
+    assert update_patch(node, desired, peer_from_cr(body), body) == {}
 
 
 def test_conflicting_mesh_ip_moves_only_the_younger_claim() -> None:
@@ -126,7 +127,8 @@ def test_new_node_probes_past_claimed_hash_address() -> None:
 
 def test_status_from_engine_view() -> None:
     k2, k3 = base64.b64encode(b"\x02" * 32).decode(), base64.b64encode(b"\x03" * 32).decode()
-    peers = [Peer("b", PeerSpec(k2, None, (net("10.255.0.2/32"),))), Peer("c", PeerSpec(k3, None, (net("10.255.0.3/32"),)))]
+    peers = [Peer("b", PeerSpec(k2, None, (net("10.255.0.2/32"),))),
+             Peer("c", PeerSpec(k3, None, (net("10.255.0.3/32"),)))]
     d = P.plan(MESH, peers, P.LocalFacts("a", KEY))
     now = 1_700_000_000.0
     wg = WgDeviceState(KEY, 51820, 0x574B, {k2: WgPeerState(d.peers[k2], last_handshake=now - 30),

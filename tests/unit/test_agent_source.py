@@ -10,7 +10,8 @@ from wirekube.agent.source import parse_peers
 from wirekube.models import Peer
 
 
-def obj(name: str, rv: str, key: str = base64.b64encode(b"\x02" * 32).decode(), ip: str = "10.255.0.2/32") -> dict[str, Any]:
+def obj(name: str, rv: str, key: str = base64.b64encode(b"\x02" * 32).decode(),
+        ip: str = "10.255.0.2/32") -> dict[str, Any]:
     return {"metadata": {"name": name, "resourceVersion": rv}, "spec": {"publicKey": key, "allowedIPs": [ip]}}
 
 

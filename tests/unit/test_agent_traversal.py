@@ -153,7 +153,8 @@ def test_relay_pool_keeps_every_address_of_a_name(monkeypatch: Any) -> None:
     monkeypatch.setattr(socketmod, "getaddrinfo", fake)
     t = traversal(NatType.OPEN, [])
     mesh = Mesh("default", MeshSpec(relay=RelaySpec(provider=RelayProvider.EXTERNAL,
-                                                    external_endpoint=HostPort("wirekube-relay-pool.wirekube-system.svc", 3478))))
+                                                    external_endpoint=HostPort(
+                                                        "wirekube-relay-pool.wirekube-system.svc", 3478))))
     assert t.relay_addresses(mesh) == [("10.0.0.5", 3478), ("10.0.0.7", 3478)]
 
 
@@ -201,7 +202,8 @@ def test_persisting_eperm_is_a_condition_naming_peers_and_ports_and_clears_to_fa
         t.decorate(cleared, now=1_700_000_300)
     finally:
         logger.remove(sink)
-    assert [m for m in logs if "EPERM" in m] == [f"relay proxy EPERM persists on sym:{port}", "relay proxy EPERM cleared"]
+    assert [m for m in logs if "EPERM" in m] == [f"relay proxy EPERM persists on sym:{port}",
+                                                 "relay proxy EPERM cleared"]
 
 
 def test_relay_reasons_name_a_transport_other_than_raw_tcp() -> None:
@@ -241,7 +243,8 @@ def test_an_unreachable_relay_is_a_condition_and_one_log_line_until_it_is_back()
 
 def test_eperm_condition_keeps_other_conditions() -> None:
     t = traversal(NatType.SYMMETRIC, [peer("sym", NatType.SYMMETRIC, "203.0.113.1")])
-    other = {"type": "Zeta", "status": "True", "reason": "X", "message": "", "lastTransitionTime": "2024-01-01T00:00:00Z"}
+    other = {"type": "Zeta", "status": "True", "reason": "X", "message": "",
+             "lastTransitionTime": "2024-01-01T00:00:00Z"}
     t._relay.eperm = [t._peers["sym"].proxy_port]  # type: ignore[union-attr]
     out = t.decorate(PeerStatus(conditions=(other,)), now=1_700_000_000)
     assert [c["type"] for c in out.conditions] == ["RelayProxyEPERM", "Zeta"] and out.conditions[1] == other

@@ -120,7 +120,8 @@ def test_kernel_get_answer_is_parsed_and_split_peers_merged() -> None:
         ["WGDEVICE_A_LISTEN_PORT", 51820], ["WGDEVICE_A_FWMARK", 0x574B],
         ["WGDEVICE_A_PEERS", [{"attrs": [
             ["WGPEER_A_PUBLIC_KEY", PEER], ["WGPEER_A_ENDPOINT", {"addr": "10.0.0.9", "port": 51820}],
-            ["WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", 5], ["WGPEER_A_LAST_HANDSHAKE_TIME", {"tv_sec": 1700000000, "tv_nsec": 0}],
+            ["WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", 5],
+            ["WGPEER_A_LAST_HANDSHAKE_TIME", {"tv_sec": 1700000000, "tv_nsec": 0}],
             ["WGPEER_A_RX_BYTES", 1234], ["WGPEER_A_TX_BYTES", 99],
             ["WGPEER_A_ALLOWEDIPS", [{"attrs": [["WGALLOWEDIP_A_FAMILY", socket.AF_INET],
                                                   ["WGALLOWEDIP_A_IPADDR", bytes([10, 254, 0, 7])],

@@ -51,7 +51,8 @@ def peer(name: str, status: dict[str, Any] | None) -> dict[str, Any]:
 
 def test_peer_findings() -> None:
     peers = [
-        peer("a", {"connected": True, "peerTransports": {"b": "direct", "c": "relay"}, "engine": "userspace (no module)"}),
+        peer("a", {"connected": True, "peerTransports": {"b": "direct", "c": "relay"},
+                   "engine": "userspace (no module)"}),
         peer("b", {"connected": False, "relayReasons": {"a": "udp blocked"}}),
         peer("c", None),
         peer("d", {"connected": True, "peerTransports": {"a": "direct"},
@@ -114,7 +115,8 @@ def test_info_renders() -> None:
 
 UP = AgentProbe("http://127.0.0.1:9090", True, True, "http://127.0.0.1:9090/healthz answers")
 DOWN = AgentProbe("http://127.0.0.1:9090", False, None, "nothing answers on http://127.0.0.1:9090/healthz")
-RULES = (RuleInfo("ipv4 pref 100 fwmark 0x574b lookup 254", 100, True), RuleInfo("ipv4 pref 200 lookup 22347", 200, True))
+RULES = (RuleInfo("ipv4 pref 100 fwmark 0x574b lookup 254", 100, True),
+         RuleInfo("ipv4 pref 200 lookup 22347", 200, True))
 ROUTES = ("10.255.1.2/32 dev wire_kube table 22347",)
 FULL = NodeState("wire_kube", "tun", True, 4242, RULES, ROUTES, NftState(True, "table inet wirekube with 2 chains"),
                  NftState(True, "table inet wirekube_mss with 1 chains and 1 rules"))
@@ -211,7 +213,8 @@ def test_nft_table_states(tmp_path: Path) -> None:
     present = nodestate.nft_table(_fake_nft(tmp_path, listing, "", 0))
     assert present == NftState(True, "table inet wirekube with 1 chains and 2 rules")
     assert (tmp_path / "args").read_text().split() == ["-j", "list", "table", "inet", "wirekube"]
-    absent = nodestate.nft_table(_fake_nft(tmp_path, "", "Error: No such file or directory\nlist table inet wirekube", 1))
+    absent = nodestate.nft_table(_fake_nft(tmp_path, "", "Error: No such file or directory\nlist table inet wirekube",
+                                           1))
     assert absent.present is False
     mss = nodestate.nft_table(_fake_nft(tmp_path, listing.replace('"wirekube"', '"wirekube_mss"'), "", 0),
                               nodestate.NFT_MSS_TABLE)

@@ -220,8 +220,10 @@ def test_paths_keep_document_indices_when_an_earlier_entry_is_broken() -> None:
     assert "already taken by sites[2].nodes[0].name" in problems["sites[2].nodes[1].name"]
 
 
-@pytest.mark.parametrize(("text", "says"), [("sites: [", "not valid YAML"), ("42", "must be a mapping, got int"),
-                                            ("", "the document is empty"), ("- a\n- b", "must be a mapping, got a list")])
+@pytest.mark.parametrize(("text", "says"), [("sites: [", "not valid YAML"),
+                                            ("42", "must be a mapping, got int"),
+                                            ("", "the document is empty"),
+                                            ("- a\n- b", "must be a mapping, got a list")])
 def test_documents_that_are_not_topologies(text: str, says: str) -> None:
     with pytest.raises(TopologyError, match=f"^t\\.yaml: 1 problem:\n  {says}"):
         parse_topology_yaml(text, "t.yaml")

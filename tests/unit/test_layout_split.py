@@ -17,7 +17,8 @@ ROUND = BirthdayRound(2, "2026-12-07T16:00:05.000Z", 40000, 40511)
 def full_status(n: int) -> PeerStatus:
     names = [f"node-{i:05d}" for i in range(n)]
     return PeerStatus(connected=True, transport_mode=TransportMode.MIXED,
-                      peer_transports={x: Transport.RELAY if i % 3 == 0 else Transport.DIRECT for i, x in enumerate(names)},
+                      peer_transports={x: Transport.RELAY if i % 3 == 0 else Transport.DIRECT
+                                       for i, x in enumerate(names)},
                       relay_reasons={x: "peer symmetric and local port-restricted-cone" for x in names[::3]},
                       path_mtu={names[1]: 1360}, last_handshake="2026-12-07T16:00:00Z",
                       observed_endpoints={names[1]: "198.51.100.7:40000"}, birthday={names[2]: ROUND},

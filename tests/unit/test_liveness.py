@@ -169,7 +169,8 @@ def test_the_heartbeat_socket_tells_heartbeats_probes_and_traffic_apart() -> Non
 
     def ip_packet(src: str, kind: int, payload: bytes) -> bytes:
         total = 20 + 8 + len(payload)
-        header = bytes([0x45, 0]) + total.to_bytes(2, "big") + bytes(8) + bytes(int(x) for x in src.split(".")) + bytes(4)
+        header = (bytes([0x45, 0]) + total.to_bytes(2, "big") + bytes(8) + bytes(int(x) for x in src.split("."))
+                  + bytes(4))
         return header + bytes([kind, 0]) + bytes(6) + payload
 
     class Sock:

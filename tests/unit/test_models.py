@@ -128,7 +128,8 @@ def test_crd_mirrors_reflection_and_birthday_limits() -> None:
 
     import yaml
 
-    crd = yaml.safe_load((Path(__file__).parents[2] / "charts/wirekube/crds/wirekube.io_wirekubepeers.yaml").read_text())
+    crd_file = Path(__file__).parents[2] / "charts/wirekube/crds/wirekube.io_wirekubepeers.yaml"
+    crd = yaml.safe_load(crd_file.read_text())
     status = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
     assert "reflection" in status["endpointDiscoveryMethod"]["enum"]
     assert status["birthday"]["maxProperties"] == models.MAX_BIRTHDAY_ROUNDS

@@ -15,7 +15,8 @@ def test_lease_body_carries_counts_owner_and_label() -> None:
     assert body["metadata"]["labels"] == {LABEL: "true"}
     assert body["metadata"]["annotations"]["wirekube.io/relay-keys"] == "7"
     assert body["metadata"]["annotations"]["wirekube.io/relay-mesh-links"] == "1"
-    assert body["metadata"]["ownerReferences"] == [{"apiVersion": "v1", "kind": "Pod", "name": "relay-x", "uid": "uid-1"}]
+    assert body["metadata"]["ownerReferences"] == [{"apiVersion": "v1", "kind": "Pod", "name": "relay-x",
+                                                    "uid": "uid-1"}]
     assert body["spec"]["holderIdentity"] == "ab12cd34"
     assert body["spec"]["renewTime"].endswith("Z")
     single = lease_body(LeaseSettings("relay-y", "ns"), "0000", 0, None, T0)

@@ -46,7 +46,8 @@ def test_renderings() -> None:
     assert "vpc" in table and "a=healthy" in table and "203.0.113.7:3478" in table
     assert "\033[" not in table and "\033[32m" in render_table(r, colour=True)
     data = json.loads(render_json(r))
-    assert {"from": "b", "to": "c", "transport": "relay", "reason": "peer symmetric and local symmetric"} in data["pairs"]
+    assert {"from": "b", "to": "c", "transport": "relay",
+            "reason": "peer symmetric and local symmetric"} in data["pairs"]
     assert yaml.safe_load(render_yaml(r)) == data
 
 

@@ -80,7 +80,8 @@ def test_matrix_reasons_and_overrides() -> None:
     sym = NodeFacts(S, "198.51.100.1")
     assert nat.choose_path(sym, NodeFacts(S, "198.51.100.2"), relay_mode=RelayMode.AUTO, birthday=False).reason == \
         "peer symmetric and local symmetric"
-    assert nat.choose_path(sym, NodeFacts(S, "198.51.100.2"), relay_mode=RelayMode.AUTO, birthday=True).path is Path.BIRTHDAY
+    assert nat.choose_path(sym, NodeFacts(S, "198.51.100.2"), relay_mode=RelayMode.AUTO,
+                           birthday=True).path is Path.BIRTHDAY
     assert nat.choose_path(NodeFacts(O), NodeFacts(O), relay_mode=RelayMode.ALWAYS, birthday=False).path is Path.RELAY
     assert nat.choose_path(sym, NodeFacts(S), relay_mode=RelayMode.NEVER, birthday=False).path is Path.DIRECT
     blocked = nat.choose_path(NodeFacts(U, udp_blocked=True), NodeFacts(O), relay_mode=RelayMode.AUTO, birthday=False)

@@ -137,7 +137,8 @@ class Pair:
         entries = [e for t, e in self.published[who] if t + self.delay <= now]
         return entries[-1] if entries else None
 
-    def run(self, start: float, until: float, *, joiner_alive: bool = True, dt: float = 0.1) -> list[tuple[str, Do, float]]:
+    def run(self, start: float, until: float, *, joiner_alive: bool = True,
+            dt: float = 0.1) -> list[tuple[str, Do, float]]:
         events: list[tuple[str, Do, float]] = []
         now = start
         while now < until:
@@ -179,7 +180,8 @@ def test_leader_gives_up_when_the_peer_never_joins_and_waits_the_retry_interval(
     assert [(w, d) for w, d, _ in events] == [("lead", Do.PREPARE), ("lead", Do.GAVE_UP)]
     s = pair.lead
     assert s.phase is Phase.IDLE and s.own is None and s.rounds_failed == 1
-    assert s.reason.startswith("birthday attack failed at 2023-11-14T22:13:2") and "peer did not join round 1" in s.reason
+    assert s.reason.startswith("birthday attack failed at 2023-11-14T22:13:2")
+    assert "peer did not join round 1" in s.reason
     assert s.next_attempt_at >= pair.lead.not_before + RETRY
     assert birthday.step(s, s.next_attempt_at - 0.01, None, S, RETRY)[1] is Do.NONE
     s2, do = birthday.step(s, s.next_attempt_at, None, S, RETRY)
