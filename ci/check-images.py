@@ -34,8 +34,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = {"agent": "wirekube-agent", "relay": "wirekube-relay", "gateway": "wirekube-gateway"}

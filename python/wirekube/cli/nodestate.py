@@ -120,7 +120,7 @@ def nft_table(nft: str | None = None, table: str = NFT_TABLE) -> NftState:
     if nft is None:
         return NftState(None, f"nft is not installed; cannot inspect table {NFT_FAMILY} {table}")
     try:
-        done = subprocess.run([nft, "-j", "list", "table", NFT_FAMILY, table],  # noqa: S603
+        done = subprocess.run([nft, "-j", "list", "table", NFT_FAMILY, table],
                               capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError) as e:
         return NftState(None, f"nft: {e}")
