@@ -183,7 +183,8 @@ def qemu_argv(pieces: GuestPieces, config: GuestConfig, config_path: Path, workd
         f"wk.python={sys.executable}", f"wk.workdir={workdir}", f"wk.config={config_path}",
         f"wk.keep={','.join(_kept_paths())}"])
     return [
-        "nice", "-n", str(QEMU_NICE), qemu, "-name", f"wirekube-{config.node}", "-accel", "tcg,tb-size=128", "-cpu", "max", "-smp", "1",
+        "nice", "-n", str(QEMU_NICE), qemu, "-name", f"wirekube-{config.node}",
+        "-accel", "tcg,tb-size=128", "-cpu", "max", "-smp", "1",
         "-m", str(memory_mib), "-nodefaults", "-no-user-config", "-display", "none",
         "-monitor", "none", "-serial", "stdio", "-no-reboot",
         "-kernel", str(pieces.kernel), "-initrd", str(pieces.initrd), "-append", append,
