@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -83,7 +84,7 @@ def longest_gap(output: str, until: float | None = None) -> float:
     stamps = [float(m) for m in re.findall(r"^\[(\d+\.\d+)\] \d+ bytes from", output, re.M)]
     if until is not None and stamps:
         stamps.append(until)
-    return max((b - a for a, b in zip(stamps, stamps[1:], strict=False)), default=float("inf"))
+    return max((b - a for a, b in itertools.pairwise(stamps)), default=float("inf"))
 
 
 def direct_to_relay_events(kube: k8s.Kube) -> list[str]:
@@ -127,7 +128,8 @@ def failover(lab: Any, kube: k8s.Kube, cuts: int) -> dict[str, Any]:
     # direct -> relay in the meantime is a false failover.
     during = sorted(set(direct_to_relay_events(kube)) - before)
     cut_sites = ("fullcone-", "prc-")
-    false = [n for n in during if not (n.startswith(cut_sites) and n.split(" -> ")[1].split(":")[0].startswith(cut_sites))]
+    false = [n for n in during
+             if not (n.startswith(cut_sites) and n.split(" -> ")[1].split(":")[0].startswith(cut_sites))]
     stress = false_failovers_under_cpu_load(lab, kube)
     print(f"false failovers: {len(false)} during the cuts, {stress['false_failovers']} under CPU load", file=sys.stderr)
     return {
@@ -353,7 +355,8 @@ def main() -> int:
     p.add_argument("--seconds", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--only", default=",".join(PARTS),
-                   help="comma-separated parts to run (convergence, failover, restart, iperf); the lab always comes up, "
+                   help="comma-separated parts to run (convergence, failover, restart, iperf); "
+                        "the lab always comes up, "
                         "and only the named parts write their result files")
     args = p.parse_args()
     parts = set(args.only.split(","))

@@ -112,6 +112,7 @@ AGENT_VIEW = textwrap.dedent("""
         def register(self, public_key): pass
         def publish(self, status, skipped): pass
         def own_status(self): return PeerStatus()
+        def report_refusals(self, refusals): pass
 
     kube = k8s.Kube.from_kubeconfig(kubeconfig)
     src = KubeSource(kube, "bench-node").start()

@@ -105,3 +105,19 @@ def test_the_old_layout_at_5000_is_estimated_from_its_largest_run() -> None:
                                                   "not_run_because": why}}})
     assert "split layout is measured (lean" in note and "load average (1 min) 3.0-6.5" in note
     assert "old layout at 5,000 is extrapolated from its measured [100, 1000] runs" in note
+
+
+def test_the_agent_scale_shim_answers_every_call_the_reconciler_makes_on_its_source() -> None:
+    """bench/scale_bench.py runs the real Reconciler over a stand-in for the API-server source
+    (minus its writes); when the reconciler started calling ``source.report_refusals`` the
+    stand-in lacked it and `make bench` crashed there.  Every ``self.source.<name>`` the
+    reconciler uses must be a method of the stand-in."""
+    import ast
+    import re
+
+    called = set(re.findall(r"self\.source\.(\w+)", (ROOT / "python/wirekube/agent/reconcile.py").read_text()))
+    assert called, "the reconciler no longer calls its source: this test is stale"
+    tree = ast.parse(scale_bench.AGENT_VIEW)
+    shim = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "View")
+    methods = {n.name for n in shim.body if isinstance(n, ast.FunctionDef)}
+    assert called <= methods, f"bench/scale_bench.py's View lacks {sorted(called - methods)}"
