@@ -178,9 +178,11 @@ def check_built(image: str, ref: str) -> list[str]:
     entry = config.get("Entrypoint") or []
     user = config.get("User") or ""
     env = config.get("Env") or []
-    ctr = subprocess.run([*buildah(), "from", "--pull=never", ref], capture_output=True, text=True, check=True).stdout.strip()
+    ctr = subprocess.run([*buildah(), "from", "--pull=never", ref], capture_output=True, text=True,
+                         check=True).stdout.strip()
     try:
-        mnt = Path(subprocess.run([*buildah(), "mount", ctr], capture_output=True, text=True, check=True).stdout.strip())
+        mnt = Path(subprocess.run([*buildah(), "mount", ctr], capture_output=True, text=True,
+                                  check=True).stdout.strip())
         if entry != [IMAGES[image]]:
             problems.append(f"{ref}: entry point {entry} is not [{IMAGES[image]!r}]")
         with read_only_root(mnt, CHART_WRITABLE[image]) as root:

@@ -68,7 +68,8 @@ class NamedRange:
         return f"{self.kind} {self.net} ({self.owner})"
 
 
-def collect_ranges(mesh: JSON | None, peers: Iterable[JSON], gateways: Iterable[JSON], nodes: Iterable[JSON]) -> list[NamedRange]:
+def collect_ranges(mesh: JSON | None, peers: Iterable[JSON], gateways: Iterable[JSON],
+                   nodes: Iterable[JSON]) -> list[NamedRange]:
     out: list[NamedRange] = []
     spec = _spec(mesh or {})
     if (n := _net(spec.get("meshCIDR", "10.255.0.0/16"))) is not None:
@@ -135,7 +136,8 @@ def check_peers(peers: Sequence[JSON], node_filter: str | None = None) -> list[F
         status = _status(p)
         if not status:
             findings.append(Finding("peer-connected", FAIL, name, "the agent has never reported status",
-                                    "check the agent pod on this node: kubectl -n wirekube-system logs ds/wirekube-agent"))
+                                    "check the agent pod on this node: "
+                                    "kubectl -n wirekube-system logs ds/wirekube-agent"))
             continue
         transports = status.get("peerTransports") or {}
         missing = sorted(names - set(transports) - {name})
@@ -224,12 +226,14 @@ def check_clock_skew(peers: Sequence[JSON], now: dt.datetime, *, max_skew_second
 # ---- reachability (the probe is injected) ---------------------------------------------------------
 
 
-def check_reachability(check: str, targets: Iterable[str], probe: Callable[[str], str | None], fix: str) -> list[Finding]:
+def check_reachability(check: str, targets: Iterable[str], probe: Callable[[str], str | None],
+                       fix: str) -> list[Finding]:
     """``probe(target)`` returns None when the target answered, else why not."""
     findings = []
     for target in targets:
         error = probe(target)
-        findings.append(Finding(check, OK if error is None else FAIL, target, error or "answered", "" if error is None else fix))
+        findings.append(Finding(check, OK if error is None else FAIL, target, error or "answered",
+                                "" if error is None else fix))
     return findings
 
 
