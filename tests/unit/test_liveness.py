@@ -211,6 +211,24 @@ def test_slow_answers_stretch_the_stall_threshold_and_it_comes_back_down() -> No
     assert state.stall_after(STALL) == STALL
 
 
+def test_an_outage_stretches_the_threshold_for_seconds_not_minutes() -> None:
+    """A heartbeat first answered 20 s after it went out (the path was being set up, or cut) is an
+    outage, not a slow answer: it counts as a delay that just reaches the cap, so prompt answers
+    bring the threshold back within ~4 s.  Taken whole, it held the threshold at its cap for ~3
+    minutes after the lab's mesh formed, and the first cuts took 1.6 s to notice instead of 0.6."""
+    state = liveness.observe(Liveness(), 0.0, 0, 0, Beats())
+    state = liveness.beat(state, 0.1)
+    state = liveness.observe(state, 20.1, 80, 80, Beats(1, 1))
+    assert state.stall_after(STALL) == liveness.MAX_STALL_AFTER
+    t, sent = 20.1, 1
+    while t < 24.1:  # 4 s of prompt answers
+        t += 0.1
+        state = liveness.beat(state, t)
+        sent += 1
+        state = liveness.observe(state, t + 0.02, 80 * sent, 80 * sent, Beats(sent, sent))
+    assert state.stall_after(STALL) == STALL
+
+
 def test_a_lost_probe_or_one_way_data_does_not_stretch_the_threshold() -> None:
     """Data nothing answers (a one-way stream, a path MTU search probe larger than the path) makes
     the peer suspect, but when a heartbeat then comes back promptly the answer delay stays that

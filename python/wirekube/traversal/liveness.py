@@ -140,8 +140,12 @@ def observe(state: Liveness, now: float, tx: int, rx: int, beats: Beats) -> Live
         # (nothing answers it) and a path MTU search probe larger than the path is lost by design,
         # so a suspicion they started says nothing about the peer's speed (taking it as a delay
         # stretched the threshold to its cap and a real cut went unnoticed for 3 s).
+        # A wait longer than it takes to reach the cap counts as just reaching it: a silence of
+        # seconds was an outage (the path being set up, a cut, the peer away), not a slow answer,
+        # and taken whole it held the threshold at its cap for minutes after the mesh formed (a 20 s
+        # wait decays at DELAY_DECAY for ~3 min), so the first cuts took 1.6 s to notice.
         if beat_since is not None:
-            answer_delay = max(answer_delay, now - beat_since)
+            answer_delay = max(answer_delay, min(now - beat_since, MAX_STALL_AFTER / DELAY_FACTOR))
         suspect_since, unanswered, beat_since = None, 0, None
     elif sent_data and suspect_since is None:
         suspect_since = now  # we sent the peer data and nothing came back yet
