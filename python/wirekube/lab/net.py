@@ -419,6 +419,8 @@ class Lab:
                 run(enter + ["sysctl", "-q", "-w"] + [f"{k}={v}" for k, v in namespace.sysctls])
             if namespace.nft:
                 run(enter + ["nft", "-f", "-"], input=namespace.nft)
+        if self.kernel_nodes:
+            logger.info("lab {}: byte-compiled the guests' sources in {:.1f} s", self.name, vm.precompile_sources())
         for node in sorted(self.kernel_nodes):  # the VM's shell: bridges to its taps
             info = self.plan.nodes[node]
             run(["ip", "-n", info.netns, "-batch", "-"],
