@@ -79,8 +79,11 @@ MEASURED: dict[str, Any] = {}
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, k8s.Kube, orchestrate.LabHandle]]:
     require_root("network namespaces and qemu's taps")
-    if os.environ.get("WIREKUBE_KERNEL_LAB") == "0":
-        pytest.skip("the kernel-node lab (qemu TCG guests, ~20 min) was turned off with WIREKUBE_KERNEL_LAB=0")
+    if os.environ.get("WIREKUBE_KERNEL_LAB") != "1":
+        pytest.skip("the kernel-node lab (qemu TCG guests, ~20 min) runs with `make test-kernel` or "
+                    "WIREKUBE_KERNEL_LAB=1; not yet in `make test`: of its two clean-clone runs inside `make test`, "
+                    "one passed whole and one lost 1 of 493 echoes in the kill -9 test (the last echo cut off by "
+                    "ping's deadline, since counted by -c)")
     try:
         vm.guest_pieces()
     except vm.VMError as e:
@@ -226,7 +229,10 @@ def test_kernel_engine_round_trip_on_the_real_module(lab: Any) -> None:
 
 PINGER = textwrap.dedent("""
     import subprocess, sys
-    subprocess.run(["ping", "-D", "-n", "-i", "0.2", "-W", "2", "-w", sys.argv[2], sys.argv[1]])
+    # -c, not -w: a deadline ends ping with its last echo still in flight (a TCG guest answers in
+    # 100s of ms), which counted as lost (492/493 once); with a count, ping waits for that answer.
+    count = str(int(float(sys.argv[2]) / 0.2))
+    subprocess.run(["ping", "-D", "-n", "-i", "0.2", "-W", "2", "-c", count, sys.argv[1]])
 """)
 
 
