@@ -16,7 +16,7 @@ images: setup  ## the agent, relay and gateway images with buildah (cached) into
 test: setup  ## everything: unit, real API server, network namespaces, chart
 	@bash ci/test.sh $(PYTEST_ARGS)
 
-test-kernel: setup  ## the lab's kernel nodes (qemu TCG guests with kernel WireGuard; ~20 min, not yet in `make test`)
+test-kernel: setup  ## only the lab's kernel nodes (qemu TCG guests with kernel WireGuard; ~20 min, part of `make test`)
 	@WIREKUBE_KERNEL_LAB=1 .venv/bin/python -m pytest -ra --durations=5 tests/integration/test_lab_kernel.py $(PYTEST_ARGS)
 
 unit: setup  ## the fast pure tests only
