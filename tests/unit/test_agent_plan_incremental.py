@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from wirekube.agent import incremental
 from wirekube.agent import plan as P
 from wirekube.agent.plan import IncrementalPlanner, LinkState, LocalFacts, Observed, PeerPath, Route, Rule
 from wirekube.agent.wg.base import WgDeviceState, WgPeerState
@@ -307,8 +308,8 @@ def test_one_change_redecides_one_peer_and_keeps_the_others_objects(monkeypatch:
     planner = IncrementalPlanner()
     before = both(peers, planner)
     calls: list[str] = []
-    real = P._local
-    monkeypatch.setattr(P, "_local", lambda p, *a: calls.append(p.name) or real(p, *a))
+    real = incremental._local
+    monkeypatch.setattr(incremental, "_local", lambda p, *a: calls.append(p.name) or real(p, *a))
     moved = replace(peers[7], spec=replace(peers[7].spec, persistent_keepalive=15))
     after = planner.plan(MESH, [ME, *peers[:7], moved, *peers[8:]], FACTS)
     assert calls == ["n7"]
