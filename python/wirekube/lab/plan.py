@@ -49,9 +49,12 @@ from wirekube.lab.topology import (
     DEFAULT_WAN_MTU,
     SERVICES_NET,
     Endpoint,
+    Host,
     IPv4,
     NatKind,
     Net4,
+    Node,
+    PrivateNetwork,
     Site,
     Topology,
 )
@@ -267,51 +270,88 @@ def relay_load_balancer_nft(topology: Topology) -> str | None:
 
 def plan_lab(topology: Topology, lab: str) -> LabPlan:
     check_lab_name(lab)
+    builder = _PlanBuilder(topology, lab)
+    for site_number, site in enumerate(topology.sites, start=1):
+        builder.add_site(site_number, site)
+    for network in topology.networks:
+        builder.add_network(network)
+    return builder.finish()
 
-    def ns(key: str) -> str:
-        return netns_name(lab, key)
-    namespaces: list[Namespace] = []
-    veths: list[Veth] = []
-    targets: dict[str, str] = {}
-    api = topology.management.api_address
 
-    # Internet.
-    inet = ns(INTERNET)
-    targets[INTERNET] = inet
-    inet_links = [_up("lo")]
-    inet_links += [f"addr add {a}/32 dev {IF_SERVICES}" for a in topology.internet.addresses]
-    inet_routes: list[str] = []
+PrivateNic = tuple[str, IPv4, Net4]
+"""A node's NIC on a private network: interface name, address, the network's CIDR."""
 
-    # Management hub.
-    mgmt = ns(MGMT)
-    mgmt_links = [_up("lo"), f"addr add {api}/32 dev {IF_API}"]
-    mgmt_routes: list[str] = []
 
-    # Nodes' private-network and pod pieces, collected while walking the sites.
-    node_private: dict[str, dict[str, tuple[str, IPv4, Net4]]] = {}
+def _private_nics(topology: Topology) -> dict[str, dict[str, PrivateNic]]:
+    """Each node's private-network NICs (``eth1``, ``eth2``... in the order of the networks), by
+    node and network name."""
+    node_private: dict[str, dict[str, PrivateNic]] = {}
     for network in topology.networks:
         for attachment in network.attachments:
             node_private.setdefault(attachment.node, {})
             index = len(node_private[attachment.node]) + 1
             node_private[attachment.node][network.name] = (
                 f"eth{index}", attachment.address, network.cidr)
+    return node_private
 
-    nodes: dict[str, NodeInfo] = {}
-    routers: dict[str, RouterInfo] = {}
-    pods: dict[str, PodInfo] = {}
-    node_number = 0
-    for site_number, site in enumerate(topology.sites, start=1):
+
+@dataclass
+class _NodeParts:
+    """What one node namespace collects while it is planned: its ``ip -batch`` lines and the
+    names of its interfaces."""
+
+    links: list[str]
+    routes: list[str]
+    interfaces: dict[str, str]
+
+
+class _PlanBuilder:
+    """Collects a :class:`LabPlan` while :func:`plan_lab` walks the topology: the internet and
+    the management hub first (their lines grow with every site and node), then each site with its
+    router, nodes and pods, then each private network with its switch and hosts.  The order of
+    every list is the order the lab creates things in."""
+
+    def __init__(self, topology: Topology, lab: str) -> None:
+        self.topology = topology
+        self.lab = lab
+        self.namespaces: list[Namespace] = []
+        self.veths: list[Veth] = []
+        self.targets: dict[str, str] = {}
+        self.nodes: dict[str, NodeInfo] = {}
+        self.routers: dict[str, RouterInfo] = {}
+        self.pods: dict[str, PodInfo] = {}
+        self.hosts: dict[str, HostInfo] = {}
+        self.api = topology.management.api_address
+        # Internet.
+        self.inet = self.ns(INTERNET)
+        self.targets[INTERNET] = self.inet
+        self.inet_links = [_up("lo")]
+        self.inet_links += [f"addr add {a}/32 dev {IF_SERVICES}" for a in topology.internet.addresses]
+        self.inet_routes: list[str] = []
+        # Management hub.
+        self.mgmt = self.ns(MGMT)
+        self.mgmt_links = [_up("lo"), f"addr add {self.api}/32 dev {IF_API}"]
+        self.mgmt_routes: list[str] = []
+        # Nodes' private-network pieces, used while walking the sites and the networks.
+        self.node_private = _private_nics(topology)
+        self.node_number = 0
+
+    def ns(self, key: str) -> str:
+        return netns_name(self.lab, key)
+
+    def add_site(self, site_number: int, site: Site) -> None:
+        """The site's WAN link to the internet, its router (bridge ``lan``, NAT rules) and its nodes."""
         wan_net = Net4(f"198.18.{site_number}.0/24")
         inet_side, router_wan = wan_net.network_address + 1, wan_net.network_address + 2
-        router = ns(site.router)
-        targets[site.router] = router
+        router = self.ns(site.router)
+        self.targets[site.router] = router
         inet_if = ifname(f"r{site_number}", site.name)
-        veths.append(Veth(inet, inet_if, router, IF_WAN))
-        inet_links += [f"addr add {inet_side}/24 dev {inet_if}", _up(inet_if)]
+        self.veths.append(Veth(self.inet, inet_if, router, IF_WAN))
+        self.inet_links += [f"addr add {inet_side}/24 dev {inet_if}", _up(inet_if)]
         if site.wan_mtu != DEFAULT_WAN_MTU and not site.block_icmp:
-            inet_links.append(f"link set dev {inet_if} mtu {site.wan_mtu}")
+            self.inet_links.append(f"link set dev {inet_if} mtu {site.wan_mtu}")
         if site.nat is NatKind.NONE:
-            inet_routes.append(f"route add {site.lan} via {router_wan} dev {inet_if}")
+            self.inet_routes.append(f"route add {site.lan} via {router_wan} dev {inet_if}")
         router_links = [
             _up("lo"),
             f"link add name {IF_LAN_BRIDGE} type bridge",
@@ -321,124 +361,125 @@ def plan_lab(topology: Topology, lab: str) -> LabPlan:
             _up(IF_WAN),
             _up(IF_LAN_BRIDGE),
         ]
-        routers[site.name] = RouterInfo(site.router, site.name, site.nat, router, router_wan,
-                                        site.gateway, site.lan)
-
+        self.routers[site.name] = RouterInfo(site.router, site.name, site.nat, router, router_wan,
+                                             site.gateway, site.lan)
         for index_in_site, node in enumerate(site.nodes):
-            node_ns = ns(node.name)
-            targets[node.name] = node_ns
-            mgmt_ip = topology.management.cidr.network_address + 10 + node_number
             port = ifname(f"n{index_in_site}", node.name)
-            veths.append(Veth(node_ns, IF_NODE_LAN, router, port))
             router_links += [f"link set dev {port} master {IF_LAN_BRIDGE}", _up(port)]
-            hub_port = ifname(f"m{node_number}", node.name)
-            veths.append(Veth(node_ns, IF_MGMT, mgmt, hub_port))
-            mgmt_links.append(_up(hub_port))
-            mgmt_routes.append(f"route add {mgmt_ip}/32 dev {hub_port} src {api}")
-            node_number += 1
-
-            links = [
-                _up("lo"),
-                f"addr add {node.address}/{site.lan.prefixlen} dev {IF_NODE_LAN}",
-                _up(IF_NODE_LAN),
-                f"addr add {mgmt_ip}/32 peer {api}/32 dev {IF_MGMT}",
-                _up(IF_MGMT),
-            ]
-            routes = [f"route add default via {site.gateway} dev {IF_NODE_LAN}"]
-            interfaces = {"lan": IF_NODE_LAN, "mgmt": IF_MGMT}
-            private: dict[str, IPv4] = {}
-            for net_name, (dev, address, cidr) in node_private.get(node.name, {}).items():
-                links += [f"addr add {address}/{cidr.prefixlen} dev {dev}", _up(dev)]
-                interfaces[net_name] = dev
-                private[net_name] = address
-            node_pods: list[PodInfo] = []
-            if node.pods:
-                assert node.pod_cidr is not None
-                pod_gw = node.pod_cidr.network_address + 1
-                for k in range(node.pods):
-                    pod_name = f"{node.name}.pod{k}"
-                    pod_ns = ns(pod_name)
-                    targets[pod_name] = pod_ns
-                    pod_ip = node.pod_cidr.network_address + 2 + k
-                    dev = f"pod{k}"
-                    veths.append(Veth(node_ns, dev, pod_ns, "eth0"))
-                    links += [f"addr add {pod_gw}/32 dev {dev}", _up(dev)]
-                    routes.append(f"route add {pod_ip}/32 dev {dev} src {pod_gw}")
-                    interfaces[pod_name] = dev
-                    pod = PodInfo(pod_name, node.name, pod_ns, pod_ip)
-                    pods[pod_name] = pod
-                    node_pods.append(pod)
-                    namespaces.append(Namespace(
-                        key=pod_name,
-                        netns=pod_ns,
-                        role="pod",
-                        links=(_up("lo"), f"addr add {pod_ip}/32 dev eth0", _up("eth0")),
-                        routes=(f"route add {pod_gw}/32 dev eth0 scope link",
-                                f"route add default via {pod_gw} dev eth0 onlink"),
-                        sysctls=_QUIET_SYSCTLS,
-                    ))
-            forwarding = (("net.ipv4.ip_forward", "1" if node.pods else "0"),)
-            namespaces.append(Namespace(
-                key=node.name,
-                netns=node_ns,
-                role="node",
-                links=tuple(links),
-                routes=tuple(routes),
-                sysctls=_QUIET_SYSCTLS + _NODE_SYSCTLS + forwarding,
-            ))
-            nodes[node.name] = NodeInfo(
-                name=node.name,
-                site=site.name,
-                nat=site.nat,
-                netns=node_ns,
-                lan_ip=node.address,
-                lan=site.lan,
-                lan_gateway=site.gateway,
-                public_ip=node.address if site.nat is NatKind.NONE else router_wan,
-                mgmt_ip=mgmt_ip,
-                private=private,
-                interfaces=interfaces,
-                pod_cidr=node.pod_cidr,
-                pods=tuple(node_pods),
-            )
-        namespaces.append(Namespace(
+            self.add_node(site, node, (router, port), router_wan)
+        self.namespaces.append(Namespace(
             key=site.router,
             netns=router,
             role="router",
             links=tuple(router_links),
             routes=(f"route add default via {inet_side} dev {IF_WAN}",),
             sysctls=_QUIET_SYSCTLS + _ROUTER_SYSCTLS,
-            nft=nat.router_ruleset(site.nat, IF_WAN, proxy=_proxy_of(topology, site)) + nat.path_ruleset(
+            nft=nat.router_ruleset(site.nat, IF_WAN, proxy=_proxy_of(self.topology, site)) + nat.path_ruleset(
                 drop_fragments=site.drop_fragments, block_icmp=site.block_icmp, wan=IF_WAN),
         ))
 
-    # Private networks: a switch namespace each, hosts behind it.
-    hosts: dict[str, HostInfo] = {}
-    for network in topology.networks:
-        switch = ns(f"_net-{network.name}")
+    def add_node(self, site: Site, node: Node, router_port: tuple[str, str], router_wan: IPv4) -> None:
+        """A node: its LAN veth to the router's bridge port ``router_port`` (namespace, ifname),
+        its point-to-point link to the management hub, its private-network NICs and its pods."""
+        node_ns = self.ns(node.name)
+        self.targets[node.name] = node_ns
+        mgmt_ip = self.topology.management.cidr.network_address + 10 + self.node_number
+        self.veths.append(Veth(node_ns, IF_NODE_LAN, *router_port))
+        hub_port = ifname(f"m{self.node_number}", node.name)
+        self.veths.append(Veth(node_ns, IF_MGMT, self.mgmt, hub_port))
+        self.mgmt_links.append(_up(hub_port))
+        self.mgmt_routes.append(f"route add {mgmt_ip}/32 dev {hub_port} src {self.api}")
+        self.node_number += 1
+
+        parts = _NodeParts(
+            links=[
+                _up("lo"),
+                f"addr add {node.address}/{site.lan.prefixlen} dev {IF_NODE_LAN}",
+                _up(IF_NODE_LAN),
+                f"addr add {mgmt_ip}/32 peer {self.api}/32 dev {IF_MGMT}",
+                _up(IF_MGMT),
+            ],
+            routes=[f"route add default via {site.gateway} dev {IF_NODE_LAN}"],
+            interfaces={"lan": IF_NODE_LAN, "mgmt": IF_MGMT},
+        )
+        private: dict[str, IPv4] = {}
+        for net_name, (dev, address, cidr) in self.node_private.get(node.name, {}).items():
+            parts.links += [f"addr add {address}/{cidr.prefixlen} dev {dev}", _up(dev)]
+            parts.interfaces[net_name] = dev
+            private[net_name] = address
+        node_pods = self.add_pods(node, node_ns, parts)
+        forwarding = (("net.ipv4.ip_forward", "1" if node.pods else "0"),)
+        self.namespaces.append(Namespace(
+            key=node.name,
+            netns=node_ns,
+            role="node",
+            links=tuple(parts.links),
+            routes=tuple(parts.routes),
+            sysctls=_QUIET_SYSCTLS + _NODE_SYSCTLS + forwarding,
+        ))
+        self.nodes[node.name] = NodeInfo(
+            name=node.name,
+            site=site.name,
+            nat=site.nat,
+            netns=node_ns,
+            lan_ip=node.address,
+            lan=site.lan,
+            lan_gateway=site.gateway,
+            public_ip=node.address if site.nat is NatKind.NONE else router_wan,
+            mgmt_ip=mgmt_ip,
+            private=private,
+            interfaces=parts.interfaces,
+            pod_cidr=node.pod_cidr,
+            pods=tuple(node_pods),
+        )
+
+    def add_pods(self, node: Node, node_ns: str, parts: _NodeParts) -> list[PodInfo]:
+        """The pod namespaces behind a node, each on a ``pod<k>`` veth whose node end holds the
+        pod CIDR's first address; the node's lines for them go to ``parts``."""
+        node_pods: list[PodInfo] = []
+        if not node.pods:
+            return node_pods
+        assert node.pod_cidr is not None
+        pod_gw = node.pod_cidr.network_address + 1
+        for k in range(node.pods):
+            pod_name = f"{node.name}.pod{k}"
+            pod_ns = self.ns(pod_name)
+            self.targets[pod_name] = pod_ns
+            pod_ip = node.pod_cidr.network_address + 2 + k
+            dev = f"pod{k}"
+            self.veths.append(Veth(node_ns, dev, pod_ns, "eth0"))
+            parts.links += [f"addr add {pod_gw}/32 dev {dev}", _up(dev)]
+            parts.routes.append(f"route add {pod_ip}/32 dev {dev} src {pod_gw}")
+            parts.interfaces[pod_name] = dev
+            pod = PodInfo(pod_name, node.name, pod_ns, pod_ip)
+            self.pods[pod_name] = pod
+            node_pods.append(pod)
+            self.namespaces.append(Namespace(
+                key=pod_name,
+                netns=pod_ns,
+                role="pod",
+                links=(_up("lo"), f"addr add {pod_ip}/32 dev eth0", _up("eth0")),
+                routes=(f"route add {pod_gw}/32 dev eth0 scope link",
+                        f"route add default via {pod_gw} dev eth0 onlink"),
+                sysctls=_QUIET_SYSCTLS,
+            ))
+        return node_pods
+
+    def add_network(self, network: PrivateNetwork) -> None:
+        """A private network: a switch namespace (bridge ``br0``), the attached nodes' NICs and
+        the plain hosts behind it."""
+        switch = self.ns(f"_net-{network.name}")
         switch_links = [_up("lo"), f"link add name {IF_SWITCH} type bridge", _up(IF_SWITCH)]
         for number, attachment in enumerate(network.attachments):
             port = ifname(f"n{number}", attachment.node)
-            dev = node_private[attachment.node][network.name][0]
-            veths.append(Veth(ns(attachment.node), dev, switch, port))
+            dev = self.node_private[attachment.node][network.name][0]
+            self.veths.append(Veth(self.ns(attachment.node), dev, switch, port))
             switch_links += [f"link set dev {port} master {IF_SWITCH}", _up(port)]
         for number, host in enumerate(network.hosts):
-            host_ns = ns(host.name)
-            targets[host.name] = host_ns
             port = ifname(f"h{number}", host.name)
-            veths.append(Veth(host_ns, "eth0", switch, port))
             switch_links += [f"link set dev {port} master {IF_SWITCH}", _up(port)]
-            namespaces.append(Namespace(
-                key=host.name,
-                netns=host_ns,
-                role="host",
-                links=(_up("lo"), f"addr add {host.address}/{network.cidr.prefixlen} dev eth0",
-                       _up("eth0")),
-                routes=tuple(f"route add {r.to} via {r.via} dev eth0" for r in host.routes),
-                sysctls=_QUIET_SYSCTLS + (("net.ipv4.ip_forward", "0"),),
-            ))
-            hosts[host.name] = HostInfo(host.name, network.name, host_ns, host.address)
-        namespaces.append(Namespace(
+            self.add_host(network, host, (switch, port))
+        self.namespaces.append(Namespace(
             key=f"_net-{network.name}",
             netns=switch,
             role="switch",
@@ -447,35 +488,58 @@ def plan_lab(topology: Topology, lab: str) -> LabPlan:
             sysctls=_QUIET_SYSCTLS + (("net.ipv4.ip_forward", "0"),),
         ))
 
-    namespaces.insert(0, Namespace(
-        key=INTERNET,
-        netns=inet,
-        role="internet",
-        links=tuple(inet_links),
-        routes=tuple(inet_routes),
-        sysctls=_QUIET_SYSCTLS + _ROUTER_SYSCTLS,
-        nft=relay_load_balancer_nft(topology),
-    ))
-    namespaces.insert(1, Namespace(
-        key=MGMT,
-        netns=mgmt,
-        role="mgmt",
-        links=tuple(mgmt_links),
-        routes=tuple(mgmt_routes),
-        sysctls=_QUIET_SYSCTLS + (("net.ipv4.ip_forward", "0"),),
-    ))
-    assert all(a in SERVICES_NET for a in topology.internet.addresses)
-    return LabPlan(
-        lab=lab,
-        topology=topology,
-        namespaces=tuple(namespaces),
-        veths=tuple(veths),
-        nodes=nodes,
-        routers=routers,
-        hosts=hosts,
-        pods=pods,
-        relay=topology.internet.relay,
-        stun=topology.internet.stun,
-        api_address=api,
-        targets=targets,
-    )
+    def add_host(self, network: PrivateNetwork, host: Host, switch_port: tuple[str, str]) -> None:
+        """A plain host on a private network, on a veth to the switch port ``switch_port``
+        (namespace, ifname), with the routes the topology gives it."""
+        host_ns = self.ns(host.name)
+        self.targets[host.name] = host_ns
+        self.veths.append(Veth(host_ns, "eth0", *switch_port))
+        self.namespaces.append(Namespace(
+            key=host.name,
+            netns=host_ns,
+            role="host",
+            links=(_up("lo"), f"addr add {host.address}/{network.cidr.prefixlen} dev eth0",
+                   _up("eth0")),
+            routes=tuple(f"route add {r.to} via {r.via} dev eth0" for r in host.routes),
+            sysctls=_QUIET_SYSCTLS + (("net.ipv4.ip_forward", "0"),),
+        ))
+        self.hosts[host.name] = HostInfo(host.name, network.name, host_ns, host.address)
+
+    def finish(self) -> LabPlan:
+        """The plan, with the internet and the management hub first among the namespaces."""
+        topology = self.topology
+        namespaces = [
+            Namespace(
+                key=INTERNET,
+                netns=self.inet,
+                role="internet",
+                links=tuple(self.inet_links),
+                routes=tuple(self.inet_routes),
+                sysctls=_QUIET_SYSCTLS + _ROUTER_SYSCTLS,
+                nft=relay_load_balancer_nft(topology),
+            ),
+            Namespace(
+                key=MGMT,
+                netns=self.mgmt,
+                role="mgmt",
+                links=tuple(self.mgmt_links),
+                routes=tuple(self.mgmt_routes),
+                sysctls=_QUIET_SYSCTLS + (("net.ipv4.ip_forward", "0"),),
+            ),
+            *self.namespaces,
+        ]
+        assert all(a in SERVICES_NET for a in topology.internet.addresses)
+        return LabPlan(
+            lab=self.lab,
+            topology=topology,
+            namespaces=tuple(namespaces),
+            veths=tuple(self.veths),
+            nodes=self.nodes,
+            routers=self.routers,
+            hosts=self.hosts,
+            pods=self.pods,
+            relay=topology.internet.relay,
+            stun=topology.internet.stun,
+            api_address=self.api,
+            targets=self.targets,
+        )
