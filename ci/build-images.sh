@@ -70,7 +70,7 @@ base_id=$("${BUILDAH[@]}" inspect --type image --format '{{.FromImageID}}' "$BAS
 
 # -- 2. the three images ---------------------------------------------------------------------------
 # The hash of what a build reads: its Dockerfile, the files COPY python/ takes (honouring
-# .dockerignore's exclusions: caches, build output, egg-info), and the base image.
+# .dockerignore's exclusions: caches, build output, egg-info, the lab), and the base image.
 inputs_hash() {  # image
   python3 - "$1" "$base_id" <<'PY'
 import hashlib, os, sys
@@ -80,7 +80,8 @@ h.update(open(f"images/{image}/Dockerfile", "rb").read())
 skip_dirs = {"__pycache__", ".mypy_cache", ".pytest_cache", ".hypothesis"}
 for top, dirs, files in os.walk("python"):
     dirs[:] = sorted(d for d in dirs if d not in skip_dirs and not d.endswith(".egg-info")
-                     and not (top == "python" and d in ("build", "dist")))
+                     and not (top == "python" and d in ("build", "dist"))
+                     and not (top == os.path.join("python", "wirekube") and d == "lab"))
     for f in sorted(files):
         if f.endswith((".pyc", ".pyo")):
             continue

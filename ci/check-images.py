@@ -2,7 +2,8 @@
 """Build the wheel and check that the three Dockerfiles install it correctly.
 
 Static checks of the Dockerfiles (always):
-  - the wheel builds from python/ and declares every console script an image runs;
+  - the wheel builds from python/ and declares every console script an image runs, and holds
+    neither the development lab (wirekube.lab) nor its wirekube-lab command;
   - each Dockerfile pins its base image to an exact version (no :latest, no bare major tag; a
     FROM ${BASE} counts with the ARG's default, which ci/build-images.sh overrides here),
     builds the wheel from python/ in a first stage and installs only that wheel;
@@ -19,7 +20,8 @@ With --built, also the images `make images` built (ci/build-images.sh; their ref
   - relay and gateway run as a non-root user, and nothing the chart's securityContext needs to
     write (read-only root filesystem; the paths the chart mounts) is missing or root-owned-only;
   - no build secret leaked into a layer (the CA bundle and pip.conf ci/build-images.sh mounts);
-  - the agent image has wireguard-go, wg, ip and nft on PATH.
+  - the agent image has wireguard-go, wg, ip and nft on PATH;
+  - wirekube imports in each image and wirekube.lab does not.
 Exit status 1 with one line per problem.
 """
 
@@ -30,6 +32,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,6 +44,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = {"agent": "wirekube-agent", "relay": "wirekube-relay", "gateway": "wirekube-gateway"}
 EXTRAS = {"gateway": ("aws",)}
+LAB_PACKAGE, LAB_SCRIPT = "wirekube/lab", "wirekube-lab"
 PINNED_FROM = re.compile(r"^FROM\s+\S+:\d+\.\d+\.\d+[^\s]*(\s+AS\s+\S+)?$", re.IGNORECASE)
 ARG_DEFAULT = re.compile(r"^ARG\s+([A-Za-z_][A-Za-z0-9_]*)=(\S+)$", re.IGNORECASE)
 
@@ -56,18 +60,37 @@ def resolve_args(lines: list[str]) -> list[str]:
     return out
 
 
-def wheel_scripts() -> set[str]:
+def build_wheel() -> tuple[set[str], list[str]]:
+    """The wheel python/ builds: its console scripts and the files it holds.
+
+    Built from a copy of python/ without what .dockerignore keeps out of an image build (a checkout's
+    build/ holds the previous builds' files, which setuptools would otherwise pack again)."""
     with tempfile.TemporaryDirectory() as out:
+        src = Path(out) / "python"
+        shutil.copytree(ROOT / "python", src, ignore=shutil.ignore_patterns(
+            "build", "dist", "*.egg-info", "__pycache__", "*.pyc", ".mypy_cache", ".pytest_cache", ".hypothesis"))
         subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", out, str(ROOT / "python")],
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", out, str(src)],
             check=True,
         )
         wheel = next(Path(out).glob("wirekube-*.whl"))
         with zipfile.ZipFile(wheel) as zf:
-            name = next(n for n in zf.namelist() if n.endswith(".dist-info/entry_points.txt"))
+            files = zf.namelist()
+            name = next(n for n in files if n.endswith(".dist-info/entry_points.txt"))
             parser = configparser.ConfigParser()
             parser.read_string(zf.read(name).decode())
-    return set(parser["console_scripts"]) if parser.has_section("console_scripts") else set()
+    return (set(parser["console_scripts"]) if parser.has_section("console_scripts") else set()), files
+
+
+def check_wheel_has_no_lab(scripts: set[str], files: list[str]) -> list[str]:
+    """The lab (network namespaces, qemu guests, a test API server) is a development tool: the wheel
+    the images install must carry neither its package nor its command."""
+    problems = [f"the wheel holds the lab: {name}" for name in files if name.startswith(LAB_PACKAGE + "/")]
+    if LAB_SCRIPT in scripts:
+        problems.append(f"the wheel declares the lab's console script {LAB_SCRIPT}")
+    if not any(name.startswith("wirekube/agent/") for name in files):
+        problems.append("the wheel holds no wirekube/agent/ (is the package list right?)")
+    return problems
 
 
 def pyproject_extras() -> set[str]:
@@ -203,6 +226,10 @@ def check_built(image: str, ref: str) -> list[str]:
         host_ca = Path(os.environ.get("WIREKUBE_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt"))
         if (mnt / PIP_CA).exists() and host_ca.exists() and (mnt / PIP_CA).read_bytes() == host_ca.read_bytes():
             problems.append(f"{ref}: /{PIP_CA} is the build host's CA bundle (a build-time mount was committed)")
+        lab = run_in_root(mnt, user, env, ["python3", "-c", "import wirekube.agent, wirekube.lab"])
+        if lab.returncode == 0 or "No module named 'wirekube.lab'" not in lab.stderr:
+            problems.append(f"{ref}: wirekube.lab is importable or wirekube is not (the lab must not ship): "
+                            f"{(lab.stderr.strip().splitlines() or ['exit 0'])[-1]}")
         if image == "agent":
             for tool in AGENT_TOOLS:
                 if run_in_root(mnt, user, env, ["/bin/sh", "-c", f"command -v {tool}"]).returncode != 0:
@@ -221,8 +248,9 @@ def check_all_built() -> list[str]:
 
 
 def main() -> int:
-    scripts = wheel_scripts()
-    problems = [p for image, ep in IMAGES.items() for p in check_dockerfile(image, ep, scripts)]
+    scripts, files = build_wheel()
+    problems = check_wheel_has_no_lab(scripts, files)
+    problems += [p for image, ep in IMAGES.items() for p in check_dockerfile(image, ep, scripts)]
     built = "--built" in sys.argv[1:]
     if built:
         problems += check_all_built()

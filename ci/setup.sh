@@ -65,6 +65,10 @@ if [[ ! -f $stamp || python/pyproject.toml -nt $stamp ]]; then
   .venv/bin/pip install -q --disable-pip-version-check -e "python[aws,test,bench]"
   touch "$stamp"
 fi
+# The lab is a tool of this checkout, not part of the wheel (so no image carries it): its command
+# runs the checkout's wirekube.lab with the venv's Python.
+printf '#!/bin/sh\n# wirekube-lab: the development lab of this checkout (see README); written by ci/setup.sh\nexec "$(dirname "$0")/python" -m wirekube.lab "$@"\n' > .venv/bin/wirekube-lab
+chmod 0755 .venv/bin/wirekube-lab
 say 5 "guest kernel and initramfs for lab kernel nodes (Debian packages, cached in $CACHE/vm)"
 bash ci/build-vm.sh
 

@@ -47,3 +47,18 @@ def test_a_base_given_by_arg_is_checked_with_its_default() -> None:
         "FROM python:3.11.14-slim-bookworm AS wheel", "FROM python:3.11.14-slim-bookworm"]
     loose = mod.resolve_args(["ARG BASE=python:3.11", "FROM ${BASE}"])
     assert not mod.PINNED_FROM.match(loose[1])
+
+
+def test_a_wheel_with_the_lab_in_it_is_refused() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_images", ROOT / "ci" / "check-images.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    clean = ["wirekube/__init__.py", "wirekube/agent/main.py", "wirekube-0.1.0.dist-info/RECORD"]
+    assert mod.check_wheel_has_no_lab({"wirekube-agent"}, clean) == []
+    problems = mod.check_wheel_has_no_lab({"wirekube-agent", "wirekube-lab"}, [*clean, "wirekube/lab/net.py"])
+    assert problems == ["the wheel holds the lab: wirekube/lab/net.py",
+                        "the wheel declares the lab's console script wirekube-lab"]
+    assert "no wirekube/agent/" in mod.check_wheel_has_no_lab(set(), ["wirekube/__init__.py"])[0]
