@@ -65,12 +65,7 @@ def plan(
     dropped: list[Dropped] = []
 
     others = _valid_identities(ordered, node, mesh, own_ip, skipped)
-    mesh_ips = _MeshIps()
-    for rank, p in enumerate(others):
-        if (ip := _mesh_ip(p, mesh)) is not None:
-            mesh_ips.add(ip, p.name, rank)
-    # This node's own mesh IP is not indexed: an entry containing it is refused before the index
-    # is consulted (_claim_reason), so it could never be the answer.
+    mesh_ips = _mesh_ip_index(others, mesh)
 
     configs: dict[str, WgPeerConfig] = {}
     names: dict[str, str] = {}
@@ -86,12 +81,12 @@ def plan(
             continue
         entries = _accepted_entries(peer, mesh, node, taken, dropped)
         taken.update(entries)
-        cfg = _peer_config(peer, entries, paths.get(peer.name, _NO_PATH))
+        path = paths.get(peer.name, _NO_PATH)
+        cfg = _peer_config(peer, entries, path)
         configs[cfg.public_key] = cfg
         names[cfg.public_key] = peer.name
-        if paths.get(peer.name, _NO_PATH).endpoint is not None:
+        if path.endpoint is not None:
             forced.add(cfg.public_key)
-        path = paths.get(peer.name, _NO_PATH)
         routes.update(route_for(net, spec.interface_name, path, spec.mtu) for net in entries)
 
     return Desired(
@@ -214,6 +209,19 @@ class _MeshIps:
             if best is None or hit[0] < best[0]:  # type: ignore[operator]
                 best = hit
         return (best[2], best[1]) if best is not None else None
+
+
+def _mesh_ip_index(others: Sequence[Peer], mesh: Mesh) -> _MeshIps:
+    """The mesh IPs of ``others`` (valid identities, oldest first: the rank is the position).
+
+    This node's own mesh IP is not indexed: an entry containing it is refused before the index
+    is consulted (_claim_reason), so it could never be the answer.
+    """
+    mesh_ips = _MeshIps()
+    for rank, p in enumerate(others):
+        if (ip := _mesh_ip(p, mesh)) is not None:
+            mesh_ips.add(ip, p.name, rank)
+    return mesh_ips
 
 
 def _valid_identities(
