@@ -3,7 +3,9 @@
 - :class:`KubeSource`: the API server (informers on WireKubeMesh and WireKubePeer, and on the
   WireKubePairSignals addressed to this node; registration of the node's own peer; status, the
   node's WireKubeNodeReport, the signals it sends, and Events).  It keeps its last view while the API server is
-  unreachable (informers reconnect with backoff), so the dataplane keeps its last state.
+  unreachable (informers reconnect with backoff), so the dataplane keeps its last state.  The
+  report, the pair signals and the Events are written by its collaborators in
+  :mod:`wirekube.agent.publishing`.
 - :class:`FileSource`: a YAML/JSON file holding ``mesh`` (a WireKubeMesh object) and ``peers``
   (WireKubePeer objects), re-read when it changes.  For standalone use and dataplane tests.
 
@@ -24,6 +26,7 @@ from loguru import logger
 
 from wirekube.agent.gateway import augment_peers, parse_gateways
 from wirekube.agent.plan import Skipped
+from wirekube.agent.publishing import PeerEvents, SplitPublisher
 from wirekube.agent.reconcile import Snapshot
 from wirekube.agent.registration import (
     NodeInfo,
@@ -36,8 +39,6 @@ from wirekube.authority import Refusal, grants_by_node, merge_grants
 from wirekube.errors import AlreadyExists, ApiError, InvalidObject, NotFound
 from wirekube.gateway.contract import client_allowed_ips
 from wirekube.models import (
-    LABEL_NODE,
-    LABEL_SIGNAL_FROM,
     LABEL_SIGNAL_TO,
     MESH_SINGLETON,
     PAIR_FIELDS,
@@ -47,21 +48,14 @@ from wirekube.models import (
     PeerStatus,
     mesh_from_cr,
     overlay_report,
-    pair_signal_body,
     pair_signal_from_cr,
     pair_signal_name,
-    pair_signal_specs,
     peer_facts_to_cr,
     peer_from_cr,
     peer_status_to_cr,
-    report_status_to_cr,
     route_grant_from_cr,
     with_signal,
 )
-
-SPLIT_RECHECK_SECONDS = 300.0
-"""Without the WireKubeNodeReport / WireKubePairSignal CRDs (a chart from before issue 20) the
-agent publishes the v1alpha1 way (everything on its WireKubePeer) and looks again this often."""
 
 
 def parse_peers(
@@ -188,17 +182,8 @@ class KubeSource:
         self.signals = k8s.Informer(kube, k8s.PAIR_SIGNALS, on_event=self._event,
                                     label_selector=f"{LABEL_SIGNAL_TO}={node_name}")
         self._signals_memo: tuple[str, dict[str, PairSignal]] | None = None
-        self._report: dict[str, Any] | None = None
-        """The node's WireKubeNodeReport status as last read or written (None: not read yet)."""
-        self._report_read = False
-        self._sent: dict[str, dict[str, Any]] | None = None
-        """Specs of the pair signals this node has sent, by addressee (None: not listed yet)."""
-        self._legacy_since: float | None = None
-        """When the split CRDs were last found missing (then everything goes on the WireKubePeer)."""
         self.on_gateway_change: Callable[[], None] = lambda: None
         """Also told when a WireKubeGateway changes (the gateway agent's wake-up)."""
-        self._reported: dict[str, str] = {}
-        self._refusals_reported: set[Refusal] = set()
         self._grants_missing_logged = False
         self._grants_memo: tuple[str, dict[str, tuple[IPNetwork, ...]]] | None = None
         """Grants by node with the informer's resourceVersion they were built at."""
@@ -206,6 +191,8 @@ class KubeSource:
         """Parsed peers by name, with the resourceVersion they were parsed from."""
         self._parse_lock = threading.Lock()
         self._log = logger.bind(component="kube-source", node=node_name)
+        self._split = SplitPublisher(kube, node_name, self._log, on_change, lambda: len(self.peers.cache))
+        self._events = PeerEvents(kube, node_name, self._log, self.peers)
 
     def start(self) -> KubeSource:
         self.peers.start()
@@ -277,7 +264,7 @@ class KubeSource:
         status.birthday[<this node>], where traversal reads them), and this node's own peer with
         the path MTUs of its report (``--once`` keeps them)."""
         incoming = self._incoming_signals()
-        own_mtus = (self._read_report() or {}).get("pathMTU") or {}
+        own_mtus = (self._split.read_report() or {}).get("pathMTU") or {}
         if not incoming and not own_mtus:
             return peers
         out = []
@@ -393,8 +380,8 @@ class KubeSource:
         obj = self.peers.cache.get(self.node_name)
         if obj is None:
             return PeerStatus()
-        if not self._legacy():
-            conditions = (self._read_report() or {}).get("conditions")
+        if not self._split.legacy():
+            conditions = (self._split.read_report() or {}).get("conditions")
             if conditions:
                 obj = overlay_report(obj, {"status": {"conditions": conditions}})
         try:
@@ -402,23 +389,13 @@ class KubeSource:
         except InvalidObject:
             return PeerStatus()
 
-    def _read_report(self) -> dict[str, Any] | None:
-        """The report as stored, read once per process (the writes keep ``_report`` current)."""
-        if self._report is None and not self._report_read:
-            self._report_read = True
-            try:
-                self._report = dict(self.kube.get(self._k8s.NODE_REPORTS, self.node_name).get("status") or {})
-            except ApiError:
-                pass  # none yet (or not served): the first publish creates it
-        return self._report
-
     def publish(self, status: PeerStatus, skipped: Sequence[Skipped]) -> None:
         """Write what changed, each part where its readers are (issue 20): per-node facts on the
         WireKubePeer, this node's view of each pair on its WireKubeNodeReport, observed endpoints
         and birthday rounds as pair signals. Nothing is written when nothing a reader needs
         changed (a later handshake time alone is not a change)."""
         obj = self.peers.cache.get(self.node_name)
-        legacy = self._legacy()
+        legacy = self._split.legacy()
         if obj is not None:
             current = obj.get("status") or {}
             if legacy:
@@ -438,122 +415,9 @@ class KubeSource:
                 except ApiError as e:
                     self._log.warning("cannot write own status: {}", e)
         if obj is not None and not legacy:
-            try:
-                try:
-                    self._publish_report(status)
-                    self._publish_signals(status)
-                except NotFound:  # deleted behind our back, or the CRDs are not served: read again
-                    self._report, self._sent = None, None
-                    self._publish_report(status)
-                    self._publish_signals(status)
-            except NotFound:
-                self._go_legacy()
-            except ApiError as e:
-                self._log.warning("cannot write own report or pair signals: {}", e)
-        self._report_skipped(skipped)
-
-    # ------------------------------------------------------------------ report and pair signals
-
-    def _legacy(self) -> bool:
-        if self._legacy_since is None:
-            return False
-        if time.monotonic() - self._legacy_since < SPLIT_RECHECK_SECONDS:
-            return True
-        self._legacy_since = None  # look again: the CRDs may have been installed since
-        self._report, self._sent = None, None
-        return False
-
-    def _go_legacy(self) -> None:
-        self._log.error("WireKubeNodeReport / WireKubePairSignal are not served (install the chart's CRDs): "
-                        "publishing every pair on the WireKubePeer, as v1alpha1 agents do")
-        self._legacy_since = time.monotonic()
-        self._on_change()  # the next pass writes the full status
-
-    def _publish_report(self, status: PeerStatus) -> None:
-        wanted = report_status_to_cr(status)
-        if self._report is None:
-            try:
-                self._report = dict(self.kube.get(self._k8s.NODE_REPORTS, self.node_name).get("status") or {})
-            except NotFound:
-                self.kube.create(self._k8s.NODE_REPORTS, {
-                    "apiVersion": "wirekube.io/v1alpha1", "kind": "WireKubeNodeReport",
-                    "metadata": {"name": self.node_name, "labels": {LABEL_NODE: self.node_name}}})
-                self._report = {}
-        current = self._report
-        # A handshake time advances by itself, and a symmetric NAT's port step varies from one STUN
-        # round to the next: both are written with the next real change, never alone.
-        if all(current.get(k) == v for k, v in wanted.items() if k not in ("lastHandshake", "natPortStep")):
-            return
-        patch: dict[str, Any] = dict(wanted)
-        for k, v in wanted.items():
-            old = current.get(k)
-            if isinstance(v, dict) and isinstance(old, dict):
-                patch[k] = {**{gone: None for gone in old if gone not in v}, **v}
-        for k in current:
-            if k not in wanted:
-                patch[k] = None
-        written = self.kube.patch_status(self._k8s.NODE_REPORTS, self.node_name, {"status": patch})
-        self._report = dict(written.get("status") or {})
-
-    def _publish_signals(self, status: PeerStatus) -> None:
-        wanted = pair_signal_specs(status, self.node_name, len(self.peers.cache))
-        if self._sent is None:
-            mine, _ = self.kube.list(self._k8s.PAIR_SIGNALS, label_selector=f"{LABEL_SIGNAL_FROM}={self.node_name}")
-            self._sent = {}
-            for obj in mine:
-                to = ((obj.get("metadata") or {}).get("labels") or {}).get(LABEL_SIGNAL_TO, "")
-                self._sent[to] = dict(obj.get("spec") or {})
-        sent = self._sent
-        for to, spec in wanted.items():
-            if sent.get(to) == spec:
-                continue
-            if to in sent:
-                try:
-                    self.kube.patch_merge(self._k8s.PAIR_SIGNALS, pair_signal_name(self.node_name, to),
-                                          {"spec": {k: spec.get(k) for k in ("observedEndpoint", "birthday")}})
-                except NotFound:
-                    self.kube.create(self._k8s.PAIR_SIGNALS, pair_signal_body(self.node_name, to, spec))
-            else:
-                try:
-                    self.kube.create(self._k8s.PAIR_SIGNALS, pair_signal_body(self.node_name, to, spec))
-                except AlreadyExists:
-                    self.kube.patch_merge(self._k8s.PAIR_SIGNALS, pair_signal_name(self.node_name, to),
-                                          {"spec": {k: spec.get(k) for k in ("observedEndpoint", "birthday")}})
-            sent[to] = spec
-        for to in sorted(set(sent) - set(wanted)):
-            try:
-                self.kube.delete(self._k8s.PAIR_SIGNALS, pair_signal_name(self.node_name, to))
-            except NotFound:
-                pass
-            del sent[to]
-
-    def _report_skipped(self, skipped: Sequence[Skipped]) -> None:
-        current = {s.peer: s.reason for s in skipped}
-        for name, reason in current.items():
-            if self._reported.get(name) == reason:
-                continue
-            regarding = self.peers.cache.get(name) or {"metadata": {"name": name}}
-            regarding = {"apiVersion": "wirekube.io/v1alpha1", "kind": "WireKubePeer", **regarding}
-            self.kube.emit_event(
-                regarding,
-                "PeerSkipped",
-                f"node {self.node_name} skips peer {name}: {reason}",
-                type_="Warning",
-                component="agent",
-            )
-        self._reported = current
+            self._split.publish(status)
+        self._events.skipped(skipped)
 
     def report_refusals(self, refusals: Sequence[Refusal]) -> None:
         """One Warning Event per newly refused claim, on the peer that made it."""
-        current = set(refusals)
-        for r in sorted(current - self._refusals_reported, key=lambda r: (r.peer, str(r.entry))):
-            regarding = self.peers.cache.get(r.peer) or {"metadata": {"name": r.peer}}
-            regarding = {"apiVersion": "wirekube.io/v1alpha1", "kind": "WireKubePeer", **regarding}
-            try:
-                self.kube.emit_event(regarding, "RouteNotGranted",
-                                     f"node {self.node_name} does not route {r.entry} of peer {r.peer}: {r.reason}; "
-                                     f"fix: {r.fix}", type_="Warning", component="agent")
-            except ApiError as e:
-                self._log.warning("cannot record an Event for {} of {}: {}", r.entry, r.peer, e)
-                current.discard(r)  # told again on the next pass
-        self._refusals_reported = current
+        self._events.refusals(refusals)
