@@ -271,16 +271,6 @@ def encode_error(reason: str) -> bytes:
 # -- decoding helpers for bodies --------------------------------------------------------------
 
 
-def parse_data(body: bytes) -> tuple[bytes, bytes]:
-    """(key, datagram) of a Data body."""
-    return body[:KEY_LEN], body[KEY_LEN:]
-
-
-def parse_challenge(body: bytes) -> tuple[bytes, bytes]:
-    """(ephemeral public key, nonce) of a Challenge body."""
-    return body[:KEY_LEN], body[KEY_LEN:]
-
-
 def parse_nat_probe(body: bytes) -> tuple[ipaddress.IPv4Address, int]:
     """(address, port) of a NATProbe body."""
     packed_ip, port = _NAT_PROBE.unpack(body)

@@ -50,10 +50,6 @@ class Classification:
     public_port: int = 0
     port_step: int = 0  # symmetric only: typical increment of the mapped port per new destination
 
-    @property
-    def conclusive(self) -> bool:
-        return self.nat_type is not NatType.UNKNOWN
-
 
 def classify(
     samples: Sequence[StunSample],
