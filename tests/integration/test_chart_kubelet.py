@@ -13,6 +13,8 @@ several minutes. Run it with `make test-chart` (sets WIREKUBE_CHART_LAB=1).
 from __future__ import annotations
 
 import os
+import sys
+import textwrap
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,10 +24,12 @@ import pytest
 
 from tests.fixtures.root import is_root, root_reason
 from wirekube import k8s
+from wirekube.cli import nodestate
 from wirekube.lab import kubelet, orchestrate
 from wirekube.lab.cluster import cache_dir
 from wirekube.lab.net import Lab
 from wirekube.lab.topology import builtin_topology
+from wirekube.waiting import wait_for
 
 pytestmark = [pytest.mark.netns, pytest.mark.apiserver]
 
@@ -109,3 +113,70 @@ def test_ctr_sees_the_imported_images_on_every_node(chart_lab: Any) -> None:
                         check=True).stdout.split()
         for key in ("AGENT_REF", "GATEWAY_REF", "PAUSE_REF"):
             assert images[key] in out, (node, key, out)
+
+
+AGENT_PODS = "app.kubernetes.io/component=agent"
+PODS = k8s.Resource("", "v1", "pods", "Pod")
+# Run inside the agent container (ctr task exec: its environment, its mounts, its projected token).
+TOKEN_CHECK = textwrap.dedent("""
+    import sys
+    from wirekube import errors, k8s
+    own, other = sys.argv[1], sys.argv[2]
+    kube = k8s.Kube.in_cluster()
+    mark = {"metadata": {"labels": {"wirekube-test/token-check": "1"}}}
+    try:
+        kube.patch_merge(k8s.PEERS, other, mark)
+        print("OTHER ALLOWED")
+    except errors.Forbidden as e:
+        print("OTHER DENIED:", e)
+    kube.patch_merge(k8s.PEERS, own, mark)
+    kube.patch_merge(k8s.PEERS, own, {"metadata": {"labels": {"wirekube-test/token-check": None}}})
+    print("OWN ALLOWED")
+""")
+
+
+def test_an_agent_pods_own_token_cannot_patch_another_nodes_peer(chart_lab: Any) -> None:
+    """From inside a running agent container, with the token the kubelet projected into it: its
+    own WireKubePeer can be patched, another node's is refused with the admission policy's words."""
+    lab_, kube, h = chart_lab
+    pods = kube.list(PODS, kubelet.NAMESPACE, label_selector=AGENT_PODS)[0]
+    pod = sorted(pods, key=lambda p: p["spec"]["nodeName"])[0]
+    own = pod["spec"]["nodeName"]
+    other = next(n for n in sorted(lab_.nodes) if n != own)
+    status = next(c for c in pod["status"]["containerStatuses"] if c["name"] == "agent")
+    cid = status["containerID"].removeprefix("containerd://")
+    root = kubelet.node_root(h.workdir, own)
+    done = lab_.exec(own, ["ctr", f"--address={root}/containerd.sock", "-n", "k8s.io", "task", "exec",
+                           "--exec-id", f"token-check-{uuid.uuid4().hex[:6]}", cid,
+                           "python3", "-c", TOKEN_CHECK, own, other], check=False, timeout=180)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "OTHER DENIED:" in out and f"may only write the WireKubePeer named {own}, not {other}" in out, out
+    assert "OWN ALLOWED" in out, out
+    labels = kube.get(k8s.PEERS, other)["metadata"].get("labels") or {}
+    assert "wirekube-test/token-check" not in labels
+
+
+def test_helm_uninstall_then_cleanup_leaves_nothing_on_any_node(chart_lab: Any, tmp_path: Path) -> None:
+    """The module's last test (it removes the release): `helm uninstall`, then `wirekubectl cleanup`
+    on each node leaves no WireKube link, ip rule, route in table 22347 or nftables table."""
+    lab_, kube, h = chart_lab
+    proc = kubelet.helm(h.admin_kubeconfig, "uninstall", kubelet.RELEASE, "-n", kubelet.NAMESPACE, "--wait",
+                        "--timeout=300s")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    wait_for(lambda: not kube.list(PODS, kubelet.NAMESPACE, label_selector=AGENT_PODS)[0], 300,
+             "the agent pods to be gone after helm uninstall")
+    wirekubectl = Path(sys.executable).parent / "wirekubectl"
+    left = {}
+    for node in sorted(lab_.nodes):
+        # The chart's wireguard-go and relay path sockets were in the pod's emptyDir, gone with it; the
+        # lab nodes share this host's /run/wireguard with other labs, so cleanup looks in an empty dir.
+        done = lab_.exec(node, [str(wirekubectl), "cleanup", "--socket-dir", str(tmp_path)], check=False,
+                         timeout=120)
+        assert done.returncode == 0, f"{node}: {done.stdout}{done.stderr}"
+        state = nodestate.inspect(netns=lab_.netns(node))
+        leftovers = {"link": state.link_kind, "rules": [r.text for r in state.rules], "routes": list(state.routes),
+                     "nft": state.nft.present, "mss": state.mss.present}
+        if any(leftovers.values()):
+            left[node] = leftovers
+    assert not left, left
