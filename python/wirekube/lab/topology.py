@@ -497,9 +497,31 @@ def _parse(doc: Any, problems: _Problems) -> Topology | None:
 
     internet = _parse_internet(root.get("internet"), problems)
     management = _parse_management(root.get("management"), problems)
+    paths: dict[int, str] = {}  # id(Site, Node or PrivateNetwork) -> path in the document, for messages
+    sites = _parse_sites(root, problems, paths)
+    names = _check_names(root, sites, paths, problems)
+    all_nodes = {node.name for site in sites for node in site.nodes}
+    networks = _parse_networks(root, all_nodes, names, problems, paths)
 
+    _check_overlaps(sites, networks, management, paths, problems)
+    if management is not None:
+        _check_management_size(management, len(all_nodes), problems)
+    if internet is None or management is None:
+        return None
+    if internet.proxy is None and any(site.nat is NatKind.PROXY_ONLY for site in sites):
+        if DEFAULT_PROXY.host in internet.addresses:
+            problems.add("internet.proxy", f"a proxy-only site needs one; the default {DEFAULT_PROXY} is taken")
+            return None
+        internet = replace(internet, proxy=DEFAULT_PROXY)
+    if kubernetes == "kubelet" and any(node.engine != "userspace" or node.pods
+                                       for site in sites for node in site.nodes):
+        problems.add("kubernetes", "kubelet nodes run pods of their own: no `pods:` and no `engine: kernel` nodes")
+    return Topology(internet, tuple(sites), tuple(networks), management, kubernetes)
+
+
+def _parse_sites(root: Mapping[str, Any], problems: _Problems, paths: dict[int, str]) -> list[Site]:
+    """``sites``: a list of at least one (and at most :data:`MAX_SITES`) site."""
     sites: list[Site] = []
-    paths: dict[int, str] = {}  # id(Site or Node) -> path in the document, for messages
     raw_sites = root.get("sites")
     if raw_sites is None:
         problems.add("sites", "required: a list of at least one site")
@@ -513,38 +535,32 @@ def _parse(doc: Any, problems: _Problems) -> Topology | None:
             sites.append(site)
     if root.get("sites") == []:
         problems.add("sites", "needs at least one site")
+    return sites
 
-    names = _check_names(root, sites, paths, problems)
+
+def _parse_networks(root: Mapping[str, Any], all_nodes: set[str], names: set[str], problems: _Problems,
+                    paths: dict[int, str]) -> list[PrivateNetwork]:
+    """``networks``: optional private networks among the nodes of ``all_nodes``."""
     networks: list[PrivateNetwork] = []
     raw_networks = root.get("networks", []) or []
     raw_networks = _list(raw_networks, "networks", problems) or []
-    all_nodes = {node.name for site in sites for node in site.nodes}
     for i, raw in enumerate(raw_networks):
         net = _parse_network(raw, f"networks[{i}]", all_nodes, names, problems)
         if net is not None:
             paths[id(net)] = f"networks[{i}]"
             networks.append(net)
+    return networks
 
-    _check_overlaps(sites, networks, management, paths, problems)
-    if management is not None:
-        needed = len(all_nodes) + FIRST_NODE_HOST + 1
-        if management.cidr.num_addresses < needed:
-            problems.add(
-                "management.cidr",
-                f"{management.cidr} is too small for {len(all_nodes)} nodes "
-                f"(needs {needed} addresses)",
-            )
-    if internet is None or management is None:
-        return None
-    if internet.proxy is None and any(site.nat is NatKind.PROXY_ONLY for site in sites):
-        if DEFAULT_PROXY.host in internet.addresses:
-            problems.add("internet.proxy", f"a proxy-only site needs one; the default {DEFAULT_PROXY} is taken")
-            return None
-        internet = replace(internet, proxy=DEFAULT_PROXY)
-    if kubernetes == "kubelet" and any(node.engine != "userspace" or node.pods
-                                       for site in sites for node in site.nodes):
-        problems.add("kubernetes", "kubelet nodes run pods of their own: no `pods:` and no `engine: kernel` nodes")
-    return Topology(internet, tuple(sites), tuple(networks), management, kubernetes)
+
+def _check_management_size(management: Management, node_count: int, problems: _Problems) -> None:
+    """The management CIDR must hold the API address and one address per node from ``.10``."""
+    needed = node_count + FIRST_NODE_HOST + 1
+    if management.cidr.num_addresses < needed:
+        problems.add(
+            "management.cidr",
+            f"{management.cidr} is too small for {node_count} nodes "
+            f"(needs {needed} addresses)",
+        )
 
 
 def _parse_internet(raw: Any, problems: _Problems) -> Internet | None:
@@ -649,15 +665,45 @@ def _parse_site(
         return None
     _keys(doc, path, ("name", "nat", "lan", "nodes", "wanMTU", "dropFragments", "blockICMP"), problems)
     name = _name(doc.get("name"), f"{path}.name", problems)
-    nat: NatKind | None = None
+    nat = _parse_nat(doc, path, problems)
+    lan = _parse_site_lan(doc, path, nat, number, problems)
+    nodes = _parse_site_nodes(doc, path, lan, problems, paths)
+    wan_mtu = doc.get("wanMTU", DEFAULT_WAN_MTU)
+    if not isinstance(wan_mtu, int) or isinstance(wan_mtu, bool) or not MIN_WAN_MTU <= wan_mtu <= DEFAULT_WAN_MTU:
+        problems.add(f"{path}.wanMTU",
+                     f"must be a whole number from {MIN_WAN_MTU} to {DEFAULT_WAN_MTU}, not {wan_mtu!r}")
+        wan_mtu = DEFAULT_WAN_MTU
+    flags = {}
+    for key in ("dropFragments", "blockICMP"):
+        flags[key] = doc.get(key, False)
+        if not isinstance(flags[key], bool):
+            problems.add(f"{path}.{key}", f"must be true or false, not {flags[key]!r}")
+            flags[key] = False
+    if name is None or nat is None or lan is None:
+        return None
+    site = Site(name, nat, lan, tuple(nodes), wan_mtu=wan_mtu, drop_fragments=flags["dropFragments"],
+                block_icmp=flags["blockICMP"])
+    paths[id(site)] = path
+    return site
+
+
+def _parse_nat(doc: Mapping[str, Any], path: str, problems: _Problems) -> NatKind | None:
+    """A site's required ``nat``, one of :class:`NatKind`'s values."""
     kinds = [k.value for k in NatKind]
     if "nat" not in doc:
         problems.add(f"{path}.nat", f"required: one of {', '.join(kinds)}")
     elif doc["nat"] not in kinds:
         problems.add(f"{path}.nat", f"{doc['nat']!r} is not one of {', '.join(kinds)}")
     else:
-        nat = NatKind(doc["nat"])
+        return NatKind(doc["nat"])
+    return None
 
+
+def _parse_site_lan(
+    doc: Mapping[str, Any], path: str, nat: NatKind | None, number: int, problems: _Problems
+) -> Net4 | None:
+    """A site's ``lan``, by default ``198.19.<number>.0/24`` (``nat: none``) or
+    ``192.168.<number>.0/24``: public inside :data:`PUBLIC_LANS` exactly when ``nat: none``."""
     lan: Net4 | None
     if "lan" in doc:
         lan = _network(doc["lan"], f"{path}.lan", problems)
@@ -678,7 +724,14 @@ def _parse_site(
                 f"{path}.lan",
                 f"{lan} overlaps the lab's public space {PUBLIC_SPACE}; use a private range",
             )
+    return lan
 
+
+def _parse_site_nodes(
+    doc: Mapping[str, Any], path: str, lan: Net4 | None, problems: _Problems, paths: dict[int, str]
+) -> list[Node]:
+    """A site's ``nodes``: explicit addresses first, so automatic ones (from ``.10``) never take
+    them."""
     raw_nodes = doc.get("nodes")
     if raw_nodes is None:
         problems.add(f"{path}.nodes", "required: a list of at least one node")
@@ -686,51 +739,13 @@ def _parse_site(
     raw_nodes = _list(raw_nodes, f"{path}.nodes", problems) or []
     if doc.get("nodes") == []:
         problems.add(f"{path}.nodes", "needs at least one node")
-    # Explicit addresses first, so automatic ones never take them.
     parsed: list[tuple[str, dict[str, Any]]] = []
     taken: set[IPv4] = set()
     for j, raw_node in enumerate(raw_nodes):
         npath = f"{path}.nodes[{j}]"
-        node_doc = _mapping(raw_node, npath, problems)
-        if node_doc is None:
-            continue
-        _keys(node_doc, npath, ("name", "address", "podCIDR", "pods", "engine"), problems)
-        fields: dict[str, Any] = {"name": _name(node_doc.get("name"), f"{npath}.name", problems)}
-        if "address" in node_doc and lan is not None:
-            addr = _address(node_doc["address"], f"{npath}.address", problems)
-            if addr is not None:
-                if not _is_host_of(addr, lan) or addr == lan.network_address + 1:
-                    problems.add(
-                        f"{npath}.address",
-                        f"{addr} must be a host address of the LAN {lan} other than the "
-                        f"router's {lan.network_address + 1}",
-                    )
-                elif addr in taken:
-                    problems.add(f"{npath}.address", f"{addr} is used by another node")
-                else:
-                    taken.add(addr)
-                    fields["address"] = addr
-        pod_cidr = None
-        if "podCIDR" in node_doc:
-            pod_cidr = _network(node_doc["podCIDR"], f"{npath}.podCIDR", problems)
-        pods = node_doc.get("pods", 0)
-        if not isinstance(pods, int) or isinstance(pods, bool) or not 0 <= pods <= MAX_PODS_PER_NODE:
-            problems.add(f"{npath}.pods", f"must be a whole number from 0 to {MAX_PODS_PER_NODE}")
-            pods = 0
-        if pods and "podCIDR" not in node_doc:
-            problems.add(f"{npath}.pods", "pods need a podCIDR on the node")
-        if pod_cidr is not None and pods and pod_cidr.num_addresses < pods + 2:
-            problems.add(f"{npath}.podCIDR", f"{pod_cidr} is too small for {pods} pods")
-        fields["pod_cidr"] = pod_cidr
-        fields["pods"] = pods
-        engine = node_doc.get("engine", "userspace")
-        if engine not in NODE_ENGINES:
-            problems.add(f"{npath}.engine", f"must be one of {', '.join(NODE_ENGINES)}, not {engine!r}")
-        elif engine == "kernel" and pods:
-            problems.add(f"{npath}.pods", "a node with engine: kernel (a VM) cannot have pods")
-        else:
-            fields["engine"] = engine
-        parsed.append((npath, fields))
+        fields = _parse_node(raw_node, npath, lan, taken, problems)
+        if fields is not None:
+            parsed.append((npath, fields))
     nodes: list[Node] = []
     if lan is not None:
         allocator = _Allocator(lan, FIRST_NODE_HOST, taken | {lan.network_address + 1})
@@ -745,23 +760,57 @@ def _parse_site(
                 node = Node(**fields)
                 paths[id(node)] = npath
                 nodes.append(node)
-    wan_mtu = doc.get("wanMTU", DEFAULT_WAN_MTU)
-    if not isinstance(wan_mtu, int) or isinstance(wan_mtu, bool) or not MIN_WAN_MTU <= wan_mtu <= DEFAULT_WAN_MTU:
-        problems.add(f"{path}.wanMTU",
-                     f"must be a whole number from {MIN_WAN_MTU} to {DEFAULT_WAN_MTU}, not {wan_mtu!r}")
-        wan_mtu = DEFAULT_WAN_MTU
-    flags = {}
-    for key in ("dropFragments", "blockICMP"):
-        flags[key] = doc.get(key, False)
-        if not isinstance(flags[key], bool):
-            problems.add(f"{path}.{key}", f"must be true or false, not {flags[key]!r}")
-            flags[key] = False
-    if name is None or nat is None or lan is None:
+    return nodes
+
+
+def _parse_node(
+    raw: Any, npath: str, lan: Net4 | None, taken: set[IPv4], problems: _Problems
+) -> dict[str, Any] | None:
+    """One node's fields for :class:`Node` (``address`` only when explicit; it joins ``taken``)."""
+    node_doc = _mapping(raw, npath, problems)
+    if node_doc is None:
         return None
-    site = Site(name, nat, lan, tuple(nodes), wan_mtu=wan_mtu, drop_fragments=flags["dropFragments"],
-                block_icmp=flags["blockICMP"])
-    paths[id(site)] = path
-    return site
+    _keys(node_doc, npath, ("name", "address", "podCIDR", "pods", "engine"), problems)
+    fields: dict[str, Any] = {"name": _name(node_doc.get("name"), f"{npath}.name", problems)}
+    if "address" in node_doc and lan is not None:
+        addr = _address(node_doc["address"], f"{npath}.address", problems)
+        if addr is not None:
+            if not _is_host_of(addr, lan) or addr == lan.network_address + 1:
+                problems.add(
+                    f"{npath}.address",
+                    f"{addr} must be a host address of the LAN {lan} other than the "
+                    f"router's {lan.network_address + 1}",
+                )
+            elif addr in taken:
+                problems.add(f"{npath}.address", f"{addr} is used by another node")
+            else:
+                taken.add(addr)
+                fields["address"] = addr
+    fields.update(_parse_node_pods(node_doc, npath, problems))
+    engine = node_doc.get("engine", "userspace")
+    if engine not in NODE_ENGINES:
+        problems.add(f"{npath}.engine", f"must be one of {', '.join(NODE_ENGINES)}, not {engine!r}")
+    elif engine == "kernel" and fields["pods"]:
+        problems.add(f"{npath}.pods", "a node with engine: kernel (a VM) cannot have pods")
+    else:
+        fields["engine"] = engine
+    return fields
+
+
+def _parse_node_pods(node_doc: Mapping[str, Any], npath: str, problems: _Problems) -> dict[str, Any]:
+    """A node's ``podCIDR`` and ``pods`` (a count, which needs a podCIDR large enough)."""
+    pod_cidr = None
+    if "podCIDR" in node_doc:
+        pod_cidr = _network(node_doc["podCIDR"], f"{npath}.podCIDR", problems)
+    pods = node_doc.get("pods", 0)
+    if not isinstance(pods, int) or isinstance(pods, bool) or not 0 <= pods <= MAX_PODS_PER_NODE:
+        problems.add(f"{npath}.pods", f"must be a whole number from 0 to {MAX_PODS_PER_NODE}")
+        pods = 0
+    if pods and "podCIDR" not in node_doc:
+        problems.add(f"{npath}.pods", "pods need a podCIDR on the node")
+    if pod_cidr is not None and pods and pod_cidr.num_addresses < pods + 2:
+        problems.add(f"{npath}.podCIDR", f"{pod_cidr} is too small for {pods} pods")
+    return {"pod_cidr": pod_cidr, "pods": pods}
 
 
 def _check_names(
@@ -810,19 +859,65 @@ def _parse_network(
         return None
     _keys(doc, path, ("name", "cidr", "nodes", "gateway", "hosts"), problems)
     name = _name(doc.get("name"), f"{path}.name", problems)
+    cidr = _parse_network_cidr(doc, path, problems)
+    taken: set[IPv4] = set()
+    wanted = _parse_attachments(doc, path, all_nodes, (cidr, taken), problems)
+    gateway = doc.get("gateway")
+    if gateway is not None and gateway not in [n for _, n, _ in wanted]:
+        problems.add(f"{path}.gateway", f"{gateway!r} is not one of this network's nodes")
+        gateway = None
+    host_docs = _parse_host_docs(doc, path, (cidr, taken), problems)
+    if cidr is None or name is None:
+        return None
+    allocator = _Allocator(cidr, FIRST_NODE_HOST, taken)
+    attachments: list[Attachment] = []
+    for epath, node_name, explicit in wanted:
+        addr = explicit or allocator.take()
+        if addr is None:
+            problems.add(epath, f"no free address left in {cidr}")
+            continue
+        attachments.append(Attachment(node_name, addr))
+    by_node = {a.node: a.address for a in attachments}
+
+    hosts: list[Host] = []
+    for hpath, host_doc, explicit in host_docs:
+        addr = explicit or allocator.take()
+        if addr is None:
+            problems.add(hpath, f"no free address left in {cidr}")
+            continue
+        routes = _parse_routes(host_doc.get("routes", []), f"{hpath}.routes", cidr, by_node,
+                               gateway, problems)
+        host_name = host_doc.get("name")
+        if isinstance(host_name, str) and _NAME.match(host_name):
+            hosts.append(Host(host_name, addr, routes))
+    return PrivateNetwork(name, cidr, tuple(attachments), gateway, tuple(hosts))
+
+
+def _parse_network_cidr(doc: Mapping[str, Any], path: str, problems: _Problems) -> Net4 | None:
+    """A private network's required ``cidr``: at most a /29, outside the lab's public space."""
     if "cidr" not in doc:
         problems.add(f"{path}.cidr", "required: the network's IPv4 CIDR")
+        return None
+    cidr = _network(doc["cidr"], f"{path}.cidr", problems)
+    if cidr is not None and cidr.prefixlen > 29:
+        problems.add(f"{path}.cidr", f"{cidr} is too small (at most /29)")
         cidr = None
-    else:
-        cidr = _network(doc["cidr"], f"{path}.cidr", problems)
-        if cidr is not None and cidr.prefixlen > 29:
-            problems.add(f"{path}.cidr", f"{cidr} is too small (at most /29)")
-            cidr = None
-        if cidr is not None and cidr.overlaps(PUBLIC_SPACE):
-            problems.add(f"{path}.cidr", f"{cidr} overlaps the lab's public space {PUBLIC_SPACE}")
+    if cidr is not None and cidr.overlaps(PUBLIC_SPACE):
+        problems.add(f"{path}.cidr", f"{cidr} overlaps the lab's public space {PUBLIC_SPACE}")
+    return cidr
 
-    taken: set[IPv4] = set()
-    wanted: list[tuple[str, str | None, IPv4 | None]] = []  # (path, node, explicit address)
+
+_Addresses = tuple[Net4 | None, set[IPv4]]
+"""A private network's CIDR (None when it is wrong) and the explicit addresses taken in it so far."""
+
+
+def _parse_attachments(
+    doc: Mapping[str, Any], path: str, all_nodes: set[str], addresses: _Addresses, problems: _Problems
+) -> list[tuple[str, str, IPv4 | None]]:
+    """A private network's ``nodes`` (names, or ``{name, address}``), each a node of some site,
+    attached once: ``(path, node, explicit address)``."""
+    cidr, taken = addresses
+    wanted: list[tuple[str, str, IPv4 | None]] = []
     raw_nodes = doc.get("nodes")
     if raw_nodes is None:
         problems.add(f"{path}.nodes", "required: the nodes attached to this network")
@@ -847,12 +942,15 @@ def _parse_network(
         wanted.append((epath, node_name, explicit))
     if not wanted and isinstance(raw_nodes, list) and raw_nodes == []:
         problems.add(f"{path}.nodes", "needs at least one node")
+    return wanted
 
-    gateway = doc.get("gateway")
-    if gateway is not None and gateway not in [n for _, n, _ in wanted]:
-        problems.add(f"{path}.gateway", f"{gateway!r} is not one of this network's nodes")
-        gateway = None
 
+def _parse_host_docs(
+    doc: Mapping[str, Any], path: str, addresses: _Addresses, problems: _Problems
+) -> list[tuple[str, Mapping[str, Any], IPv4 | None]]:
+    """A private network's ``hosts``, checked as far as they can be before addresses are handed
+    out: ``(path, document, explicit address)``."""
+    cidr, taken = addresses
     raw_hosts = _list(doc.get("hosts", []) or [], f"{path}.hosts", problems) or []
     host_docs: list[tuple[str, Mapping[str, Any], IPv4 | None]] = []
     for j, raw_host in enumerate(raw_hosts):
@@ -867,32 +965,7 @@ def _parse_network(
             explicit = _address(host_doc["address"], f"{hpath}.address", problems)
             explicit = _own_address(explicit, cidr, taken, f"{hpath}.address", problems)
         host_docs.append((hpath, host_doc, explicit))
-
-    if cidr is None or name is None:
-        return None
-    allocator = _Allocator(cidr, FIRST_NODE_HOST, taken)
-    attachments: list[Attachment] = []
-    for epath, node_name, explicit in wanted:
-        addr = explicit or allocator.take()
-        if addr is None:
-            problems.add(epath, f"no free address left in {cidr}")
-            continue
-        assert node_name is not None
-        attachments.append(Attachment(node_name, addr))
-    by_node = {a.node: a.address for a in attachments}
-
-    hosts: list[Host] = []
-    for hpath, host_doc, explicit in host_docs:
-        addr = explicit or allocator.take()
-        if addr is None:
-            problems.add(hpath, f"no free address left in {cidr}")
-            continue
-        routes = _parse_routes(host_doc.get("routes", []), f"{hpath}.routes", cidr, by_node,
-                               gateway, problems)
-        host_name = host_doc.get("name")
-        if isinstance(host_name, str) and _NAME.match(host_name):
-            hosts.append(Host(host_name, addr, routes))
-    return PrivateNetwork(name, cidr, tuple(attachments), gateway, tuple(hosts))
+    return host_docs
 
 
 def _own_address(
