@@ -65,14 +65,7 @@ def router_ruleset(nat: NatKind, wan: str = "wan", *, ports: tuple[int, int] | N
                    proxy: tuple[str, int] | None = None) -> str:
     """The nft rule set for a router of this NAT kind (``ports``: symmetric only, the UDP pool;
     ``proxy``: proxy-only only, the one address and TCP port that may be reached)."""
-    if (proxy is not None) != (nat is NatKind.PROXY_ONLY):
-        raise ValueError("a proxy-only router needs the proxy's address, and only it does")
-    if ports is not None:
-        low, high = ports
-        if nat is not NatKind.SYMMETRIC:
-            raise ValueError(f"a port range applies to symmetric NAT only, not {nat.value}")
-        if not 1024 <= low <= high <= 65535:
-            raise ValueError(f"port range {low}-{high}: need 1024 <= low <= high <= 65535")
+    _check_router_options(nat, ports, proxy)
     lines = [
         f"table ip {TABLE} {{",
         f"  chain {IMPAIR_CHAIN} {{",
@@ -88,23 +81,59 @@ def router_ruleset(nat: NatKind, wan: str = "wan", *, ports: tuple[int, int] | N
         f"  counter {COUNTER_BLOCKED} {{ }}",
     ]
     if nat is NatKind.FULL_CONE:
-        lines += [
-            "  map fullcone {",
-            "    type inet_service : ipv4_addr . inet_service",
-            "    flags dynamic,timeout",
-            f"    timeout {FULL_CONE_TIMEOUT_S}s",
-            "  }",
-            "  chain prerouting {",
-            "    type nat hook prerouting priority dstnat; policy accept;",
-            f'    iifname "{wan}" meta l4proto udp dnat ip to udp dport map @fullcone',
-            "  }",
-            "  chain record_mapping {",
-            "    type filter hook postrouting priority srcnat + 10; policy accept;",
-            f'    oifname "{wan}" meta l4proto udp update @fullcone '
-            "{ udp sport : ct original ip saddr . ct original proto-src }",
-            "  }",
-        ]
+        lines += _full_cone_lines(wan)
+    lines += _filter_lines(nat, wan, proxy)
     lines += [
+        "  chain outbound_nat {",
+        "    type nat hook postrouting priority srcnat; policy accept;",
+    ]
+    if ports is not None:
+        lines.append(f'    oifname "{wan}" meta l4proto udp masquerade to :{ports[0]}-{ports[1]} fully-random')
+    lines += [
+        f'    oifname "{wan}" {masquerade}',
+        "  }",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _check_router_options(nat: NatKind, ports: tuple[int, int] | None, proxy: tuple[str, int] | None) -> None:
+    """Raise ValueError unless ``ports`` and ``proxy`` fit this NAT kind (see :func:`router_ruleset`)."""
+    if (proxy is not None) != (nat is NatKind.PROXY_ONLY):
+        raise ValueError("a proxy-only router needs the proxy's address, and only it does")
+    if ports is not None:
+        low, high = ports
+        if nat is not NatKind.SYMMETRIC:
+            raise ValueError(f"a port range applies to symmetric NAT only, not {nat.value}")
+        if not 1024 <= low <= high <= 65535:
+            raise ValueError(f"port range {low}-{high}: need 1024 <= low <= high <= 65535")
+
+
+def _full_cone_lines(wan: str) -> list[str]:
+    """The full cone's map from mapped WAN port to LAN address and port, filled after source NAT,
+    and the inbound DNAT through it."""
+    return [
+        "  map fullcone {",
+        "    type inet_service : ipv4_addr . inet_service",
+        "    flags dynamic,timeout",
+        f"    timeout {FULL_CONE_TIMEOUT_S}s",
+        "  }",
+        "  chain prerouting {",
+        "    type nat hook prerouting priority dstnat; policy accept;",
+        f'    iifname "{wan}" meta l4proto udp dnat ip to udp dport map @fullcone',
+        "  }",
+        "  chain record_mapping {",
+        "    type filter hook postrouting priority srcnat + 10; policy accept;",
+        f'    oifname "{wan}" meta l4proto udp update @fullcone '
+        "{ udp sport : ct original ip saddr . ct original proto-src }",
+        "  }",
+    ]
+
+
+def _filter_lines(nat: NatKind, wan: str, proxy: tuple[str, int] | None) -> list[str]:
+    """The input and forward chains: unsolicited inbound dropped (counted), and what each kind
+    keeps from leaving."""
+    lines = [
         "  chain inbound {",
         "    type filter hook input priority filter; policy accept;",
         f'    iifname "{wan}" ct state established,related accept',
@@ -122,19 +151,8 @@ def router_ruleset(nat: NatKind, wan: str = "wan", *, ports: tuple[int, int] | N
     if proxy is not None:
         lines += [f'    oifname "{wan}" ip daddr {proxy[0]} tcp dport {proxy[1]} accept',
                   f'    oifname "{wan}" counter name "{COUNTER_BLOCKED}" drop']
-    lines += [
-        "  }",
-        "  chain outbound_nat {",
-        "    type nat hook postrouting priority srcnat; policy accept;",
-    ]
-    if ports is not None:
-        lines.append(f'    oifname "{wan}" meta l4proto udp masquerade to :{ports[0]}-{ports[1]} fully-random')
-    lines += [
-        f'    oifname "{wan}" {masquerade}',
-        "  }",
-        "}",
-    ]
-    return "\n".join(lines) + "\n"
+    lines.append("  }")
+    return lines
 
 
 PATH_TABLE = "wklabpath"
