@@ -37,7 +37,8 @@ CHILD = textwrap.dedent("""
     import ipaddress, json, sys, threading, time
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
     from loguru import logger
-    from wirekube.agent.traversal import Traversal, TraversalSettings, _View, Discovery
+    from wirekube.agent.traversal import Traversal, TraversalSettings
+    from wirekube.agent.pathstate import Discovery, View
     from wirekube.agent.wg.base import WgDeviceState, WgPeerConfig, WgPeerState
     from wirekube.models import Endpoint, Mesh, MeshSpec, NatType, Peer, PeerSpec, PeerStatus, RelaySpec
     from wirekube.traversal import nat
@@ -58,7 +59,7 @@ CHILD = textwrap.dedent("""
     def engine():
         t = holder["t"]
         with t._lock:
-            beats = dict(t._beats)
+            beats = {name: t.heartbeat.beats(name) for name in keys}
         out = {}
         for name, key in keys.items():
             b = beats.get(name)
@@ -70,12 +71,12 @@ CHILD = textwrap.dedent("""
     t = Traversal("me", X25519PrivateKey.generate(), public_key(), engine_state=engine, wake=lambda: None,
                   settings=TraversalSettings())
     holder["t"] = t
-    t._view = _View(Mesh("default", MeshSpec(relay=RelaySpec(handshake_timeout_seconds=600))),
-                    {p.name: p for p in peers}, ("192.0.2.1",))
-    t._discovery = Discovery(nat=nat.Classification(NatType.OPEN, "192.0.2.1", 51820))
+    t._view = View(Mesh("default", MeshSpec(relay=RelaySpec(handshake_timeout_seconds=600))),
+                   {p.name: p for p in peers}, ("192.0.2.1",))
+    t.discoverer.found = Discovery(nat=nat.Classification(NatType.OPEN, "192.0.2.1", 51820))
     t._sync_peers()
-    t._spawn(t._heartbeat_loop, "heartbeat")
-    t._spawn(t._tick_loop, "tick")
+    t._spawn(t.heartbeat.run, "heartbeat")
+    t._spawn(t.failover.run, "tick")
 
     def tx_packets():
         return int(open(f"/sys/class/net/{dev}/statistics/tx_packets").read())

@@ -14,7 +14,7 @@ import pytest
 
 from tests.fixtures.wait import wait_for
 from tests.unit.traversal_fixtures import peer, traversal
-from wirekube.agent.traversal import BIRTHDAY_PENDING
+from wirekube.agent.birthdayrounds import BIRTHDAY_PENDING
 from wirekube.agent.wg.base import WgDeviceState, WgPeerConfig, WgPeerState
 from wirekube.models import (
     ANNOTATION_BIRTHDAY,
@@ -64,15 +64,15 @@ def test_birthday_is_decided_for_the_pair(mesh_on: bool, own_ann: str, peer_ann:
     reasons = t.decorate(PeerStatus()).relay_reasons
     assert t.paths()["b"].transport is Transport.RELAY  # relayed while (and unless) a round wins
     if on:
-        assert reasons == {"b": BIRTHDAY_PENDING} and "b" in t._bday
+        assert reasons == {"b": BIRTHDAY_PENDING} and "b" in t.birthdays.sessions
     else:
-        assert reasons == {"b": "peer symmetric and local symmetric"} and t._bday == {}
+        assert reasons == {"b": "peer symmetric and local symmetric"} and t.birthdays.sessions == {}
 
 
 def test_birthday_only_for_symmetric_pairs() -> None:
     t = traversal(NatType.SYMMETRIC, [peer("prc", NatType.PORT_RESTRICTED_CONE, "203.0.113.2")])
     with_mesh(t, mesh(True))
-    assert t._bday == {} and t.decorate(PeerStatus()).relay_reasons == {
+    assert t.birthdays.sessions == {} and t.decorate(PeerStatus()).relay_reasons == {
         "prc": "peer port-restricted cone and local symmetric"}
 
 
@@ -115,7 +115,7 @@ def leader_round(t: Any, monkeypatch: Any, won: bool, loop: asyncio.AbstractEven
     wall = 1_700_000_000.0
     t.tick(1.0, wall)
     assert [th.name for th in spawned] == ["birthday-peer-b"]
-    wait_for(lambda: t._bday["peer-b"].session.phase is Phase.PROPOSED, 5, "the leader's proposal")
+    wait_for(lambda: t.birthdays.sessions["peer-b"].session.phase is Phase.PROPOSED, 5, "the leader's proposal")
     entry = t.decorate(PeerStatus()).birthday["peer-b"]
     assert (entry.round, entry.port_min, entry.port_max) == (1, 20011, 20200)
     # The peer joins (its status echoes round and notBefore with its own window).
@@ -124,9 +124,9 @@ def leader_round(t: Any, monkeypatch: Any, won: bool, loop: asyncio.AbstractEven
     t._view.peers = {"peer-b": joined}
     start = birthday.parse_stamp(entry.not_before)
     t.tick(2.0, start - 0.5)
-    assert t._bday["peer-b"].session.phase is Phase.ARMED
+    assert t.birthdays.sessions["peer-b"].session.phase is Phase.ARMED
     t.tick(3.0, start)
-    wait_for(lambda: not t._bday["peer-b"].busy, 5, "the round to finish")
+    wait_for(lambda: not t.birthdays.sessions["peer-b"].busy, 5, "the round to finish")
     assert seen["start"] == start and seen["leader"] is True and seen["ip"] == "203.0.113.1"
     aimed = {p for ports in seen["targets"] for p in ports}
     assert aimed == set(range(30000, 30256))  # the peer's published window, all 256 ports
@@ -137,7 +137,7 @@ def test_a_won_round_moves_the_peer_onto_the_won_proxy_and_a_stall_hands_it_back
                                                                               loop: asyncio.AbstractEventLoop) -> None:
     t = traversal(NatType.SYMMETRIC, [])
     t, won_sock = leader_round(t, monkeypatch, True, loop)
-    bd = t._bday["peer-b"]
+    bd = t.birthdays.sessions["peer-b"]
     assert bd.session.phase is Phase.WON and bd.proxy_port == won_sock.getsockname()[1]
     path = t.paths()["peer-b"]
     assert path.transport is Transport.DIRECT and str(path.endpoint) == f"127.0.0.1:{bd.proxy_port}"
@@ -167,7 +167,7 @@ def test_a_failed_round_keeps_the_relay_with_the_reason_and_the_retry_interval(m
     t = traversal(NatType.SYMMETRIC, [])
     before = _time.time()
     t, _ = leader_round(t, monkeypatch, False, loop)
-    bd = t._bday["peer-b"]
+    bd = t.birthdays.sessions["peer-b"]
     reason = t.decorate(PeerStatus()).relay_reasons["peer-b"]
     assert reason.startswith("birthday attack failed at ") and "round 1: no aligned flow, 512 flows" in reason
     assert "estimated success" in reason and t.paths()["peer-b"].transport is Transport.RELAY
@@ -179,12 +179,12 @@ def test_a_failed_round_keeps_the_relay_with_the_reason_and_the_retry_interval(m
 
 def test_relay_roam_right_after_a_win_is_the_peer_still_switching_not_a_fallback(monkeypatch: Any,
                                                                                loop: asyncio.AbstractEventLoop) -> None:
-    from wirekube.agent.traversal import BIRTHDAY_SETTLE_SECONDS
+    from wirekube.agent.birthdayrounds import BIRTHDAY_SETTLE_SECONDS
     from wirekube.models import Endpoint
 
     t = traversal(NatType.SYMMETRIC, [])
     t, _ = leader_round(t, monkeypatch, True, loop)
-    bd = t._bday["peer-b"]
+    bd = t.birthdays.sessions["peer-b"]
     key = t._peers["peer-b"].key
     relay_proxy = Endpoint(ipaddress.ip_address("127.0.0.1"), 40123)
     rx = {"v": 100}

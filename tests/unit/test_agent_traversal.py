@@ -18,14 +18,14 @@ from wirekube.traversal import pathsm
 
 
 def test_matrix_relay_peer_points_at_the_proxy_and_direct_peer_gets_short_keepalive() -> None:
-    from wirekube.agent import traversal as traversal_module
+    from wirekube.agent import pathstate
 
     t = traversal(NatType.SYMMETRIC, [peer("sym", NatType.SYMMETRIC, "203.0.113.1"),
                                       peer("cone", NatType.CONE, "203.0.113.2")])
     paths = t.paths()
     assert paths["sym"].transport is Transport.RELAY and str(paths["sym"].endpoint.ip) == "127.0.0.1"
     assert paths["cone"].transport is Transport.DIRECT and paths["cone"].endpoint is None
-    assert paths["cone"].keepalive == traversal_module.PUNCH_KEEPALIVE  # still opening the path: 1 s
+    assert paths["cone"].keepalive == pathstate.PUNCH_KEEPALIVE  # still opening the path: 1 s
     t._peers["cone"].path = replace(t._peers["cone"].path, established=True)
     assert t.paths()["cone"].keepalive == DIRECT_KEEPALIVE  # proven: the idle heartbeat keeps NATs open
     status = t.decorate(PeerStatus())
@@ -167,9 +167,9 @@ def test_a_relayed_peer_probing_us_triggers_a_probe_back() -> None:
     state.path = pathsm.PeerPath.start_relay(0.0, "direct probe failed", by_matrix=False, timing=pathsm.Timing())
     started: list[str] = []
     t._spawn = lambda target, name: started.append(name)  # type: ignore[method-assign]
-    t._peer_probed_us(base64.b64decode(p.spec.public_key))
+    t.failover.peer_probed_us(base64.b64decode(p.spec.public_key))
     assert started == ["probe-back-prc"] and state.probing
-    t._peer_probed_us(base64.b64decode(p.spec.public_key))  # already probing: no second probe
+    t.failover.peer_probed_us(base64.b64decode(p.spec.public_key))  # already probing: no second probe
     assert started == ["probe-back-prc"]
 
 
@@ -282,7 +282,7 @@ def test_ticker_survives_an_unreadable_engine() -> None:
 
     t = Traversal("me", X25519PrivateKey.generate(), public_key(), engine_state=engine_state, wake=lambda: None,
                   settings=TraversalSettings(tick=0.01))
-    runner = threading.Thread(target=t._tick_loop, daemon=True)
+    runner = threading.Thread(target=t.failover.run, daemon=True)
     runner.start()
     try:
         wait_for(lambda: len(calls) >= 6, 10, "ticks after the engine came back")
@@ -314,7 +314,7 @@ def test_our_own_move_back_to_direct_is_not_mistaken_for_the_peer_going_to_the_r
             return True
 
     t._listener = Listener()  # type: ignore[assignment]
-    t._probe("cone")
+    t.failover.probe("cone")
     assert t.paths()["cone"].transport is Transport.DIRECT
     t.tick(time_mod.monotonic(), 1e9)  # endpoint still at our proxy: our own lag
     assert t.paths()["cone"].transport is Transport.DIRECT
@@ -327,7 +327,7 @@ def test_our_own_move_back_to_direct_is_not_mistaken_for_the_peer_going_to_the_r
 
 
 def test_a_stale_proxy_endpoint_is_followed_after_the_grace_period() -> None:
-    from wirekube.agent import traversal as traversal_mod
+    from wirekube.agent import failover
 
     p = peer("cone", NatType.CONE, "203.0.113.2")
     t = traversal(NatType.CONE, [p])
@@ -337,9 +337,9 @@ def test_a_stale_proxy_endpoint_is_followed_after_the_grace_period() -> None:
     t._engine_state = lambda: WgDeviceState(  # type: ignore[method-assign]
         peers={key: WgPeerState(WgPeerConfig(key, proxy, ()), rx_bytes=500)})
     state.awaiting_direct_since = 100.0
-    t.tick(100.0 + traversal_mod.DIRECT_WRITE_GRACE_SECONDS / 2, 1e9)
+    t.tick(100.0 + failover.DIRECT_WRITE_GRACE_SECONDS / 2, 1e9)
     assert t.paths()["cone"].transport is Transport.DIRECT
-    t.tick(100.0 + traversal_mod.DIRECT_WRITE_GRACE_SECONDS + 1, 1e9)
+    t.tick(100.0 + failover.DIRECT_WRITE_GRACE_SECONDS + 1, 1e9)
     assert t.paths()["cone"].transport is Transport.RELAY
 
 
@@ -349,7 +349,7 @@ def test_a_relayed_peer_that_reaches_us_directly_makes_us_probe_at_once() -> Non
     our proxy) is probed at once, at most every ROAM_PROBE_MIN_INTERVAL_SECONDS."""
     import time as time_mod
 
-    from wirekube.agent import traversal as traversal_mod
+    from wirekube.agent import failover
 
     p = peer("cone", NatType.CONE, "203.0.113.2")
     t = traversal(NatType.CONE, [p])
@@ -383,7 +383,7 @@ def test_a_relayed_peer_that_reaches_us_directly_makes_us_probe_at_once() -> Non
     state.path = pathsm.follow_to_relay(state.path, now + 0.3, t._timing(t._view.mesh))  # type: ignore[arg-type]
     t.tick(now + 0.4, 1e9)  # rate limited
     assert answers == [True]
-    t.tick(now + 0.3 + traversal_mod.ROAM_PROBE_MIN_INTERVAL_SECONDS, 1e9)
+    t.tick(now + 0.3 + failover.ROAM_PROBE_MIN_INTERVAL_SECONDS, 1e9)
     assert answers == [True, True]
 
 
@@ -403,7 +403,7 @@ def test_an_inconclusive_nat_probe_keeps_the_last_conclusive_finding(monkeypatch
         StunSample("a", mapped["ip"], 40001), StunSample("b", mapped["ip"], 40001)])
     t.stun_servers = lambda m: ["198.18.0.2:3478", "198.18.0.3:3478"]  # type: ignore[method-assign]
     probe: dict[str, bool | None] = {"v": False}
-    t._nat_probe = lambda first: probe["v"]  # type: ignore[method-assign]
+    t.discoverer.nat_probe = lambda first: probe["v"]  # type: ignore[method-assign]
     assert t.discover(mesh, ("192.168.1.5",)).nat.nat_type is NatType.PORT_RESTRICTED_CONE
     probe["v"] = None  # relay connection gone: no probe possible
     assert t.discover(mesh, ("192.168.1.5",)).nat.nat_type is NatType.PORT_RESTRICTED_CONE
@@ -429,22 +429,22 @@ def test_a_relay_outage_keeps_the_nat_finding_and_endpoint_and_retries_soon(monk
     monkeypatch.setattr(rawudp, "resolve", lambda servers: [rawudp.StunTarget("a", "198.18.0.2", 3478)] * 2)
     monkeypatch.setattr(rawudp, "stun_probe", lambda targets, port, timeout: list(answers))
     t.stun_servers = lambda m: ["198.18.0.2:3478", "198.18.0.3:3478"]  # type: ignore[method-assign]
-    t._nat_probe = lambda first: False if answers else None  # type: ignore[method-assign]
+    t.discoverer.nat_probe = lambda first: False if answers else None  # type: ignore[method-assign]
     found = t.discover(mesh, ("192.168.1.5",))
-    assert found.nat.nat_type is NatType.PORT_RESTRICTED_CONE and t._discovery_retry == 0.0
+    assert found.nat.nat_type is NatType.PORT_RESTRICTED_CONE and t.discoverer.retry == 0.0
     answers.clear()
     t._relay = FakeRelay(False)  # type: ignore[assignment]
     outage = t.discover(mesh, ("192.168.1.5",))
     assert outage.nat == found.nat and outage.endpoint == found.endpoint and not outage.udp_blocked
-    assert 0 < t._discovery_retry < t.settings.stun_interval
-    first_retry = t._discovery_retry
+    assert 0 < t.discoverer.retry < t.settings.stun_interval
+    first_retry = t.discoverer.retry
     t.discover(mesh, ("192.168.1.5",))
-    assert first_retry < t._discovery_retry <= t.settings.stun_interval  # backs off
+    assert first_retry < t.discoverer.retry <= t.settings.stun_interval  # backs off
     answers.append(StunSample("a", "198.51.100.20", 40001))  # one replica back: one answer, same mapping
     assert t.discover(mesh, ("192.168.1.5",)).nat.nat_type is NatType.PORT_RESTRICTED_CONE
     answers.append(StunSample("b", "198.51.100.20", 40001))
     assert t.discover(mesh, ("192.168.1.5",)).nat.nat_type is NatType.PORT_RESTRICTED_CONE
-    assert t._discovery_retry == 0.0  # conclusive again: back to the normal interval
+    assert t.discoverer.retry == 0.0  # conclusive again: back to the normal interval
     answers.clear()
     t._relay = FakeRelay(True)  # relay over TCP fine, STUN silent: UDP is blocked here
     blocked = t.discover(mesh, ("192.168.1.5",))

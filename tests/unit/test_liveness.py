@@ -165,7 +165,7 @@ def test_path_mtu_probes_the_agents_exchange_are_not_traffic() -> None:
 
 
 def test_the_heartbeat_socket_tells_heartbeats_probes_and_traffic_apart() -> None:
-    from wirekube.agent.traversal import HEARTBEAT_PAYLOAD, _drain_heartbeats
+    from wirekube.agent.heartbeat import HEARTBEAT_PAYLOAD, _drain_heartbeats
 
     def ip_packet(src: str, kind: int, payload: bytes) -> bytes:
         total = 20 + 8 + len(payload)

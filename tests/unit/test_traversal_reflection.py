@@ -104,7 +104,7 @@ def test_agent_publishes_what_peers_see_and_keeps_it_until_discovery_changes(mon
     mesh = t._view.mesh
     assert mesh is not None
     t._ensure_io = lambda m: None  # type: ignore[method-assign]
-    t._sync_relays = lambda m: None  # type: ignore[method-assign]
+    t.relays.sync = lambda m: None  # type: ignore[method-assign]
     t.update_view(mesh, (me, watcher), ("192.168.1.5",))
     d = t.discovery()
     assert str(d.endpoint) == seen and d.method is EndpointDiscovery.REFLECTION and wakes
@@ -138,9 +138,9 @@ def test_agent_with_a_stun_endpoint_ignores_observations() -> None:
     me = Peer("me", PeerSpec(public_key(), PUBLIC, (ipaddress.ip_network("10.255.0.1/32"),)))
     watcher = peer("open", NatType.OPEN, "203.0.113.3", observed_endpoints={"me": "203.0.113.5:40001"})
     t = traversal(NatType.PORT_RESTRICTED_CONE, [watcher])
-    t._discovery = replace(t._discovery, endpoint=PUBLIC, method=EndpointDiscovery.STUN)
+    t.discoverer.found = replace(t.discoverer.found, endpoint=PUBLIC, method=EndpointDiscovery.STUN)
     t._ensure_io = lambda m: None  # type: ignore[method-assign]
-    t._sync_relays = lambda m: None  # type: ignore[method-assign]
+    t.relays.sync = lambda m: None  # type: ignore[method-assign]
     assert t._view.mesh is not None
     t.update_view(t._view.mesh, (me, watcher), ("192.168.1.5",))
     d = t.discovery()

@@ -8,7 +8,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tests.fixtures.keys import public_key
-from wirekube.agent.traversal import Discovery, Traversal, _View
+from wirekube.agent.pathstate import Discovery, View
+from wirekube.agent.traversal import Traversal
 from wirekube.models import Endpoint, Mesh, MeshSpec, NatType, Peer, PeerSpec, PeerStatus, RelayMode, RelaySpec
 from wirekube.traversal import nat
 
@@ -48,8 +49,8 @@ def traversal(local: NatType, peers: list[Peer], mode: RelayMode = RelayMode.AUT
                   wake=lambda: wakes.append(1))
     t._relay = FakeRelay(relay_up)  # type: ignore[assignment]
     mesh = Mesh("default", MeshSpec(relay=RelaySpec(mode=mode, handshake_timeout_seconds=30)))
-    t._view = _View(mesh, {p.name: p for p in peers}, ("192.168.1.5",))
-    t._discovery = Discovery(nat=nat.Classification(local, "198.51.100.9", 51820))
+    t._view = View(mesh, {p.name: p for p in peers}, ("192.168.1.5",))
+    t.discoverer.found = Discovery(nat=nat.Classification(local, "198.51.100.9", 51820))
     t._sync_peers()
     for state in t._peers.values():
         state.proxy_port = 40000 + len(state.key) % 7  # as if the relay path had opened proxies
