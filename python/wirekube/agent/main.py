@@ -40,7 +40,7 @@ from wirekube.agent import relayproc
 from wirekube.agent.gateway import GatewayAgent
 from wirekube.agent.netlink import Netlink
 from wirekube.agent.plan import HANDSHAKE_FRESH_SECONDS, PeerPath
-from wirekube.agent.pmtu import PathMtu, targets_from
+from wirekube.agent.pmtu import PathMtu, Target, targets_from
 from wirekube.agent.reconcile import Reconciler, ReconcilerSettings, Result, describe
 from wirekube.agent.registration import first_discovered
 from wirekube.agent.relayproc import PathConfig, RelayDatapath, RelayProcessMode, RemoteRelayPath
@@ -107,43 +107,7 @@ class AgentSettings:
 
 
 def parse_args(argv: list[str] | None = None) -> AgentSettings:
-    p = argparse.ArgumentParser(prog="wirekube-agent", description=__doc__.split("\n\n")[0])
-    p.add_argument("--node-name", default=os.environ.get("NODE_NAME"), help="this node's name (env NODE_NAME)")
-    p.add_argument("--state-dir", type=Path, default=keystore.DEFAULT_STATE_DIR)
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--kubeconfig", default=None)
-    source.add_argument("--peers-file", type=Path, default=None, help="static YAML with 'mesh' and 'peers'")
-    p.add_argument("--api-server", default=os.environ.get("WIREKUBE_API_SERVER"), help="https://host:port override")
-    p.add_argument("--engine", choices=[e.value for e in Engine], default=Engine.AUTO.value)
-    p.add_argument("--api-server-ip", action="append", default=[], help="extra address bypassing the mesh")
-    p.add_argument("--resync-seconds", type=float, default=30.0)
-    p.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("WIREKUBE_LOG_FORMAT", "text"))
-    p.add_argument("--log-level", default=os.environ.get("WIREKUBE_LOG_LEVEL", "INFO"))
-    p.add_argument("--wireguard-go", default="wireguard-go")
-    p.add_argument("--socket-dir", type=Path, default=SOCKET_DIR, help=argparse.SUPPRESS)
-    p.add_argument("--once", action="store_true", help="reconcile once, print the operations as JSON, exit")
-    p.add_argument("--dry-run", action="store_true", help="with --once: plan only, change nothing")
-    p.add_argument("--metrics-listen", default=os.environ.get("WIREKUBE_METRICS_LISTEN", ""),
-                   help="host:port or :port for /metrics, /healthz and /readyz (default off)")
-    p.add_argument("--no-traversal", action="store_true",
-                   help="no STUN/relay/failover: every peer direct at its published endpoint")
-    p.add_argument("--imds-url", default=os.environ.get(imdsmod.ENV_URL) or imdsmod.DEFAULT_URL,
-                   help=f"AWS IMDSv2 base URL for the public IPv4 (env {imdsmod.ENV_URL})")
-    p.add_argument("--no-imds", action="store_true",
-                   default=imdsmod.switched_off(os.environ.get(imdsmod.ENV_SWITCH)),
-                   help=f"no AWS IMDS endpoint discovery (env {imdsmod.ENV_SWITCH}=off)")
-    p.add_argument("--relay-ca-file", default=os.environ.get("WIREKUBE_RELAY_CA_FILE") or None, metavar="PATH",
-                   help="CA bundle (PEM) for a wss:// relay's certificate (env WIREKUBE_RELAY_CA_FILE; "
-                        "default: the system's)")
-    p.add_argument("--relay-proxy-credentials-file", metavar="PATH",
-                   default=os.environ.get("WIREKUBE_RELAY_PROXY_CREDENTIALS_FILE") or None,
-                   help="user:password for the HTTPS_PROXY proxy (Basic auth), e.g. from a Secret "
-                        "(env WIREKUBE_RELAY_PROXY_CREDENTIALS_FILE)")
-    p.add_argument("--relay-process", choices=[m.value for m in RelayProcessMode],
-                   default=os.environ.get("WIREKUBE_RELAY_PROCESS", RelayProcessMode.SPAWN.value),
-                   help="where relayed packets are carried: a process of their own that outlives the agent, "
-                        "started by the agent (spawn, default) or run beside it (external: the chart's "
-                        "relaypath container), or inside the agent (inprocess) (env WIREKUBE_RELAY_PROCESS)")
+    p = _parser()
     a = p.parse_args(argv)
     if not a.node_name:
         p.error("--node-name (or NODE_NAME) is required")
@@ -175,6 +139,53 @@ def parse_args(argv: list[str] | None = None) -> AgentSettings:
         relay_ca_file=a.relay_ca_file,
         relay_process=RelayProcessMode(a.relay_process),
     )
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The agent's flags (defaults from the environment where one is named)."""
+    p = argparse.ArgumentParser(prog="wirekube-agent", description=__doc__.split("\n\n")[0])
+    p.add_argument("--node-name", default=os.environ.get("NODE_NAME"), help="this node's name (env NODE_NAME)")
+    p.add_argument("--state-dir", type=Path, default=keystore.DEFAULT_STATE_DIR)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--kubeconfig", default=None)
+    source.add_argument("--peers-file", type=Path, default=None, help="static YAML with 'mesh' and 'peers'")
+    p.add_argument("--api-server", default=os.environ.get("WIREKUBE_API_SERVER"), help="https://host:port override")
+    p.add_argument("--engine", choices=[e.value for e in Engine], default=Engine.AUTO.value)
+    p.add_argument("--api-server-ip", action="append", default=[], help="extra address bypassing the mesh")
+    p.add_argument("--resync-seconds", type=float, default=30.0)
+    p.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("WIREKUBE_LOG_FORMAT", "text"))
+    p.add_argument("--log-level", default=os.environ.get("WIREKUBE_LOG_LEVEL", "INFO"))
+    p.add_argument("--wireguard-go", default="wireguard-go")
+    p.add_argument("--socket-dir", type=Path, default=SOCKET_DIR, help=argparse.SUPPRESS)
+    p.add_argument("--once", action="store_true", help="reconcile once, print the operations as JSON, exit")
+    p.add_argument("--dry-run", action="store_true", help="with --once: plan only, change nothing")
+    p.add_argument("--metrics-listen", default=os.environ.get("WIREKUBE_METRICS_LISTEN", ""),
+                   help="host:port or :port for /metrics, /healthz and /readyz (default off)")
+    _add_reachability_args(p)
+    return p
+
+
+def _add_reachability_args(p: argparse.ArgumentParser) -> None:
+    """How this node is found and reached: traversal, IMDS discovery and the relay connections."""
+    p.add_argument("--no-traversal", action="store_true",
+                   help="no STUN/relay/failover: every peer direct at its published endpoint")
+    p.add_argument("--imds-url", default=os.environ.get(imdsmod.ENV_URL) or imdsmod.DEFAULT_URL,
+                   help=f"AWS IMDSv2 base URL for the public IPv4 (env {imdsmod.ENV_URL})")
+    p.add_argument("--no-imds", action="store_true",
+                   default=imdsmod.switched_off(os.environ.get(imdsmod.ENV_SWITCH)),
+                   help=f"no AWS IMDS endpoint discovery (env {imdsmod.ENV_SWITCH}=off)")
+    p.add_argument("--relay-ca-file", default=os.environ.get("WIREKUBE_RELAY_CA_FILE") or None, metavar="PATH",
+                   help="CA bundle (PEM) for a wss:// relay's certificate (env WIREKUBE_RELAY_CA_FILE; "
+                        "default: the system's)")
+    p.add_argument("--relay-proxy-credentials-file", metavar="PATH",
+                   default=os.environ.get("WIREKUBE_RELAY_PROXY_CREDENTIALS_FILE") or None,
+                   help="user:password for the HTTPS_PROXY proxy (Basic auth), e.g. from a Secret "
+                        "(env WIREKUBE_RELAY_PROXY_CREDENTIALS_FILE)")
+    p.add_argument("--relay-process", choices=[m.value for m in RelayProcessMode],
+                   default=os.environ.get("WIREKUBE_RELAY_PROCESS", RelayProcessMode.SPAWN.value),
+                   help="where relayed packets are carried: a process of their own that outlives the agent, "
+                        "started by the agent (spawn, default) or run beside it (external: the chart's "
+                        "relaypath container), or inside the agent (inprocess) (env WIREKUBE_RELAY_PROCESS)")
 
 
 def _relay_datapath(settings: AgentSettings) -> Callable[[PathConfig], RelayDatapath] | None:
@@ -275,83 +286,22 @@ def run(settings: AgentSettings) -> int:
     logger.info("node key {} (state {})", key_fingerprint(keys.public_key), settings.state_dir)
     stop = threading.Event()
     netlink = Netlink()
-    reconciler: Reconciler | None = None
-    wake = lambda: reconciler.wake.set() if reconciler else None  # noqa: E731
-    metrics = AgentMetrics(settings.node_name)
-    traversal = None
-    if settings.traversal and settings.peers_file is None and not settings.once:
-        traversal = Traversal(
-            settings.node_name,
-            X25519PrivateKey.from_private_bytes(keys.private_bytes),
-            keys.public_key,
-            engine_state=lambda: reconciler.engine.get() if reconciler and reconciler.engine else None,
-            wake=wake,
-            on_failover=lambda peer, seconds: _count_failover(metrics, peer, seconds),
-            on_transition=lambda peer, old, new, reason: _transport_event(source, settings.node_name, peer, old,
-                                                                          new, reason, metrics),
-            relay_proxy=settings.relay_proxy,
-            relay_ca_file=settings.relay_ca_file,
-            fast_switch=lambda key, endpoint: _fast_switch(reconciler, keys.private_key, key, endpoint),
-            relay_datapath=_relay_datapath(settings),
-        )
-    imds = _imds(settings, wake)
-    ready = threading.Event()
-    source, api_ips = _make_source(settings, wake, traversal, imds)
-    paths: Callable[[], Mapping[str, PeerPath]] = dict
-    if traversal is not None:
-        paths = traversal.paths
-    elif settings.once and settings.traversal and settings.peers_file is None:
-        # --once runs no traversal: plan what the running loop keeps (see once_paths).
-        paths = lambda: _once_paths_now(reconciler, source, settings.node_name)  # noqa: E731
-    pathmtu = None
-    if not settings.once:  # path MTU (spec.mtu auto, issue 18): measured per direct peer, on its routes
-        inner_paths = paths
-        pathmtu = PathMtu(
-            lambda: targets_from(reconciler.source.snapshot(), reconciler.engine.get() if reconciler.engine else None,
-                                 inner_paths(), settings.node_name,
-                                 active=traversal.active if traversal is not None else None) if reconciler else {},
-            wake,
-            ifname=lambda: snap.mesh.spec.interface_name if reconciler and (snap := reconciler.source.snapshot())
-            else None,
-        )
-        paths = pathmtu.wrap(inner_paths)
-    requested_by = "spec.engine" if settings.engine is Engine.AUTO else "--engine"
-    reconciler = Reconciler(
-        ReconcilerSettings(
-            node_name=settings.node_name,
-            engine=settings.engine,
-            api_server_ips=tuple(dict.fromkeys((*api_ips, *settings.api_server_ips))),
-            resync_seconds=settings.resync_seconds,
-            wireguard_go=settings.wireguard_go,
-            socket_dir=settings.socket_dir,
-            wireguard_go_log=settings.state_dir / "wireguard-go.log",
-        ),
-        keys,
-        source,
-        netlink,
-        paths=paths,
-        on_snapshot=(lambda snap, facts: traversal.update_view(
-            snap.mesh, snap.peers, tuple(str(a) for a in facts.addresses))) if traversal else None,
-        decorate_status=lambda status: _decorate(pathmtu.decorate(status) if pathmtu else status, traversal,
-                                                 reconciler, metrics, ready, requested_by),
-        guarded=NamedHostGuard(),
-    )
+    parts = _Parts(settings, keys)
+    parts.traversal = parts.make_traversal()
+    parts.imds = _imds(settings, parts.wake)
+    parts.source, api_ips = _make_source(settings, parts.wake, parts.traversal, parts.imds)
+    reconciler = parts.make_reconciler(netlink, api_ips)
     server = None
     if settings.metrics_listen:
         host, _, port = settings.metrics_listen.rpartition(":")
-        server = serve(host or "0.0.0.0", int(port), metrics.registry, ready.is_set)  # noqa: S104 - ':PORT' means every address
-    if traversal is not None:
-        traversal.start()
-    if pathmtu is not None:
-        pathmtu.start()
-    if imds is not None and not settings.once:
-        imds.start()
-    gateway_agent = _gateway_agent(settings, source, metrics_resync=settings.resync_seconds)
+        server = serve(host or "0.0.0.0", int(port), parts.metrics.registry, parts.ready.is_set)  # noqa: S104 - ':PORT' means every address
+    parts.start()
+    gateway_agent = _gateway_agent(settings, parts.source, metrics_resync=settings.resync_seconds)
     try:
         if settings.once:
-            if imds is not None and not settings.dry_run:
-                imds.refresh_if_due()  # one lookup, before registering (a one-shot may wait ~1 s)
-            return _once(reconciler, source, settings.dry_run)
+            if parts.imds is not None and not settings.dry_run:
+                parts.imds.refresh_if_due()  # one lookup, before registering (a one-shot may wait ~1 s)
+            return _once(reconciler, parts.source, settings.dry_run)
         _install_signal_handlers(stop)
         logger.info("agent started (engine {}, resync {}s)", settings.engine.value, settings.resync_seconds)
         reconciler.run(stop)
@@ -360,17 +310,126 @@ def run(settings: AgentSettings) -> int:
     finally:
         if gateway_agent is not None:
             gateway_agent.stop()
-        if traversal is not None:
-            traversal.stop()
-        if pathmtu is not None:
-            pathmtu.stop()
-        if imds is not None:
-            imds.stop()
+        parts.stop()
         if server is not None:
             server.shutdown()
         reconciler.close()
-        source.stop()
+        parts.source.stop()
         netlink.close()
+
+
+class _Parts:
+    """The running agent's parts and their wiring.  Traversal, path MTU and the reconciler call
+    into each other (and into the source) through this object, whose attributes are filled in as
+    the parts are built; every callback reads them when it runs."""
+
+    def __init__(self, settings: AgentSettings, keys: keystore.KeyPair) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.metrics = AgentMetrics(settings.node_name)
+        self.ready = threading.Event()
+        """Set once the first status was decorated (/readyz)."""
+        self.reconciler: Reconciler | None = None
+        self.source: Any = None
+        self.traversal: Traversal | None = None
+        self.pathmtu: PathMtu | None = None
+        self.imds: imdsmod.ImdsDiscovery | None = None
+
+    def wake(self) -> None:
+        if self.reconciler:
+            self.reconciler.wake.set()
+
+    def make_traversal(self) -> Traversal | None:
+        """NAT traversal (STUN, relay, failover): API-server source only, not for ``--once``."""
+        settings, keys, metrics = self.settings, self.keys, self.metrics
+        if not settings.traversal or settings.peers_file is not None or settings.once:
+            return None
+        return Traversal(
+            settings.node_name,
+            X25519PrivateKey.from_private_bytes(keys.private_bytes),
+            keys.public_key,
+            engine_state=lambda: self.reconciler.engine.get() if self.reconciler and self.reconciler.engine else None,
+            wake=self.wake,
+            on_failover=lambda peer, seconds: _count_failover(metrics, peer, seconds),
+            on_transition=lambda peer, old, new, reason: _transport_event(self.source, settings.node_name, peer, old,
+                                                                          new, reason, metrics),
+            relay_proxy=settings.relay_proxy,
+            relay_ca_file=settings.relay_ca_file,
+            fast_switch=lambda key, endpoint: _fast_switch(self.reconciler, keys.private_key, key, endpoint),
+            relay_datapath=_relay_datapath(settings),
+        )
+
+    def make_paths(self) -> Callable[[], Mapping[str, PeerPath]]:
+        """The per-peer path overrides the planner gets: traversal's, or for ``--once`` what the
+        running loop keeps; wrapped by path MTU (spec.mtu auto, issue 18) outside ``--once``."""
+        settings, traversal = self.settings, self.traversal
+        paths: Callable[[], Mapping[str, PeerPath]] = dict
+        if traversal is not None:
+            paths = traversal.paths
+        elif settings.once and settings.traversal and settings.peers_file is None:
+            # --once runs no traversal: plan what the running loop keeps (see once_paths).
+            paths = lambda: _once_paths_now(self.reconciler, self.source, settings.node_name)  # noqa: E731
+        if settings.once:
+            return paths
+        # path MTU (spec.mtu auto, issue 18): measured per direct peer, on its routes
+        inner_paths = paths
+        self.pathmtu = PathMtu(lambda: self._mtu_targets(inner_paths), self.wake, ifname=self._ifname)
+        return self.pathmtu.wrap(inner_paths)
+
+    def _mtu_targets(self, paths: Callable[[], Mapping[str, PeerPath]]) -> dict[str, Target] | None:
+        reconciler, traversal = self.reconciler, self.traversal
+        if not reconciler:
+            return {}
+        return targets_from(reconciler.source.snapshot(), reconciler.engine.get() if reconciler.engine else None,
+                            paths(), self.settings.node_name,
+                            active=traversal.active if traversal is not None else None)
+
+    def _ifname(self) -> str | None:
+        snap = self.reconciler.source.snapshot() if self.reconciler else None
+        return snap.mesh.spec.interface_name if snap else None
+
+    def make_reconciler(self, netlink: Netlink, api_ips: tuple[IPAddress, ...]) -> Reconciler:
+        settings, traversal = self.settings, self.traversal
+        paths = self.make_paths()
+        requested_by = "spec.engine" if settings.engine is Engine.AUTO else "--engine"
+        self.reconciler = Reconciler(
+            ReconcilerSettings(
+                node_name=settings.node_name,
+                engine=settings.engine,
+                api_server_ips=tuple(dict.fromkeys((*api_ips, *settings.api_server_ips))),
+                resync_seconds=settings.resync_seconds,
+                wireguard_go=settings.wireguard_go,
+                socket_dir=settings.socket_dir,
+                wireguard_go_log=settings.state_dir / "wireguard-go.log",
+            ),
+            self.keys,
+            self.source,
+            netlink,
+            paths=paths,
+            on_snapshot=(lambda snap, facts: traversal.update_view(
+                snap.mesh, snap.peers, tuple(str(a) for a in facts.addresses))) if traversal else None,
+            decorate_status=lambda status: _decorate(self.pathmtu.decorate(status) if self.pathmtu else status,
+                                                     traversal, self.reconciler, self.metrics, self.ready,
+                                                     requested_by),
+            guarded=NamedHostGuard(),
+        )
+        return self.reconciler
+
+    def start(self) -> None:
+        if self.traversal is not None:
+            self.traversal.start()
+        if self.pathmtu is not None:
+            self.pathmtu.start()
+        if self.imds is not None and not self.settings.once:
+            self.imds.start()
+
+    def stop(self) -> None:
+        if self.traversal is not None:
+            self.traversal.stop()
+        if self.pathmtu is not None:
+            self.pathmtu.stop()
+        if self.imds is not None:
+            self.imds.stop()
 
 
 def _gateway_agent(settings: AgentSettings, source: object, metrics_resync: float) -> GatewayAgent | None:
