@@ -340,6 +340,9 @@ class Mesh:
 
 
 def mesh_from_cr(obj: Mapping[str, Any]) -> Mesh:
+    """A WireKubeMesh object as a :class:`Mesh`; InvalidObject names the first bad field (fields are
+    checked in a fixed order: the nested maps, meshCIDR, the relay's endpoints, interfaceName,
+    stunServers, mtu, then the remaining fields as they appear in :class:`MeshSpec`)."""
     name = _name(obj)
     c = _Ctx("WireKubeMesh", name)
     spec = c.mapping(obj.get("spec"), "spec")
@@ -355,29 +358,10 @@ def mesh_from_cr(obj: Mapping[str, Any]) -> Mesh:
         mesh_cidr = ipam.parse_mesh_cidr(mesh_cidr_text)
     except ValueError as e:
         raise c.fail("spec.meshCIDR", str(e)) from None
-
-    provider = c.enum(RelayProvider, relay.get("provider"), "spec.relay.provider", RelayProvider.MANAGED)
-    external_endpoint = (
-        c.hostport(external["endpoint"], "spec.relay.external.endpoint")
-        if external.get("endpoint")
-        else None
-    )
-    if provider is RelayProvider.EXTERNAL and external_endpoint is None:
-        raise c.fail("spec.relay.external.endpoint", "required when spec.relay.provider is 'external'")
-    wss_endpoint = None
-    if relay.get("wssEndpoint"):
-        wss_text = c.string(relay.get("wssEndpoint"), "spec.relay.wssEndpoint", "")
-        try:
-            wss_endpoint = RelayURL.parse(wss_text)
-        except ValueError as e:
-            raise c.fail("spec.relay.wssEndpoint", str(e)) from None
-        if wss_endpoint.scheme != "wss" or "://" not in wss_text:
-            raise c.fail("spec.relay.wssEndpoint", f"must be wss://host[:port]/path, got {wss_text!r}")
-
+    relay_endpoints = _relay_endpoints(c, relay, external)
     iface = c.string(spec.get("interfaceName"), "spec.interfaceName", "wire_kube")
     if not _IFNAME.match(iface):
         raise c.fail("spec.interfaceName", f"must be 1-15 characters of [A-Za-z0-9_.-], got {iface!r}")
-
     stun = tuple(
         c.hostport(s, f"spec.stunServers[{i}]")
         for i, s in enumerate(c.list(spec.get("stunServers"), "spec.stunServers"))
@@ -402,38 +386,8 @@ def mesh_from_cr(obj: Mapping[str, Any]) -> Mesh:
             birthday_attack=c.enum(
                 Toggle, nat.get("birthdayAttack"), "spec.natTraversal.birthdayAttack", Toggle.DISABLED
             ),
-            relay=RelaySpec(
-                mode=c.enum(RelayMode, relay.get("mode"), "spec.relay.mode", RelayMode.AUTO),
-                provider=provider,
-                handshake_timeout_seconds=c.integer(
-                    relay.get("handshakeTimeoutSeconds"), "spec.relay.handshakeTimeoutSeconds", 30, 1, 600
-                ),
-                direct_retry_interval_seconds=c.integer(
-                    relay.get("directRetryIntervalSeconds"),
-                    "spec.relay.directRetryIntervalSeconds",
-                    120,
-                    5,
-                    86400,
-                ),
-                external_endpoint=external_endpoint,
-                managed_port=c.integer(managed.get("port"), "spec.relay.managed.port", 3478, 1, 65535),
-                wss_endpoint=wss_endpoint,
-            ),
-            routing=RoutingSpec(
-                exclude_cidrs=tuple(
-                    c.cidr(x, f"spec.routing.excludeCIDRs[{i}]")
-                    for i, x in enumerate(c.list(routing.get("excludeCIDRs"), "spec.routing.excludeCIDRs"))
-                ),
-                local_subnet_policy=c.enum(
-                    LocalSubnetPolicy,
-                    routing.get("localSubnetPolicy"),
-                    "spec.routing.localSubnetPolicy",
-                    LocalSubnetPolicy.SKIP,
-                ),
-                allow_default_route=c.boolean(
-                    routing.get("allowDefaultRoute"), "spec.routing.allowDefaultRoute", False
-                ),
-            ),
+            relay=_relay_spec(c, relay, managed, relay_endpoints),
+            routing=_routing_spec(c, routing),
             pod_cidr_sync=c.enum(PodCIDRSync, spec.get("podCIDRSync"), "spec.podCIDRSync", PodCIDRSync.NONE),
             service_cidrs=tuple(
                 c.cidr(x, f"spec.serviceCIDRs[{i}]")
@@ -441,6 +395,66 @@ def mesh_from_cr(obj: Mapping[str, Any]) -> Mesh:
             ),
         ),
         status=_mesh_status(c, c.mapping(obj.get("status"), "status")),
+    )
+
+
+def _relay_endpoints(c: _Ctx, relay: Mapping[str, Any], external: Mapping[str, Any]) -> RelaySpec:
+    """``spec.relay``'s provider and endpoints (checked early: they depend on each other); the
+    other relay fields keep their defaults until :func:`_relay_spec`."""
+    provider = c.enum(RelayProvider, relay.get("provider"), "spec.relay.provider", RelayProvider.MANAGED)
+    external_endpoint = (
+        c.hostport(external["endpoint"], "spec.relay.external.endpoint")
+        if external.get("endpoint")
+        else None
+    )
+    if provider is RelayProvider.EXTERNAL and external_endpoint is None:
+        raise c.fail("spec.relay.external.endpoint", "required when spec.relay.provider is 'external'")
+    wss_endpoint = None
+    if relay.get("wssEndpoint"):
+        wss_text = c.string(relay.get("wssEndpoint"), "spec.relay.wssEndpoint", "")
+        try:
+            wss_endpoint = RelayURL.parse(wss_text)
+        except ValueError as e:
+            raise c.fail("spec.relay.wssEndpoint", str(e)) from None
+        if wss_endpoint.scheme != "wss" or "://" not in wss_text:
+            raise c.fail("spec.relay.wssEndpoint", f"must be wss://host[:port]/path, got {wss_text!r}")
+    return RelaySpec(provider=provider, external_endpoint=external_endpoint, wss_endpoint=wss_endpoint)
+
+
+def _relay_spec(c: _Ctx, relay: Mapping[str, Any], managed: Mapping[str, Any], endpoints: RelaySpec) -> RelaySpec:
+    """``spec.relay``: the rest of its fields on top of :func:`_relay_endpoints`' answer."""
+    return replace(
+        endpoints,
+        mode=c.enum(RelayMode, relay.get("mode"), "spec.relay.mode", RelayMode.AUTO),
+        handshake_timeout_seconds=c.integer(
+            relay.get("handshakeTimeoutSeconds"), "spec.relay.handshakeTimeoutSeconds", 30, 1, 600
+        ),
+        direct_retry_interval_seconds=c.integer(
+            relay.get("directRetryIntervalSeconds"),
+            "spec.relay.directRetryIntervalSeconds",
+            120,
+            5,
+            86400,
+        ),
+        managed_port=c.integer(managed.get("port"), "spec.relay.managed.port", 3478, 1, 65535),
+    )
+
+
+def _routing_spec(c: _Ctx, routing: Mapping[str, Any]) -> RoutingSpec:
+    return RoutingSpec(
+        exclude_cidrs=tuple(
+            c.cidr(x, f"spec.routing.excludeCIDRs[{i}]")
+            for i, x in enumerate(c.list(routing.get("excludeCIDRs"), "spec.routing.excludeCIDRs"))
+        ),
+        local_subnet_policy=c.enum(
+            LocalSubnetPolicy,
+            routing.get("localSubnetPolicy"),
+            "spec.routing.localSubnetPolicy",
+            LocalSubnetPolicy.SKIP,
+        ),
+        allow_default_route=c.boolean(
+            routing.get("allowDefaultRoute"), "spec.routing.allowDefaultRoute", False
+        ),
     )
 
 
