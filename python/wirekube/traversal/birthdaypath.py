@@ -122,6 +122,29 @@ class ProbeResult:
     """Non-probe datagrams from the peer on the won flow, in arrival order (for WireGuard)."""
 
 
+_Flow = tuple[int, tuple[str, int]]
+"""A flow of the round: (own socket index, the peer's address)."""
+
+
+@dataclass
+class _Round:
+    """One run's bookkeeping: its sockets and schedule, and the settling on one flow."""
+
+    socks: list[socket.socket]
+    schedule: list[tuple[float, int, int]]
+    flow_id: dict[tuple[int, int], int]
+    index: dict[int, int]  # socket fileno -> socket index
+    due: int = 0  # the schedule's next ping
+    proven: list[_Flow] = field(default_factory=list)  # the leader's flows the peer's probes arrived on
+    choice: _Flow | None = None  # the leader's CHOOSE in flight
+    choice_sent: int = 0
+    choice_at: float = 0.0
+    choices: int = 0
+    won: _Flow | None = None
+    pending: dict[_Flow, list[bytes]] = field(default_factory=dict)
+    replies: int = 0
+
+
 @dataclass
 class Prober:
     """One birthday round toward one peer (blocking; run it on its own thread)."""
@@ -151,95 +174,115 @@ class Prober:
 
     def run(self, start_at: float) -> ProbeResult:
         """Wait for ``start_at`` (wall clock), probe, and return the won socket or nothing."""
-        s = self.settings
-        while self.clock() < start_at:
-            if self.cancelled():
-                return ProbeResult(False, self.stats, detail="cancelled")
-            time.sleep(min(0.05, max(0.0, start_at - self.clock())))
-        schedule = birthday.send_schedule(s, self.targets)
-        socks = [self.socket_factory() for _ in range(min(s.sockets, len(self.targets)))]
-        self.stats.sockets = len(socks)
-        self.stats.flows = len({(i, port) for _, i, port in schedule})
-        flow_id = {(i, port): n for n, (i, port) in enumerate(dict.fromkeys((i, p) for _, i, p in schedule))}
-        index = {sock.fileno(): i for i, sock in enumerate(socks)}
-        deadline = start_at + s.budget
-        proven: list[tuple[int, tuple[str, int]]] = []
-        choice: tuple[int, tuple[str, int]] | None = None
-        choice_sent, choice_at, choices = 0, 0.0, 0
-        won: tuple[int, tuple[str, int]] | None = None
-        pending: dict[tuple[int, tuple[str, int]], list[bytes]] = {}
-        replies = 0
-        due = 0
+        if not self._wait_for(start_at):
+            return ProbeResult(False, self.stats, detail="cancelled")
+        r = self._open_round()
+        deadline = start_at + self.settings.budget
         try:
             while True:
                 now = self.clock()
                 if now >= deadline or self.cancelled():
                     break
-                if won is not None:
+                if r.won is not None:
                     break
-                if won is None:
-                    while due < len(schedule) and start_at + schedule[due][0] <= now:
-                        _, i, port = schedule[due]
-                        self._send(socks[i], probe.PING, self._nonce(flow_id[(i, port)]), (self.peer_ip, port))
-                        due += 1
-                if self.leader and won is None:
-                    if choice is not None and choice_sent >= s.choose_attempts and now - choice_at >= s.choose_interval:
-                        choice = None  # never confirmed: try the next proven flow
-                    if choice is None and proven and choices < s.max_choices:
-                        choice, choice_sent, choices = proven.pop(0), 0, choices + 1
-                    if choice is not None and choice_sent < s.choose_attempts and now - choice_at >= s.choose_interval:
-                        self._send(socks[choice[0]], probe.CHOOSE, self._nonce(0), choice[1])
-                        choice_sent, choice_at = choice_sent + 1, now
-                next_due = start_at + schedule[due][0] if due < len(schedule) and won is None else now + 0.05
+                self._send_due_pings(r, start_at, now)
+                if self.leader:
+                    self._lead_choice(r, now)
+                next_due = start_at + r.schedule[r.due][0] if r.due < len(r.schedule) else now + 0.05
                 wait = max(0.0, min(next_due - now, 0.02, deadline - now))
-                ready, _, _ = select.select(socks, [], [], wait)
+                ready, _, _ = select.select(r.socks, [], [], wait)
                 for sock in ready:
-                    i = index[sock.fileno()]
-                    while True:
-                        try:
-                            data, addr = sock.recvfrom(2048)
-                        except (BlockingIOError, InterruptedError):
-                            break
-                        except OSError:
-                            break  # e.g. ICMP port unreachable from an unaligned flow
-                        if addr[0] != self.peer_ip:
-                            continue
-                        flow = (i, (addr[0], addr[1]))
-                        msg = probe.decode(data, lambda k: self.secret if k == self.peer_public else None, ALL_KINDS)
-                        if msg is None:
-                            kept = pending.setdefault(flow, []) if flow in (won, choice) else None
-                            if kept is not None and len(kept) < MAX_PENDING:
-                                kept.append(data)  # the peer's WireGuard already uses this flow
-                            continue
-                        if struct.unpack("!I", msg.nonce[:4])[0] != self.round & 0xFFFFFFFF:
-                            continue
-                        if msg.kind == probe.PING:
-                            self.stats.pings_received += 1
-                            if replies < s.max_replies:
-                                replies += 1
-                                self._send(sock, probe.PONG, msg.nonce, flow[1])
-                            if self.leader and flow not in proven and flow != choice:
-                                proven.append(flow)
-                        elif msg.kind == probe.PONG:
-                            self.stats.pongs_received += 1
-                            if self.leader and flow not in proven and flow != choice:
-                                proven.append(flow)
-                        elif msg.kind == probe.CHOOSE and not self.leader and won is None:
-                            self._send(sock, probe.CHOSEN, msg.nonce, flow[1])
-                            won = flow  # adopted at once; the proxy answers a repeated CHOOSE
-                        elif msg.kind == probe.CHOSEN and self.leader and flow == choice:
-                            won = flow
+                    self._receive(r, sock)
         finally:
             self.stats.elapsed = max(0.0, self.clock() - start_at)
-            keep = socks[won[0]] if won is not None else None
-            for sock in socks:
+            keep = r.socks[r.won[0]] if r.won is not None else None
+            for sock in r.socks:
                 if sock is not keep:
                     sock.close()
-        if won is None:
+        if r.won is None:
             return ProbeResult(False, self.stats, detail="cancelled" if self.cancelled() else "no aligned flow")
         assert keep is not None
         keep.setblocking(False)
-        return ProbeResult(True, self.stats, keep, won[1], pending=pending.get(won, []))
+        return ProbeResult(True, self.stats, keep, r.won[1], pending=r.pending.get(r.won, []))
+
+    def _wait_for(self, start_at: float) -> bool:
+        """Sleep until ``start_at`` (wall clock); False: cancelled meanwhile."""
+        while self.clock() < start_at:
+            if self.cancelled():
+                return False
+            time.sleep(min(0.05, max(0.0, start_at - self.clock())))
+        return True
+
+    def _open_round(self) -> _Round:
+        """The round's sockets and ping schedule (counted in the stats)."""
+        schedule = birthday.send_schedule(self.settings, self.targets)
+        socks = [self.socket_factory() for _ in range(min(self.settings.sockets, len(self.targets)))]
+        self.stats.sockets = len(socks)
+        self.stats.flows = len({(i, port) for _, i, port in schedule})
+        flow_id = {(i, port): n for n, (i, port) in enumerate(dict.fromkeys((i, p) for _, i, p in schedule))}
+        return _Round(socks, schedule, flow_id, {sock.fileno(): i for i, sock in enumerate(socks)})
+
+    def _send_due_pings(self, r: _Round, start_at: float, now: float) -> None:
+        """Every ping of the schedule whose time has come."""
+        while r.due < len(r.schedule) and start_at + r.schedule[r.due][0] <= now:
+            _, i, port = r.schedule[r.due]
+            self._send(r.socks[i], probe.PING, self._nonce(r.flow_id[(i, port)]), (self.peer_ip, port))
+            r.due += 1
+
+    def _lead_choice(self, r: _Round, now: float) -> None:
+        """The leader's side of settling on a flow: CHOOSE over the first proven flow, retried, and
+        the next proven one when it is never confirmed."""
+        s = self.settings
+        if r.choice is not None and r.choice_sent >= s.choose_attempts and now - r.choice_at >= s.choose_interval:
+            r.choice = None  # never confirmed: try the next proven flow
+        if r.choice is None and r.proven and r.choices < s.max_choices:
+            r.choice, r.choice_sent, r.choices = r.proven.pop(0), 0, r.choices + 1
+        if r.choice is not None and r.choice_sent < s.choose_attempts and now - r.choice_at >= s.choose_interval:
+            self._send(r.socks[r.choice[0]], probe.CHOOSE, self._nonce(0), r.choice[1])
+            r.choice_sent, r.choice_at = r.choice_sent + 1, now
+
+    def _receive(self, r: _Round, sock: socket.socket) -> None:
+        """Everything the socket holds: the peer's probes are handled, its other datagrams on the
+        won or chosen flow kept for WireGuard, anything else dropped."""
+        i = r.index[sock.fileno()]
+        while True:
+            try:
+                data, addr = sock.recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break  # e.g. ICMP port unreachable from an unaligned flow
+            if addr[0] != self.peer_ip:
+                continue
+            flow = (i, (addr[0], addr[1]))
+            msg = probe.decode(data, lambda k: self.secret if k == self.peer_public else None, ALL_KINDS)
+            if msg is None:
+                kept = r.pending.setdefault(flow, []) if flow in (r.won, r.choice) else None
+                if kept is not None and len(kept) < MAX_PENDING:
+                    kept.append(data)  # the peer's WireGuard already uses this flow
+                continue
+            if struct.unpack("!I", msg.nonce[:4])[0] != self.round & 0xFFFFFFFF:
+                continue
+            self._handle(r, sock, flow, msg)
+
+    def _handle(self, r: _Round, sock: socket.socket, flow: _Flow, msg: probe.Probe) -> None:
+        """One probe of this round from the peer: answer a ping, note a proven flow, settle on a flow."""
+        if msg.kind == probe.PING:
+            self.stats.pings_received += 1
+            if r.replies < self.settings.max_replies:
+                r.replies += 1
+                self._send(sock, probe.PONG, msg.nonce, flow[1])
+            if self.leader and flow not in r.proven and flow != r.choice:
+                r.proven.append(flow)
+        elif msg.kind == probe.PONG:
+            self.stats.pongs_received += 1
+            if self.leader and flow not in r.proven and flow != r.choice:
+                r.proven.append(flow)
+        elif msg.kind == probe.CHOOSE and not self.leader and r.won is None:
+            self._send(sock, probe.CHOSEN, msg.nonce, flow[1])
+            r.won = flow  # adopted at once; the proxy answers a repeated CHOOSE
+        elif msg.kind == probe.CHOSEN and self.leader and flow == r.choice:
+            r.won = flow
 
 
 class _ProxyProtocol(asyncio.DatagramProtocol):
