@@ -163,6 +163,42 @@ def _now() -> str:
 CONNECTION_POOL_SIZE = 32
 
 
+def _kubeconfig_configuration(path: str | None, context: str | None) -> kubernetes.client.Configuration:
+    """The client configuration from a kubeconfig file (None: ~/.kube/config); InvalidConfig
+    naming the file when it is missing, unreadable or not a kubeconfig."""
+    where = f"kubeconfig {path}" if path else "kubeconfig (~/.kube/config)"
+    if path and not os.path.isfile(path):
+        raise errors.InvalidConfig(f"{where}: no such file")
+    cfg = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=path, context=context, client_configuration=cfg)
+    except OSError as e:
+        raise errors.InvalidConfig(f"{where}: {e.strerror or e}") from e
+    except kubernetes.config.ConfigException as e:
+        raise errors.InvalidConfig(f"{where}: {(str(e).strip() or 'invalid').splitlines()[0]}") from e
+    except yaml.YAMLError as e:
+        raise errors.InvalidConfig(f"{where}: not valid YAML") from e
+    except (TypeError, AttributeError, KeyError, ValueError) as e:
+        raise errors.InvalidConfig(f"{where}: not a kubeconfig (expected a YAML mapping with clusters, "
+                                   f"users and contexts)") from e
+    cfg.connection_pool_maxsize = CONNECTION_POOL_SIZE
+    return cfg
+
+
+def _in_cluster_configuration(host_override: str | None) -> kubernetes.client.Configuration:
+    """The client configuration of a pod's service account (``host_override``: another API server URL)."""
+    cfg = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+    except (kubernetes.config.ConfigException, OSError) as e:
+        raise errors.InvalidConfig(f"in-cluster configuration: {e}") from e
+    if host_override:
+        cfg.host = host_override
+    cfg.connection_pool_maxsize = CONNECTION_POOL_SIZE
+    return cfg
+
+
 class Kube:
     """A thin, typed-error wrapper over the API client, speaking dicts."""
 
@@ -174,38 +210,13 @@ class Kube:
     def from_kubeconfig(cls, path: str | None = None, context: str | None = None) -> Kube:
         """Raises :class:`errors.InvalidConfig` naming the file when it is missing, unreadable
         or not a kubeconfig (the client library's own errors never reach a caller)."""
-        where = f"kubeconfig {path}" if path else "kubeconfig (~/.kube/config)"
-        if path and not os.path.isfile(path):
-            raise errors.InvalidConfig(f"{where}: no such file")
-        cfg = kubernetes.client.Configuration()
-        try:
-            kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
-                config_file=path, context=context, client_configuration=cfg)
-        except OSError as e:
-            raise errors.InvalidConfig(f"{where}: {e.strerror or e}") from e
-        except kubernetes.config.ConfigException as e:
-            raise errors.InvalidConfig(f"{where}: {(str(e).strip() or 'invalid').splitlines()[0]}") from e
-        except yaml.YAMLError as e:
-            raise errors.InvalidConfig(f"{where}: not valid YAML") from e
-        except (TypeError, AttributeError, KeyError, ValueError) as e:
-            raise errors.InvalidConfig(f"{where}: not a kubeconfig (expected a YAML mapping with clusters, "
-                                       f"users and contexts)") from e
-        cfg.connection_pool_maxsize = CONNECTION_POOL_SIZE
-        return cls(kubernetes.client.ApiClient(cfg))
+        return cls(kubernetes.client.ApiClient(_kubeconfig_configuration(path, context)))
 
     @classmethod
     def in_cluster(cls, host_override: str | None = None) -> Kube:
         """In a pod.  ``host_override`` (https://host:port) serves nodes that cannot reach the
         Service ClusterIP before the CNI is up (e.g. the EKS public endpoint)."""
-        cfg = kubernetes.client.Configuration()
-        try:
-            kubernetes.config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-        except (kubernetes.config.ConfigException, OSError) as e:
-            raise errors.InvalidConfig(f"in-cluster configuration: {e}") from e
-        if host_override:
-            cfg.host = host_override
-        cfg.connection_pool_maxsize = CONNECTION_POOL_SIZE
-        return cls(kubernetes.client.ApiClient(cfg))
+        return cls(kubernetes.client.ApiClient(_in_cluster_configuration(host_override)))
 
     @classmethod
     def auto(cls, kubeconfig: str | None = None, host_override: str | None = None) -> Kube:
