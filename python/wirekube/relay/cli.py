@@ -137,21 +137,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM, how long clients told to reconnect elsewhere (GoAway) have before the "
                         "rest are closed (default 10)")
+    _add_wss_arguments(p)
+    p.add_argument("--reuse-port", action="store_true",
+                   help="SO_REUSEPORT on the relay's sockets, so several relay processes meshed over local links "
+                        "(--mesh-peers) share one address; the kernel spreads connections among them")
+    _add_mesh_arguments(p)
+    _add_status_arguments(p)
+    p.add_argument("--log-format", choices=("json", "text"), default="json", help="json (default) or text")
+    p.add_argument("--log-level", default="INFO", help="loguru level (default INFO)")
+    return p
+
+
+def _add_wss_arguments(p: argparse.ArgumentParser) -> None:
+    """The WSS listener's flags (the relay protocol over WebSocket over TLS)."""
     w = p.add_argument_group("WebSocket over TLS", "the same protocol for clients that only reach port 443 "
                              "or an HTTP CONNECT proxy")
-    w.add_argument("--wss-listen", type=lambda t: parse_hostport(t, 443), default=None, metavar=hp,
+    w.add_argument("--wss-listen", type=lambda t: parse_hostport(t, 443), default=None, metavar="HOST:PORT",
                    help="TCP address of the WSS listener (port defaults to 443); needs --tls-cert and --tls-key")
     w.add_argument("--wss-path", default=None, metavar="PATH",
                    help="the only HTTP path upgraded to a WebSocket, e.g. /relay (default: any path)")
     w.add_argument("--tls-cert", default=None, metavar="PATH", help="PEM certificate chain (e.g. a Secret's tls.crt)")
     w.add_argument("--tls-key", default=None, metavar="PATH", help="PEM private key (e.g. a Secret's tls.key)")
-    p.add_argument("--reuse-port", action="store_true",
-                   help="SO_REUSEPORT on the relay's sockets, so several relay processes meshed over local links "
-                        "(--mesh-peers) share one address; the kernel spreads connections among them")
+
+
+def _add_mesh_arguments(p: argparse.ArgumentParser) -> None:
+    """The replica mesh's flags (replicas behind one load balancer)."""
     m = p.add_argument_group("replica mesh", "relay replicas behind one load balancer act as one relay")
     m.add_argument("--mesh-secret-file", default=None, metavar="PATH",
                    help="the secret every replica shares (at least 16 bytes); turns the mesh on")
-    m.add_argument("--mesh-listen", type=parse_hostport, default=None, metavar=hp,
+    m.add_argument("--mesh-listen", type=parse_hostport, default=None, metavar="HOST:PORT",
                    help="TCP address for links from other replicas (default 0.0.0.0:3480)")
     m.add_argument("--mesh-peers", type=_hostport_list, default=(), metavar="HOST:PORT,...",
                    help="other replicas' mesh addresses (may include this one's own)")
@@ -159,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="find the replicas in the EndpointSlices of this (headless) Service instead")
     m.add_argument("--mesh-namespace", default=None, metavar="NAMESPACE",
                    help="the Service's namespace (default: $POD_NAMESPACE, else the pod's own namespace)")
+
+
+def _add_status_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of the Lease that ``wirekubectl status`` reads about this replica."""
     st = p.add_argument_group("status", "what `wirekubectl status` shows about this replica")
     st.add_argument("--status-lease", default=None, metavar="NAME",
                     help="keep the Lease NAME (labelled wirekube.io/relay-replica) with this replica's key and "
@@ -166,9 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
                          "owned by the Pod $POD_NAME/$POD_UID when both are set")
     st.add_argument("--status-namespace", default=None, metavar="NAMESPACE",
                     help="the Lease's namespace (default: $POD_NAMESPACE, else the pod's own namespace)")
-    p.add_argument("--log-format", choices=("json", "text"), default="json", help="json (default) or text")
-    p.add_argument("--log-level", default="INFO", help="loguru level (default INFO)")
-    return p
 
 
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
