@@ -156,10 +156,8 @@ class WsBridge(asyncio.BufferedProtocol):
         self.closing = False
         self._lost = False
         self._stream = WsStreamTransport(self)
-        self._handshake_timeout = handshake_timeout
         self._close_timeout = close_timeout
         self._on_violation = on_violation
-        self._timer: asyncio.TimerHandle | None = None
         self._rbuf = memoryview(bytearray(0))
         self._out: deque[bytes] = deque()
         self.queued = 0
@@ -168,12 +166,12 @@ class WsBridge(asyncio.BufferedProtocol):
         self.low_water = 16 * 1024
         self._outer_paused = False
         self._inner_paused = False
-        self._request: Request | None = None
         self._reported = False
         self.peer = "?"
         loop = asyncio.get_running_loop()
         self._loop = loop
         self.opened: asyncio.Future[None] = loop.create_future()
+        self._upgrade = _Upgrade(self, handshake_timeout)
 
     @classmethod
     def server(cls, factory: Callable[[], InnerProtocol], *, path: str | None = None, max_message: int = MAX_MESSAGE,
@@ -197,11 +195,7 @@ class WsBridge(asyncio.BufferedProtocol):
         self.transport.set_write_buffer_limits(high=OUTER_HIGH_WATER)
         peername = transport.get_extra_info("peername")
         self.peer = f"{peername[0]}:{peername[1]}" if peername else "?"
-        self._timer = self._loop.call_later(self._handshake_timeout, self._handshake_expired)
-        if isinstance(self.ws, ClientProtocol):
-            self._request = self.ws.connect()
-            self.ws.send_request(self._request)
-            self._flush()
+        self._upgrade.start()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         """Where TLS decrypts to, with no ``bytes`` made per read (the copying read path of
@@ -239,9 +233,9 @@ class WsBridge(asyncio.BufferedProtocol):
                         return
                 self._frame(event)
             elif isinstance(event, Request):
-                self._upgrade_request(event)
+                self._upgrade.request_received(event)
             elif isinstance(event, Response):
-                self._upgrade_response(event)
+                self._upgrade.response_received(event)
             if self._lost:
                 return
         if payloads:
@@ -266,7 +260,7 @@ class WsBridge(asyncio.BufferedProtocol):
         self.closing = True
         self._out.clear()
         self.queued = 0
-        self._cancel_timer()
+        self._upgrade.cancel_timer()
         if not self.opened.done():
             self.opened.set_exception(ConnectionError(f"connection closed before the WebSocket opened{_because(exc)}"))
             self.opened.exception()
@@ -280,51 +274,15 @@ class WsBridge(asyncio.BufferedProtocol):
         self._outer_paused = False
         self._drain_out()
 
-    # -- the upgrade --------------------------------------------------------------------------
-
-    def _upgrade_request(self, request: Request) -> None:
-        ws = cast(ServerProtocol, self.ws)
-        if self.path is not None and request.path.split("?", 1)[0] != self.path:
-            response = ws.reject(404, "no relay at this path\n")
-            ws.send_response(response)
-            self._violation("bad_path", f"upgrade for path {request.path[:80]!r}")
-            return
-        response = ws.accept(request)
-        ws.send_response(response)
-        if response.status_code != 101:
-            self._violation("bad_upgrade", f"upgrade refused with {response.status_code} ({ws.handshake_exc})")
-            return
-        self._flush()
-        self._open()
-
-    def _upgrade_response(self, response: Response) -> None:
-        ws = self.ws
-        if ws.handshake_exc is not None:
-            message = f"WebSocket upgrade refused: HTTP {response.status_code} {response.reason_phrase}"
-            if not self.opened.done():
-                self.opened.set_exception(ConnectionError(message))
-                self.opened.exception()
-            self._abort()
-            return
-        self._open()
+    # -- the upgrade (see _Upgrade) ----------------------------------------------------------
 
     def _open(self) -> None:
-        self._cancel_timer()
+        self._upgrade.cancel_timer()
         inner = self._factory()
         self.inner = inner
         inner.connection_made(self._stream)
         if not self.opened.done():
             self.opened.set_result(None)
-
-    def _handshake_expired(self) -> None:
-        self._timer = None
-        if self.ws.state is State.CONNECTING:
-            if not self.opened.done():
-                self.opened.set_exception(TimeoutError("WebSocket upgrade timed out"))
-                self.opened.exception()
-            if isinstance(self.ws, ServerProtocol):
-                self._violation("upgrade_timeout", "no WebSocket upgrade in time")
-            self._abort()
 
     # -- frames -------------------------------------------------------------------------------
 
@@ -439,7 +397,7 @@ class WsBridge(asyncio.BufferedProtocol):
 
     def _abort(self) -> None:
         self.closing = True
-        self._cancel_timer()
+        self._upgrade.cancel_timer()
         if self.transport is not None and not self._lost:
             self.transport.abort()
 
@@ -457,7 +415,66 @@ class WsBridge(asyncio.BufferedProtocol):
         if self.ws.close_expected():
             self._closing_started()
 
-    def _cancel_timer(self) -> None:
+
+class _Upgrade:
+    """The opening handshake of one :class:`WsBridge`: the HTTP upgrade (a server answers the
+    client's request; a client sends one and reads the answer) and its deadline."""
+
+    def __init__(self, bridge: WsBridge, timeout: float) -> None:
+        self._bridge = bridge
+        self._timeout = timeout
+        self._timer: asyncio.TimerHandle | None = None
+        self.request: Request | None = None
+        """A client's upgrade request, as sent."""
+
+    def start(self) -> None:
+        """The connection is made: start the deadline, and as a client send the request."""
+        bridge = self._bridge
+        self._timer = bridge._loop.call_later(self._timeout, self._expired)
+        if isinstance(bridge.ws, ClientProtocol):
+            self.request = bridge.ws.connect()
+            bridge.ws.send_request(self.request)
+            bridge._flush()
+
+    def request_received(self, request: Request) -> None:
+        bridge = self._bridge
+        ws = cast(ServerProtocol, bridge.ws)
+        if bridge.path is not None and request.path.split("?", 1)[0] != bridge.path:
+            response = ws.reject(404, "no relay at this path\n")
+            ws.send_response(response)
+            bridge._violation("bad_path", f"upgrade for path {request.path[:80]!r}")
+            return
+        response = ws.accept(request)
+        ws.send_response(response)
+        if response.status_code != 101:
+            bridge._violation("bad_upgrade", f"upgrade refused with {response.status_code} ({ws.handshake_exc})")
+            return
+        bridge._flush()
+        bridge._open()
+
+    def response_received(self, response: Response) -> None:
+        bridge = self._bridge
+        if bridge.ws.handshake_exc is not None:
+            message = f"WebSocket upgrade refused: HTTP {response.status_code} {response.reason_phrase}"
+            if not bridge.opened.done():
+                bridge.opened.set_exception(ConnectionError(message))
+                bridge.opened.exception()
+            bridge._abort()
+            return
+        bridge._open()
+
+    def _expired(self) -> None:
+        self._timer = None
+        bridge = self._bridge
+        if bridge.ws.state is State.CONNECTING:
+            if not bridge.opened.done():
+                bridge.opened.set_exception(TimeoutError("WebSocket upgrade timed out"))
+                bridge.opened.exception()
+            if isinstance(bridge.ws, ServerProtocol):
+                bridge._violation("upgrade_timeout", "no WebSocket upgrade in time")
+            bridge._abort()
+
+    def cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
