@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from wirekube.cli.nodestate import NodeState
+from wirekube.cli.nodestate import AgentProbe, NodeState
 from wirekube.models import ROUTE_TABLE as ROUTE_TABLE_ID
 from wirekube.traversal import pmtu
 
@@ -251,45 +251,13 @@ def check_local(state: NodeState) -> list[Finding]:
     one maintains.  With an agent answering, the same objects are its working dataplane.
     """
     agent = state.agent
-    ifname = state.interface
-    link = None
-    if state.link_kind is not None:
-        engine = {"wireguard": "kernel WireGuard", "tun": "wireguard-go"}.get(state.link_kind, state.link_kind)
-        pid = f", daemon pid {state.daemon_pid}" if state.daemon_pid is not None else ""
-        link = f"{engine} link {ifname}, {'up' if state.link_up else 'down'}{pid}"
-    elif state.daemon_pid is not None:
-        link = f"wireguard-go pid {state.daemon_pid} serves {ifname} but the link is gone"
-    owned = [r for r in state.rules if r.owned]
+    items = _local_items(state)
     foreign = [r for r in state.rules if not r.owned]
-    items: list[tuple[str, bool | None, str, str]] = [
-        # subject, present (None: unknown), detail, fix when stale
-        (f"link {ifname}", link is not None, link or f"no link {ifname}", CLEANUP_FIX),
-        ("ip rules", bool(owned), f"{_count(len(owned), 'WireKube rule')}: " + "; ".join(r.text for r in owned)
-         if owned else "no WireKube rules", CLEANUP_FIX),
-        (f"table {ROUTE_TABLE_ID}", bool(state.routes), _routes_detail(state.routes), CLEANUP_FIX),
-        ("nft inet wirekube", state.nft.present, state.nft.detail or "no table inet wirekube", CLEANUP_FIX),
-        ("nft inet wirekube_mss", state.mss.present, state.mss.detail or "no table inet wirekube_mss", CLEANUP_FIX),
-    ]
     findings: list[Finding] = []
     stale = any(present for _, present, _, _ in items) or bool(foreign)
     where = f" (netns {state.netns})" if state.netns else ""
     if agent.healthy:
-        ready = "" if agent.ready is None else (", ready" if agent.ready else ", NOT ready")
-        if agent.ready is False:
-            findings.append(Finding("agent-running", WARN, agent.url, f"{agent.detail}{ready}{where}",
-                                    "the agent has not applied a plan yet: check its log (API server reachable? "
-                                    "WireKubeMesh 'default' present?)"))
-        else:
-            findings.append(Finding("agent-running", OK, agent.url, f"{agent.detail}{ready}{where}"))
-        for subject, present, detail, _ in items:
-            if present is None:
-                findings.append(Finding("local-dataplane", WARN, subject, detail, "run as root with nft installed"))
-            elif present or subject.startswith(("table", "nft")):
-                # no routes (no peers yet) and no nft table (not a gateway node, a fixed MTU) are normal
-                findings.append(Finding("local-dataplane", OK, subject, detail))
-            else:
-                findings.append(Finding("local-dataplane", WARN, subject, f"{detail} although the agent runs",
-                                        "the agent sets it up on its next pass; if it stays missing, check its log"))
+        findings.extend(_working_dataplane(agent, items, where))
     elif stale:
         findings.append(Finding("agent-running", FAIL, agent.url, f"no agent runs here: {agent.detail}{where}",
                                 "restart the agent on this node, or remove the stale state with `wirekubectl cleanup`"))
@@ -310,6 +278,53 @@ def check_local(state: NodeState) -> list[Finding]:
         findings.append(Finding("foreign-rule", WARN if agent.healthy else FAIL, f"pref {r.priority}",
                                 f"a rule WireKube did not write sends traffic to table {ROUTE_TABLE_ID}: {r.text}",
                                 f"remove it by hand (`ip rule del pref {r.priority}`); cleanup leaves foreign rules"))
+    return findings
+
+
+_LocalItem = tuple[str, bool | None, str, str]
+"""subject, present (None: unknown), detail, fix when stale."""
+
+
+def _local_items(state: NodeState) -> list[_LocalItem]:
+    """Each piece of WireKube state this node can hold, and whether it is there."""
+    ifname = state.interface
+    link = None
+    if state.link_kind is not None:
+        engine = {"wireguard": "kernel WireGuard", "tun": "wireguard-go"}.get(state.link_kind, state.link_kind)
+        pid = f", daemon pid {state.daemon_pid}" if state.daemon_pid is not None else ""
+        link = f"{engine} link {ifname}, {'up' if state.link_up else 'down'}{pid}"
+    elif state.daemon_pid is not None:
+        link = f"wireguard-go pid {state.daemon_pid} serves {ifname} but the link is gone"
+    owned = [r for r in state.rules if r.owned]
+    return [
+        (f"link {ifname}", link is not None, link or f"no link {ifname}", CLEANUP_FIX),
+        ("ip rules", bool(owned), f"{_count(len(owned), 'WireKube rule')}: " + "; ".join(r.text for r in owned)
+         if owned else "no WireKube rules", CLEANUP_FIX),
+        (f"table {ROUTE_TABLE_ID}", bool(state.routes), _routes_detail(state.routes), CLEANUP_FIX),
+        ("nft inet wirekube", state.nft.present, state.nft.detail or "no table inet wirekube", CLEANUP_FIX),
+        ("nft inet wirekube_mss", state.mss.present, state.mss.detail or "no table inet wirekube_mss", CLEANUP_FIX),
+    ]
+
+
+def _working_dataplane(agent: AgentProbe, items: Sequence[_LocalItem], where: str) -> list[Finding]:
+    """With an agent answering: the agent's readiness, and each piece as part of its dataplane."""
+    findings: list[Finding] = []
+    ready = "" if agent.ready is None else (", ready" if agent.ready else ", NOT ready")
+    if agent.ready is False:
+        findings.append(Finding("agent-running", WARN, agent.url, f"{agent.detail}{ready}{where}",
+                                "the agent has not applied a plan yet: check its log (API server reachable? "
+                                "WireKubeMesh 'default' present?)"))
+    else:
+        findings.append(Finding("agent-running", OK, agent.url, f"{agent.detail}{ready}{where}"))
+    for subject, present, detail, _ in items:
+        if present is None:
+            findings.append(Finding("local-dataplane", WARN, subject, detail, "run as root with nft installed"))
+        elif present or subject.startswith(("table", "nft")):
+            # no routes (no peers yet) and no nft table (not a gateway node, a fixed MTU) are normal
+            findings.append(Finding("local-dataplane", OK, subject, detail))
+        else:
+            findings.append(Finding("local-dataplane", WARN, subject, f"{detail} although the agent runs",
+                                    "the agent sets it up on its next pass; if it stays missing, check its log"))
     return findings
 
 
