@@ -35,9 +35,12 @@ def _loopback(port: int) -> Endpoint:
 
 
 @dataclass
-class _TickWork:
-    """What one tick decided under the lock, done after it is released."""
+class _Tick:
+    """One tick: its clocks and timing, and what it decided under the lock (done after it is released)."""
 
+    now: float  # monotonic
+    wall: float
+    timing: pathsm.Timing
     changed: bool = False
     probes: list[str] = field(default_factory=list)
     roamed: dict[str, Endpoint] = field(default_factory=dict)
@@ -78,14 +81,13 @@ class Failover:
         wg = t._engine_state()
         if wg is None:
             return
-        work = _TickWork()
         with t._lock:
             mesh = t._view.mesh
             if mesh is None or mesh.spec.relay.mode is not RelayMode.AUTO:
                 return
-            timing_ = timing(mesh, t.settings.stall_after)
+            work = _Tick(now, wall, timing(mesh, t.settings.stall_after))
             for name, state in t._peers.items():
-                self._step(name, state, wg.peers.get(state.key), now, wall, timing_, work)
+                self._step(name, state, wg.peers.get(state.key), work)
         for key, proxy in work.switch:
             if t._fast_switch is not None:
                 try:
@@ -99,10 +101,9 @@ class Failover:
             t._report_transitions()
             t._wake()
 
-    def _step(self, name: str, state: PeerState, ws: WgPeerState | None, now: float, wall: float,
-              timing_: pathsm.Timing, work: _TickWork) -> None:
+    def _step(self, name: str, state: PeerState, ws: WgPeerState | None, work: _Tick) -> None:
         """One peer's tick (lock held): liveness, following the peer, roaming back, the state machine."""
-        t = self._t
+        t, now = self._t, work.now
         rx = ws.rx_bytes if ws is not None else 0
         state.live = liveness.observe(state.live, now, ws.tx_bytes if ws is not None else 0, rx,
                                       t.heartbeat.beats(name))
@@ -121,10 +122,10 @@ class Failover:
             state.awaiting_direct_since = None
         if (state.path.transport is Transport.DIRECT and at_proxy and not settling
                 and state.awaiting_direct_since is None and t.relay_available()):
-            state.path = pathsm.follow_to_relay(state.path, now, timing_)
+            state.path = pathsm.follow_to_relay(state.path, now, work.timing)
             if name in t.birthdays.sessions:
                 state.path = replace(state.path, relay_by_matrix=True)
-                t.birthdays.lost(name, wall)
+                t.birthdays.lost(name, work.wall)
             t._log.warning("peer {}: it now reaches us through the relay; following it", name)
             work.changed = True
             return
@@ -136,15 +137,14 @@ class Failover:
             work.probes.append(name)
             work.roamed[name] = ws.config.endpoint
             t._log.info("peer {}: it reaches us directly again; probing direct now", name)
-        self._machine(name, state, rx, now, wall, timing_, work)
+        self._machine(name, state, rx, work)
 
-    def _machine(self, name: str, state: PeerState, rx: int, now: float, wall: float,
-                 timing_: pathsm.Timing, work: _TickWork) -> None:
+    def _machine(self, name: str, state: PeerState, rx: int, work: _Tick) -> None:
         """The path state machine's tick for one peer (lock held), and what its action asks for."""
         t = self._t
-        stall_after = state.live.stall_after(timing_.stall_after)
-        new, action = pathsm.tick(state.path, now, rx, timing_, wall=wall,
-                                  unanswered_for=state.live.unanswered_for(now), stall_after=stall_after)
+        stall_after = state.live.stall_after(work.timing.stall_after)
+        new, action = pathsm.tick(state.path, work.now, rx, work.timing, wall=work.wall,
+                                  unanswered_for=state.live.unanswered_for(work.now), stall_after=stall_after)
         if action is pathsm.Action.USE_RELAY:
             if not state.proxy_port or not t.relay_available():
                 return  # no relay path to fail over to: keep trying direct
@@ -152,7 +152,7 @@ class Failover:
                            name, new.reason, state.live.unanswered_seconds(), state.live.unanswered, stall_after)
             if name in t.birthdays.sessions:  # a won birthday path died: new rounds after the retry interval
                 new = replace(new, relay_by_matrix=True)
-                t.birthdays.lost(name, wall)
+                t.birthdays.lost(name, work.wall)
             if new.failovers > state.path.failovers and t._on_failover:
                 t._on_failover(name, new.last_failover_detect_s)
             if name not in t.birthdays.sessions:
