@@ -61,80 +61,67 @@ Design:
   unless ``keep_logs``, the logs of processes the lab started that lie in ``<workdir>/logs``;
   then the logs directory and the workdir if they are empty.  It never removes other files.  The
   shared ``/run/wireguard`` mount point on the host is created if missing and left in place.
+
+Modules: :mod:`~wirekube.lab.plan` plans the network as data, :mod:`~wirekube.lab.netbuild` applies
+the plan, :mod:`~wirekube.lab.supervisor` starts, records and stops processes,
+:mod:`~wirekube.lab.holders` keeps each node's namespaces (or qemu guest) alive,
+:mod:`~wirekube.lab.cleanup` removes a lab, :mod:`~wirekube.lab.netbase` holds what they share (the
+state file, the workdir lock, :class:`LabError`), and :class:`~wirekube.lab.labview.LabView` is what
+a lab is, read from its plan.  :class:`Lab` coordinates them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import ipaddress
-import json
 import os
-import select
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from loguru import logger
 
-from wirekube.errors import WireKubeError
-from wirekube.lab import nat, procs, vm
-from wirekube.lab.plan import (
-    IF_WAN,
-    INTERNET,
-    HostInfo,
-    LabPlan,
-    NodeInfo,
-    PodInfo,
-    RouterInfo,
-    check_lab_name,
-    netns_prefix,
-    plan_lab,
+from wirekube.lab import nat, netbuild, vm
+from wirekube.lab.cleanup import cleanup
+from wirekube.lab.holders import Holders
+from wirekube.lab.labview import LabView
+from wirekube.lab.netbase import (
+    DEFAULT_ROOT,
+    NETNS_DIR,
+    PRIVATE_DIR,
+    READY_TIMEOUT_S,
+    STATE_VERSION,
+    WIREGUARD_RUN,
+    LabError,
+    LabNotFound,
+    LabState,
+    default_workdir,
+    lab_namespaces,
+    locked,
+    run,
 )
+from wirekube.lab.plan import IF_WAN, INTERNET, check_lab_name
 from wirekube.lab.procs import ProcessRecord
-from wirekube.lab.topology import DEFAULT_WAN_MTU, MIN_WAN_MTU, Endpoint, NatKind, Topology, parse_topology
+from wirekube.lab.supervisor import Supervisor, wait_ready_line
+from wirekube.lab.topology import DEFAULT_WAN_MTU, MIN_WAN_MTU, Endpoint, Topology, parse_topology
 
-DEFAULT_ROOT = Path("/run/wirekube-lab")
-NETNS_DIR = Path("/run/netns")
-WIREGUARD_RUN = Path("/run/wireguard")
-STATE_VERSION = 1
-PRIVATE_DIR = "net"  # <workdir>/net: holders' ready files and log, proxies' ready files
-READY_TIMEOUT_S = 10.0
-
-
-class LabError(WireKubeError):
-    """A lab operation failed; ``command`` and ``stderr`` say which and why when known."""
-
-    def __init__(self, message: str, command: Sequence[str] = (), stderr: str = "") -> None:
-        detail = f"\n  command: {' '.join(command)}" if command else ""
-        detail += f"\n  stderr: {stderr.strip()}" if stderr.strip() else ""
-        super().__init__(message + detail)
-        self.command = tuple(command)
-        self.stderr = stderr
-
-
-class LabNotFound(LabError):
-    """No lab of that name is up (no state file)."""
-
-
-def run(argv: Sequence[str], input: str | None = None, check: bool = True,
-        timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    """Run a short command to completion; raise :class:`LabError` if it fails and ``check``."""
-    logger.trace("run: {}", " ".join(argv))
-    try:
-        result = subprocess.run(list(argv), input=input, capture_output=True, text=True,
-                                timeout=timeout, check=False)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise LabError(f"could not run {argv[0]}: {e}", argv) from e
-    if check and result.returncode != 0:
-        raise LabError(f"{argv[0]} failed with exit code {result.returncode}", argv,
-                       result.stderr)
-    return result
+__all__ = [
+    "DEFAULT_ROOT",
+    "NETNS_DIR",
+    "PRIVATE_DIR",
+    "READY_TIMEOUT_S",
+    "STATE_VERSION",
+    "WIREGUARD_RUN",
+    "Lab",
+    "LabError",
+    "LabNotFound",
+    "default_workdir",
+    "run",
+]
 
 
 def _endpoint(text: str) -> Endpoint:
@@ -142,80 +129,22 @@ def _endpoint(text: str) -> Endpoint:
     return Endpoint(ipaddress.IPv4Address(host), int(port))
 
 
-def default_workdir(name: str) -> Path:
-    return DEFAULT_ROOT / name
+class Lab(LabView):
+    """One lab: a topology made real in network namespaces.  See the module docstring.
 
-
-@contextlib.contextmanager
-def _locked(workdir: Path) -> Iterator[None]:
-    """An exclusive lock on the workdir (created if needed), safe against its removal."""
-    while True:
-        workdir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                same = os.stat(workdir).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                try:
-                    yield
-                finally:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-                return
-        finally:
-            os.close(fd)
-
-
-class _State:
-    """The state file: what exists, so that any process (or a later `up`) can remove it."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.path = workdir / "state.json"
-
-    def read(self) -> dict[str, Any] | None:
-        try:
-            data = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as e:
-            logger.warning("unreadable lab state {}: {}; cleaning by name prefix", self.path, e)
-            return None
-        return data if isinstance(data, dict) else None
-
-    def write(self, data: Mapping[str, Any]) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
-
-    def update(self, change: Any) -> None:
-        data = self.read()
-        if data is None:
-            raise LabNotFound(f"no lab state at {self.path}")
-        change(data)
-        self.write(data)
-
-
-class Lab:
-    """One lab: a topology made real in network namespaces.  See the module docstring."""
+    What it is (addresses, targets) comes from :class:`~wirekube.lab.labview.LabView`; what it
+    does is coordinated here: :mod:`~wirekube.lab.netbuild` creates the network from the plan, a
+    :class:`~wirekube.lab.supervisor.Supervisor` starts, records and stops its processes,
+    :class:`~wirekube.lab.holders.Holders` keeps each node's namespaces (or guest) alive, and
+    :func:`~wirekube.lab.cleanup.cleanup` removes it all again."""
 
     def __init__(self, topology: Topology, name: str = "default",
                  workdir: str | Path | None = None) -> None:
-        check_lab_name(name)
-        self.topology = topology
-        self.name = name
-        self.workdir = Path(workdir) if workdir is not None else default_workdir(name)
-        self.plan: LabPlan = plan_lab(topology, name)
-        self._state = _State(self.workdir)
-        self._children: dict[int, subprocess.Popen[Any]] = {}
-        self._holders: dict[str, ProcessRecord] = {}
-        self._vms_started = time.monotonic()
-        self._api: tuple[Endpoint, Endpoint] | None = None
-        self._api_port = 6443
-        self.kernel_nodes: frozenset[str] = frozenset(
-            n.name for site in topology.sites for n in site.nodes if n.engine == "kernel")
-        """Nodes that run as qemu guests (``engine: kernel``, see :mod:`wirekube.lab.vm`)."""
+        super().__init__(topology, name, workdir)
+        self._state = LabState(self.workdir)
+        self._supervisor = Supervisor(name, self.workdir, self._state)
+        self._children = self._supervisor.children
+        self._holders = Holders(self.plan, self.workdir, self.kernel_nodes, self._supervisor)
         for node in sorted(self.kernel_nodes):
             if self.plan.nodes[node].private:
                 raise LabError(f"node {node}: a node with engine: kernel cannot join private networks (yet)")
@@ -227,7 +156,7 @@ class Lab:
         """The lab that is up under this name, rebuilt from its state file."""
         check_lab_name(name)
         workdir = Path(workdir) if workdir is not None else default_workdir(name)
-        data = _State(workdir).read()
+        data = LabState(workdir).read()
         if data is None or data.get("phase") != "up":
             raise LabNotFound(f"lab {name!r} is not up (no complete state in {workdir})")
         lab = cls(parse_topology(data["topology"], f"state of lab {name!r}"), name, workdir)
@@ -238,111 +167,19 @@ class Lab:
     def exists(name: str = "default", workdir: str | Path | None = None) -> bool:
         """Whether a lab of this name left a state file or namespaces (up, or crashed)."""
         workdir = Path(workdir) if workdir is not None else default_workdir(name)
-        return (workdir / "state.json").exists() or bool(_lab_namespaces(name))
+        return (workdir / "state.json").exists() or bool(lab_namespaces(name))
+
+    def holder_pid(self, node: str) -> int:
+        return self._holders.get(node).pid
 
     def _load_runtime(self, data: Mapping[str, Any]) -> None:
         for raw in data.get("processes", []):
             record = ProcessRecord.from_json(raw)
             if record.role == "holder":
-                self._holders[record.target] = record
+                self._holders.records[record.target] = record
         if data.get("api"):
             loopback, routed = (_endpoint(text) for text in data["api"])
             self._api = (loopback, routed)
-
-    # ---------------------------------------------------------------- information
-
-    @property
-    def nodes(self) -> Mapping[str, NodeInfo]:
-        return self.plan.nodes
-
-    def node(self, name: str) -> NodeInfo:
-        return self.plan.nodes[name]
-
-    @property
-    def routers(self) -> Mapping[str, RouterInfo]:
-        return self.plan.routers
-
-    @property
-    def hosts(self) -> Mapping[str, HostInfo]:
-        return self.plan.hosts
-
-    @property
-    def pods(self) -> Mapping[str, PodInfo]:
-        return self.plan.pods
-
-    @property
-    def relay(self) -> Endpoint:
-        return self.plan.relay
-
-    @property
-    def stun(self) -> tuple[Endpoint, ...]:
-        return self.plan.stun
-
-    @property
-    def api_address(self) -> ipaddress.IPv4Address:
-        """The routed management address of the API server, known before :meth:`forward_api`
-        (give it to the API server certificate as an IP SAN)."""
-        return self.plan.api_address
-
-    @property
-    def api_endpoint(self) -> Endpoint | None:
-        """Where a node's kubeconfig points (127.0.0.1:PORT inside the node), once
-        :meth:`forward_api` ran (else None)."""
-        return self._api[0] if self._api else None
-
-    @property
-    def api_routed_endpoint(self) -> Endpoint | None:
-        """The same API server at a routed address over each node's ``mgmt`` link
-        (10.254.0.1:PORT by default); its certificate needs that IP as a SAN."""
-        return self._api[1] if self._api else None
-
-    def nat_by_site(self) -> dict[str, NatKind]:
-        return self.topology.nat_by_site()
-
-    def targets(self) -> list[str]:
-        return sorted(self.plan.targets)
-
-    def netns(self, target: str) -> str:
-        return self.plan.netns(target)
-
-    def holder_pid(self, node: str) -> int:
-        return self._holder(node).pid
-
-    @property
-    def log_dir(self) -> Path:
-        """Where process logs go by default (``<workdir>/logs``)."""
-        return self.workdir / "logs"
-
-    @property
-    def _private_dir(self) -> Path:
-        return self.workdir / PRIVATE_DIR
-
-    def info(self) -> dict[str, Any]:
-        """A JSON-ready summary: every address, NAT kind and exec target."""
-        return {
-            "lab": self.name,
-            "workdir": str(self.workdir),
-            "relay": str(self.relay),
-            "stun": [str(s) for s in self.stun],
-            "api": [str(e) for e in self._api] if self._api else None,
-            "nodes": [
-                {"name": n.name, "site": n.site, "nat": n.nat.value, "netns": n.netns,
-                 "lanIP": str(n.lan_ip), "publicIP": str(n.public_ip),
-                 "mgmtIP": str(n.mgmt_ip),
-                 "engine": "kernel" if n.name in self.kernel_nodes else "userspace",
-                 "private": {k: str(v) for k, v in n.private.items()},
-                 "podCIDR": str(n.pod_cidr) if n.pod_cidr else None,
-                 "pods": {p.name: str(p.address) for p in n.pods}}
-                for n in self.nodes.values()
-            ],
-            "routers": [
-                {"name": r.name, "site": r.site, "nat": r.nat.value, "wanIP": str(r.wan_ip),
-                 "lan": str(r.lan)}
-                for r in self.routers.values()
-            ],
-            "hosts": [{"name": h.name, "network": h.network, "address": str(h.address)}
-                      for h in self.hosts.values()],
-        }
 
     # ---------------------------------------------------------------- up / down
 
@@ -355,11 +192,11 @@ class Lab:
         more), so the caller can do other work meanwhile; it must then call :meth:`wait_vms`.
         """
         started = time.monotonic()
-        self._api_port = api_port
-        with _locked(self.workdir):
+        self._holders.api_port = api_port
+        with locked(self.workdir):
             if Lab.exists(self.name, self.workdir):
                 logger.warning("lab {}: removing what an earlier run left behind", self.name)
-            _cleanup(self.name, self.workdir, keep_logs=False, remove_workdir=False)
+            cleanup(self.name, self.workdir, keep_logs=False, remove_workdir=False)
             try:
                 self._build()
                 if wait_vms:
@@ -369,8 +206,8 @@ class Lab:
                 self._state.update(lambda d: d.__setitem__("phase", "up"))
             except BaseException:
                 logger.error("lab {} failed to come up; removing what was made", self.name)
-                _cleanup(self.name, self.workdir, keep_logs=True, remove_workdir=False,
-                         children=self._children)
+                cleanup(self.name, self.workdir, keep_logs=True, remove_workdir=False,
+                        children=self._children)
                 raise
         logger.info("lab {} up in {:.2f} s: {} namespaces, {} nodes", self.name,
                     time.monotonic() - started, len(self.plan.namespaces), len(self.nodes))
@@ -378,9 +215,9 @@ class Lab:
 
     def down(self, keep_logs: bool = False) -> None:
         """Remove every namespace, link, process and file of this lab.  Safe to repeat."""
-        with _locked(self.workdir):
-            _cleanup(self.name, self.workdir, keep_logs=keep_logs, children=self._children)
-        self._holders.clear()
+        with locked(self.workdir):
+            cleanup(self.name, self.workdir, keep_logs=keep_logs, children=self._children)
+        self._holders.records.clear()
         self._api = None
 
     @staticmethod
@@ -389,12 +226,12 @@ class Lab:
         """Remove a lab by name, without knowing its topology (crash recovery, CLI `down`)."""
         check_lab_name(name)
         path = Path(workdir) if workdir is not None else default_workdir(name)
-        with _locked(path):
-            _cleanup(name, path, keep_logs=keep_logs)
+        with locked(path):
+            cleanup(name, path, keep_logs=keep_logs)
 
     def _build(self) -> None:
         plan = self.plan
-        (self._private_dir).mkdir(parents=True, exist_ok=True)
+        (self.workdir / PRIVATE_DIR).mkdir(parents=True, exist_ok=True)
         self._state.write({
             "version": STATE_VERSION,
             "lab": self.name,
@@ -403,127 +240,26 @@ class Lab:
             "namespaces": [n.netns for n in plan.namespaces],
             "processes": [],
         })
-        for namespace in plan.namespaces:
-            run(["ip", "netns", "add", namespace.netns])
-        for veth in plan.veths:
-            run(["ip", "-n", veth.netns_a, "link", "add", "name", veth.ifname_a, "type", "veth",
-                 "peer", "name", veth.ifname_b, "netns", veth.netns_b])
-        for phase in ("links", "routes"):
-            for namespace in plan.namespaces:
-                lines = getattr(namespace, phase)
-                if lines:
-                    run(["ip", "-n", namespace.netns, "-batch", "-"], input="\n".join(lines) + "\n")
-        for namespace in plan.namespaces:
-            enter = ["nsenter", f"--net={NETNS_DIR / namespace.netns}"]
-            if namespace.sysctls:
-                run(enter + ["sysctl", "-q", "-w"] + [f"{k}={v}" for k, v in namespace.sysctls])
-            if namespace.nft:
-                run(enter + ["nft", "-f", "-"], input=namespace.nft)
+        netbuild.create_network(plan)
         if self.kernel_nodes:
             logger.info("lab {}: byte-compiled the guests' sources in {:.1f} s", self.name, vm.precompile_sources())
-        for node in sorted(self.kernel_nodes):  # the VM's shell: bridges to its taps
-            info = self.plan.nodes[node]
-            run(["ip", "-n", info.netns, "-batch", "-"],
-                input="\n".join(vm.shell_links(info.interfaces["lan"], info.interfaces["mgmt"])) + "\n")
-        self._vms_started = time.monotonic()
-        self._start_holders()
-        self._wait_links_up()
+        netbuild.add_vm_shells(plan, self.kernel_nodes)
+        self._holders.vms_started = time.monotonic()
+        self._holders.start()
+        netbuild.wait_links_up(plan)
 
     def wait_vms(self) -> None:
         """Wait until every kernel node's guest runs commands (seconds since qemu started go to
         the state file as ``vmBootSeconds``); at once when there are none."""
-        if not self.kernel_nodes:
-            return
-        booted = vm.wait_ready(self.plan.mgmt_netns, [self.vm_config(n) for n in sorted(self.kernel_nodes)],
-                               lambda n: n in self._holders and procs.is_alive(self._holders[n]),
-                               console=self.console_log, started=self._vms_started)
-        logger.info("lab {}: VMs ready after {}", self.name, ", ".join(f"{n} {t:.1f} s" for n, t in booted.items()))
-        self._state.update(lambda d: d.__setitem__("vmBootSeconds", booted))
-
-    # ---------------------------------------------------------------- kernel nodes (qemu guests)
+        self._holders.wait_vms()
 
     def vm_config(self, node: str) -> vm.GuestConfig:
         """What the guest of kernel node ``node`` is told (deterministic: rebuilt on attach)."""
-        info = self.plan.nodes[node]
-        sysctls = next(ns.sysctls for ns in self.plan.namespaces if ns.key == node)
-        return vm.GuestConfig(
-            node=node, lan_address=f"{info.lan_ip}/{info.lan.prefixlen}", gateway=str(info.lan_gateway),
-            mgmt_address=f"{info.mgmt_ip}/32", api_address=str(self.plan.api_address), api_port=self._api_port,
-            lan_mac=vm.mac_for(self.name, node, "lan"), mgmt_mac=vm.mac_for(self.name, node, "mgmt"),
-            token_file=str(vm.token_path(self._private_dir, node)), modules_dir=str(vm.guest_pieces().modules),
-            sysctls=tuple(sysctls))
+        return self._holders.vm_config(node)
 
     def console_log(self, node: str) -> Path:
         """Where a kernel node's serial console (kernel, init and guest service) is logged."""
-        return self.log_dir / f"console-{node}.log"
-
-    def _start_vm(self, node: str) -> None:
-        """qemu in the node's namespace, in the foreground: the node's holder (ended by PID)."""
-        pieces = vm.guest_pieces()
-        config = self.vm_config(node)
-        config_path = vm.write_guest_files(self._private_dir, config)
-        argv = ["ip", "netns", "exec", self.plan.nodes[node].netns,
-                *vm.qemu_argv(pieces, config, config_path, self.workdir)]
-        popen = self._popen(argv, self.console_log(node), role="holder", target=node)
-        self._holders[node] = procs.record_for(popen, "holder", node, argv, str(self.console_log(node)))
-
-    def _wait_links_up(self) -> None:
-        """Wait until every link is operationally up: the kernel activates a new link's queue
-        asynchronously (linkwatch), and drops what is sent before that."""
-        pending = {n.netns for n in self.plan.namespaces}
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            for netns in sorted(pending):
-                out = run(["ip", "-n", netns, "-o", "link", "show"]).stdout
-                states = [line.split(" state ", 1)[1].split()[0] for line in out.splitlines()
-                          if " state " in line and ": lo:" not in line]
-                if all(state == "UP" for state in states):
-                    pending.discard(netns)
-            if not pending:
-                return
-            if time.monotonic() > deadline:
-                raise LabError(f"links not up after {READY_TIMEOUT_S} s in: {sorted(pending)}")
-            time.sleep(procs.POLL_S)
-
-    def _start_holders(self) -> None:
-        WIREGUARD_RUN.mkdir(parents=True, exist_ok=True)
-        pending: dict[str, tuple[subprocess.Popen[Any], Path]] = {}
-        script = ('mount -t tmpfs -o mode=0755,size=4m wirekube-lab /run/wireguard && '
-                  'echo "$$" > "$1" && exec sleep infinity')
-        for node in self.plan.nodes.values():
-            if node.name in self.kernel_nodes:
-                self._start_vm(node.name)
-                continue
-            ready = self._private_dir / f"holder-{node.name}"
-            ready.unlink(missing_ok=True)
-            argv = ["ip", "netns", "exec", node.netns, "unshare", "--mount",
-                    "--propagation", "private", "--", "sh", "-c", script, "holder", str(ready)]
-            log = self._private_dir / "holders.log"
-            with open(log, "a") as log_file:
-                popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=log_file,
-                                         start_new_session=True)
-            self._children[popen.pid] = popen
-            record = procs.record_for(popen, "holder", node.name, argv, str(log))
-            self._holders[node.name] = record
-            self._add_process(record)
-            pending[node.name] = (popen, ready)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while pending:
-            for name, (popen, ready) in list(pending.items()):
-                if ready.exists() and ready.read_text().strip() == str(popen.pid):
-                    del pending[name]
-                elif popen.poll() is not None:
-                    raise LabError(f"the namespace holder of node {name} exited with "
-                                   f"{popen.returncode}; see {self._private_dir / 'holders.log'}")
-            if pending and time.monotonic() > deadline:
-                raise LabError(f"namespace holders not ready after {READY_TIMEOUT_S} s: "
-                               f"{', '.join(pending)}")
-            if pending:
-                time.sleep(procs.POLL_S)
-
-    def _add_process(self, record: ProcessRecord) -> None:
-        self._state.update(lambda d: d["processes"].append(record.to_json()))
+        return self._holders.console_log(node)
 
     # ---------------------------------------------------------------- management path
 
@@ -531,7 +267,7 @@ class Lab:
         """Make the API server at ``target`` (on the host's loopback) reachable from every node,
         at ``127.0.0.1:port`` inside the node and at ``API_ADDRESS:port`` over its ``mgmt``
         link; returns the loopback endpoint (see :attr:`api_routed_endpoint` for the other)."""
-        with _locked(self.workdir):
+        with locked(self.workdir):
             return self._forward_api_locked(target, port)
 
     def _forward_api_locked(self, target: tuple[str, int], port: int) -> Endpoint:
@@ -545,30 +281,11 @@ class Lab:
             argv = [sys.executable, "-m", "wirekube.lab.apiproxy",
                     "--target", f"{target[0]}:{target[1]}", "--listen", str(listen), *namespaces]
             log = self.log_dir / f"apiproxy-{listen.host}-{listen.port}.log"
-            popen = self._popen(argv, log, role="apiproxy", target="", stdout_pipe=True)
-            self._wait_ready_line(popen, log)
+            popen = self._supervisor.popen(argv, log, role="apiproxy", target="", stdout_pipe=True)
+            wait_ready_line(popen, log)
         self._api = (loopback, routed)
         self._state.update(lambda d: d.__setitem__("api", [str(loopback), str(routed)]))
         return loopback
-
-    @staticmethod
-    def _wait_ready_line(popen: subprocess.Popen[Any], log: Path) -> None:
-        """Wait for the "ready" line a proxy prints once it listens."""
-        assert popen.stdout is not None
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        buffered = b""
-        fd = popen.stdout.fileno()
-        while b"ready" not in buffered:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise LabError(f"the API proxy was not ready in {READY_TIMEOUT_S} s; see {log}")
-            readable, _, _ = select.select([fd], [], [], left)
-            if readable:
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    popen.wait()
-                    raise LabError(f"the API proxy exited with {popen.returncode}; see {log}")
-                buffered += chunk
 
     # ---------------------------------------------------------------- impairments
 
@@ -600,21 +317,13 @@ class Lab:
 
     # ---------------------------------------------------------------- running things
 
-    def _holder(self, node: str) -> ProcessRecord:
-        if node not in self.plan.nodes:
-            raise KeyError(f"{node!r} is not a node of lab {self.name!r}")
-        record = self._holders.get(node)
-        if record is None or not procs.is_alive(record):
-            raise LabError(f"the namespace holder of node {node} is not running; is the lab up?")
-        return record
-
     def command(self, target: str, argv: Sequence[str]) -> list[str]:
         """The full argv that runs ``argv`` inside ``target``'s namespaces."""
         if target in self.kernel_nodes:
-            self._holder(target)
+            self._holders.get(target)
             return vm.client_argv(self.plan.mgmt_netns, self.vm_config(target), argv)
         if target in self.plan.nodes:
-            holder = self._holder(target)
+            holder = self._holders.get(target)
             return ["nsenter", "-t", str(holder.pid), "-m", "-n", "--", *argv]
         return ["ip", "netns", "exec", self.plan.netns(target), *argv]
 
@@ -648,139 +357,24 @@ class Lab:
         """
         full = self.command(target, argv)
         log = Path(log_path) if log_path else self.log_dir / f"{target}.{Path(argv[0]).name}.log"
-        with _locked(self.workdir):
-            return self._popen(full, log, role="spawn", target=target, env=env,
-                               stdin_pipe=pipe, stdout_pipe=pipe, text=pipe)
+        with locked(self.workdir):
+            return self._supervisor.popen(full, log, role="spawn", target=target, env=env,
+                                          stdin_pipe=pipe, stdout_pipe=pipe, text=pipe)
 
     def spawn_on_host(self, argv: Sequence[str], log_path: str | Path | None = None, *,
                       env: Mapping[str, str] | None = None) -> subprocess.Popen[Any]:
         """Start a supervised process in the host's own namespaces (a controller that only talks to
         the API server on the host's loopback); recorded and ended by PID like every other."""
         log = Path(log_path) if log_path else self.log_dir / f"host.{Path(argv[0]).name}.log"
-        with _locked(self.workdir):
-            return self._popen(list(argv), log, role="spawn", target="", env=env)
+        with locked(self.workdir):
+            return self._supervisor.popen(list(argv), log, role="spawn", target="", env=env)
 
     def spawn_in_node(self, node: str, argv: Sequence[str], log_path: str | Path | None = None,
                       **kwargs: Any) -> subprocess.Popen[Any]:
-        self._holder(node)
+        self._holders.get(node)
         return self.spawn(node, argv, log_path, **kwargs)
-
-    def _popen(self, argv: Sequence[str], log: Path, *, role: str, target: str,
-               env: Mapping[str, str] | None = None, stdin_pipe: bool = False,
-               stdout_pipe: bool = False, text: bool = False) -> subprocess.Popen[Any]:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log_file: IO[str]
-        with open(log, "a") as log_file:
-            popen = subprocess.Popen(
-                list(argv),
-                stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
-                stdout=subprocess.PIPE if stdout_pipe else log_file,
-                stderr=log_file,
-                text=text,
-                bufsize=1 if text else -1,
-                env=dict(env) if env is not None else None,
-                start_new_session=True,
-            )
-        self._children[popen.pid] = popen
-        record = procs.record_for(popen, role, target, argv, str(log))
-
-        def add(data: dict[str, Any]) -> None:
-            data["processes"].append(record.to_json())
-            if str(log) not in data.setdefault("logs", []):
-                data["logs"].append(str(log))
-
-        self._state.update(add)
-        return popen
 
     def stop(self, proc: subprocess.Popen[Any] | int, grace: float = 3.0) -> int | None:
         """End one process this lab started (SIGTERM to its group, SIGKILL after ``grace``);
         returns its exit code when it was our child."""
-        pid = proc if isinstance(proc, int) else proc.pid
-        with _locked(self.workdir):
-            data = self._state.read() or {"processes": []}
-            records = [ProcessRecord.from_json(r) for r in data.get("processes", [])]
-            mine = [r for r in records if r.pid == pid]
-            if not mine:
-                raise LabError(f"pid {pid} was not started by lab {self.name}")
-            procs.terminate(mine, grace, self._children)
-            data["processes"] = [r.to_json() for r in records if r.pid != pid]
-            if self._state.read() is not None:
-                self._state.write(data)
-        popen = self._children.pop(pid, None)
-        return popen.wait() if popen is not None else None
-
-
-# -------------------------------------------------------------------- cleanup
-
-
-def _lab_namespaces(name: str) -> list[str]:
-    prefix = netns_prefix(name)
-    try:
-        return sorted(n for n in os.listdir(NETNS_DIR) if n.startswith(prefix))
-    except FileNotFoundError:
-        return []
-
-
-def _cleanup(name: str, workdir: Path, *, keep_logs: bool, remove_workdir: bool = True,
-             children: Mapping[int, subprocess.Popen[Any]] | None = None) -> None:
-    """Remove what lab ``name`` made, from its state file and the namespace prefix."""
-    state = _State(workdir)
-    data = state.read() if workdir.exists() else None
-    records = [ProcessRecord.from_json(r) for r in (data or {}).get("processes", [])]
-    # Workloads first (they may use the management path or the holders), holders last.
-    order = {"spawn": 0, "apiproxy": 1, "holder": 2}
-    for role in sorted({r.role for r in records}, key=lambda r: order.get(r, 0)):
-        procs.terminate([r for r in records if r.role == role], children=children)
-
-    namespaces = sorted(set((data or {}).get("namespaces", [])) | set(_lab_namespaces(name)))
-    namespaces = [n for n in namespaces if n.startswith(netns_prefix(name))]
-    inodes = set()
-    for netns in namespaces:
-        with contextlib.suppress(FileNotFoundError):
-            inodes.add(os.stat(NETNS_DIR / netns).st_ino)
-    strays = []
-    for pid in procs.pids_in_netns(inodes) if inodes else []:
-        started = procs.start_time(pid)
-        if started is not None:
-            comm = Path(f"/proc/{pid}/comm").read_text().strip() if os.path.exists(
-                f"/proc/{pid}/comm") else "?"
-            logger.warning("lab {}: ending pid {} ({}) still running inside its namespaces",
-                           name, pid, comm)
-            strays.append(ProcessRecord(pid, started, "stray", "", (comm,)))
-    procs.terminate(strays, children=children)
-    for netns in namespaces:
-        result = run(["ip", "netns", "delete", netns], check=False)
-        if result.returncode != 0 and (NETNS_DIR / netns).exists():
-            raise LabError(f"could not delete namespace {netns}", ["ip", "netns", "delete", netns],
-                           result.stderr)
-
-    if not workdir.exists():
-        return
-    state.path.unlink(missing_ok=True)
-    state.path.with_name(state.path.name + ".tmp").unlink(missing_ok=True)
-    shutil.rmtree(workdir / PRIVATE_DIR, ignore_errors=True)
-    legacy = workdir / "run"  # where the first version kept the holders' files
-    for path in [*legacy.glob("holder-*"), legacy / "holders.log"]:
-        path.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        legacy.rmdir()
-    if not keep_logs:
-        # Only logs of processes this lab started, and only inside the workdir: the workdir may
-        # be shared (the orchestrator keeps its own files there), and a log path elsewhere was
-        # the caller's choice.
-        logs_dir = workdir / "logs"
-        for log in (data or {}).get("logs", []):
-            path = Path(log)
-            if path.parent == logs_dir:
-                path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            logs_dir.rmdir()
-    if remove_workdir:
-        with contextlib.suppress(OSError):
-            workdir.rmdir()  # only if empty: never remove files the lab did not make
-        if workdir.parent == DEFAULT_ROOT:
-            with contextlib.suppress(OSError):
-                DEFAULT_ROOT.rmdir()
-    if data is not None or namespaces:
-        logger.info("lab {}: removed {} namespaces and {} processes", name, len(namespaces),
-                    sum(1 for r in records) + len(strays))
+        return self._supervisor.stop(proc, grace)
