@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from wirekube.agent import incremental
+from wirekube.agent import incremental, planfull
 from wirekube.agent import plan as P
 from wirekube.agent.plan import IncrementalPlanner, LinkState, LocalFacts, Observed, PeerPath, Route, Rule
 from wirekube.agent.wg.base import WgDeviceState, WgPeerState
@@ -345,7 +345,7 @@ def test_repeated_names_fall_back_to_the_full_plan() -> None:
 def test_mesh_ip_index_finds_the_oldest_owner_in_range(
     ips: list[int], ranks: list[int], prefix: int, base: int, skip: int
 ) -> None:
-    index = P._MeshIps()
+    index = planfull._MeshIps()
     owners = {}
     for i, n in enumerate(ips):
         ip = ipaddress.IPv4Address(f"10.255.0.{n}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from tests.unit.plan_fixtures import FACTS, ME, NOW, converged, desired, mesh, net, peer
 from wirekube.agent import plan as P
 from wirekube.agent.plan import PeerPath, Route
+from wirekube.agent.plandiff import _route_key
 
 A = peer("a", 2, "10.200.0.0/24", "fd00::/64")
 B = peer("b", 3)
@@ -38,7 +39,7 @@ def test_the_incremental_planner_agrees_and_an_mtu_change_is_one_replace_without
                                                   "fd00::/64": 1300}
     assert not [op for op in ops if isinstance(op, P.DelRoute)]  # a delete by destination would undo the replace
     full = P.diff(after, converged(before), NOW)
-    assert [op for op in full if isinstance(op, P.AddRoute)] == [P.AddRoute(r) for r in sorted(adds, key=P._route_key)]
+    assert [op for op in full if isinstance(op, P.AddRoute)] == [P.AddRoute(r) for r in sorted(adds, key=_route_key)]
     assert not [op for op in full if isinstance(op, P.DelRoute)]
     assert P.diff(after, converged(after), NOW) == ()
 

@@ -42,9 +42,9 @@ The module is the planner's front door; the work lives next to it, one concern a
 
 from __future__ import annotations
 
-from wirekube.agent.incremental import IncrementalPlanner, _local
-from wirekube.agent.plandiff import _route_key, diff, diff_since
-from wirekube.agent.planfull import _MeshIps, desired_rules, is_wirekube_rule, mesh_ip_claims, plan
+from wirekube.agent.incremental import IncrementalPlanner
+from wirekube.agent.plandiff import diff, diff_since
+from wirekube.agent.planfull import desired_rules, is_wirekube_rule, mesh_ip_claims, plan
 from wirekube.agent.plantypes import (
     HANDSHAKE_FRESH_SECONDS,
     INTERFACE_SYSCTLS,
@@ -105,9 +105,6 @@ __all__ = [
     "SetSysctl",
     "SetUp",
     "Skipped",
-    "_MeshIps",
-    "_local",
-    "_route_key",
     "desired_rules",
     "diff",
     "diff_since",
