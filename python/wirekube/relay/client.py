@@ -42,7 +42,6 @@ import itertools
 import os
 import random
 import socket
-import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -52,9 +51,9 @@ from typing import cast
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from loguru import logger
 
-from wirekube.errors import WireKubeError
 from wirekube.relay.auth import fingerprint, prove, public_bytes
-from wirekube.relay.dial import Proxy, ProxyConfig, ProxyError, RelayURL, open_tunnel
+from wirekube.relay.clientdial import Dialer, RelayError, RelayProxyRefused
+from wirekube.relay.dial import Proxy, ProxyConfig, RelayURL
 from wirekube.relay.protocol import (
     NEED_DATA,
     TOKEN_LEN,
@@ -68,12 +67,10 @@ from wirekube.relay.protocol import (
     encode_error,
     encode_keepalive,
     encode_nat_probe,
-    encode_register,
     encode_relay_probe,
     parse_error,
     run_datagrams,
 )
-from wirekube.relay.wsbridge import WsBridge
 
 DataHandler = Callable[[bytes, bytes], None]
 """``on_data(source_key, datagram)``."""
@@ -83,24 +80,12 @@ FlowHandler = Callable[[bool], None]
 """``on_flow(paused)``."""
 
 
-class RelayError(WireKubeError):
-    """A relay connection failed or was refused."""
-
-
 class RelayRejected(RelayError):
     """The relay answered with an Error frame; ``reason`` is its text."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(f"relay refused: {reason}")
         self.reason = reason
-
-
-class RelayProxyRefused(RelayError):
-    """The HTTP CONNECT proxy refused the tunnel (``auth``: it refused the credentials)."""
-
-    def __init__(self, message: str, *, auth: bool) -> None:
-        super().__init__(message)
-        self.auth = auth
 
 
 class RelayClosed(RelayError):
@@ -265,11 +250,132 @@ class _ClientProtocol(asyncio.BufferedProtocol):
         self.fail(f"connection lost: {exc}" if exc else "connection closed by relay")
 
 
+class _Waiters:
+    """The round trips a client waits for: RelayProbe echoes (by token) and NatProbe
+    confirmations (by target)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._probes: dict[bytes, asyncio.Future[None]] = {}
+        self._nat_acks: dict[bytes, asyncio.Future[None]] = {}
+
+    async def relay_probe(self, transport: Callable[[], asyncio.Transport], timeout: float) -> float:
+        token = os.urandom(TOKEN_LEN)
+        waiter = self._loop.create_future()
+        self._probes[token] = waiter
+        started = time.monotonic()
+        try:
+            transport().write(encode_relay_probe(token))
+            await _await(waiter, timeout)
+        finally:
+            self._probes.pop(token, None)
+        return time.monotonic() - started
+
+    async def nat_probe(self, transport: Callable[[], asyncio.Transport], ip: str, port: int, timeout: float) -> bool:
+        frame = encode_nat_probe(ip, port)
+        body = frame[5:]
+        waiter = self._nat_acks.get(body)
+        if waiter is None:
+            waiter = self._nat_acks[body] = self._loop.create_future()
+        try:
+            transport().write(frame)
+            await _await(waiter, timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._nat_acks.pop(body, None)
+
+    def relay_probe_answered(self, token: bytes) -> bool:
+        """A RelayProbe came back; False when it is not one of ours (the relay asks)."""
+        waiter = self._probes.get(token)
+        if waiter is None:
+            return False
+        if not waiter.done():
+            waiter.set_result(None)
+        return True
+
+    def nat_probe_sent(self, body: bytes) -> None:
+        ack = self._nat_acks.get(body)
+        if ack is not None and not ack.done():
+            ack.set_result(None)
+
+    def fail(self, reason: str) -> None:
+        for waiter in [*self._probes.values(), *self._nat_acks.values()]:
+            if not waiter.done():
+                waiter.set_exception(RelayClosed(reason))
+                waiter.exception()
+
+
+async def _await(waiter: asyncio.Future[None], timeout: float) -> None:
+    await asyncio.wait_for(asyncio.shield(waiter), timeout)
+
+
 def _type_name(ftype: int) -> str:
     try:
         return FrameType(ftype).name
     except ValueError:
         return f"0x{ftype:02x}"
+
+
+class _Mover:
+    """Moving after a GoAway (make before break): registers a new connection through the same
+    address, then switches the client's traffic to it; the old one keeps carrying traffic until
+    then.  Owns the connection being registered, the task doing it, and why the old connection
+    ended if it did meanwhile."""
+
+    def __init__(self, client: RelayClient) -> None:
+        self._client = client
+        self.moving: _ClientProtocol | None = None
+        """The connection being registered after a GoAway (it replaces the client's once registered)."""
+        self.task: asyncio.Task[None] | None = None
+        self.old_lost: str | None = None
+        self.migrations = 0
+
+    def start(self) -> None:
+        client = self._client
+        if self.task is None and not client.closed:
+            self.task = client._loop.create_task(self._migrate(), name=f"relay-move-{client.fingerprint}")
+
+    def cancel(self) -> None:
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+
+    async def _migrate(self) -> None:
+        client = self._client
+        deadline = time.monotonic() + client.settings.migrate_for
+        delays = backoff_delays(0.1, 1.0)
+        try:
+            while not client.closed:
+                try:
+                    protocol = await asyncio.wait_for(client._dial(moving=True), client.settings.connect_timeout)
+                except (OSError, RelayError, TimeoutError) as e:
+                    if self.old_lost is not None:
+                        client._fail(self.old_lost)
+                        return
+                    if time.monotonic() > deadline:  # stay on the old connection while it lasts
+                        client._log.warning("could not move after GoAway: {}", e or type(e).__name__)
+                        return
+                    await asyncio.sleep(next(delays))
+                    continue
+                if client.closed:
+                    protocol.abort()
+                    return
+                if protocol.lost:
+                    continue
+                old, client._protocol = client._protocol, protocol
+                self.old_lost = None
+                self.migrations += 1
+                if old is not None:
+                    old.retire()
+                if client.writing_paused:
+                    client._flow(protocol, False)
+                client._log.info("moved to a new relay connection")
+                if protocol.told_to_go:
+                    client._loop.call_soon(self.start)
+                return
+        finally:
+            self.task = None
 
 
 class RelayClient:
@@ -295,22 +401,16 @@ class RelayClient:
         self._loop = asyncio.get_running_loop()
         self._protocol: _ClientProtocol | None = None
         """The connection traffic goes through."""
-        self._moving: _ClientProtocol | None = None
-        """The connection being registered after a GoAway (it replaces ``_protocol`` once registered)."""
-        self._old_lost: str | None = None
-        self._migration: asyncio.Task[None] | None = None
-        self._url = RelayURL("tcp", "", 0)
+        self._mover = _Mover(self)
+        self._dialer = Dialer(RelayURL("tcp", "", 0), None, settings, self.public_key)
         self.transport = "tcp"
         """How this client reaches the relay: ``tcp`` or ``wss``."""
         self.proxy: Proxy | None = None
         """The HTTP proxy the connection goes through, if any."""
-        self.migrations = 0
-        """Times this client moved to another connection after a GoAway."""
         self._closed: asyncio.Future[str] = self._loop.create_future()
         self._inbox: deque[tuple[bytes, bytes]] = deque()
         self._inbox_ready = asyncio.Event()
-        self._probes: dict[bytes, asyncio.Future[None]] = {}
-        self._nat_acks: dict[bytes, asyncio.Future[None]] = {}
+        self._waiters = _Waiters(self._loop)
         self._keepalive: asyncio.Task[None] | None = None
         self._last_rx = time.monotonic()
         self.received_dropped = 0
@@ -355,9 +455,10 @@ class RelayClient:
         through ``settings.proxy`` when it applies to the host.  A proxy's refusal raises
         :class:`RelayProxyRefused`."""
         client = cls(private_key, on_data=on_data, on_frames=on_frames, on_flow=on_flow, settings=settings)
-        client._url = url if isinstance(url, RelayURL) else RelayURL.parse(url)
-        client.transport = client._url.scheme
-        client.proxy = settings.proxy.for_host(client._url.host)
+        parsed = url if isinstance(url, RelayURL) else RelayURL.parse(url)
+        client.transport = parsed.scheme
+        client.proxy = settings.proxy.for_host(parsed.host)
+        client._dialer = Dialer(parsed, client.proxy, settings, client.public_key)
         try:
             client._protocol = await asyncio.wait_for(client._dial(), settings.connect_timeout)
         except BaseException:
@@ -374,64 +475,14 @@ class RelayClient:
     async def _dial(self, *, moving: bool = False) -> _ClientProtocol:
         """A new connection to the relay address, registered (or an exception)."""
         protocol = _ClientProtocol(self)
-        bridge: WsBridge | None = None
         if moving:
-            self._moving = protocol
+            self._mover.moving = protocol
         try:
-            url = self._url
-            hop = self.proxy or url
-            sock = await self._connected_socket(hop.host, hop.port)
-            try:
-                if self.proxy is not None:
-                    await open_tunnel(sock, self.proxy, url.host, url.port)
-            except ProxyError as e:
-                sock.close()
-                raise RelayProxyRefused(str(e), auth=e.auth) from None
-            except BaseException:
-                sock.close()
-                raise
-            if url.scheme == "wss":
-                bridge = WsBridge.client(url.websocket_url, protocol, handshake_timeout=self.settings.connect_timeout)
-                context = ssl.create_default_context(cafile=self.settings.ca_file)
-                await self._loop.create_connection(lambda: bridge, sock=sock, ssl=context, server_hostname=url.host,
-                                                   ssl_handshake_timeout=self.settings.connect_timeout)
-                try:
-                    await bridge.opened
-                except ConnectionError as e:
-                    raise RelayError(f"{url}: {e}") from None
-            else:
-                await self._loop.create_connection(lambda: protocol, sock=sock)
-            protocol.write(encode_register(self.public_key))
-            await protocol.registered
-        except BaseException:
-            protocol.abort()
-            if bridge is not None:
-                bridge._abort()
-            raise
+            await self._dialer.dial(protocol)
         finally:
             if moving:
-                self._moving = None
+                self._mover.moving = None
         return protocol
-
-    async def _connected_socket(self, host: str, port: int) -> socket.socket:
-        """A connected TCP socket, marked with ``fwmark`` before connecting when one is set."""
-        infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-        error: OSError = OSError(f"no address for {host}")
-        for family, kind, proto, _, address in infos:
-            sock = socket.socket(family, kind, proto)
-            try:
-                sock.setblocking(False)
-                if self.settings.fwmark is not None:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.settings.fwmark)
-                await self._loop.sock_connect(sock, address)
-                return sock
-            except OSError as e:
-                sock.close()
-                error = e
-            except BaseException:
-                sock.close()
-                raise
-        raise error
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -455,16 +506,7 @@ class RelayClient:
 
     async def relay_probe(self, timeout: float = 5.0) -> float:
         """Round trip to the relay in seconds (a RelayProbe echoed by the relay)."""
-        token = os.urandom(TOKEN_LEN)
-        waiter = self._loop.create_future()
-        self._probes[token] = waiter
-        started = time.monotonic()
-        try:
-            self._transport().write(encode_relay_probe(token))
-            await self._await(waiter, timeout)
-        finally:
-            self._probes.pop(token, None)
-        return time.monotonic() - started
+        return await self._waiters.relay_probe(self._transport, timeout)
 
     async def nat_probe(self, ip: str, port: int, timeout: float = 5.0) -> bool:
         """Ask the relay to send its two UDP probes to ``ip:port``.
@@ -472,19 +514,7 @@ class RelayClient:
         True when the relay confirms it sent them; False when it did not answer in ``timeout``
         (refused target or rate limit: the relay sends no confirmation then).
         """
-        frame = encode_nat_probe(ip, port)
-        body = frame[5:]
-        waiter = self._nat_acks.get(body)
-        if waiter is None:
-            waiter = self._nat_acks[body] = self._loop.create_future()
-        try:
-            self._transport().write(frame)
-            await self._await(waiter, timeout)
-            return True
-        except TimeoutError:
-            return False
-        finally:
-            self._nat_acks.pop(body, None)
+        return await self._waiters.nat_probe(self._transport, ip, port, timeout)
 
     # -- receiving --------------------------------------------------------------------------
 
@@ -537,76 +567,33 @@ class RelayClient:
     def _on_frame(self, protocol: _ClientProtocol, frame: Frame) -> None:
         ftype = frame.type
         if ftype == FrameType.RELAY_PROBE:
-            waiter = self._probes.get(frame.body)
-            if waiter is None:
+            if not self._waiters.relay_probe_answered(frame.body):
                 protocol.write(encode_relay_probe(frame.body))  # the relay asks: echo it
-            elif not waiter.done():
-                waiter.set_result(None)
         elif ftype == FrameType.NAT_PROBE:
-            ack = self._nat_acks.get(frame.body)
-            if ack is not None and not ack.done():
-                ack.set_result(None)
+            self._waiters.nat_probe_sent(frame.body)
         elif ftype == FrameType.KEEPALIVE:
             pass
         elif ftype == FrameType.GOAWAY:
             protocol.told_to_go = True
             self._log.info("relay draining ({}): moving to another connection", parse_error(frame.body))
             if protocol is self._protocol:
-                self._start_migration()
+                self._mover.start()
         elif ftype == FrameType.ERROR:
             protocol.fail(parse_error(frame.body), rejected=True)
         else:
             protocol.fail(f"relay sent an unexpected {_type_name(ftype)}", send_error=True)
 
-    # -- moving after GoAway ------------------------------------------------------------------
-
-    def _start_migration(self) -> None:
-        if self._migration is None and not self.closed:
-            self._migration = self._loop.create_task(self._migrate(), name=f"relay-move-{self.fingerprint}")
-
-    async def _migrate(self) -> None:
-        """Register a new connection through the same address, then switch to it (the old one
-        keeps carrying traffic until then)."""
-        deadline = time.monotonic() + self.settings.migrate_for
-        delays = backoff_delays(0.1, 1.0)
-        try:
-            while not self.closed:
-                try:
-                    protocol = await asyncio.wait_for(self._dial(moving=True), self.settings.connect_timeout)
-                except (OSError, RelayError, TimeoutError) as e:
-                    if self._old_lost is not None:
-                        self._fail(self._old_lost)
-                        return
-                    if time.monotonic() > deadline:  # stay on the old connection while it lasts
-                        self._log.warning("could not move after GoAway: {}", e or type(e).__name__)
-                        return
-                    await asyncio.sleep(next(delays))
-                    continue
-                if self.closed:
-                    protocol.abort()
-                    return
-                if protocol.lost:
-                    continue
-                old, self._protocol = self._protocol, protocol
-                self._old_lost = None
-                self.migrations += 1
-                if old is not None:
-                    old.retire()
-                if self.writing_paused:
-                    self._flow(protocol, False)
-                self._log.info("moved to a new relay connection")
-                if protocol.told_to_go:
-                    self._loop.call_soon(self._start_migration)
-                return
-        finally:
-            self._migration = None
+    @property
+    def migrations(self) -> int:
+        """Times this client moved to another connection after a GoAway."""
+        return self._mover.migrations
 
     def _connection_over(self, protocol: _ClientProtocol, reason: str, rejected: bool) -> None:
         """One of our connections ended (``_ClientProtocol.fail``)."""
         if protocol is not self._protocol:
             return  # a connection being set up (its dialer sees the failure) or a retired one
-        if self._migration is not None:
-            self._old_lost = reason  # the move decides
+        if self._mover.task is not None:
+            self._mover.old_lost = reason  # the move decides
             return
         self._fail(reason, rejected=rejected)
 
@@ -651,28 +638,21 @@ class RelayClient:
         if self._closed.done():
             return
         self._closed.set_result(reason)
-        for waiter in [*self._probes.values(), *self._nat_acks.values()]:
-            if not waiter.done():
-                waiter.set_exception(RelayClosed(reason))
-                waiter.exception()
+        self._waiters.fail(reason)
         self._inbox_ready.set()
-        for protocol in (self._protocol, self._moving):
+        for protocol in (self._protocol, self._mover.moving):
             if protocol is not None:
                 protocol.fail(reason, rejected=rejected, send_error=send_error)
-        if self._migration is not None and self._migration is not asyncio.current_task():
-            self._migration.cancel()
+        self._mover.cancel()
         self._log.debug("relay connection closed: {}", reason)
 
     def _abort(self) -> None:
         self._fail("connect failed")
-        for protocol in (self._protocol, self._moving):
+        for protocol in (self._protocol, self._mover.moving):
             if protocol is not None:
                 protocol.abort()
         if self._keepalive is not None:
             self._keepalive.cancel()
-
-    async def _await(self, waiter: asyncio.Future[None], timeout: float) -> None:
-        await asyncio.wait_for(asyncio.shield(waiter), timeout)
 
     def _transport(self) -> asyncio.Transport:
         if self._closed.done():
