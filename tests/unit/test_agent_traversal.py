@@ -36,18 +36,17 @@ def test_matrix_relay_peer_points_at_the_proxy_and_direct_peer_gets_short_keepal
 def test_a_restarted_agent_keeps_an_inherited_proven_direct_session() -> None:
     """kill -9 and restart: the device still holds a direct session the previous agent proved
     (keepalive 25, fresh handshake), so the new agent starts it proven and rewrites nothing; a
-    session still being opened (keepalive 1), a stale one or one at a relay proxy starts unproven."""
+    session still being opened (keepalive 1) or a stale one starts unproven (one at a relay proxy:
+    see the next test)."""
     import time
 
     p = peer("cone", NatType.CONE, "203.0.113.2")
     public = Endpoint(ipaddress.ip_address("203.0.113.2"), 51820)
-    proxy = Endpoint(ipaddress.ip_address("127.0.0.1"), 40001)
     now = time.time()
     cases = [((public, DIRECT_KEEPALIVE, now - 30), DIRECT_KEEPALIVE, True),
              ((public, 1, now - 30), 1, False),
              ((public, DIRECT_KEEPALIVE, now - 600), 1, False),
-             ((public, DIRECT_KEEPALIVE, 0.0), 1, False),
-             ((proxy, DIRECT_KEEPALIVE, now - 30), 1, False)]
+             ((public, DIRECT_KEEPALIVE, 0.0), 1, False)]
     for (endpoint, keepalive, handshake), want_keepalive, proven in cases:
         t = traversal(NatType.CONE, [])
         device = WgDeviceState(peers={p.spec.public_key: WgPeerState(
@@ -57,6 +56,58 @@ def test_a_restarted_agent_keeps_an_inherited_proven_direct_session() -> None:
         t._sync_peers()
         assert t._peers["cone"].path.established is proven, (endpoint, keepalive, handshake)
         assert t.paths()["cone"].keepalive == want_keepalive, (endpoint, keepalive, handshake)
+
+
+def test_a_restarted_agent_keeps_an_inherited_relayed_session_on_the_relay() -> None:
+    """kill -9 or a rolling restart: the device sends to a peer through a loopback proxy that the
+    relay path process kept. Before its first STUN round the new agent knows no NAT type, which
+    alone would try direct with every peer and move the endpoint off the working proxy (the e2e
+    run that caught it saw a restarted symmetric node report its relayed peers as direct). It keeps
+    such a session on the relay instead and probes direct at once; the matrix's verdict, once
+    known, takes over; with relay.mode never there is no relay to keep."""
+    import time
+
+    from wirekube.agent import pathdecisions, pathstate
+
+    sym = peer("sym", NatType.SYMMETRIC, "203.0.113.1")
+    cone = peer("cone", NatType.CONE, "203.0.113.2")
+    proxy = Endpoint(ipaddress.ip_address("127.0.0.1"), 40001)
+
+    def restarted(local: NatType, mode: RelayMode = RelayMode.AUTO) -> Traversal:
+        t = traversal(local, [], mode)
+        device = WgDeviceState(peers={p.spec.public_key: WgPeerState(
+            WgPeerConfig(p.spec.public_key, proxy, (), pathstate.RELAY_KEEPALIVE), rx_bytes=5000,
+            last_handshake=time.time() - 30) for p in (sym, cone)})
+        t._engine_state = lambda device=device: device  # type: ignore[misc]
+        t._view = replace(t._view, peers={"sym": sym, "cone": cone})
+        t._sync_peers()
+        for state in t._peers.values():
+            state.proxy_port = proxy.port  # as the relay path process answers `ensure` for a kept proxy
+        return t
+
+    t = restarted(NatType.UNKNOWN)
+    for name in ("sym", "cone"):
+        state = t._peers[name]
+        assert state.decision.reason == "NAT type not yet known: trying direct"
+        assert state.path.transport is Transport.RELAY and not state.path.relay_by_matrix, name
+        assert state.path.reason == pathdecisions.INHERITED_RELAY
+        assert state.path.next_probe_at <= time.monotonic()  # probed at the first tick
+        path = t.paths()[name]
+        assert path.transport is Transport.RELAY and path.endpoint is not None and path.endpoint.ip.is_loopback
+    assert t.decorate(PeerStatus()).relay_reasons == {"sym": pathdecisions.INHERITED_RELAY,
+                                                      "cone": pathdecisions.INHERITED_RELAY}
+    # The first STUN round: symmetric. The matrix relays "sym" for good and leaves "cone" to the probes.
+    t.discoverer.found = replace(t.discoverer.found, nat=replace(t.discoverer.found.nat, nat_type=NatType.SYMMETRIC))
+    t._sync_peers()
+    assert t._peers["sym"].path.relay_by_matrix and t._peers["sym"].path.transport is Transport.RELAY
+    assert t._peers["cone"].path.transport is Transport.RELAY and not t._peers["cone"].path.relay_by_matrix
+    # Known NAT types from the start: the matrix decides; an inherited proxy still keeps "cone" relayed.
+    t = restarted(NatType.SYMMETRIC)
+    assert t._peers["sym"].path.reason == "peer symmetric and local symmetric"
+    assert t._peers["cone"].path.reason == pathdecisions.INHERITED_RELAY
+    # relay.mode never: nothing to keep.
+    t = restarted(NatType.UNKNOWN, RelayMode.NEVER)
+    assert all(s.path.transport is Transport.DIRECT for s in t._peers.values())
 
 
 def test_same_public_address_uses_the_lan_endpoint() -> None:

@@ -19,6 +19,7 @@ from wirekube.agent.pathstate import (
     RELAY_KEEPALIVE,
     PeerState,
     proven_before,
+    relayed_before,
     timing,
 )
 from wirekube.agent.plan import PeerPath
@@ -28,6 +29,9 @@ from wirekube.traversal import liveness, nat, pathsm
 
 if TYPE_CHECKING:
     from wirekube.agent.traversal import Traversal
+
+
+INHERITED_RELAY = "relayed before this agent started: probing direct"
 
 
 class PathDecisions:
@@ -86,7 +90,8 @@ class PathDecisions:
                                            birthday=self._birthday(mesh, peer))
                 state = t._peers.get(name)
                 if state is None or state.decision != decision or state.key != peer.spec.public_key:
-                    path = self._new_path(state, decision, peer, device, now, timing(mesh, t.settings.stall_after))
+                    path = self._new_path(state, decision, peer, device, now, timing(mesh, t.settings.stall_after),
+                                          may_relay=mesh.spec.relay.mode is not RelayMode.NEVER)
                     t._peers[name] = PeerState(peer.spec.public_key, decision, path,
                                                state.proxy_port if state else 0,
                                                live=state.live if state else liveness.Liveness())
@@ -101,7 +106,7 @@ class PathDecisions:
 
     @staticmethod
     def _new_path(state: PeerState | None, decision: nat.Decision, peer: Peer, device: WgDeviceState | None,
-                  now: float, timing: pathsm.Timing) -> pathsm.PeerPath:
+                  now: float, timing: pathsm.Timing, *, may_relay: bool = True) -> pathsm.PeerPath:
         """The path state machine for a new or newly decided peer (``state``: what it had)."""
         if decision.path is nat.Path.BIRTHDAY:
             # Relayed (traffic flows) while rounds of the birthday attack look for a direct path.
@@ -116,6 +121,14 @@ class PathDecisions:
             # A restarted agent inherits a working direct session: keep it as proven
             # (no keepalive rewrite, failover armed at once).
             return replace(pathsm.PeerPath.start_direct(now), established=True)
+        if (may_relay and state is None and device is not None
+                and relayed_before(device.peers.get(peer.spec.public_key))):
+            # A restarted agent inherits a relayed session: keep it on the relay, as after a failover,
+            # and probe direct at once. Starting direct would move the endpoint off the working proxy
+            # for a whole handshake timeout where direct cannot work, and before this agent's first
+            # STUN round every peer looks direct-capable (NAT type not yet known).
+            return replace(pathsm.PeerPath.start_relay(now, INHERITED_RELAY, by_matrix=False, timing=timing),
+                           next_probe_at=now)
         return pathsm.PeerPath.start_direct(now)
 
     def paths(self) -> dict[str, PeerPath]:

@@ -79,6 +79,12 @@ def proven_before(ws: WgPeerState | None, wall: float) -> bool:
             and wall - ws.last_handshake < HANDSHAKE_FRESH_SECONDS)
 
 
+def relayed_before(ws: WgPeerState | None) -> bool:
+    """The device already sends to this peer through a loopback proxy: the previous agent relayed it
+    (the relay path process, which outlives agents, still serves that proxy)."""
+    return ws is not None and ws.config.endpoint is not None and ws.config.endpoint.ip.is_loopback
+
+
 def raw(key: str) -> bytes:
     return base64.b64decode(key)
 
