@@ -583,7 +583,7 @@ class Bench:
 
 def relay_condition_probe(workdir: Path, nodes: int = 5000) -> dict[str, Any]:
     """The bench's WireKubePeer carries no agent condition. The agent sets ``RelayUnreachable``
-    (agent/traversal.py) when every relay address has failed: True during a full relay outage,
+    (agent/traversalstatus.py) when every relay address has failed: True during a full relay outage,
     False ("Connected") after it, and it stays. Written where the agent writes it (on the
     WireKubePeer before ``conditions`` joined wirekube.models.REPORT_FIELDS, on the node's
     WireKubeNodeReport since), against the real API server with one node of the split layout's

@@ -41,7 +41,7 @@ class UnknownTopology(WireKubeError):
 
 
 def builtin_topology(name: str = "default") -> Topology:
-    """A built-in topology by name (``default`` or ``eks-hybrid``)."""
+    """A built-in topology by name (``default``, ``eks-hybrid`` or ``chart``; see BUILTIN_TOPOLOGIES)."""
     if name not in BUILTIN_TOPOLOGIES:
         raise KeyError(f"no built-in topology {name!r} (have: {', '.join(BUILTIN_TOPOLOGIES)})")
     return parse_topology_yaml(BUILTIN_TOPOLOGIES[name], f"built-in topology {name!r}")
