@@ -33,6 +33,9 @@ from wirekube.waiting import wait_for
 
 pytestmark = [pytest.mark.netns, pytest.mark.apiserver]
 
+AGENT_PODS = "app.kubernetes.io/component=agent"
+PODS = k8s.Resource("", "v1", "pods", "Pod")
+
 
 def _missing() -> str | None:
     if os.environ.get("WIREKUBE_CHART_LAB") != "1":
@@ -84,8 +87,7 @@ def test_every_peer_connected_and_every_pair_on_its_predicted_transport(chart_la
 
 def test_the_agents_are_the_charts_daemonset_pods_not_lab_processes(chart_lab: Any) -> None:
     lab_, kube, _ = chart_lab
-    pods = kube.list(k8s.Resource("", "v1", "pods", "Pod"), "wirekube-system",
-                     label_selector="app.kubernetes.io/component=agent")[0]
+    pods = kube.list(PODS, kubelet.NAMESPACE, label_selector=AGENT_PODS)[0]
     assert sorted(p["spec"]["nodeName"] for p in pods) == sorted(lab_.nodes)
     assert all(p["status"].get("phase") == "Running" for p in pods)
     assert all(p["metadata"]["ownerReferences"][0]["kind"] == "DaemonSet" for p in pods)
@@ -119,8 +121,6 @@ def test_ctr_sees_the_imported_images_on_every_node(chart_lab: Any) -> None:
             assert images[key] in out, (node, key, out)
 
 
-AGENT_PODS = "app.kubernetes.io/component=agent"
-PODS = k8s.Resource("", "v1", "pods", "Pod")
 # Run inside the agent container (ctr task exec: its environment, its mounts, its projected token).
 TOKEN_CHECK = textwrap.dedent("""
     import sys
